@@ -1,14 +1,9 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! stowage: storage-aware over-the-air updates of Docker Compose apps.
+//!
+//! Dependencies point one way: `format` <- `registry`/`store` <- `space` <-
+//! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
+//! CLI decides how progress and results are shown.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod digest;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use digest::Digest;
