@@ -4,6 +4,10 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod config;
 pub mod digest;
+pub mod format;
+pub mod reference;
+pub mod registry;
 
 pub use digest::Digest;

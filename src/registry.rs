@@ -1,0 +1,690 @@
+//! The OCI distribution protocol, as much of it as stowage speaks: resolve
+//! and fetch manifests, fetch blobs (whole or resumed with a Range request),
+//! push blobs and manifests; Basic and Bearer token authentication with
+//! credentials from the Docker config; HTTPS with extra CA files, or plain
+//! HTTP to registries named insecure.
+//!
+//! Nothing a registry sends is trusted: manifests are read with a byte cap,
+//! their media type must be one the caller accepts and their digest must
+//! match the reference; a resumed blob is accepted only as a 206 whose
+//! `Content-Range` starts exactly where we asked. Byte counting and digest
+//! checks of blob bodies happen where they are written (the store's ingest).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, LOCATION,
+    RANGE, WWW_AUTHENTICATE,
+};
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
+
+use crate::Digest;
+use crate::config::{CredentialStore, Credentials};
+use crate::reference::ImageRef;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot reach registry {host}: {message}")]
+    Unreachable { host: String, message: String },
+    #[error(
+        "registry {host} requires credentials and the Docker config has none for it (run `docker login {host}`)"
+    )]
+    NoCredentials { host: String },
+    #[error("registry {host} refused the credentials of user {user:?}")]
+    Unauthorized { host: String, user: String },
+    #[error("{what} does not exist in registry {host}")]
+    NotFound { host: String, what: String },
+    #[error("registry {host} answered {status} to {what}: {body}")]
+    Status {
+        host: String,
+        what: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{what} from registry {host} is larger than the {cap}-byte limit")]
+    TooLarge {
+        host: String,
+        what: String,
+        cap: u64,
+    },
+    #[error("{what} from registry {host} has digest {actual}, not the expected {expected}")]
+    DigestMismatch {
+        host: String,
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{what} from registry {host} has media type {got:?}, expected one of {expected:?}")]
+    MediaType {
+        host: String,
+        what: String,
+        got: String,
+        expected: Vec<String>,
+    },
+    #[error("registry {host} sent {what} with {got} bytes where {expected} were declared")]
+    SizeMismatch {
+        host: String,
+        what: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error(
+        "registry {host} answered a resume of {what} at byte {offset} with Content-Range {got:?}"
+    )]
+    BadRange {
+        host: String,
+        what: String,
+        offset: u64,
+        got: String,
+    },
+    #[error("cannot use the CA file {path}: {message}")]
+    CaFile { path: PathBuf, message: String },
+    #[error("registry {host} sent a malformed answer to {what}: {message}")]
+    Protocol {
+        host: String,
+        what: String,
+        message: String,
+    },
+}
+
+/// How to reach registries: which are plain HTTP, which CAs to trust, whose
+/// credentials to use.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    pub insecure: Vec<String>,
+    pub ca_files: Vec<PathBuf>,
+    pub credentials: CredentialStore,
+}
+
+/// A manifest as fetched: its exact bytes, media type and digest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// The answer to a blob request.
+pub enum BlobBody {
+    /// The whole blob from byte 0 (also the answer to a resume the registry
+    /// declined with a 200: the caller must start again from zero).
+    Full(Response),
+    /// The rest of the blob from the requested offset.
+    Partial(Response),
+}
+
+pub struct RegistryClient {
+    http: Client,
+    options: RegistryOptions,
+    /// Authorization header values by (host, scope).
+    auth: Mutex<HashMap<(String, String), HeaderValue>>,
+}
+
+impl RegistryClient {
+    pub fn new(options: RegistryOptions) -> Result<RegistryClient, RegistryError> {
+        let mut builder = Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("stowage/", env!("CARGO_PKG_VERSION")));
+        for path in &options.ca_files {
+            let ca_error = |message: String| RegistryError::CaFile {
+                path: path.clone(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_error("it holds no PEM certificate".into()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| RegistryError::Unreachable {
+            host: "(any)".into(),
+            message: format!("cannot set up the HTTP client: {e}"),
+        })?;
+        Ok(RegistryClient {
+            http,
+            options,
+            auth: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn base(&self, image: &ImageRef) -> String {
+        let host = image.api_host();
+        let scheme = if self
+            .options
+            .insecure
+            .iter()
+            .any(|h| h == host || h == &image.registry)
+        {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{host}/v2/{}", image.repository)
+    }
+
+    fn credentials(&self, image: &ImageRef) -> Option<&Credentials> {
+        self.options
+            .credentials
+            .get(&image.registry)
+            .or_else(|| self.options.credentials.get(image.api_host()))
+    }
+
+    /// Sends a request built by `make`, authenticating on a 401 challenge and
+    /// sending it once more. `make` is called again for the retry.
+    async fn send(
+        &self,
+        image: &ImageRef,
+        push: bool,
+        what: &str,
+        make: impl Fn(&Client) -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
+        let host = image.registry.clone();
+        let actions = if push { "pull,push" } else { "pull" };
+        let key = (
+            host.clone(),
+            format!("repository:{}:{actions}", image.repository),
+        );
+        let cached = self.auth.lock().ok().and_then(|m| m.get(&key).cloned());
+        let mut request = make(&self.http);
+        if let Some(h) = &cached {
+            request = request.header(AUTHORIZATION, h.clone());
+        }
+        let response = request.send().await.map_err(|e| unreachable(&host, e))?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let challenge = response
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let header = self.authenticate(image, &key.1, &challenge, what).await?;
+        if let Ok(mut m) = self.auth.lock() {
+            m.insert(key, header.clone());
+        }
+        let response = make(&self.http)
+            .header(AUTHORIZATION, header)
+            .send()
+            .await
+            .map_err(|e| unreachable(&host, e))?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.refused(image));
+        }
+        Ok(response)
+    }
+
+    fn refused(&self, image: &ImageRef) -> RegistryError {
+        match self.credentials(image) {
+            Some(c) => RegistryError::Unauthorized {
+                host: image.registry.clone(),
+                user: c.username.clone(),
+            },
+            None => RegistryError::NoCredentials {
+                host: image.registry.clone(),
+            },
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        image: &ImageRef,
+        scope: &str,
+        challenge: &str,
+        what: &str,
+    ) -> Result<HeaderValue, RegistryError> {
+        let host = image.registry.clone();
+        let creds = self.credentials(image).cloned();
+        let basic = creds.as_ref().map(|c| {
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", c.username, c.password))
+        });
+        let scheme = challenge.split_whitespace().next().unwrap_or("");
+        if scheme.eq_ignore_ascii_case("basic") || scheme.is_empty() {
+            let basic = basic.ok_or(RegistryError::NoCredentials { host: host.clone() })?;
+            return header_value(&format!("Basic {basic}"), &host, what);
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(RegistryError::Protocol {
+                host,
+                what: what.to_string(),
+                message: format!("unsupported authentication scheme {scheme:?}"),
+            });
+        }
+        let params = parse_challenge(challenge);
+        let realm = params.get("realm").ok_or_else(|| RegistryError::Protocol {
+            host: host.clone(),
+            what: what.to_string(),
+            message: "a Bearer challenge without a realm".into(),
+        })?;
+        let mut token_url = reqwest::Url::parse(realm).map_err(|e| RegistryError::Protocol {
+            host: host.clone(),
+            what: what.to_string(),
+            message: format!("a Bearer realm that is not a URL ({e})"),
+        })?;
+        token_url.query_pairs_mut().append_pair("scope", scope);
+        if let Some(service) = params.get("service") {
+            token_url.query_pairs_mut().append_pair("service", service);
+        }
+        let mut request = self.http.get(token_url);
+        if let Some(b) = &basic {
+            request = request.header(AUTHORIZATION, format!("Basic {b}"));
+        }
+        let response = request.send().await.map_err(|e| unreachable(&host, e))?;
+        if response.status() == StatusCode::UNAUTHORIZED
+            || response.status() == StatusCode::FORBIDDEN
+        {
+            return Err(self.refused(image));
+        }
+        if !response.status().is_success() {
+            return Err(status_error(&host, "the token request", response).await);
+        }
+        let body = read_capped(response, 1 << 20, &host, "the token answer").await?;
+        #[derive(serde::Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let token: Token = serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
+            host: host.clone(),
+            what: "the token answer".into(),
+            message: e.to_string(),
+        })?;
+        let token = token
+            .token
+            .or(token.access_token)
+            .ok_or_else(|| RegistryError::Protocol {
+                host: host.clone(),
+                what: "the token answer".into(),
+                message: "no token in it".into(),
+            })?;
+        header_value(&format!("Bearer {token}"), &host, what)
+    }
+
+    /// Fetches the manifest `image` names (by tag or digest), refusing a body
+    /// over `cap` bytes, a media type not in `accept`, and a digest other than
+    /// the one the reference pins.
+    pub async fn get_manifest(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+        cap: u64,
+    ) -> Result<FetchedManifest, RegistryError> {
+        let url = format!("{}/manifests/{}", self.base(image), image.reference_part());
+        let what = format!("manifest {image}");
+        let accept_header = accept.join(", ");
+        let response = self
+            .send(image, false, &what, |c| {
+                c.get(&url).header(ACCEPT, &accept_header)
+            })
+            .await?;
+        let host = image.registry.clone();
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound { host, what });
+        }
+        if !response.status().is_success() {
+            return Err(status_error(&host, &what, response).await);
+        }
+        let media_type = content_type(&response);
+        if !accept.contains(&media_type.as_str()) {
+            return Err(RegistryError::MediaType {
+                host,
+                what,
+                got: media_type,
+                expected: accept.iter().map(|s| s.to_string()).collect(),
+            });
+        }
+        let bytes = read_capped(response, cap, &host, &what).await?;
+        let digest = Digest::of(&bytes);
+        if let Some(expected) = &image.digest
+            && expected != &digest
+        {
+            return Err(RegistryError::DigestMismatch {
+                host,
+                what,
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Fetches a small blob whole (configs, indexes, the bundle), checking its
+    /// declared size against `cap` first and its bytes against the digest.
+    pub async fn get_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        cap: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let host = image.registry.clone();
+        let what = format!("blob {digest} of {}", image.name());
+        if size > cap {
+            return Err(RegistryError::TooLarge { host, what, cap });
+        }
+        let BlobBody::Full(response) = self.fetch_blob(image, digest, size, 0).await? else {
+            return Err(RegistryError::Protocol {
+                host,
+                what,
+                message: "a partial answer to a request for the whole blob".into(),
+            });
+        };
+        let bytes = read_capped(response, size, &host, &what)
+            .await
+            .map_err(|e| match e {
+                RegistryError::TooLarge { .. } => RegistryError::SizeMismatch {
+                    host: host.clone(),
+                    what: what.clone(),
+                    expected: size,
+                    got: size + 1,
+                },
+                other => other,
+            })?;
+        if bytes.len() as u64 != size {
+            return Err(RegistryError::SizeMismatch {
+                host,
+                what,
+                expected: size,
+                got: bytes.len() as u64,
+            });
+        }
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                host,
+                what,
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Starts a blob download at `offset`. A 206 is accepted only when its
+    /// Content-Range starts at `offset` and ends at the blob's last byte; a
+    /// 200 means the registry ignored the range and sends the whole blob.
+    pub async fn fetch_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+    ) -> Result<BlobBody, RegistryError> {
+        let url = format!("{}/blobs/{digest}", self.base(image));
+        let what = format!("blob {digest} of {}", image.name());
+        let host = image.registry.clone();
+        let response = self
+            .send(image, false, &what, |c| {
+                let r = c.get(&url);
+                if offset > 0 {
+                    r.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    r
+                }
+            })
+            .await?;
+        match response.status() {
+            StatusCode::OK => Ok(BlobBody::Full(response)),
+            StatusCode::PARTIAL_CONTENT => {
+                let got = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if content_range_is(&got, offset, size) {
+                    Ok(BlobBody::Partial(response))
+                } else {
+                    Err(RegistryError::BadRange {
+                        host,
+                        what,
+                        offset,
+                        got,
+                    })
+                }
+            }
+            StatusCode::NOT_FOUND => Err(RegistryError::NotFound { host, what }),
+            _ => Err(status_error(&host, &what, response).await),
+        }
+    }
+
+    pub async fn blob_exists(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+    ) -> Result<bool, RegistryError> {
+        let url = format!("{}/blobs/{digest}", self.base(image));
+        let what = format!("blob {digest} of {}", image.name());
+        let response = self.send(image, true, &what, |c| c.head(&url)).await?;
+        match response.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(&image.registry, &what, response).await),
+        }
+    }
+
+    /// Uploads a blob in one request, unless the repository already has it.
+    pub async fn push_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+    ) -> Result<(), RegistryError> {
+        if self.blob_exists(image, digest).await? {
+            return Ok(());
+        }
+        let host = image.registry.clone();
+        let what = format!("the upload of blob {digest} to {}", image.name());
+        let start_url = format!("{}/blobs/uploads/", self.base(image));
+        let response = self
+            .send(image, true, &what, |c| {
+                c.post(&start_url).header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        if response.status() != StatusCode::ACCEPTED {
+            return Err(status_error(&host, &what, response).await);
+        }
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| RegistryError::Protocol {
+                host: host.clone(),
+                what: what.clone(),
+                message: "no Location header".into(),
+            })?;
+        let mut upload = reqwest::Url::parse(&start_url)
+            .and_then(|base| base.join(location))
+            .map_err(|e| RegistryError::Protocol {
+                host: host.clone(),
+                what: what.clone(),
+                message: format!("bad Location {location:?}: {e}"),
+            })?;
+        upload
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let response = self
+            .send(image, true, &what, |c| {
+                c.put(upload.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .body(bytes.clone())
+            })
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(status_error(&host, &what, response).await);
+        }
+        Ok(())
+    }
+
+    /// Pushes manifest bytes as they are under the tag or digest of `image`.
+    pub async fn push_manifest(
+        &self,
+        image: &ImageRef,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Digest, RegistryError> {
+        let url = format!("{}/manifests/{}", self.base(image), image.reference_part());
+        let what = format!("the push of manifest {image}");
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        let response = self
+            .send(image, true, &what, |c| {
+                c.put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(body.clone())
+            })
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(status_error(&image.registry, &what, response).await);
+        }
+        Ok(Digest::of(bytes))
+    }
+}
+
+fn unreachable(host: &str, e: reqwest::Error) -> RegistryError {
+    // reqwest's Display hides the cause (refused, TLS, DNS): show the chain.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    RegistryError::Unreachable {
+        host: host.to_string(),
+        message,
+    }
+}
+
+fn header_value(s: &str, host: &str, what: &str) -> Result<HeaderValue, RegistryError> {
+    HeaderValue::from_str(s).map_err(|_| RegistryError::Protocol {
+        host: host.to_string(),
+        what: what.to_string(),
+        message: "credentials or token not usable in a header".into(),
+    })
+}
+
+fn content_type(response: &Response) -> String {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn status_error(host: &str, what: &str, response: Response) -> RegistryError {
+    let status = response.status().as_u16();
+    let body = read_capped(response, 4096, host, what)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    RegistryError::Status {
+        host: host.to_string(),
+        what: what.to_string(),
+        status,
+        body,
+    }
+}
+
+/// Reads a whole response body, stopping as soon as it passes `cap` bytes.
+pub async fn read_capped(
+    mut response: Response,
+    cap: u64,
+    host: &str,
+    what: &str,
+) -> Result<Vec<u8>, RegistryError> {
+    let too_large = || RegistryError::TooLarge {
+        host: host.to_string(),
+        what: what.to_string(),
+        cap,
+    };
+    if response.content_length().is_some_and(|n| n > cap) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(host, e))? {
+        if body.len() as u64 + chunk.len() as u64 > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `bytes START-END/TOTAL` with START = offset and END = size - 1.
+fn content_range_is(header: &str, offset: u64, size: u64) -> bool {
+    let Some(rest) = header.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((range, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((start, end)) = range.split_once('-') else {
+        return false;
+    };
+    let total_ok = total == "*" || total.parse::<u64>().ok() == Some(size);
+    start.parse::<u64>().ok() == Some(offset)
+        && end.parse::<u64>().ok() == Some(size.saturating_sub(1))
+        && total_ok
+}
+
+fn parse_challenge(challenge: &str) -> HashMap<String, String> {
+    let rest = challenge.split_once(' ').map(|(_, r)| r).unwrap_or("");
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let value = if chars.peek() == Some(&'"') {
+            chars.next();
+            chars.by_ref().take_while(|c| *c != '"').collect()
+        } else {
+            chars.by_ref().take_while(|c| *c != ',').collect::<String>()
+        };
+        params.insert(key.trim().to_ascii_lowercase(), value);
+    }
+    params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenges() {
+        let p = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull");
+    }
+
+    #[test]
+    fn content_range_must_start_where_asked_and_end_at_the_last_byte() {
+        assert!(content_range_is("bytes 100-999/1000", 100, 1000));
+        assert!(content_range_is("bytes 100-999/*", 100, 1000));
+        assert!(!content_range_is("bytes 0-999/1000", 100, 1000));
+        assert!(!content_range_is("bytes 100-1999/2000", 100, 1000));
+        assert!(!content_range_is("", 100, 1000));
+    }
+}
