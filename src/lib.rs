@@ -4,6 +4,7 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod compose_file;
 pub mod config;
 pub mod digest;
 pub mod format;
