@@ -4,10 +4,13 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod commands;
 pub mod compose_file;
 pub mod config;
 pub mod digest;
 pub mod format;
+pub mod fsutil;
+pub mod progress;
 pub mod reference;
 pub mod registry;
 
