@@ -13,5 +13,6 @@ pub mod fsutil;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod space;
 
 pub use digest::Digest;

@@ -1,0 +1,330 @@
+//! Volumes and the fit check. An update touches several paths (the blob
+//! store, the apps directory, Docker's data root); they are grouped by the
+//! file system they live on (`st_dev`), each file system's free bytes and
+//! inodes are read with `statvfs`, a reserve is kept back by policy, and the
+//! update fits only when every volume has room for all that lands on it.
+//!
+//! Nothing here writes to disk: the check runs before the first byte of an
+//! update is downloaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpaceError {
+    #[error("cannot read the file system of {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watermark {0}% is out of range: it must be 20 to 99")]
+    Watermark(u8),
+}
+
+/// How much of each volume an update may use.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Policy {
+    /// An update may fill a volume up to this percentage.
+    pub watermark_pct: u8,
+    /// Bytes always kept free, whatever the watermark says.
+    pub reserve_bytes: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            watermark_pct: 80,
+            reserve_bytes: 0,
+        }
+    }
+}
+
+impl Policy {
+    pub fn new(watermark_pct: u8, reserve_bytes: u64) -> Result<Policy, SpaceError> {
+        if !(20..=99).contains(&watermark_pct) {
+            return Err(SpaceError::Watermark(watermark_pct));
+        }
+        Ok(Policy {
+            watermark_pct,
+            reserve_bytes,
+        })
+    }
+
+    /// `max(100 - watermark %, reserve)` of a volume of `total` bytes.
+    pub fn reserved(&self, total: u64) -> u64 {
+        let by_watermark = (total as u128 * (100 - self.watermark_pct as u128) / 100) as u64;
+        by_watermark.max(self.reserve_bytes)
+    }
+}
+
+/// A file system as `statvfs` sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Volume {
+    pub dev: u64,
+    pub block_size: u64,
+    pub total_bytes: u64,
+    /// Bytes an unprivileged writer may still use (`f_bavail`).
+    pub free_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+}
+
+impl Volume {
+    /// The volume holding `path`, or its nearest existing ancestor when the
+    /// path does not exist yet.
+    pub fn of(path: &Path) -> Result<Volume, SpaceError> {
+        let existing = existing_ancestor(path);
+        let stat_error = |source: std::io::Error| SpaceError::Stat {
+            path: path.to_path_buf(),
+            source,
+        };
+        let st = rustix::fs::stat(&existing).map_err(|e| stat_error(e.into()))?;
+        let vfs = rustix::fs::statvfs(&existing).map_err(|e| stat_error(e.into()))?;
+        let frsize = if vfs.f_frsize > 0 { vfs.f_frsize } else { vfs.f_bsize };
+        Ok(Volume {
+            dev: st.st_dev,
+            block_size: vfs.f_bsize.max(512),
+            total_bytes: vfs.f_blocks * frsize,
+            free_bytes: vfs.f_bavail * frsize,
+            total_inodes: vfs.f_files,
+            free_inodes: vfs.f_favail,
+        })
+    }
+
+    /// `bytes` rounded up to whole blocks of this volume.
+    pub fn round_up(&self, bytes: u64) -> u64 {
+        round_up(bytes, self.block_size)
+    }
+}
+
+pub fn round_up(bytes: u64, block: u64) -> u64 {
+    if block == 0 {
+        return bytes;
+    }
+    bytes.div_ceil(block) * block
+}
+
+fn existing_ancestor(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    loop {
+        if p.exists() {
+            return p;
+        }
+        if !p.pop() {
+            return PathBuf::from("/");
+        }
+    }
+}
+
+/// What an update writes where, by the role of each path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// Blobs still to download into the store.
+    Blobs,
+    /// Unpacked layers in Docker's data root.
+    DockerLayers,
+    /// Docker's temporary copy of an image archive while it loads it.
+    DockerTemp,
+    /// The extracted bundle in the apps directory.
+    Bundle,
+}
+
+impl Part {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Part::Blobs => "blobs",
+            Part::DockerLayers => "docker layers",
+            Part::DockerTemp => "docker load temp",
+            Part::Bundle => "bundle",
+        }
+    }
+}
+
+/// A need for space on the volume of `path`.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub path: PathBuf,
+    pub part: Part,
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// One volume's figures in the fit report.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeReport {
+    /// The paths involved on this volume, with their roles.
+    pub paths: Vec<String>,
+    pub dev: u64,
+    pub block_size: u64,
+    pub size: u64,
+    pub free: u64,
+    pub reserved: u64,
+    /// Free bytes minus the reserve: what the update may use.
+    pub available: u64,
+    pub required: u64,
+    pub required_parts: BTreeMap<Part, u64>,
+    pub inodes_free: u64,
+    pub inodes_required: u64,
+    pub fits: bool,
+    /// Why it does not fit, in a sentence; empty when it fits.
+    pub reason: String,
+}
+
+/// The verdict on a whole update.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitReport {
+    pub fits: bool,
+    pub policy: Policy,
+    pub volumes: Vec<VolumeReport>,
+    /// Caveats a person should know (e.g. Docker unreachable).
+    pub notes: Vec<String>,
+}
+
+impl FitReport {
+    /// One sentence per volume that is short, for an error message.
+    pub fn shortfall(&self) -> String {
+        self.volumes
+            .iter()
+            .filter(|v| !v.fits)
+            .map(|v| v.reason.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Groups `demands` by volume and decides, for each, whether it fits.
+/// `volume_of` is injectable so that tests can fake volumes.
+pub fn plan(
+    demands: &[Demand],
+    policy: Policy,
+    volume_of: &dyn Fn(&Path) -> Result<Volume, SpaceError>,
+) -> Result<FitReport, SpaceError> {
+    let mut by_dev: BTreeMap<u64, (Volume, VolumeReport)> = BTreeMap::new();
+    for demand in demands {
+        let volume = volume_of(&demand.path)?;
+        let entry = by_dev.entry(volume.dev).or_insert_with(|| {
+            let reserved = policy.reserved(volume.total_bytes);
+            let report = VolumeReport {
+                paths: Vec::new(),
+                dev: volume.dev,
+                block_size: volume.block_size,
+                size: volume.total_bytes,
+                free: volume.free_bytes,
+                reserved,
+                available: volume.free_bytes.saturating_sub(reserved),
+                required: 0,
+                required_parts: BTreeMap::new(),
+                inodes_free: volume.free_inodes,
+                inodes_required: 0,
+                fits: true,
+                reason: String::new(),
+            };
+            (volume, report)
+        });
+        let path = format!("{} ({})", demand.path.display(), demand.part.label());
+        if !entry.1.paths.contains(&path) {
+            entry.1.paths.push(path);
+        }
+        *entry.1.required_parts.entry(demand.part).or_default() += demand.bytes;
+        entry.1.required += demand.bytes;
+        entry.1.inodes_required += demand.inodes;
+    }
+    let mut volumes = Vec::new();
+    for (_, (_, mut report)) in by_dev {
+        let where_ = report
+            .paths
+            .first()
+            .map(|p| p.split(" (").next().unwrap_or(p).to_string())
+            .unwrap_or_default();
+        if report.required > report.available {
+            report.fits = false;
+            report.reason = format!(
+                "the volume of {where_} needs {} bytes but only {} are available ({} free, {} kept in reserve)",
+                report.required, report.available, report.free, report.reserved
+            );
+        } else if report.inodes_required > report.inodes_free {
+            report.fits = false;
+            report.reason = format!(
+                "the volume of {where_} needs {} inodes but only {} are free",
+                report.inodes_required, report.inodes_free
+            );
+        }
+        volumes.push(report);
+    }
+    Ok(FitReport {
+        fits: volumes.iter().all(|v| v.fits),
+        policy,
+        volumes,
+        notes: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(path: &Path) -> Result<Volume, SpaceError> {
+        let dev = if path.starts_with("/docker") { 2 } else { 1 };
+        Ok(Volume {
+            dev,
+            block_size: 4096,
+            total_bytes: 1000 * 4096,
+            free_bytes: 500 * 4096,
+            total_inodes: 1000,
+            free_inodes: 100,
+        })
+    }
+
+    fn demand(path: &str, part: Part, bytes: u64) -> Demand {
+        Demand {
+            path: PathBuf::from(path),
+            part,
+            bytes,
+            inodes: 1,
+        }
+    }
+
+    #[test]
+    fn reserve_is_the_larger_of_watermark_and_absolute() {
+        assert_eq!(Policy::new(80, 0).unwrap().reserved(1000), 200);
+        assert_eq!(Policy::new(80, 500).unwrap().reserved(1000), 500);
+        assert!(Policy::new(19, 0).is_err());
+        assert!(Policy::new(100, 0).is_err());
+    }
+
+    #[test]
+    fn demands_are_grouped_by_volume_and_the_short_one_is_named() {
+        // Each fake volume: 500 blocks free, 200 reserved at 80%: 300 blocks available.
+        let report = plan(
+            &[
+                demand("/store/blobs", Part::Blobs, 100 * 4096),
+                demand("/store/apps", Part::Bundle, 100 * 4096),
+                demand("/docker", Part::DockerLayers, 301 * 4096),
+            ],
+            Policy::default(),
+            &fake,
+        )
+        .unwrap();
+        assert!(!report.fits);
+        assert_eq!(report.volumes.len(), 2);
+        let store = report.volumes.iter().find(|v| v.dev == 1).unwrap();
+        assert!(store.fits);
+        assert_eq!(store.required, 200 * 4096);
+        let docker = report.volumes.iter().find(|v| v.dev == 2).unwrap();
+        assert!(!docker.fits);
+        assert!(report.shortfall().contains("/docker"), "{}", report.shortfall());
+    }
+
+    #[test]
+    fn inodes_count_too() {
+        let mut d = demand("/store", Part::Blobs, 4096);
+        d.inodes = 101;
+        let report = plan(&[d], Policy::default(), &fake).unwrap();
+        assert!(!report.fits);
+        assert!(report.shortfall().contains("inodes"));
+    }
+}
