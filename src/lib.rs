@@ -4,15 +4,22 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod app;
+pub mod bundle;
 pub mod commands;
+pub mod compose;
 pub mod compose_file;
 pub mod config;
 pub mod digest;
+pub mod docker;
 pub mod format;
 pub mod fsutil;
+pub mod layer;
 pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod space;
+pub mod store;
+pub mod stored;
 
 pub use digest::Digest;

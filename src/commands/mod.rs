@@ -1,5 +1,9 @@
-//! One module per verb. Each command is an options struct with a `run`
-//! method; the CLI only parses flags into it, and tests call it directly.
+//! One module per verb. Each command is an options struct or a function with
+//! a `run`-like entry point; the CLI only parses flags into it, and tests
+//! call it directly.
 
+pub mod admin;
+pub mod check;
 pub mod inspect;
 pub mod publish;
+pub mod pull;

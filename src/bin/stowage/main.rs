@@ -10,13 +10,31 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use stowage::commands::admin;
+use stowage::commands::check::{self, DockerView};
 use stowage::commands::inspect::InspectOptions;
+use stowage::commands::pull::{DoesNotFit, PullOptions};
+use stowage::docker::DockerEngine;
+use stowage::format::Arch;
+use stowage::space::Policy;
+use stowage::store::Store;
 use stowage::commands::publish::PublishOptions;
 use stowage::config::{self, ConfigFile, CredentialStore};
 use stowage::reference::ImageRef;
 use stowage::registry::{RegistryClient, RegistryOptions};
 
 mod output;
+
+/// The exit code of an update that does not fit.
+const DOES_NOT_FIT: u8 = 100;
+
+/// The device-side settings of the fit check.
+struct Fit {
+    arch: String,
+    policy: Policy,
+    docker: DockerView,
+    notes: Vec<String>,
+}
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +74,75 @@ enum Command {
     Publish(PublishArgs),
     /// Show an app in a registry: services, images, download size, disk usage
     Inspect(InspectArgs),
+    /// Plan an update and say, per volume, whether it fits (exit 100 when not)
+    Check(CheckArgs),
+    /// Check, then download the apps' missing blobs into the store
+    Pull(PullArgs),
+    /// List the apps in the store
+    Ls,
+    /// Forget an app (its blobs go at the next prune)
+    Rm(RmArgs),
+    /// Remove every blob and partial download no stored app needs
+    Prune(PruneArgs),
+    /// Verify every stored blob and move corrupt ones aside
+    Fsck(FsckArgs),
+}
+
+#[derive(Args, Clone)]
+struct FitArgs {
+    /// An update may fill each volume up to this percentage (20-99) [default: 80]
+    #[arg(long, value_name = "PCT")]
+    watermark: Option<u8>,
+    /// Bytes always kept free on each volume, e.g. 512M [default: 0]
+    #[arg(long, value_name = "SIZE")]
+    reserve: Option<String>,
+    /// The device architecture (amd64, arm64, arm/v7) [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<String>,
+    /// The Docker engine to ask what it holds [default: DOCKER_HOST or the local socket]
+    #[arg(long, value_name = "URL")]
+    docker_host: Option<String>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// The apps: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "REF", required = true)]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Blobs downloaded at once
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    #[arg(value_name = "REF", required = true)]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct RmArgs {
+    /// An app name (all its versions), reference or digest
+    #[arg(value_name = "NAME|REF")]
+    app: String,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// Say what would be removed, remove nothing
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct FsckArgs {
+    /// Check sizes only, do not hash
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -95,7 +182,6 @@ struct InspectArgs {
 
 /// Settings every command shares, from flags, environment and config file.
 struct Globals {
-    #[allow(dead_code)]
     root: PathBuf,
     json: bool,
     config: ConfigFile,
@@ -127,6 +213,33 @@ impl Globals {
             json: cli.json,
             config,
             registry,
+        })
+    }
+
+    fn store(&self) -> Result<Store> {
+        Store::open(&self.root).with_context(|| format!("cannot open the store at {}", self.root.display()))
+    }
+
+    /// The architecture, fit policy and Docker view for a device command.
+    async fn fit(&self, args: &FitArgs) -> Result<Fit> {
+        let arch = match args.arch.clone().or_else(|| self.config.arch.clone()) {
+            Some(a) => Arch::parse(&a),
+            None => Arch::detect().context("cannot tell this machine's architecture; give --arch")?,
+        };
+        let watermark = args.watermark.or(self.config.watermark).unwrap_or(80);
+        let reserve = match args.reserve.clone().or_else(|| self.config.reserve.clone()) {
+            Some(r) => config::parse_size(&r).map_err(anyhow::Error::msg).context("--reserve")?,
+            None => 0,
+        };
+        let policy = Policy::new(watermark, reserve)?;
+        let host = args.docker_host.clone().or_else(|| self.config.docker_host.clone());
+        let engine = DockerEngine::connect(host.as_deref()).await.ok();
+        let (docker, note) = DockerView::probe(engine.as_ref()).await;
+        Ok(Fit {
+            arch: arch.to_string(),
+            policy,
+            docker,
+            notes: note.into_iter().collect(),
         })
     }
 
@@ -197,6 +310,71 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let client = globals.registry_client()?;
             let report = options.run(&client, progress.as_ref()).await?;
             output::publish(&report, globals.json)?;
+        }
+        Command::Check(args) => {
+            let fit = globals.fit(&args.fit).await?;
+            let store = globals.store()?;
+            let client = globals.registry_client()?;
+            let mut apps = Vec::new();
+            for r in &args.apps {
+                let reference: ImageRef = r.parse()?;
+                apps.push(stowage::app::fetch_app(&client, &reference, &fit.arch).await?);
+            }
+            let paths = check::Paths::under(&globals.root);
+            let plan = check::plan_update(&apps, &store, &paths, &fit.docker, fit.policy)?;
+            let mut report = check::summarise(&apps, &plan, &fit.docker);
+            report.fit.notes.extend(fit.notes);
+            output::check(&report, globals.json)?;
+            if !report.fit.fits {
+                return Ok(ExitCode::from(DOES_NOT_FIT));
+            }
+        }
+        Command::Pull(args) => {
+            let fit = globals.fit(&args.fit).await?;
+            let store = globals.store()?;
+            let client = globals.registry_client()?;
+            let options = PullOptions {
+                apps: args.apps.iter().map(|r| r.parse()).collect::<Result<_, _>>()?,
+                architecture: fit.arch.clone(),
+                policy: fit.policy,
+                jobs: args.jobs.or(globals.config.jobs).unwrap_or(4),
+            };
+            match options.run(&client, &store, &fit.docker, progress.as_ref()).await {
+                Ok(mut report) => {
+                    report.check.fit.notes.extend(fit.notes);
+                    output::pull(&report, globals.json)?;
+                }
+                Err(e) => match e.downcast::<DoesNotFit>() {
+                    Ok(refused) => {
+                        let mut report = *refused.report;
+                        report.fit.notes.extend(fit.notes);
+                        output::check(&report, globals.json)?;
+                        eprintln!("stowage: error: the update does not fit: {}", report.fit.shortfall());
+                        return Ok(ExitCode::from(DOES_NOT_FIT));
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        Command::Ls => {
+            let apps = admin::ls(&globals.store()?)?;
+            output::ls(&apps, globals.json)?;
+        }
+        Command::Rm(args) => {
+            let report = admin::rm(&globals.store()?, &args.app)?;
+            output::rm(&report, globals.json)?;
+        }
+        Command::Prune(args) => {
+            let report = admin::prune(&globals.store()?, args.dry_run)?;
+            output::prune(&report, globals.json)?;
+        }
+        Command::Fsck(args) => {
+            let report = admin::fsck(&globals.store()?, args.quick)?;
+            let clean = report.is_clean();
+            output::fsck(&report, globals.json)?;
+            if !clean {
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Inspect(args) => {
             let app: ImageRef = args.app.parse()?;

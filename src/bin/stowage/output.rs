@@ -11,7 +11,12 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use stowage::Digest;
+use stowage::commands::admin::RmReport;
+use stowage::commands::check::CheckReport;
 use stowage::commands::inspect::AppDescription;
+use stowage::commands::pull::PullReport;
+use stowage::store::{FsckReport, PruneReport};
+use stowage::stored::StoredApp;
 use stowage::commands::publish::PublishReport;
 use stowage::progress::{Event, NoProgress, Progress};
 
@@ -180,5 +185,183 @@ pub fn inspect(app: &AppDescription, json: bool) -> Result<()> {
     for line in app.compose.lines() {
         println!("  {line}");
     }
+    Ok(())
+}
+
+pub fn check(report: &CheckReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for app in &report.apps {
+        println!(
+            "app {} ({}): {} layers, {} to download ({} layers)",
+            app.name,
+            app.architecture,
+            app.layers,
+            human_bytes(app.download_bytes),
+            app.layers_missing
+        );
+    }
+    println!(
+        "policy: keep max({}%, {}) of each volume free",
+        100 - report.fit.policy.watermark_pct as u32,
+        human_bytes(report.fit.policy.reserve_bytes)
+    );
+    println!(
+        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
+        "VOLUME (PATHS)", "BLOCK", "SIZE", "FREE", "RESERVED", "AVAILABLE", "REQUIRED", "INODES REQ/FREE", "VERDICT"
+    );
+    for v in &report.fit.volumes {
+        let first = v.paths.first().cloned().unwrap_or_default();
+        println!(
+            "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
+            first,
+            v.block_size,
+            human_bytes(v.size),
+            human_bytes(v.free),
+            human_bytes(v.reserved),
+            human_bytes(v.available),
+            human_bytes(v.required),
+            format!("{}/{}", v.inodes_required, v.inodes_free),
+            if v.fits { "fits" } else { "DOES NOT FIT" }
+        );
+        for p in v.paths.iter().skip(1) {
+            println!("  {p}");
+        }
+        let parts: Vec<String> = v
+            .required_parts
+            .iter()
+            .map(|(part, n)| format!("{} {}", part.label(), human_bytes(*n)))
+            .collect();
+        println!("  required: {}", parts.join(", "));
+        if !v.fits {
+            println!("  {}", v.reason);
+        }
+    }
+    for note in &report.fit.notes {
+        println!("note: {note}");
+    }
+    println!("{}", if report.fit.fits { "the update fits" } else { "the update does NOT fit" });
+    Ok(())
+}
+
+pub fn pull(report: &PullReport, json: bool) -> Result<()> {
+    if json {
+        print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
+        return Ok(());
+    }
+    println!(
+        "fetched {} blobs ({}); stored: {}",
+        report.fetched_blobs,
+        human_bytes(report.fetched_bytes),
+        report.apps.join(", ")
+    );
+    Ok(())
+}
+
+pub fn ls(apps: &[StoredApp], json: bool) -> Result<()> {
+    if json {
+        let rows: Vec<_> = apps
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "name": a.name,
+                    "reference": a.reference,
+                    "state": if a.is_complete() { "fetched" } else { "partial" },
+                    "stored_bytes": a.stored_bytes,
+                    "missing_blobs": a.missing,
+                    "services": a.images.iter().map(|i| (i.service.clone(), i.pinned.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<20} {:<9} {:>10}  REFERENCE", "NAME", "STATE", "SIZE");
+    for a in apps {
+        println!(
+            "{:<20} {:<9} {:>10}  {}",
+            a.name,
+            if a.is_complete() { "fetched" } else { "partial" },
+            human_bytes(a.stored_bytes),
+            a.reference
+        );
+    }
+    Ok(())
+}
+
+pub fn rm(report: &RmReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for r in &report.forgotten {
+        println!("forgot {r}");
+    }
+    println!("run `stowage prune` to free its blobs");
+    Ok(())
+}
+
+pub fn prune(report: &PruneReport, json: bool) -> Result<()> {
+    if json {
+        let value = serde_json::json!({
+            "dry_run": report.dry_run,
+            "removed_blobs": report.removed.iter().map(|(d, n)| serde_json::json!({"digest": d, "size": n})).collect::<Vec<_>>(),
+            "freed_bytes": report.freed_bytes,
+            "stale_ingests": report.stale_ingests_removed.iter().map(|(d, n)| serde_json::json!({"digest": d, "size": n})).collect::<Vec<_>>(),
+            "stale_ingest_bytes": report.stale_ingest_bytes,
+            "kept_blobs": report.kept,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let verb = if report.dry_run { "would remove" } else { "removed" };
+    for (d, n) in &report.removed {
+        println!("{verb} blob {d} ({})", human_bytes(*n));
+    }
+    for (d, n) in &report.stale_ingests_removed {
+        println!("{verb} partial download {d} ({})", human_bytes(*n));
+    }
+    println!(
+        "blob store: {verb} {} blobs ({}) and {} partial downloads ({}); kept {} blobs",
+        report.removed.len(),
+        human_bytes(report.freed_bytes),
+        report.stale_ingests_removed.len(),
+        human_bytes(report.stale_ingest_bytes),
+        report.kept
+    );
+    Ok(())
+}
+
+pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
+    if json {
+        let value = serde_json::json!({
+            "quick": report.quick,
+            "checked": report.checked,
+            "bytes_hashed": report.bytes_hashed,
+            "corrupt": report.corrupt.iter().map(|c| serde_json::json!({"digest": c.digest, "reason": c.reason, "moved_to": c.moved_to})).collect::<Vec<_>>(),
+            "moved_aside": report.moved_aside.iter().map(|c| serde_json::json!({"path": c.path, "reason": c.reason, "moved_to": c.moved_to})).collect::<Vec<_>>(),
+            "missing_ref_targets": report.missing_ref_targets.iter().map(|(n, d)| serde_json::json!({"ref": n, "digest": d})).collect::<Vec<_>>(),
+            "clean": report.is_clean(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    for c in &report.corrupt {
+        println!("corrupt blob {}: {} (moved to {})", c.digest, c.reason, c.moved_to.display());
+    }
+    for s in &report.moved_aside {
+        println!("moved aside {}: {} (to {})", s.path.display(), s.reason, s.moved_to.display());
+    }
+    for (n, d) in &report.missing_ref_targets {
+        println!("ref {n} points at missing {d}: pull the app again");
+    }
+    println!(
+        "checked {} blobs{}: {}",
+        report.checked,
+        if report.quick { " (sizes only)" } else { "" },
+        if report.is_clean() { "clean" } else { "problems found" }
+    );
     Ok(())
 }

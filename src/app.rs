@@ -1,0 +1,351 @@
+//! An app as a device sees it for one architecture: the app manifest, its
+//! bundle and compose file, the layers-meta figures, and for each service the
+//! image manifest, config and layers. Everything but the layers is metadata,
+//! fetched into memory with caps so that the fit check can run before a
+//! single byte is written to the store.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::Digest;
+use crate::compose_file::{COMPOSE_FILE_CAP, ComposeFile};
+use crate::format::{
+    self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
+    media,
+};
+use crate::reference::ImageRef;
+use crate::registry::RegistryClient;
+
+/// A bundle larger than this is not read into memory by the check.
+pub const BUNDLE_MEMORY_CAP: u64 = 64 * 1024 * 1024;
+
+/// A metadata blob held in memory until it is committed to the store.
+#[derive(Debug, Clone)]
+pub struct MetaBlob {
+    pub what: String,
+    pub descriptor: Descriptor,
+    pub bytes: Vec<u8>,
+}
+
+/// A layer an app needs, with where to fetch it and what it costs on disk.
+#[derive(Debug, Clone)]
+pub struct LayerNeed {
+    pub descriptor: Descriptor,
+    /// The repository to fetch it from.
+    pub source: ImageRef,
+    pub diff_id: Digest,
+    /// The publisher's figures, when the app has layers-meta for the arch.
+    pub meta: Option<LayerMeta>,
+}
+
+impl LayerNeed {
+    /// Docker's disk usage for this layer on a volume of `block_size` blocks.
+    pub fn usage(&self, block_size: u64) -> u64 {
+        match &self.meta {
+            Some(m) => m.usage_for_block_size(block_size),
+            None => format::fallback_usage(self.descriptor.size),
+        }
+    }
+
+    /// The bytes of the uncompressed layer tar Docker copies while loading.
+    pub fn tar_size(&self) -> u64 {
+        self.meta
+            .as_ref()
+            .and_then(|m| m.tar_size)
+            .unwrap_or_else(|| self.usage(4096))
+    }
+
+    pub fn inodes(&self) -> u64 {
+        self.meta.as_ref().and_then(|m| m.inodes).unwrap_or(0)
+    }
+}
+
+/// One service's image for the device's architecture.
+#[derive(Debug, Clone)]
+pub struct ServiceImage {
+    pub service: String,
+    /// The image as the bundled compose file pins it.
+    pub pinned: String,
+    pub image: ImageRef,
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    /// The image's layers in order, with their diff_ids.
+    pub layers: Vec<(Descriptor, Digest)>,
+}
+
+/// Everything the device needs to know about one app for one architecture.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// `REGISTRY/REPO@sha256:...`
+    pub reference: ImageRef,
+    pub name: String,
+    pub digest: Digest,
+    pub architecture: String,
+    pub manifest: AppManifest,
+    pub compose_name: String,
+    pub bundle: Vec<u8>,
+    /// Metadata blobs, the app manifest first.
+    pub meta_blobs: Vec<MetaBlob>,
+    pub images: Vec<ServiceImage>,
+    /// The app's layers, de-duplicated by digest.
+    pub layers: Vec<LayerNeed>,
+}
+
+impl App {
+    /// The ref name of the app in the store's `index.json`.
+    pub fn ref_name(&self) -> String {
+        self.reference.to_string()
+    }
+
+    /// Bytes and inodes the extracted bundle takes on a volume with
+    /// `block_size` blocks: every file rounded up to whole blocks, one block
+    /// and one inode per directory.
+    pub fn bundle_footprint(&self, block_size: u64) -> (u64, u64) {
+        let mut bytes = block_size; // the app's own directory
+        let mut inodes = 1;
+        let decoder = flate2::read::GzDecoder::new(self.bundle.as_slice());
+        let mut archive = tar::Archive::new(decoder);
+        if let Ok(entries) = archive.entries() {
+            for entry in entries.flatten() {
+                let header = entry.header();
+                inodes += 1;
+                bytes += match header.entry_type() {
+                    tar::EntryType::Directory => block_size,
+                    _ => crate::space::round_up(header.size().unwrap_or(0), block_size),
+                };
+            }
+        }
+        (bytes, inodes)
+    }
+}
+
+/// Fetches an app's metadata from its registry for `architecture`.
+pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: &str) -> Result<App> {
+    let arch = format::Arch::parse(platform);
+    let architecture = arch.architecture.as_str();
+    let fetched = client
+        .get_manifest(reference, &[media::OCI_MANIFEST], format::APP_MANIFEST_CAP)
+        .await
+        .with_context(|| format!("cannot fetch app {reference}"))?;
+    let pinned = reference.pinned(&fetched.digest);
+    let what = format!("app {pinned}");
+    let manifest = AppManifest::parse(&fetched.bytes, &what)?;
+    let mut meta_blobs = vec![MetaBlob {
+        what: "app manifest".into(),
+        descriptor: Descriptor::new(media::OCI_MANIFEST, fetched.digest.clone(), fetched.bytes.len() as u64),
+        bytes: fetched.bytes.clone(),
+    }];
+
+    let config_desc = manifest.config.clone();
+    let config = client
+        .get_blob(&pinned, &config_desc.digest, config_desc.size, format::MANIFEST_CAP)
+        .await
+        .with_context(|| format!("the config of {what}"))?;
+    meta_blobs.push(MetaBlob {
+        what: "app config".into(),
+        descriptor: config_desc,
+        bytes: config,
+    });
+
+    let bundle_desc = manifest.bundle().clone();
+    let bundle = client
+        .get_blob(&pinned, &bundle_desc.digest, bundle_desc.size, BUNDLE_MEMORY_CAP)
+        .await
+        .with_context(|| format!("the bundle of {what}"))?;
+    let index_desc = manifest.bundle_index(&what)?;
+    let index = client
+        .get_blob(&pinned, &index_desc.digest, index_desc.size, format::MANIFEST_CAP)
+        .await
+        .with_context(|| format!("the bundle index of {what}"))?;
+    format::parse_bundle_index(&index)?;
+    let (compose_name, compose_bytes) =
+        crate::bundle::read_compose_from_bundle(bundle.as_slice(), COMPOSE_FILE_CAP)
+            .with_context(|| format!("the bundle of {what}"))?;
+    let compose_text = String::from_utf8(compose_bytes)
+        .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
+    let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
+        .with_context(|| format!("the bundle of {what}"))?;
+    let services = compose.images(&|_| None)?;
+    meta_blobs.push(MetaBlob {
+        what: "bundle".into(),
+        descriptor: bundle_desc,
+        bytes: bundle.clone(),
+    });
+    meta_blobs.push(MetaBlob {
+        what: "bundle index".into(),
+        descriptor: index_desc,
+        bytes: index,
+    });
+
+    let mut arch_meta: Option<ArchLayers> = None;
+    if let Some(meta_desc) = manifest.layers_meta().cloned() {
+        let bytes = client
+            .get_blob(&pinned, &meta_desc.digest, meta_desc.size, format::MANIFEST_CAP)
+            .await
+            .with_context(|| format!("the layers-meta of {what}"))?;
+        let mut all = format::parse_layers_meta(&bytes)?;
+        if !all.contains_key(architecture) {
+            bail!(
+                "{what} is not published for {architecture} (it has: {})",
+                all.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        arch_meta = all.remove(architecture);
+        meta_blobs.push(MetaBlob {
+            what: "layers-meta".into(),
+            descriptor: meta_desc,
+            bytes,
+        });
+    }
+    if let Some(index_desc) = manifest.layer_index_for(architecture).cloned() {
+        let bytes = client
+            .get_blob(&pinned, &index_desc.digest, index_desc.size, format::MANIFEST_CAP)
+            .await
+            .with_context(|| format!("the {architecture} layer index of {what}"))?;
+        meta_blobs.push(MetaBlob {
+            what: format!("layer index {architecture}"),
+            descriptor: index_desc,
+            bytes,
+        });
+    }
+
+    let mut images = Vec::new();
+    let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
+    for (service, pinned_image) in services {
+        let image: ImageRef = pinned_image
+            .parse()
+            .with_context(|| format!("service {service} of {what}"))?;
+        if image.digest.is_none() {
+            bail!("service {service} of {what}: image {image} is not pinned by digest");
+        }
+        let (manifest_blob, image_manifest) =
+            fetch_image_manifest(client, &image, &arch)
+                .await
+                .with_context(|| format!("service {service} of {what}"))?;
+        let config_bytes = client
+            .get_blob(&image, &image_manifest.config.digest, image_manifest.config.size, format::MANIFEST_CAP)
+            .await
+            .with_context(|| format!("the config of image {image} (service {service})"))?;
+        let config: ImageConfig = format::parse_json(&config_bytes, &format!("config of {image}"))?;
+        if !config.architecture.is_empty() && config.architecture != arch.architecture {
+            bail!(
+                "service {service} of {what}: image {image} is for {}, not {architecture}",
+                config.architecture
+            );
+        }
+        if config.rootfs.diff_ids.len() != image_manifest.layers.len() {
+            bail!(
+                "image {image} (service {service}) has {} layers but its config lists {} diff_ids",
+                image_manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            );
+        }
+        let mut image_layers = Vec::new();
+        for (layer, diff_id) in image_manifest.layers.iter().zip(config.rootfs.diff_ids) {
+            if !media::is_layer(&layer.media_type) {
+                bail!("image {image} has layer {} of media type {:?}, which is not an image layer", layer.digest, layer.media_type);
+            }
+            let meta = arch_meta.as_ref().and_then(|m| m.layers.get(&layer.digest)).cloned();
+            if let (Some(m), Some(d)) = (&meta, meta.as_ref().and_then(|m| m.diff_id.clone()))
+                && d != diff_id
+            {
+                bail!(
+                    "{what}: layers-meta says layer {} has diff_id {d}, image {image} says {diff_id} ({} bytes)",
+                    layer.digest,
+                    m.archive_size
+                );
+            }
+            layers.entry(layer.digest.clone()).or_insert_with(|| LayerNeed {
+                descriptor: layer.clone(),
+                source: image.clone(),
+                diff_id: diff_id.clone(),
+                meta,
+            });
+            image_layers.push((layer.clone(), diff_id));
+        }
+        meta_blobs.push(MetaBlob {
+            what: format!("config of {image}"),
+            descriptor: image_manifest.config.clone(),
+            bytes: config_bytes,
+        });
+        images.push(ServiceImage {
+            service,
+            pinned: pinned_image,
+            image,
+            manifest: manifest_blob.descriptor.clone(),
+            config: image_manifest.config.clone(),
+            layers: image_layers,
+        });
+        meta_blobs.push(manifest_blob);
+    }
+    // Several services may share blobs: keep each once.
+    let mut seen = std::collections::HashSet::new();
+    meta_blobs.retain(|b| seen.insert(b.descriptor.digest.clone()));
+
+    Ok(App {
+        name: pinned.short_name().to_string(),
+        reference: pinned,
+        digest: fetched.digest,
+        architecture: architecture.to_string(),
+        manifest,
+        compose_name,
+        bundle,
+        meta_blobs,
+        images,
+        layers: layers.into_values().collect(),
+    })
+}
+
+/// The image manifest for `arch`, following an index when the pin names one.
+async fn fetch_image_manifest(
+    client: &RegistryClient,
+    image: &ImageRef,
+    arch: &format::Arch,
+) -> Result<(MetaBlob, ImageManifest)> {
+    let top = client
+        .get_manifest(image, media::IMAGE_MANIFESTS, format::MANIFEST_CAP)
+        .await?;
+    let (blob, bytes) = if media::is_index(&top.media_type) {
+        let index: ImageIndex = format::parse_json(&top.bytes, &format!("index {image}"))?;
+        let entry = index
+            .manifests
+            .iter()
+            .find(|m| m.platform.as_ref().is_some_and(|p| arch.matches(p)) && media::is_image_manifest(&m.media_type))
+            .ok_or_else(|| {
+                let have: Vec<String> = index
+                    .manifests
+                    .iter()
+                    .filter_map(|m| m.platform.as_ref().map(|p| p.architecture.clone()))
+                    .collect();
+                anyhow!("image {image} has no linux/{arch} manifest (it has: {})", have.join(", "))
+            })?
+            .clone();
+        // The index itself is not stored: the pin's digest was verified on
+        // fetch, and the device only ever needs its own platform's manifest.
+        let at = image.pinned(&entry.digest);
+        let m = client
+            .get_manifest(&at, &[media::OCI_MANIFEST, media::DOCKER_MANIFEST], format::MANIFEST_CAP)
+            .await?;
+        (
+            MetaBlob {
+                what: format!("manifest {at}"),
+                descriptor: Descriptor::new(&m.media_type, m.digest, m.bytes.len() as u64),
+                bytes: m.bytes.clone(),
+            },
+            m.bytes,
+        )
+    } else {
+        (
+            MetaBlob {
+                what: format!("manifest {image}"),
+                descriptor: Descriptor::new(&top.media_type, top.digest.clone(), top.bytes.len() as u64),
+                bytes: top.bytes.clone(),
+            },
+            top.bytes,
+        )
+    };
+    let manifest: ImageManifest = format::parse_json(&bytes, &format!("manifest of {image}"))?;
+    Ok((blob, manifest))
+}

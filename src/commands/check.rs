@@ -1,0 +1,249 @@
+//! `stowage check`: plan an update and say, per volume, whether it fits,
+//! before a single byte is downloaded. `pull` and `install` run the same
+//! plan first and refuse with exit code 100 what does not fit.
+//!
+//! What is counted, per file system (paths grouped by `st_dev`):
+//! - the blob store: every blob not yet stored, rounded up to the volume's
+//!   block size, minus what a partial download already holds;
+//! - Docker's data root: the unpacked usage of every layer the engine does
+//!   not hold as part of the same layer chain, for the volume's block size,
+//!   plus the engine's temporary copy of the largest image archive stowage
+//!   hands it (images are loaded one at a time, and the copy is deleted when
+//!   each load ends);
+//! - the apps directory: the extracted bundle.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::Digest;
+use crate::app::{App, LayerNeed};
+use crate::docker::{DockerEngine, HeldLayers};
+use crate::space::{self, Demand, FitReport, Part, Policy, Volume};
+use crate::store::Store;
+
+/// What Docker looks like to the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct DockerView {
+    pub reachable: bool,
+    pub data_root: PathBuf,
+    #[serde(skip)]
+    pub held: HeldLayers,
+}
+
+impl DockerView {
+    /// Asks the engine; when it cannot be reached, says so and assumes it
+    /// holds nothing (every layer is counted).
+    pub async fn probe(engine: Option<&DockerEngine>) -> (DockerView, Option<String>) {
+        let unreachable = |why: String| {
+            (
+                DockerView {
+                    reachable: false,
+                    data_root: PathBuf::from("/var/lib/docker"),
+                    held: HeldLayers::default(),
+                },
+                Some(format!(
+                    "Docker is not reachable ({why}): every layer is counted as missing from /var/lib/docker"
+                )),
+            )
+        };
+        let Some(engine) = engine else {
+            return unreachable("no engine connection".into());
+        };
+        let info = match engine.info().await {
+            Ok(i) => i,
+            Err(e) => return unreachable(e.to_string()),
+        };
+        let held = match engine.held_layers().await {
+            Ok(h) => h,
+            Err(e) => return unreachable(e.to_string()),
+        };
+        (
+            DockerView {
+                reachable: true,
+                data_root: info.data_root,
+                held,
+            },
+            None,
+        )
+    }
+}
+
+/// A planned update: what is missing where, and whether it fits.
+#[derive(Debug, Clone)]
+pub struct UpdatePlan {
+    /// Layers not yet in the store, de-duplicated across apps.
+    pub missing_layers: Vec<LayerNeed>,
+    /// Metadata blobs not yet in the store.
+    pub missing_meta: usize,
+    /// Layers Docker must load (not held in the same chain), by digest.
+    pub docker_layers: Vec<Digest>,
+    pub fit: FitReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AppSummary {
+    pub name: String,
+    pub reference: String,
+    pub architecture: String,
+    pub layers: usize,
+    pub layers_missing: usize,
+    pub download_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub apps: Vec<AppSummary>,
+    pub docker_reachable: bool,
+    pub docker_data_root: PathBuf,
+    #[serde(flatten)]
+    pub fit: FitReport,
+}
+
+/// Where an update writes, on the device.
+pub struct Paths {
+    pub store: PathBuf,
+    pub apps: PathBuf,
+}
+
+impl Paths {
+    pub fn under(root: &Path) -> Paths {
+        Paths {
+            store: root.join("store"),
+            apps: root.join("apps"),
+        }
+    }
+}
+
+/// Plans the update of `apps` against what `store` and Docker hold.
+pub fn plan_update(
+    apps: &[App],
+    store: &Store,
+    paths: &Paths,
+    docker: &DockerView,
+    policy: Policy,
+) -> Result<UpdatePlan> {
+    let store_volume = Volume::of(&paths.store)?;
+    let docker_volume = Volume::of(&docker.data_root)?;
+    let apps_volume = Volume::of(&paths.apps)?;
+    let mut demands = Vec::new();
+
+    // The blob store: metadata and layers not stored yet, minus partials.
+    let mut seen: HashSet<Digest> = HashSet::new();
+    let mut missing_layers = Vec::new();
+    let mut missing_meta = 0;
+    let mut blob_bytes = 0u64;
+    let mut blob_inodes = 0u64;
+    let mut count_blob = |digest: &Digest, size: u64| -> bool {
+        if !seen.insert(digest.clone()) || store.has(digest) {
+            return false;
+        }
+        // A partial download (and the space preallocated for it) is
+        // already taken from the volume: count only the rest.
+        let have = store.partial_bytes(digest).max(store.partial_allocated_bytes(digest));
+        let left = size.saturating_sub(have);
+        blob_bytes += store_volume.round_up(left);
+        blob_inodes += 1;
+        true
+    };
+    for app in apps {
+        for blob in &app.meta_blobs {
+            if count_blob(&blob.descriptor.digest, blob.descriptor.size) {
+                missing_meta += 1;
+            }
+        }
+        for layer in &app.layers {
+            if count_blob(&layer.descriptor.digest, layer.descriptor.size) {
+                missing_layers.push(layer.clone());
+            }
+        }
+    }
+    demands.push(Demand {
+        path: paths.store.clone(),
+        part: Part::Blobs,
+        bytes: blob_bytes,
+        inodes: blob_inodes,
+    });
+
+    // Docker: layers whose chain the engine lacks, and its temporary copy.
+    let mut docker_layers: BTreeMap<Digest, &LayerNeed> = BTreeMap::new();
+    let mut largest_load = 0u64;
+    for app in apps {
+        let by_digest: BTreeMap<&Digest, &LayerNeed> =
+            app.layers.iter().map(|l| (&l.descriptor.digest, l)).collect();
+        for image in &app.images {
+            let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
+            let held = docker.held.held_prefix_len(&diff_ids);
+            let mut sent = Vec::new();
+            for (layer, _) in &image.layers[held..] {
+                if let Some(need) = by_digest.get(&layer.digest) {
+                    sent.push(need.tar_size());
+                    docker_layers.insert(layer.digest.clone(), need);
+                }
+            }
+            let temp = crate::docker::load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
+            largest_load = largest_load.max(if sent.is_empty() { 0 } else { temp });
+        }
+    }
+    demands.push(Demand {
+        path: docker.data_root.clone(),
+        part: Part::DockerLayers,
+        bytes: docker_layers.values().map(|l| l.usage(docker_volume.block_size)).sum(),
+        inodes: docker_layers.values().map(|l| l.inodes()).sum(),
+    });
+    demands.push(Demand {
+        path: docker.data_root.clone(),
+        part: Part::DockerTemp,
+        bytes: largest_load,
+        inodes: 0,
+    });
+
+    // The apps directory: each extracted bundle.
+    let (mut bundle_bytes, mut bundle_inodes) = (0, 0);
+    for app in apps {
+        let (b, i) = app.bundle_footprint(apps_volume.block_size);
+        bundle_bytes += b;
+        bundle_inodes += i;
+    }
+    demands.push(Demand {
+        path: paths.apps.clone(),
+        part: Part::Bundle,
+        bytes: bundle_bytes,
+        inodes: bundle_inodes,
+    });
+
+    let fit = space::plan(&demands, policy, &Volume::of)?;
+    Ok(UpdatePlan {
+        missing_layers,
+        missing_meta,
+        docker_layers: docker_layers.into_keys().collect(),
+        fit,
+    })
+}
+
+pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckReport {
+    let missing: HashSet<&Digest> = plan.missing_layers.iter().map(|l| &l.descriptor.digest).collect();
+    CheckReport {
+        apps: apps
+            .iter()
+            .map(|a| AppSummary {
+                name: a.name.clone(),
+                reference: a.reference.to_string(),
+                architecture: a.architecture.clone(),
+                layers: a.layers.len(),
+                layers_missing: a.layers.iter().filter(|l| missing.contains(&l.descriptor.digest)).count(),
+                download_bytes: a
+                    .layers
+                    .iter()
+                    .filter(|l| missing.contains(&l.descriptor.digest))
+                    .map(|l| l.descriptor.size)
+                    .sum(),
+            })
+            .collect(),
+        docker_reachable: docker.reachable,
+        docker_data_root: docker.data_root.clone(),
+        fit: plan.fit.clone(),
+    }
+}

@@ -1,0 +1,263 @@
+//! `stowage pull`: check, reserve, download, verify, name.
+//!
+//! Order matters for safety: the fit check runs first and nothing is written
+//! when the update does not fit; then the space of every missing layer is
+//! preallocated, so another writer filling the disk makes the pull fail at
+//! once rather than half way; then layers are downloaded in parallel into
+//! ingests, resumed with Range requests after a dropped connection or a
+//! crash, and committed only once their size and digest are verified; the
+//! app and its images are named in `index.json` last. The store lock is held
+//! shared throughout, so a prune (exclusive) never removes what a pull in
+//! progress has fetched.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::app::{App, LayerNeed, fetch_app};
+use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
+use crate::progress::{Event, Progress};
+use crate::reference::ImageRef;
+use crate::registry::{BlobBody, RegistryClient, RegistryError};
+use crate::space::Policy;
+use crate::store::{Ingest, LockMode, Store, StoreError};
+
+/// How many times a layer download is resumed after the connection broke.
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// The update does not fit: the CLI exits with code 100.
+#[derive(Debug, thiserror::Error)]
+#[error("the update does not fit: {}", report.fit.shortfall())]
+pub struct DoesNotFit {
+    pub report: Box<CheckReport>,
+}
+
+pub struct PullOptions {
+    pub apps: Vec<ImageRef>,
+    pub architecture: String,
+    pub policy: Policy,
+    pub jobs: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PullReport {
+    pub check: CheckReport,
+    pub fetched_blobs: usize,
+    pub fetched_bytes: u64,
+    pub apps: Vec<String>,
+}
+
+impl PullOptions {
+    pub async fn run(
+        self,
+        client: &RegistryClient,
+        store: &Store,
+        docker: &DockerView,
+        progress: &dyn Progress,
+    ) -> Result<PullReport> {
+        let _lock = store.lock(LockMode::Shared)?;
+        let mut apps = Vec::new();
+        for reference in &self.apps {
+            progress.step(format!("fetching metadata of {reference}"));
+            apps.push(fetch_app(client, reference, &self.architecture).await?);
+        }
+        let paths = Paths::under(store.root());
+        let plan = plan_update(&apps, store, &paths, docker, self.policy)?;
+        let check = summarise(&apps, &plan, docker);
+        if !plan.fit.fits {
+            return Err(DoesNotFit {
+                report: Box::new(check),
+            }
+            .into());
+        }
+
+        // Reserve before downloading: every missing layer's declared size.
+        let mut ingests = Vec::new();
+        for layer in &plan.missing_layers {
+            let mut ingest = store.ingest(&layer.descriptor.digest, layer.descriptor.size)?;
+            if !ingest.is_stored() {
+                ingest.preallocate().with_context(|| {
+                    format!("cannot reserve {} bytes for layer {}", layer.descriptor.size, layer.descriptor.digest)
+                })?;
+            }
+            ingests.push((layer.clone(), ingest));
+        }
+        for app in &apps {
+            for blob in &app.meta_blobs {
+                store.put_bytes(&blob.descriptor.digest, &blob.bytes)?;
+            }
+        }
+
+        let fetched_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let fetched_blobs = ingests.len();
+        futures_util::stream::iter(ingests)
+            .map(|(layer, ingest)| {
+                let fetched_bytes = Arc::clone(&fetched_bytes);
+                async move {
+                    let n = download_layer(client, &layer, ingest, progress).await?;
+                    fetched_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(self.jobs.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+
+        for app in &apps {
+            name_app(store, app)?;
+            progress.step(format!("stored {} ({})", app.name, app.reference));
+        }
+        Ok(PullReport {
+            check,
+            fetched_blobs,
+            fetched_bytes: fetched_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            apps: apps.iter().map(|a| a.reference.to_string()).collect(),
+        })
+    }
+}
+
+/// Names the app and each of its images in `index.json`, images first: the
+/// app's name appearing means all it needs is stored.
+pub fn name_app(store: &Store, app: &App) -> Result<()> {
+    for image in &app.images {
+        store.set_ref(&image.pinned, &image.manifest.media_type, &image.manifest.digest, image.manifest.size)?;
+    }
+    store.set_ref(&app.ref_name(), crate::format::media::OCI_MANIFEST, &app.digest, app.meta_blobs[0].descriptor.size)?;
+    Ok(())
+}
+
+/// Downloads one layer into its ingest, resuming after broken connections,
+/// and commits it. Returns the bytes transferred.
+async fn download_layer(
+    client: &RegistryClient,
+    layer: &LayerNeed,
+    mut ingest: Ingest,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let digest = layer.descriptor.digest.clone();
+    let size = layer.descriptor.size;
+    if ingest.is_stored() {
+        return Ok(0);
+    }
+    let mut transferred = 0u64;
+    let mut attempt = 0;
+    // A complete ingest left by a run that died before committing needs no
+    // request: the commit below verifies it.
+    while ingest.offset() < size {
+        let offset = ingest.offset();
+        progress.emit(Event::BlobStarted {
+            digest: digest.clone(),
+            size,
+            offset,
+        });
+        match fetch_into(client, layer, &mut ingest, offset, progress).await {
+            Ok(n) => {
+                transferred += n;
+                break;
+            }
+            Err(Failure::Transient(e, n)) if attempt < RESUME_ATTEMPTS => {
+                transferred += n;
+                attempt += 1;
+                tracing::warn!("download of layer {digest} broke off ({e:#}); resuming (attempt {attempt})");
+            }
+            Err(Failure::Transient(e, _)) | Err(Failure::Fatal(e)) => return Err(e),
+        }
+    }
+    let commit = tokio::task::block_in_place(|| ingest.commit());
+    commit.map_err(|e| match e {
+        StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } | StoreError::Incomplete { .. } => {
+            anyhow!("registry {} sent a corrupt layer: {e}", layer.source.registry)
+        }
+        other => other.into(),
+    })?;
+    progress.emit(Event::BlobDone { digest, size });
+    Ok(transferred)
+}
+
+enum Failure {
+    /// Worth resuming: the connection broke. Carries the bytes received.
+    Transient(anyhow::Error, u64),
+    /// Not worth retrying: the registry lied or the disk refused.
+    Fatal(anyhow::Error),
+}
+
+async fn fetch_into(
+    client: &RegistryClient,
+    layer: &LayerNeed,
+    ingest: &mut Ingest,
+    offset: u64,
+    progress: &dyn Progress,
+) -> Result<u64, Failure> {
+    let digest = &layer.descriptor.digest;
+    let size = layer.descriptor.size;
+    let body = client
+        .fetch_blob(&layer.source, digest, size, offset)
+        .await
+        .map_err(|e| match e {
+            RegistryError::Unreachable { .. } => Failure::Transient(e.into(), 0),
+            other => Failure::Fatal(other.into()),
+        })?;
+    let mut response = match body {
+        BlobBody::Partial(r) => r,
+        BlobBody::Full(r) => {
+            if offset > 0 {
+                // The registry ignored the Range: start again from zero,
+                // never append a whole blob to a prefix.
+                tokio::task::block_in_place(|| ingest.restart()).map_err(|e| Failure::Fatal(e.into()))?;
+            }
+            r
+        }
+    };
+    let mut received = 0u64;
+    let mut since_report = 0u64;
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(Failure::Transient(
+                    anyhow!("the download of layer {digest} from {} broke off: {e}", layer.source.registry),
+                    received,
+                ));
+            }
+        };
+        tokio::task::block_in_place(|| ingest.write_all(&chunk)).map_err(|e| match e {
+            StoreError::BeyondDeclaredSize { .. } => Failure::Fatal(anyhow!(
+                "registry {} sent more than the {size} bytes declared for layer {digest}; the blob was refused",
+                layer.source.registry
+            )),
+            other => Failure::Fatal(other.into()),
+        })?;
+        received += chunk.len() as u64;
+        since_report += chunk.len() as u64;
+        if since_report >= 1 << 20 {
+            since_report = 0;
+            progress.emit(Event::BlobProgress {
+                digest: digest.clone(),
+                done: ingest.offset(),
+                size,
+            });
+        }
+    }
+    if ingest.offset() < size {
+        return Err(Failure::Transient(
+            anyhow!(
+                "registry {} ended layer {digest} after {} of {size} bytes",
+                layer.source.registry,
+                ingest.offset()
+            ),
+            received,
+        ));
+    }
+    Ok(received)
+}
+
+/// Checks that every reference names an app (not an image) before anything.
+pub fn require_pinned_or_tagged(reference: &ImageRef) -> Result<()> {
+    if reference.tag.is_none() && reference.digest.is_none() {
+        bail!("{reference} names no tag or digest; give REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...");
+    }
+    Ok(())
+}
