@@ -1,0 +1,254 @@
+//! Docker engines for tests: the machine's default dockerd (started when it does not
+//! answer, and left running for later tests), and private dockerds, each with its own
+//! data root, exec root and socket, stopped by pid when their handle drops.
+
+use super::volumes::unmount;
+use super::{run_output, send_signal, tail_file, temp_dir, wait_until};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn default_docker_answers() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .env_remove("DOCKER_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Makes sure the default dockerd (/var/run/docker.sock) answers; starts it, as
+/// `scripts/setup.sh` does, when it does not. Checked once per process.
+pub fn ensure_dockerd() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        if default_docker_answers() {
+            return;
+        }
+        let log = if Path::new("/var/log").is_dir() {
+            PathBuf::from("/var/log/stowage-dockerd.log")
+        } else {
+            PathBuf::from("/tmp/stowage-dockerd.log")
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+        let err = file.try_clone().expect("clone log handle");
+        use std::os::unix::process::CommandExt as _;
+        // Its own process group: it outlives this test process and its signals.
+        let spawned = Command::new("dockerd")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .process_group(0)
+            .spawn();
+        if let Err(e) = spawned {
+            panic!("dockerd does not answer and could not be started: {e}");
+        }
+        // Another test process may have started one at the same moment: any dockerd
+        // that answers will do.
+        if !wait_until(Duration::from_secs(60), default_docker_answers) {
+            panic!(
+                "dockerd did not answer within 60 s: {}",
+                tail_file(&log, 30)
+            );
+        }
+    });
+}
+
+/// A second dockerd with its own data root (for example on a LoopVolume), exec root,
+/// pidfile and socket; no bridge, no iptables. Dropping it stops it (SIGTERM, then
+/// SIGKILL) and unmounts what it left under its directories. The data root's contents
+/// stay (they belong to the caller).
+pub struct PrivateDockerd {
+    run_dir: tempfile::TempDir,
+    data_root: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateDockerd {
+    pub fn start(data_root: &Path) -> PrivateDockerd {
+        std::fs::create_dir_all(data_root)
+            .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
+        // Short paths: the socket and containerd's sockets live under it (108-byte limit).
+        let run_dir = tempfile::Builder::new()
+            .prefix("sd")
+            .tempdir_in("/tmp")
+            .expect("create dockerd run dir");
+        let run = run_dir.path();
+        std::fs::write(run.join("daemon.json"), "{}\n").expect("write daemon.json");
+        let log = run.join("dockerd.log");
+        let file = std::fs::File::create(&log).expect("create dockerd log");
+        let err = file.try_clone().expect("clone log handle");
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(run.join("daemon.json"))
+            .arg("--data-root")
+            .arg(data_root)
+            .arg("--exec-root")
+            .arg(run.join("x"))
+            .arg("--pidfile")
+            .arg(run.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", run.join("docker.sock").display()))
+            .args([
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--storage-driver=overlay2",
+                "--log-level=warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not run dockerd: {e}"));
+        let host = format!("unix://{}", run.join("docker.sock").display());
+        let mut dockerd = PrivateDockerd {
+            run_dir,
+            data_root: data_root.to_path_buf(),
+            child: Some(child),
+        };
+        let mut exited = None;
+        let ready = wait_until(Duration::from_secs(60), || {
+            if let Some(child) = &mut dockerd.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                exited = Some(status);
+                return true;
+            }
+            run_output(Command::new("docker").args([
+                "-H",
+                &host,
+                "info",
+                "--format",
+                "{{.ServerVersion}}",
+            ]))
+            .status
+            .success()
+        });
+        if let Some(status) = exited {
+            dockerd.child = None;
+            panic!("private dockerd exited ({status}): {}", tail_file(&log, 30));
+        }
+        if !ready {
+            panic!(
+                "private dockerd did not answer within 60 s: {}",
+                tail_file(&log, 30)
+            );
+        }
+        dockerd
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.path().join("docker.sock")
+    }
+
+    /// "unix:///.../docker.sock", for `DOCKER_HOST`.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    pub fn data_root(&self) -> &Path {
+        &self.data_root
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.run_dir.path().join("dockerd.log")
+    }
+
+    /// `docker -H unix://SOCK`.
+    pub fn docker(&self) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.env_remove("DOCKER_CONTEXT").arg("-H").arg(self.host());
+        cmd
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        send_signal(child.id(), libc::SIGTERM);
+        // dockerd stops its containers (up to its 15 s shutdown timeout) and containerd.
+        let stopped = wait_until(Duration::from_secs(40), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        // A containerd it started and could not stop: ours by its pidfile in our dir.
+        let containerd_pid = self.run_dir.path().join("x/containerd/containerd.pid");
+        if let Ok(text) = std::fs::read_to_string(&containerd_pid)
+            && let Ok(pid) = text.trim().parse::<u32>()
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours =
+                String::from_utf8_lossy(&cmdline).contains(&*self.run_dir.path().to_string_lossy());
+            if ours {
+                send_signal(pid, libc::SIGKILL);
+            }
+        }
+        let mut leftovers: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(self.run_dir.path()) || is_strictly_under(m, &self.data_root))
+            .collect();
+        // Deepest first.
+        leftovers.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in leftovers {
+            unmount(&m);
+        }
+    }
+}
+
+impl Drop for PrivateDockerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn is_strictly_under(path: &Path, dir: &Path) -> bool {
+    path != dir && path.starts_with(dir)
+}
+
+/// Every mount point of this process's mount namespace.
+fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|escaped| PathBuf::from(unescape_mount_path(escaped)))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\NNN` octal.
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let n = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(n);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

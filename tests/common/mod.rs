@@ -1,0 +1,192 @@
+//! The shared test harness: every integration test file uses it with `mod common;`.
+//!
+//! It starts REAL services on loopback (a `docker-registry` per test, a private
+//! `dockerd` when a test needs its own data root), builds test images locally (no
+//! network: a busybox rootfs via `docker import`, more layers via `docker build`), and
+//! makes real file systems (loop-mounted ext4, size-limited tmpfs).
+//!
+//! Promises: every helper is safe to call from many tests at once, in one process and
+//! across test binaries (unique names, temp dirs, free ports); every service it starts is
+//! stopped by pid and every mount undone when its handle drops. A helper that cannot do
+//! its job panics with the command, its exit status and its stderr, so a failing test
+//! says why.
+#![allow(dead_code, unused_imports)]
+
+mod dockerd;
+mod images;
+mod registry;
+mod volumes;
+
+pub use dockerd::{PrivateDockerd, ensure_dockerd};
+pub use images::{
+    build_image, busybox_image, many_files_image, push_image, push_multiarch, remove_image,
+    skopeo_inspect_raw,
+};
+pub use registry::{HttpResponse, Registry, RegistryOptions, write_docker_config};
+pub use volumes::{FsStats, LoopVolume, TmpfsVolume, fs_stats};
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The `stowage` binary built for this test run.
+pub fn stowage() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+}
+
+/// A name no other test (in this process or another) uses at the same time: lowercase,
+/// valid as a repository path component, an image tag, a compose project and app name.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let prefix: String = prefix
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{prefix}-{:x}-{n}-{:x}",
+        std::process::id(),
+        (nanos >> 10) & 0xffff
+    )
+}
+
+/// `sha256:<hex>` of `bytes`, the form registries use.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Runs `cmd`, panics unless it exits 0 (showing its stdout and stderr), returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run_output(cmd);
+    if !out.status.success() {
+        panic!("{}", describe_failure(cmd, &out, "failed"));
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like [`run_ok`], returning stdout as bytes (for binary output such as `docker save`).
+pub fn run_ok_bytes(cmd: &mut Command) -> Vec<u8> {
+    let out = run_output(cmd);
+    if !out.status.success() {
+        panic!("{}", describe_failure(cmd, &out, "failed"));
+    }
+    out.stdout
+}
+
+/// Runs `cmd` with `input` on its standard input; otherwise like [`run_ok`].
+pub fn run_ok_with_stdin(cmd: &mut Command, input: &[u8]) -> String {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin was piped");
+    let input = input.to_vec();
+    // Feed stdin from another thread so a child that writes a lot cannot deadlock us.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("could not wait for {cmd:?}: {e}"));
+    let _ = feeder.join();
+    if !out.status.success() {
+        panic!("{}", describe_failure(cmd, &out, "failed"));
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd` and returns its output whatever its exit status; panics only when it
+/// cannot be started.
+pub fn run_output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"))
+}
+
+/// Runs `cmd`, panics unless it exits NON-zero, returns its output for further checks
+/// (a clear message on stderr, a specific exit code).
+pub fn run_fails(cmd: &mut Command) -> Output {
+    let out = run_output(cmd);
+    if out.status.success() {
+        panic!(
+            "{}",
+            describe_failure(cmd, &out, "succeeded but should have failed")
+        );
+    }
+    out
+}
+
+fn describe_failure(cmd: &Command, out: &Output, what: &str) -> String {
+    format!(
+        "{cmd:?} {what} ({})\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Writes an app directory: `dir/docker-compose.yml` with `compose_yaml`.
+pub fn write_app(dir: &Path, compose_yaml: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, compose_yaml).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    file
+}
+
+/// A fresh temporary directory, removed when the handle drops.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("create a temp dir: {e}"))
+}
+
+/// Polls `ready` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `lines` lines of a log file, for failure messages.
+pub fn tail_file(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Sends `signal` to `pid` (a process this harness started).
+pub(crate) fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Locks a mutex, taking the data even when another test panicked while holding it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
