@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The main job, end to end, as a user sees it: build three small images
+# locally, push them to a throwaway local registry, publish the compose app
+# in examples/shop with stowage, then on the "device" side check, pull,
+# install, run, list and prune it. Run as root on Debian; does its own set-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+run() { say "$*"; "$@"; }
+
+cargo build --release --quiet
+STOWAGE=$PWD/target/release/stowage
+work=$(mktemp -d /tmp/stowage-demo.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+REGISTRY=127.0.0.1:$port
+export REGISTRY
+
+# A registry with our own config (the packaged one demands htpasswd auth).
+cat >"$work/registry.yml" <<YAML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+  delete:
+    enabled: true
+http:
+  addr: $REGISTRY
+YAML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+registry_pid=$!
+cleanup() {
+    kill "$registry_pid" 2>/dev/null || true
+    (cd examples/shop && docker-compose -p shop down >/dev/null 2>&1 || true)
+}
+trap cleanup EXIT
+for _ in $(seq 50); do curl -fs "http://$REGISTRY/v2/" >/dev/null && break; sleep 0.1; done
+
+# Three images, built locally: a busybox rootfs and two images on top of it.
+mkdir -p "$work/rootfs/bin" "$work/rootfs/srv" "$work/rootfs/tmp"
+cp /bin/busybox "$work/rootfs/bin/"
+for applet in sh ls cat sleep date httpd echo true; do ln -sf busybox "$work/rootfs/bin/$applet"; done
+tar -C "$work/rootfs" -c . | docker import -c 'CMD ["sleep","1000000"]' - "$REGISTRY/demo/base:1" >/dev/null
+mkdir -p "$work/web" "$work/worker"
+echo '<h1>shop</h1>' >"$work/web/index.html"
+head -c 3000000 /dev/urandom >"$work/web/assets.bin"
+printf 'FROM %s\nCOPY index.html assets.bin /srv/\n' "$REGISTRY/demo/base:1" >"$work/web/Dockerfile"
+head -c 2000000 /dev/urandom >"$work/worker/job.bin"
+printf 'FROM %s\nCOPY job.bin /opt/\n' "$REGISTRY/demo/base:1" >"$work/worker/Dockerfile"
+docker build -q -t "$REGISTRY/demo/web:1" "$work/web" >/dev/null
+docker build -q -t "$REGISTRY/demo/worker:1" "$work/worker" >/dev/null
+for image in base web worker; do
+    skopeo copy -q --dest-tls-verify=false "docker-daemon:$REGISTRY/demo/$image:1" "docker://$REGISTRY/demo/$image:1"
+done
+
+export STOWAGE_INSECURE_REGISTRIES=$REGISTRY
+export STOWAGE_ROOT=$work/device
+say "stowage publish --dir examples/shop $REGISTRY/demo/shop:1"
+app=$("$STOWAGE" publish --dir examples/shop "$REGISTRY/demo/shop:1" | tee /dev/stderr | tail -n 1)
+run "$STOWAGE" inspect "$app"
+run "$STOWAGE" check "$app"
+say "stowage check --watermark 20 --reserve 100T $app   # refused: exit 100"
+set +e; "$STOWAGE" check --reserve 100T "$app"; code=$?; set -e
+echo "exit code: $code"
+run "$STOWAGE" pull "$app"
+run "$STOWAGE" ls
+if "$STOWAGE" help install >/dev/null 2>&1; then
+    say "kill the registry: from here on the device is offline"
+    kill "$registry_pid"; wait "$registry_pid" 2>/dev/null || true
+    run "$STOWAGE" install "$app"
+    run "$STOWAGE" run shop
+    run "$STOWAGE" ps
+    run "$STOWAGE" stop shop
+fi
+run "$STOWAGE" rm shop
+run "$STOWAGE" prune
+run "$STOWAGE" fsck
+echo
+echo "demo finished; the device root is $STOWAGE_ROOT"
