@@ -22,7 +22,7 @@ use crate::format::{
 use crate::layer;
 use crate::progress::Progress;
 use crate::reference::ImageRef;
-use crate::registry::{BlobBody, RegistryClient};
+use crate::registry::{BlobBody, RegistryClient, RegistryError};
 
 pub struct PublishOptions {
     /// The app directory (holding the compose file).
@@ -68,6 +68,9 @@ pub struct PublishReport {
     pub services: BTreeMap<String, String>,
     pub architectures: BTreeMap<String, ArchSummary>,
     pub pushed: Vec<PushedBlob>,
+    /// Whether the app manifest lists the layer indexes in `manifests`
+    /// (false when the registry refused that optional field).
+    pub layer_indexes_referenced: bool,
     #[serde(skip)]
     pub manifest: Vec<u8>,
 }
@@ -169,7 +172,7 @@ impl PublishOptions {
                 d
             })
             .collect();
-        let manifest = AppManifest {
+        let mut manifest = AppManifest {
             schema_version: 2,
             media_type: media::OCI_MANIFEST.into(),
             artifact_type: Some(media::APP_ARTIFACT.into()),
@@ -178,9 +181,8 @@ impl PublishOptions {
             manifests,
             annotations: BTreeMap::from([(format::APP_ANNOTATION.into(), "v1".into())]),
         };
-        let manifest_bytes = manifest.to_bytes();
+        let mut manifest_bytes = manifest.to_bytes();
         format::check_cap("the app manifest", manifest_bytes.len() as u64, format::APP_MANIFEST_CAP)?;
-        let digest = Digest::of(&manifest_bytes);
 
         let mut blobs: Vec<(String, Vec<u8>)> = vec![
             ("config".into(), format::EMPTY_CONFIG.to_vec()),
@@ -208,13 +210,34 @@ impl PublishOptions {
                 size,
             });
         }
+        let mut layer_indexes_referenced = true;
         if !self.dry_run {
             progress.step(format!("pushing the app manifest to {}", self.target));
-            client
+            let first = client
                 .push_manifest(&self.target, media::OCI_MANIFEST, &manifest_bytes)
-                .await
-                .context("cannot push the app manifest")?;
+                .await;
+            match first {
+                Ok(_) => {}
+                // Registries built on CNCF distribution 2.7.2 and later refuse
+                // an image manifest that also has a `manifests` list. The field
+                // is optional (older devices read it): push without it, keep
+                // the layer index blobs, and say so.
+                Err(RegistryError::Status { status: 400, ref body, .. }) if body.contains("MANIFEST_INVALID") => {
+                    progress.step(
+                        "the registry refuses the optional `manifests` list of layer indexes; pushing the app manifest without it".into(),
+                    );
+                    manifest.manifests.clear();
+                    manifest_bytes = manifest.to_bytes();
+                    layer_indexes_referenced = false;
+                    client
+                        .push_manifest(&self.target, media::OCI_MANIFEST, &manifest_bytes)
+                        .await
+                        .context("cannot push the app manifest")?;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("cannot push the app manifest")),
+            }
         }
+        let digest = Digest::of(&manifest_bytes);
         pushed.push(PushedBlob {
             what: "app manifest".into(),
             digest: digest.clone(),
@@ -228,6 +251,7 @@ impl PublishOptions {
             services: pinned,
             architectures: summaries,
             pushed,
+            layer_indexes_referenced,
             manifest: manifest_bytes,
         })
     }
