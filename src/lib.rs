@@ -5,5 +5,7 @@
 //! CLI decides how progress and results are shown.
 
 pub mod digest;
+pub mod fsutil;
+pub mod store;
 
 pub use digest::Digest;

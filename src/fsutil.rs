@@ -1,0 +1,159 @@
+//! Durable file-system primitives shared by every module that keeps state on
+//! disk.
+//!
+//! The promise: a file written with [`write_atomic`] is either the old version
+//! or the complete new one after a crash or power cut, never a mix, and once
+//! the call returns the new version survives a power cut (data fsynced, then
+//! renamed, then the directory fsynced so that the rename itself is durable).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Mode of files written by [`write_atomic`].
+pub const STATE_FILE_MODE: u32 = 0o644;
+
+/// Prefix of the temporary files [`write_atomic`] creates beside their target;
+/// anything that cleans a directory may remove files starting with it.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Replaces `path` with `bytes` atomically and durably (mode 0644).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, bytes, STATE_FILE_MODE)
+}
+
+/// Replaces `path` with `bytes` atomically and durably, with the given mode.
+///
+/// The temporary file lives in the same directory (so the rename cannot cross
+/// a file system) and is removed again when any step fails.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = parent_dir(path);
+    let tmp = temp_path_beside(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        // The umask may have narrowed the mode at creation; state it exactly.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fsync_dir(&dir)
+}
+
+/// A fresh name beside `path` for a temporary file: unique within this
+/// process (counter) and across processes (pid).
+pub fn temp_path_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    parent_dir(path).join(format!(
+        "{TEMP_PREFIX}{name}.{}.{n}",
+        std::process::id()
+    ))
+}
+
+/// Makes the entries of directory `dir` (creations, renames, removals)
+/// durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` (and missing parents) with `mode`, and sets `mode` on it even
+/// when it already existed, so that a directory made by an older version or by
+/// hand ends up with the promised permissions.
+pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    match fs::DirBuilder::new().recursive(true).mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", dir.display()),
+        ));
+    }
+    if meta.permissions().mode() & 0o7777 != mode {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "stowage-fsutil-{name}-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn write_atomic_replaces_the_whole_file_and_leaves_no_temporary() {
+        let dir = scratch("atomic");
+        let target = dir.join("state.json");
+        write_atomic(&target, b"a much longer first version").unwrap();
+        write_atomic(&target, b"v2").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"v2");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+        let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, STATE_FILE_MODE);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_atomic_into_a_missing_directory_fails_and_creates_nothing() {
+        let dir = scratch("missing");
+        let target = dir.join("no-such-dir").join("x");
+        assert!(write_atomic(&target, b"x").is_err());
+        assert!(!dir.join("no-such-dir").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ensure_dir_fixes_the_mode_of_an_existing_directory() {
+        let dir = scratch("mode");
+        let sub = dir.join("a/b");
+        ensure_dir(&sub, 0o700).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_dir(&sub, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&sub).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
