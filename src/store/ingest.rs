@@ -75,7 +75,7 @@ enum IngestState {
     /// The blob was committed already (before, or by the process we waited
     /// for): nothing to write, and commit succeeds at once.
     Stored,
-    Open(OpenIngest),
+    Open(Box<OpenIngest>),
 }
 
 struct OpenIngest {
@@ -88,6 +88,8 @@ struct OpenIngest {
     hasher: Sha256,
     offset: u64,
     checkpointed: u64,
+    /// Bytes hashed again when this ingest was resumed.
+    rehashed: u64,
     failed: bool,
 }
 
@@ -165,7 +167,7 @@ impl Store {
             }
             break file;
         };
-        let mut open = OpenIngest {
+        let mut open = Box::new(OpenIngest {
             file,
             data_path,
             state_path: self.ingest_state_path(digest),
@@ -174,8 +176,9 @@ impl Store {
             hasher: Sha256::new(),
             offset: 0,
             checkpointed: 0,
+            rehashed: 0,
             failed: false,
-        };
+        });
         open.resume(digest, expected)?;
         Ok(Some(Ingest {
             digest: digest.clone(),
@@ -266,6 +269,15 @@ impl Ingest {
         match &self.state {
             IngestState::Stored => self.expected,
             IngestState::Open(open) => open.offset,
+        }
+    }
+
+    /// Bytes that resuming this ingest had to hash again (those written
+    /// after the last checkpoint); 0 for a fresh ingest.
+    pub fn rehashed_bytes(&self) -> u64 {
+        match &self.state {
+            IngestState::Stored => 0,
+            IngestState::Open(open) => open.rehashed,
         }
     }
 
@@ -447,6 +459,7 @@ impl OpenIngest {
             pos += n as u64;
         }
         self.offset = pos;
+        self.rehashed = pos - start;
         if pos != len {
             self.file
                 .set_len(pos)
@@ -547,6 +560,14 @@ fn decode_state(text: &str) -> Option<Sha256> {
 pub(crate) fn checkpoint_digest(name: &str) -> Option<Digest> {
     name.strip_suffix(STATE_SUFFIX)
         .and_then(|hex| format!("sha256:{hex}").parse().ok())
+}
+
+#[cfg(test)]
+impl Ingest {
+    /// Closes the ingest the way a killed process would: no checkpoint.
+    pub(crate) fn vanish_without_checkpoint(mut self) {
+        self.state = IngestState::Stored;
+    }
 }
 
 #[cfg(test)]
