@@ -406,6 +406,17 @@ impl Ingest {
     }
 }
 
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("digest", &self.digest)
+            .field("expected", &self.expected)
+            .field("offset", &self.offset())
+            .field("stored", &self.is_stored())
+            .finish()
+    }
+}
+
 impl Drop for Ingest {
     fn drop(&mut self) {
         // Best effort: saves the next resume from re-hashing what came since
