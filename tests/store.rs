@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use stowage::Digest;
 use stowage::store::{
-    BLOB_MODE, DIR_MODE, LockMode, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Store,
-    StoreError,
+    BLOB_MODE, DIR_MODE, LockMode, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Store, StoreError,
 };
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -48,7 +47,9 @@ impl Drop for Scratch {
 
 /// Deterministic, non-repeating test content.
 fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -117,7 +118,12 @@ fn child_process_entry() {
 
 fn start_child(role: &str, root: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process_entry", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ROLE, role)
         .env("STOWAGE_STORE_TEST_ROOT", root)
         .stdin(Stdio::null())
@@ -142,7 +148,14 @@ fn a_new_store_is_an_oci_layout_with_private_directories() {
         serde_json::from_slice(&fs::read(root.join("store/index.json")).unwrap()).unwrap();
     assert_eq!(index["schemaVersion"], 2);
     assert_eq!(index["manifests"], json!([]));
-    for sub in ["", "store", "store/blobs", "store/blobs/sha256", "ingest", "corrupt"] {
+    for sub in [
+        "",
+        "store",
+        "store/blobs",
+        "store/blobs/sha256",
+        "ingest",
+        "corrupt",
+    ] {
         assert_eq!(mode_of(&root.join(sub)), DIR_MODE, "mode of ROOT/{sub}");
     }
 
@@ -189,7 +202,9 @@ fn a_download_killed_midway_is_invisible_then_resumes_where_it_stopped() {
     let blob = content(7, 3_000_000);
     let digest = Digest::of(&blob);
 
-    let status = start_child("crash-mid-download", dir.path()).wait().unwrap();
+    let status = start_child("crash-mid-download", dir.path())
+        .wait()
+        .unwrap();
     assert!(!status.success(), "the child was meant to crash");
 
     // Nothing of the half-written blob is visible.
@@ -227,7 +242,14 @@ fn a_write_beyond_the_declared_size_is_refused_whole() {
     ingest.write_all(&blob[..800]).unwrap();
     let err = ingest.write_all(&content(3, 300)).unwrap_err();
     assert!(
-        matches!(err, StoreError::BeyondDeclaredSize { declared: 1000, attempted: 1100, .. }),
+        matches!(
+            err,
+            StoreError::BeyondDeclaredSize {
+                declared: 1000,
+                attempted: 1100,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains(&digest.to_string()));
@@ -260,7 +282,10 @@ fn wrong_bytes_are_rejected_and_nothing_is_committed() {
     let err = ingest.commit().unwrap_err();
     let message = err.to_string();
     assert!(message.contains(&digest.to_string()), "{message}");
-    assert!(message.contains(&Digest::of(&impostor).to_string()), "{message}");
+    assert!(
+        message.contains(&Digest::of(&impostor).to_string()),
+        "{message}"
+    );
     assert!(!store.has(&digest));
     assert!(store.ingests().unwrap().is_empty());
     assert_eq!(fs::read_dir(store.ingest_dir()).unwrap().count(), 0);
@@ -282,7 +307,14 @@ fn an_incomplete_download_cannot_be_committed_but_is_kept_for_resume() {
     ingest.write_all(&blob[..1500]).unwrap();
     let err = ingest.commit().unwrap_err();
     assert!(
-        matches!(err, StoreError::Incomplete { expected: 4000, got: 1500, .. }),
+        matches!(
+            err,
+            StoreError::Incomplete {
+                expected: 4000,
+                got: 1500,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(!store.has(&digest));
@@ -326,7 +358,13 @@ impl SmallVolume {
     fn new(size: &str) -> SmallVolume {
         let mount_point = Scratch::new("tmpfs");
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(mount_point.path())
             .status()
             .unwrap();
@@ -369,7 +407,10 @@ fn a_volume_too_small_fails_at_preallocation_naming_the_path() {
     assert!(matches!(err, StoreError::NoSpace { .. }), "{err}");
     let message = err.to_string();
     assert!(message.contains("no space left"), "{message}");
-    assert!(message.contains(&store.ingest_dir().display().to_string()), "{message}");
+    assert!(
+        message.contains(&store.ingest_dir().display().to_string()),
+        "{message}"
+    );
     assert_eq!(store.partial_bytes(&digest), 0);
 }
 
@@ -414,7 +455,10 @@ fn a_store_locked_by_another_process_is_refused_naming_its_pid() {
         .lock_with_timeout(LockMode::Shared, Duration::from_millis(300))
         .unwrap_err();
     assert!(started.elapsed() >= Duration::from_millis(300));
-    assert!(matches!(err, StoreError::Locked { pid: Some(p), .. } if p == child.id()), "{err}");
+    assert!(
+        matches!(err, StoreError::Locked { pid: Some(p), .. } if p == child.id()),
+        "{err}"
+    );
     let message = err.to_string();
     assert!(
         message.contains(&format!(
@@ -481,10 +525,15 @@ fn two_writers_of_one_blob_take_turns_and_the_second_finds_it_stored() {
     ingest.write_all(&blob[..200_000]).unwrap();
 
     assert!(second.try_ingest(&digest, size).unwrap().is_none());
-    let impatient = second.clone().with_ingest_lock_timeout(Duration::from_millis(100));
+    let impatient = second
+        .clone()
+        .with_ingest_lock_timeout(Duration::from_millis(100));
     let err = impatient.ingest(&digest, size).unwrap_err();
     assert!(matches!(err, StoreError::IngestBusy { .. }), "{err}");
-    assert!(matches!(second.abort(&digest), Err(StoreError::IngestBusy { .. })));
+    assert!(matches!(
+        second.abort(&digest),
+        Err(StoreError::IngestBusy { .. })
+    ));
 
     let waiting = std::thread::spawn(move || {
         let ingest = second.ingest(&digest, size).unwrap();
@@ -495,8 +544,14 @@ fn two_writers_of_one_blob_take_turns_and_the_second_finds_it_stored() {
     std::thread::sleep(Duration::from_millis(200));
     ingest.write_all(&blob[200_000..]).unwrap();
     ingest.commit().unwrap();
-    assert!(waiting.join().unwrap(), "the waiter did not see the committed blob");
-    assert_eq!(first.read_capped(&Digest::of(&blob), 1 << 20).unwrap(), blob);
+    assert!(
+        waiting.join().unwrap(),
+        "the waiter did not see the committed blob"
+    );
+    assert_eq!(
+        first.read_capped(&Digest::of(&blob), 1 << 20).unwrap(),
+        blob
+    );
     assert!(first.ingests().unwrap().is_empty());
 }
 
@@ -519,7 +574,12 @@ fn apps_named_at_the_same_time_by_two_pulls_are_both_kept() {
                 barrier.wait();
                 for round in 0..5 {
                     store
-                        .set_ref(&format!("app{i}:r{round}"), MEDIA_TYPE_OCI_INDEX, &digest, size)
+                        .set_ref(
+                            &format!("app{i}:r{round}"),
+                            MEDIA_TYPE_OCI_INDEX,
+                            &digest,
+                            size,
+                        )
                         .unwrap();
                 }
             })
@@ -551,9 +611,15 @@ fn refs_name_only_stored_manifests_and_can_be_replaced_and_removed() {
         .unwrap_err();
     assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
 
-    store.set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v1, s1).unwrap();
-    store.set_ref("other", MEDIA_TYPE_OCI_MANIFEST, &v1, s1).unwrap();
-    store.set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v2, s2).unwrap();
+    store
+        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v1, s1)
+        .unwrap();
+    store
+        .set_ref("other", MEDIA_TYPE_OCI_MANIFEST, &v1, s1)
+        .unwrap();
+    store
+        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v2, s2)
+        .unwrap();
     let refs = store.refs().unwrap();
     assert_eq!(refs.len(), 2);
     assert_eq!(refs[0].name, "app");
@@ -634,8 +700,12 @@ fn populated_store() -> PopulatedStore {
                 "manifests": [desc(MEDIA_TYPE_OCI_INDEX, &layer_index, li_size)],
                 "annotations": {"compose-app": "v1"}}),
     );
-    store.set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &app, app_size).unwrap();
-    store.set_ref("image", MEDIA_TYPE_OCI_INDEX, &index, i_size).unwrap();
+    store
+        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &app, app_size)
+        .unwrap();
+    store
+        .set_ref("image", MEDIA_TYPE_OCI_INDEX, &index, i_size)
+        .unwrap();
 
     // A previous version kept for rollback, reachable only as an extra root.
     let (extra_root_config, xc_size) = put_json(&store, &json!({"architecture": "arm64"}));
@@ -662,7 +732,15 @@ fn populated_store() -> PopulatedStore {
     PopulatedStore {
         store,
         _dir: dir,
-        app: vec![app, empty, bundle, bundle_index, meta, layer_index, layer1.clone()],
+        app: vec![
+            app,
+            empty,
+            bundle,
+            bundle_index,
+            meta,
+            layer_index,
+            layer1.clone(),
+        ],
         image: vec![index, manifest, config.clone(), layer1],
         image_config: config,
         extra_root,
@@ -684,8 +762,15 @@ fn prune_keeps_what_apps_reach_and_a_dry_run_deletes_nothing() {
     let would_remove: HashSet<_> = dry.removed.iter().map(|(d, _)| d.clone()).collect();
     assert_eq!(would_remove, s.garbage.iter().cloned().collect());
     assert_eq!(dry.freed_bytes, 1500);
-    assert_eq!(dry.stale_ingests_removed, vec![(s.stale_partial.clone(), 60)]);
-    assert_eq!(store.list().unwrap(), blobs_before, "a dry run deleted something");
+    assert_eq!(
+        dry.stale_ingests_removed,
+        vec![(s.stale_partial.clone(), 60)]
+    );
+    assert_eq!(
+        store.list().unwrap(),
+        blobs_before,
+        "a dry run deleted something"
+    );
     assert_eq!(store.ingests().unwrap().len(), 2);
 
     let _lock = store.lock(LockMode::Exclusive).unwrap();
@@ -696,7 +781,12 @@ fn prune_keeps_what_apps_reach_and_a_dry_run_deletes_nothing() {
     }
     assert!(store.has(&s.extra_root) && store.has(&s.extra_root_config));
     assert!(s.garbage.iter().all(|d| !store.has(d)));
-    let partials: Vec<_> = store.ingests().unwrap().into_iter().map(|i| i.digest).collect();
+    let partials: Vec<_> = store
+        .ingests()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.digest)
+        .collect();
     assert_eq!(partials, vec![s.wanted_partial.clone()]);
 
     // Forgetting the image and the rollback copy frees what only they used.
@@ -750,7 +840,10 @@ fn fsck_finds_a_flipped_byte_and_moves_the_blob_aside() {
     let victim = s.image[3].clone(); // a layer, same size after the flip
     tamper(&store.blob_path(&victim), |b| b[1234] ^= 0x01);
     let quick = store.fsck(true).unwrap();
-    assert!(quick.corrupt.is_empty(), "a quick check only compares sizes");
+    assert!(
+        quick.corrupt.is_empty(),
+        "a quick check only compares sizes"
+    );
 
     let report = store.fsck(false).unwrap();
     assert_eq!(report.corrupt.len(), 1, "{report:?}");
@@ -769,13 +862,21 @@ fn quick_fsck_catches_a_truncated_blob_and_stray_files() {
     let store = &s.store;
     let victim = s.image[3].clone();
     tamper(&store.blob_path(&victim), |b| b.truncate(100));
-    fs::write(store.blob_path(&victim).with_file_name("not-a-digest"), b"?").unwrap();
+    fs::write(
+        store.blob_path(&victim).with_file_name("not-a-digest"),
+        b"?",
+    )
+    .unwrap();
 
     let report = store.fsck(true).unwrap();
     assert_eq!(report.bytes_hashed, 0);
     assert_eq!(report.corrupt.len(), 1, "{report:?}");
     assert_eq!(report.corrupt[0].digest, victim);
-    assert!(report.corrupt[0].reason.contains("100 bytes, but referenced as 4000"));
+    assert!(
+        report.corrupt[0]
+            .reason
+            .contains("100 bytes, but referenced as 4000")
+    );
     assert_eq!(report.moved_aside.len(), 1);
     assert!(report.moved_aside[0].moved_to.ends_with("not-a-digest"));
 }
@@ -815,7 +916,10 @@ fn a_broken_index_is_refused_with_the_remedy_and_fsck_repairs_it() {
     let report = repair.fsck(false).unwrap();
     assert_eq!(report.moved_aside.len(), 1);
     assert_eq!(report.moved_aside[0].path, index);
-    assert_eq!(fs::read(&report.moved_aside[0].moved_to).unwrap(), b"{ not json");
+    assert_eq!(
+        fs::read(&report.moved_aside[0].moved_to).unwrap(),
+        b"{ not json"
+    );
     let store = Store::open(dir.path()).unwrap();
     assert!(store.refs().unwrap().is_empty());
     assert!(store.has(&kept));
@@ -844,8 +948,14 @@ fn lookups_in_a_store_of_ten_thousand_blobs_take_a_single_stat() {
     let list_time = started.elapsed();
     eprintln!("1,000 has(): {has_time:?}; list() of 10,000 blobs: {list_time:?}");
     assert_eq!((present, listed), (1000, 10_000));
-    assert!(has_time < Duration::from_millis(50), "has() is slow: {has_time:?}");
-    assert!(list_time < Duration::from_millis(500), "list() is slow: {list_time:?}");
+    assert!(
+        has_time < Duration::from_millis(50),
+        "has() is slow: {has_time:?}"
+    );
+    assert!(
+        list_time < Duration::from_millis(500),
+        "list() is slow: {list_time:?}"
+    );
 }
 
 // ---- Interoperability --------------------------------------------------------
@@ -910,7 +1020,11 @@ fn an_image_stored_through_the_api_is_read_by_skopeo() {
     let exported_blob = |d: &Digest| exported.join("blobs/sha256").join(d.hex());
     let manifest_bytes = fs::read(exported_blob(&manifest_digest)).unwrap();
     let manifest: Value = serde_json::from_slice(&manifest_bytes).unwrap();
-    let config: Digest = manifest["config"]["digest"].as_str().unwrap().parse().unwrap();
+    let config: Digest = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     store.import_file(&exported_blob(&config), &config).unwrap();
     for layer in manifest["layers"].as_array().unwrap() {
         let digest: Digest = layer["digest"].as_str().unwrap().parse().unwrap();
@@ -926,7 +1040,12 @@ fn an_image_stored_through_the_api_is_read_by_skopeo() {
     store.put_bytes(&manifest_digest, &manifest_bytes).unwrap();
     let media_type = top["mediaType"].as_str().unwrap_or(MEDIA_TYPE_OCI_MANIFEST);
     store
-        .set_ref("busybox", media_type, &manifest_digest, manifest_bytes.len() as u64)
+        .set_ref(
+            "busybox",
+            media_type,
+            &manifest_digest,
+            manifest_bytes.len() as u64,
+        )
         .unwrap();
 
     let store_ref = format!("oci:{}:busybox", store.layout_dir().display());
@@ -942,11 +1061,19 @@ fn an_image_stored_through_the_api_is_read_by_skopeo() {
         &store_ref,
         &format!("oci:{}:x", out.display()),
     ]));
-    let copied: Value =
-        serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
-    assert_eq!(copied["manifests"][0]["digest"], manifest_digest.to_string());
+    let copied: Value = serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        copied["manifests"][0]["digest"],
+        manifest_digest.to_string()
+    );
 
     // The store is whole and nothing in it is garbage.
     assert!(store.fsck(false).unwrap().is_clean());
-    assert!(store.prune(true, &HashSet::new()).unwrap().removed.is_empty());
+    assert!(
+        store
+            .prune(true, &HashSet::new())
+            .unwrap()
+            .removed
+            .is_empty()
+    );
 }

@@ -120,7 +120,12 @@ impl Store {
         self.open_ingest(digest, expected_size, Duration::ZERO)
     }
 
-    fn open_ingest(&self, digest: &Digest, expected: u64, wait: Duration) -> Result<Option<Ingest>> {
+    fn open_ingest(
+        &self,
+        digest: &Digest,
+        expected: u64,
+        wait: Duration,
+    ) -> Result<Option<Ingest>> {
         let data_path = self.ingest_data_path(digest);
         let file = loop {
             if let Some(size) = self.size(digest) {
@@ -300,7 +305,12 @@ impl Ingest {
         if remaining == 0 {
             return Ok(());
         }
-        match fallocate(&open.file, FallocateFlags::KEEP_SIZE, open.offset, remaining) {
+        match fallocate(
+            &open.file,
+            FallocateFlags::KEEP_SIZE,
+            open.offset,
+            remaining,
+        ) {
             Ok(()) => Ok(()),
             Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => Ok(()),
             Err(Errno::NOSPC) | Err(Errno::DQUOT) => Err(StoreError::NoSpace {
@@ -532,7 +542,8 @@ impl OpenIngest {
         self.file
             .set_permissions(fs::Permissions::from_mode(BLOB_MODE))
             .map_err(io)?;
-        fs::rename(&self.data_path, &self.blob_path).map_err(|e| StoreError::io(&self.blob_path, e))?;
+        fs::rename(&self.data_path, &self.blob_path)
+            .map_err(|e| StoreError::io(&self.blob_path, e))?;
         fsync_dir(&self.blobs_dir).map_err(|e| StoreError::io(&self.blobs_dir, e))?;
         // The checkpoint alone is harmless (a new ingest ignores it), so it
         // needs no fsync of its own.
@@ -555,7 +566,11 @@ fn remove_ingest_files(data_path: &Path, state_path: &Path) -> Result<()> {
 
 fn read_checkpoint(path: &Path, digest: &Digest) -> Option<Checkpoint> {
     let mut bytes = Vec::new();
-    File::open(path).ok()?.take(4096).read_to_end(&mut bytes).ok()?;
+    File::open(path)
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut bytes)
+        .ok()?;
     let cp: Checkpoint = serde_json::from_slice(&bytes).ok()?;
     (&cp.digest == digest).then_some(cp)
 }
@@ -588,7 +603,7 @@ mod tests {
     #[test]
     fn sha256_state_survives_serialization_mid_block() {
         let mut hasher = Sha256::new();
-        hasher.update(&[7u8; 100]);
+        hasher.update([7u8; 100]);
         let restored = decode_state(&hex::encode(hasher.serialize().as_slice())).unwrap();
         let mut restored = restored;
         hasher.update(b"tail");

@@ -107,7 +107,9 @@ pub enum StoreError {
         expected: u64,
         got: u64,
     },
-    #[error("the ingest of blob {digest} failed earlier and cannot continue; open it again to resume")]
+    #[error(
+        "the ingest of blob {digest} failed earlier and cannot continue; open it again to resume"
+    )]
     IngestFailed { digest: Digest },
     #[error("stored blob {digest} is corrupt ({reason}); run `stowage fsck`")]
     Corrupt { digest: Digest, reason: String },
@@ -357,7 +359,10 @@ impl Store {
     /// download (resuming a partial copy if one exists).
     pub fn import_file(&self, path: &Path, digest: &Digest) -> Result<()> {
         let mut source = File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let size = source.metadata().map_err(|e| StoreError::io(path, e))?.len();
+        let size = source
+            .metadata()
+            .map_err(|e| StoreError::io(path, e))?
+            .len();
         let mut ingest = self.ingest(digest, size)?;
         if ingest.offset() < size {
             io::Seek::seek(&mut source, io::SeekFrom::Start(ingest.offset()))

@@ -133,3 +133,13 @@ fn dropping_an_ingest_checkpoints_it() {
     assert_eq!(resumed.offset(), 7_000);
     assert_eq!(resumed.rehashed_bytes(), 0);
 }
+
+#[test]
+fn store_and_ingest_can_move_between_threads() {
+    fn assert_send<T: Send + 'static>() {}
+    fn assert_sync<T: Sync>() {}
+    assert_send::<Store>();
+    assert_sync::<Store>();
+    assert_send::<Ingest>();
+    assert_send::<StoreLock>();
+}
