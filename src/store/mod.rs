@@ -6,7 +6,7 @@
 //! checks its size and sha256 against what the caller declared, fsyncs it,
 //! makes it read-only and renames it to `ROOT/store/blobs/sha256/<hex>`, then
 //! fsyncs that directory: a blob is visible only once it is verified and
-//! durable. Committed blobs are read by digest ([`Store::open`],
+//! durable. Committed blobs are read by digest ([`Store::open_blob`],
 //! [`Store::read_capped`]), named by refs in `index.json` ([`Store::set_ref`]),
 //! and managed: listed, deleted, pruned to what the refs reach, and checked
 //! ([`Store::fsck`]).
@@ -584,7 +584,10 @@ impl Store {
         fsync_dir(dir).map_err(|e| StoreError::io(dir, e))
     }
 
-    /// Every digest reachable from the refs (see [`gc`]).
+    /// Every digest reachable from the refs: manifests and indexes are
+    /// followed through `config`, `layers`, `manifests`, `blobs`, `subject`
+    /// and the bundle index annotation; missing blobs are counted, not
+    /// followed. A present manifest that cannot be read is an error.
     pub fn reachable(&self) -> Result<HashSet<Digest>> {
         gc::reachable(self)
     }
