@@ -61,10 +61,7 @@ pub fn temp_path_beside(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    parent_dir(path).join(format!(
-        "{TEMP_PREFIX}{name}.{}.{n}",
-        std::process::id()
-    ))
+    parent_dir(path).join(format!("{TEMP_PREFIX}{name}.{}.{n}", std::process::id()))
 }
 
 /// Makes the entries of directory `dir` (creations, renames, removals)
@@ -73,26 +70,41 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates `dir` (and missing parents) with `mode`, and sets `mode` on it even
-/// when it already existed, so that a directory made by an older version or by
-/// hand ends up with the promised permissions.
+/// Creates `dir` (and missing parents) with `mode`, durably (each new
+/// directory's parent is fsynced, so a blob fsynced inside it cannot vanish
+/// with its directory), and sets `mode` on it even when it already existed,
+/// so that a directory made by an older version or by hand ends up with the
+/// promised permissions.
 pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    match fs::DirBuilder::new().recursive(true).mode(mode).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            if meta.permissions().mode() & 0o7777 != mode {
+                fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+            }
+            return Ok(());
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a directory", dir.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let meta = fs::metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a directory", dir.display()),
-        ));
+    let parent = parent_dir(dir);
+    if parent != dir && !parent.exists() {
+        ensure_dir(&parent, mode)?;
     }
-    if meta.permissions().mode() & 0o7777 != mode {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        // Another process was quicker; it makes the entry durable.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return ensure_dir(dir, mode),
+        Err(e) => return Err(e),
     }
-    Ok(())
+    // The umask may have narrowed the mode at creation.
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+    fsync_dir(&parent)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

@@ -101,7 +101,9 @@ impl Store {
                         moved_to,
                     });
                 }
-                other => report.unreadable_manifests.push((digest, other.to_string())),
+                other => report
+                    .unreadable_manifests
+                    .push((digest, other.to_string())),
             }
         }
 

@@ -94,14 +94,12 @@ pub(crate) fn walk(
         if !worth_reading || !store.has(&digest) {
             continue;
         }
-        let parsed = store
-            .read_capped(&digest, JSON_BLOB_CAP)
-            .and_then(|bytes| {
-                serde_json::from_slice::<Value>(&bytes).map_err(|e| StoreError::BadManifest {
-                    digest: digest.clone(),
-                    reason: format!("not JSON: {e}"),
-                })
-            });
+        let parsed = store.read_capped(&digest, JSON_BLOB_CAP).and_then(|bytes| {
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| StoreError::BadManifest {
+                digest: digest.clone(),
+                reason: format!("not JSON: {e}"),
+            })
+        });
         let doc = match parsed {
             Ok(doc) => doc,
             // A blob of unknown type that is not JSON is simply a leaf.
@@ -195,10 +193,17 @@ impl Store {
                 continue;
             }
             if !dry_run {
-                self.abort(&status.digest)?;
+                match self.abort(&status.digest) {
+                    Ok(_) => {}
+                    // Someone is writing it right now: not stale after all.
+                    Err(StoreError::IngestBusy { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
             }
             report.stale_ingest_bytes += status.offset;
-            report.stale_ingests_removed.push((status.digest, status.offset));
+            report
+                .stale_ingests_removed
+                .push((status.digest, status.offset));
         }
         if !dry_run {
             self.remove_leftovers()?;

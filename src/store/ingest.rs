@@ -75,7 +75,7 @@ enum IngestState {
     /// The blob was committed already (before, or by the process we waited
     /// for): nothing to write, and commit succeeds at once.
     Stored,
-    Open(OpenIngest),
+    Open(Box<OpenIngest>),
 }
 
 struct OpenIngest {
@@ -88,6 +88,8 @@ struct OpenIngest {
     hasher: Sha256,
     offset: u64,
     checkpointed: u64,
+    /// Bytes hashed again when this ingest was resumed.
+    rehashed: u64,
     failed: bool,
 }
 
@@ -118,7 +120,12 @@ impl Store {
         self.open_ingest(digest, expected_size, Duration::ZERO)
     }
 
-    fn open_ingest(&self, digest: &Digest, expected: u64, wait: Duration) -> Result<Option<Ingest>> {
+    fn open_ingest(
+        &self,
+        digest: &Digest,
+        expected: u64,
+        wait: Duration,
+    ) -> Result<Option<Ingest>> {
         let data_path = self.ingest_data_path(digest);
         let file = loop {
             if let Some(size) = self.size(digest) {
@@ -165,7 +172,7 @@ impl Store {
             }
             break file;
         };
-        let mut open = OpenIngest {
+        let mut open = Box::new(OpenIngest {
             file,
             data_path,
             state_path: self.ingest_state_path(digest),
@@ -174,8 +181,9 @@ impl Store {
             hasher: Sha256::new(),
             offset: 0,
             checkpointed: 0,
+            rehashed: 0,
             failed: false,
-        };
+        });
         open.resume(digest, expected)?;
         Ok(Some(Ingest {
             digest: digest.clone(),
@@ -269,6 +277,15 @@ impl Ingest {
         }
     }
 
+    /// Bytes that resuming this ingest had to hash again (those written
+    /// after the last checkpoint); 0 for a fresh ingest.
+    pub fn rehashed_bytes(&self) -> u64 {
+        match &self.state {
+            IngestState::Stored => 0,
+            IngestState::Open(open) => open.rehashed,
+        }
+    }
+
     /// True when the blob is committed already and nothing needs writing.
     pub fn is_stored(&self) -> bool {
         matches!(self.state, IngestState::Stored)
@@ -288,7 +305,12 @@ impl Ingest {
         if remaining == 0 {
             return Ok(());
         }
-        match fallocate(&open.file, FallocateFlags::KEEP_SIZE, open.offset, remaining) {
+        match fallocate(
+            &open.file,
+            FallocateFlags::KEEP_SIZE,
+            open.offset,
+            remaining,
+        ) {
             Ok(()) => Ok(()),
             Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => Ok(()),
             Err(Errno::NOSPC) | Err(Errno::DQUOT) => Err(StoreError::NoSpace {
@@ -394,6 +416,17 @@ impl Ingest {
     }
 }
 
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("digest", &self.digest)
+            .field("expected", &self.expected)
+            .field("offset", &self.offset())
+            .field("stored", &self.is_stored())
+            .finish()
+    }
+}
+
 impl Drop for Ingest {
     fn drop(&mut self) {
         // Best effort: saves the next resume from re-hashing what came since
@@ -447,6 +480,7 @@ impl OpenIngest {
             pos += n as u64;
         }
         self.offset = pos;
+        self.rehashed = pos - start;
         if pos != len {
             self.file
                 .set_len(pos)
@@ -508,7 +542,8 @@ impl OpenIngest {
         self.file
             .set_permissions(fs::Permissions::from_mode(BLOB_MODE))
             .map_err(io)?;
-        fs::rename(&self.data_path, &self.blob_path).map_err(|e| StoreError::io(&self.blob_path, e))?;
+        fs::rename(&self.data_path, &self.blob_path)
+            .map_err(|e| StoreError::io(&self.blob_path, e))?;
         fsync_dir(&self.blobs_dir).map_err(|e| StoreError::io(&self.blobs_dir, e))?;
         // The checkpoint alone is harmless (a new ingest ignores it), so it
         // needs no fsync of its own.
@@ -531,7 +566,11 @@ fn remove_ingest_files(data_path: &Path, state_path: &Path) -> Result<()> {
 
 fn read_checkpoint(path: &Path, digest: &Digest) -> Option<Checkpoint> {
     let mut bytes = Vec::new();
-    File::open(path).ok()?.take(4096).read_to_end(&mut bytes).ok()?;
+    File::open(path)
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut bytes)
+        .ok()?;
     let cp: Checkpoint = serde_json::from_slice(&bytes).ok()?;
     (&cp.digest == digest).then_some(cp)
 }
@@ -550,13 +589,21 @@ pub(crate) fn checkpoint_digest(name: &str) -> Option<Digest> {
 }
 
 #[cfg(test)]
+impl Ingest {
+    /// Closes the ingest the way a killed process would: no checkpoint.
+    pub(crate) fn vanish_without_checkpoint(mut self) {
+        self.state = IngestState::Stored;
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn sha256_state_survives_serialization_mid_block() {
         let mut hasher = Sha256::new();
-        hasher.update(&[7u8; 100]);
+        hasher.update([7u8; 100]);
         let restored = decode_state(&hex::encode(hasher.serialize().as_slice())).unwrap();
         let mut restored = restored;
         hasher.update(b"tail");

@@ -29,7 +29,8 @@ pub const BUNDLE_INDEX_ANNOTATION: &str = "org.foundries.app.bundle.index.digest
 pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MEDIA_TYPE_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Media types whose blobs are JSON documents pointing at other blobs.
 pub fn is_manifest_media_type(media_type: &str) -> bool {
@@ -69,7 +70,9 @@ impl Descriptor {
 
     /// The ref name of an `index.json` entry, if it has one.
     pub fn ref_name(&self) -> Option<&str> {
-        self.annotations.get(REF_NAME_ANNOTATION).map(String::as_str)
+        self.annotations
+            .get(REF_NAME_ANNOTATION)
+            .map(String::as_str)
     }
 }
 
@@ -179,10 +182,18 @@ mod tests {
 
     #[test]
     fn ref_names_follow_the_oci_grammar() {
-        for good in ["app", "shellhttpd:v1", "apps/shellhttpd@sha256-abc", "a--b", "v1.0+x"] {
+        for good in [
+            "app",
+            "shellhttpd:v1",
+            "apps/shellhttpd@sha256-abc",
+            "a--b",
+            "v1.0+x",
+        ] {
             assert!(is_valid_ref_name(good), "{good} refused");
         }
-        for bad in ["", "/a", "a/", "a//b", ":a", "a:", "a..b", "a b", "../x", "a\nb"] {
+        for bad in [
+            "", "/a", "a/", "a//b", ":a", "a:", "a..b", "a b", "../x", "a\nb",
+        ] {
             assert!(!is_valid_ref_name(bad), "{bad:?} accepted");
         }
     }

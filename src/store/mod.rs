@@ -6,7 +6,7 @@
 //! checks its size and sha256 against what the caller declared, fsyncs it,
 //! makes it read-only and renames it to `ROOT/store/blobs/sha256/<hex>`, then
 //! fsyncs that directory: a blob is visible only once it is verified and
-//! durable. Committed blobs are read by digest ([`Store::open`],
+//! durable. Committed blobs are read by digest ([`Store::open_blob`],
 //! [`Store::read_capped`]), named by refs in `index.json` ([`Store::set_ref`]),
 //! and managed: listed, deleted, pruned to what the refs reach, and checked
 //! ([`Store::fsck`]).
@@ -107,7 +107,9 @@ pub enum StoreError {
         expected: u64,
         got: u64,
     },
-    #[error("the ingest of blob {digest} failed earlier and cannot continue; open it again to resume")]
+    #[error(
+        "the ingest of blob {digest} failed earlier and cannot continue; open it again to resume"
+    )]
     IngestFailed { digest: Digest },
     #[error("stored blob {digest} is corrupt ({reason}); run `stowage fsck`")]
     Corrupt { digest: Digest, reason: String },
@@ -357,7 +359,10 @@ impl Store {
     /// download (resuming a partial copy if one exists).
     pub fn import_file(&self, path: &Path, digest: &Digest) -> Result<()> {
         let mut source = File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let size = source.metadata().map_err(|e| StoreError::io(path, e))?.len();
+        let size = source
+            .metadata()
+            .map_err(|e| StoreError::io(path, e))?
+            .len();
         let mut ingest = self.ingest(digest, size)?;
         if ingest.offset() < size {
             io::Seek::seek(&mut source, io::SeekFrom::Start(ingest.offset()))
@@ -579,7 +584,10 @@ impl Store {
         fsync_dir(dir).map_err(|e| StoreError::io(dir, e))
     }
 
-    /// Every digest reachable from the refs (see [`gc`]).
+    /// Every digest reachable from the refs: manifests and indexes are
+    /// followed through `config`, `layers`, `manifests`, `blobs`, `subject`
+    /// and the bundle index annotation; missing blobs are counted, not
+    /// followed. A present manifest that cannot be read is an error.
     pub fn reachable(&self) -> Result<HashSet<Digest>> {
         gc::reachable(self)
     }
