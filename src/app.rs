@@ -122,7 +122,11 @@ impl App {
 }
 
 /// Fetches an app's metadata from its registry for `architecture`.
-pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: &str) -> Result<App> {
+pub async fn fetch_app(
+    client: &RegistryClient,
+    reference: &ImageRef,
+    platform: &str,
+) -> Result<App> {
     let arch = format::Arch::parse(platform);
     let architecture = arch.architecture.as_str();
     let fetched = client
@@ -134,13 +138,22 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
     let manifest = AppManifest::parse(&fetched.bytes, &what)?;
     let mut meta_blobs = vec![MetaBlob {
         what: "app manifest".into(),
-        descriptor: Descriptor::new(media::OCI_MANIFEST, fetched.digest.clone(), fetched.bytes.len() as u64),
+        descriptor: Descriptor::new(
+            media::OCI_MANIFEST,
+            fetched.digest.clone(),
+            fetched.bytes.len() as u64,
+        ),
         bytes: fetched.bytes.clone(),
     }];
 
     let config_desc = manifest.config.clone();
     let config = client
-        .get_blob(&pinned, &config_desc.digest, config_desc.size, format::MANIFEST_CAP)
+        .get_blob(
+            &pinned,
+            &config_desc.digest,
+            config_desc.size,
+            format::MANIFEST_CAP,
+        )
         .await
         .with_context(|| format!("the config of {what}"))?;
     meta_blobs.push(MetaBlob {
@@ -151,12 +164,22 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
 
     let bundle_desc = manifest.bundle().clone();
     let bundle = client
-        .get_blob(&pinned, &bundle_desc.digest, bundle_desc.size, BUNDLE_MEMORY_CAP)
+        .get_blob(
+            &pinned,
+            &bundle_desc.digest,
+            bundle_desc.size,
+            BUNDLE_MEMORY_CAP,
+        )
         .await
         .with_context(|| format!("the bundle of {what}"))?;
     let index_desc = manifest.bundle_index(&what)?;
     let index = client
-        .get_blob(&pinned, &index_desc.digest, index_desc.size, format::MANIFEST_CAP)
+        .get_blob(
+            &pinned,
+            &index_desc.digest,
+            index_desc.size,
+            format::MANIFEST_CAP,
+        )
         .await
         .with_context(|| format!("the bundle index of {what}"))?;
     format::parse_bundle_index(&index)?;
@@ -182,7 +205,12 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
     let mut arch_meta: Option<ArchLayers> = None;
     if let Some(meta_desc) = manifest.layers_meta().cloned() {
         let bytes = client
-            .get_blob(&pinned, &meta_desc.digest, meta_desc.size, format::MANIFEST_CAP)
+            .get_blob(
+                &pinned,
+                &meta_desc.digest,
+                meta_desc.size,
+                format::MANIFEST_CAP,
+            )
             .await
             .with_context(|| format!("the layers-meta of {what}"))?;
         let mut all = format::parse_layers_meta(&bytes)?;
@@ -201,7 +229,12 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
     }
     if let Some(index_desc) = manifest.layer_index_for(architecture).cloned() {
         let bytes = client
-            .get_blob(&pinned, &index_desc.digest, index_desc.size, format::MANIFEST_CAP)
+            .get_blob(
+                &pinned,
+                &index_desc.digest,
+                index_desc.size,
+                format::MANIFEST_CAP,
+            )
             .await
             .with_context(|| format!("the {architecture} layer index of {what}"))?;
         meta_blobs.push(MetaBlob {
@@ -220,12 +253,16 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
         if image.digest.is_none() {
             bail!("service {service} of {what}: image {image} is not pinned by digest");
         }
-        let (manifest_blob, image_manifest) =
-            fetch_image_manifest(client, &image, &arch)
-                .await
-                .with_context(|| format!("service {service} of {what}"))?;
+        let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, &arch)
+            .await
+            .with_context(|| format!("service {service} of {what}"))?;
         let config_bytes = client
-            .get_blob(&image, &image_manifest.config.digest, image_manifest.config.size, format::MANIFEST_CAP)
+            .get_blob(
+                &image,
+                &image_manifest.config.digest,
+                image_manifest.config.size,
+                format::MANIFEST_CAP,
+            )
             .await
             .with_context(|| format!("the config of image {image} (service {service})"))?;
         let config: ImageConfig = format::parse_json(&config_bytes, &format!("config of {image}"))?;
@@ -245,9 +282,16 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
         let mut image_layers = Vec::new();
         for (layer, diff_id) in image_manifest.layers.iter().zip(config.rootfs.diff_ids) {
             if !media::is_layer(&layer.media_type) {
-                bail!("image {image} has layer {} of media type {:?}, which is not an image layer", layer.digest, layer.media_type);
+                bail!(
+                    "image {image} has layer {} of media type {:?}, which is not an image layer",
+                    layer.digest,
+                    layer.media_type
+                );
             }
-            let meta = arch_meta.as_ref().and_then(|m| m.layers.get(&layer.digest)).cloned();
+            let meta = arch_meta
+                .as_ref()
+                .and_then(|m| m.layers.get(&layer.digest))
+                .cloned();
             if let (Some(m), Some(d)) = (&meta, meta.as_ref().and_then(|m| m.diff_id.clone()))
                 && d != diff_id
             {
@@ -257,12 +301,14 @@ pub async fn fetch_app(client: &RegistryClient, reference: &ImageRef, platform: 
                     m.archive_size
                 );
             }
-            layers.entry(layer.digest.clone()).or_insert_with(|| LayerNeed {
-                descriptor: layer.clone(),
-                source: image.clone(),
-                diff_id: diff_id.clone(),
-                meta,
-            });
+            layers
+                .entry(layer.digest.clone())
+                .or_insert_with(|| LayerNeed {
+                    descriptor: layer.clone(),
+                    source: image.clone(),
+                    diff_id: diff_id.clone(),
+                    meta,
+                });
             image_layers.push((layer.clone(), diff_id));
         }
         meta_blobs.push(MetaBlob {
@@ -312,21 +358,31 @@ async fn fetch_image_manifest(
         let entry = index
             .manifests
             .iter()
-            .find(|m| m.platform.as_ref().is_some_and(|p| arch.matches(p)) && media::is_image_manifest(&m.media_type))
+            .find(|m| {
+                m.platform.as_ref().is_some_and(|p| arch.matches(p))
+                    && media::is_image_manifest(&m.media_type)
+            })
             .ok_or_else(|| {
                 let have: Vec<String> = index
                     .manifests
                     .iter()
                     .filter_map(|m| m.platform.as_ref().map(|p| p.architecture.clone()))
                     .collect();
-                anyhow!("image {image} has no linux/{arch} manifest (it has: {})", have.join(", "))
+                anyhow!(
+                    "image {image} has no linux/{arch} manifest (it has: {})",
+                    have.join(", ")
+                )
             })?
             .clone();
         // The index itself is not stored: the pin's digest was verified on
         // fetch, and the device only ever needs its own platform's manifest.
         let at = image.pinned(&entry.digest);
         let m = client
-            .get_manifest(&at, &[media::OCI_MANIFEST, media::DOCKER_MANIFEST], format::MANIFEST_CAP)
+            .get_manifest(
+                &at,
+                &[media::OCI_MANIFEST, media::DOCKER_MANIFEST],
+                format::MANIFEST_CAP,
+            )
             .await?;
         (
             MetaBlob {
@@ -340,7 +396,11 @@ async fn fetch_image_manifest(
         (
             MetaBlob {
                 what: format!("manifest {image}"),
-                descriptor: Descriptor::new(&top.media_type, top.digest.clone(), top.bytes.len() as u64),
+                descriptor: Descriptor::new(
+                    &top.media_type,
+                    top.digest.clone(),
+                    top.bytes.len() as u64,
+                ),
                 bytes: top.bytes.clone(),
             },
             top.bytes,

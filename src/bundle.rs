@@ -73,7 +73,11 @@ pub struct Bundle {
 
 /// Bundles `app_dir`, with the compose file `compose_name` replaced by
 /// `pinned_compose`.
-pub fn create_bundle(app_dir: &Path, compose_name: &str, pinned_compose: &[u8]) -> Result<Bundle, BundleError> {
+pub fn create_bundle(
+    app_dir: &Path,
+    compose_name: &str,
+    pinned_compose: &[u8],
+) -> Result<Bundle, BundleError> {
     let ignore = load_ignores(app_dir)?;
     let mut paths = Vec::new();
     collect(app_dir, app_dir, &ignore, &mut paths)?;
@@ -128,8 +132,12 @@ pub fn create_bundle(app_dir: &Path, compose_name: &str, pinned_compose: &[u8]) 
                 .map_err(|e| BundleError::Format(e.to_string()))?;
         }
     }
-    let gz = tar.into_inner().map_err(|e| BundleError::Format(e.to_string()))?;
-    let bytes = gz.finish().map_err(|e| BundleError::Format(e.to_string()))?;
+    let gz = tar
+        .into_inner()
+        .map_err(|e| BundleError::Format(e.to_string()))?;
+    let bytes = gz
+        .finish()
+        .map_err(|e| BundleError::Format(e.to_string()))?;
     Ok(Bundle {
         digest: Digest::of(&bytes),
         bytes,
@@ -177,7 +185,9 @@ fn collect(
         let path = entry.path();
         let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if rel == Path::new(IGNORE_FILE) || ignore.matched_path_or_any_parents(&rel, is_dir).is_ignore() {
+        if rel == Path::new(IGNORE_FILE)
+            || ignore.matched_path_or_any_parents(&rel, is_dir).is_ignore()
+        {
             continue;
         }
         out.push(rel);
@@ -189,12 +199,19 @@ fn collect(
 }
 
 /// Reads the compose file out of a bundle, refusing one over `limit` bytes.
-pub fn read_compose_from_bundle(bundle: impl Read, limit: u64) -> Result<(String, Vec<u8>), BundleError> {
+pub fn read_compose_from_bundle(
+    bundle: impl Read,
+    limit: u64,
+) -> Result<(String, Vec<u8>), BundleError> {
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bundle));
-    let entries = archive.entries().map_err(|e| BundleError::Format(e.to_string()))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| BundleError::Format(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-        let path = entry.path().map_err(|e| BundleError::Format(e.to_string()))?;
+        let path = entry
+            .path()
+            .map_err(|e| BundleError::Format(e.to_string()))?;
         let name = path.to_string_lossy().trim_start_matches("./").to_string();
         if !COMPOSE_FILE_NAMES.contains(&name.as_str()) {
             continue;
@@ -252,7 +269,9 @@ fn unpack_checked(
     limits: &BundleLimits,
 ) -> Result<(), BundleError> {
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bundle));
-    let entries = archive.entries().map_err(|e| BundleError::Format(e.to_string()))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| BundleError::Format(e.to_string()))?;
     let mut total = 0u64;
     let mut seen = std::collections::BTreeSet::new();
     let refuse = |path: &str, reason: &str| BundleError::Refused {
@@ -261,52 +280,101 @@ fn unpack_checked(
     };
     for entry in entries {
         let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-        let raw = entry.path().map_err(|e| BundleError::Format(e.to_string()))?.into_owned();
+        let raw = entry
+            .path()
+            .map_err(|e| BundleError::Format(e.to_string()))?
+            .into_owned();
         let name = raw.to_string_lossy().trim_end_matches('/').to_string();
-        let rel = safe_relative(&raw).ok_or_else(|| refuse(&name, "absolute path or '..' component"))?;
+        let rel =
+            safe_relative(&raw).ok_or_else(|| refuse(&name, "absolute path or '..' component"))?;
         let target = into.join(&rel);
         let kind = entry.header().entry_type();
         let size = entry.header().size().unwrap_or(u64::MAX);
         match kind {
             tar::EntryType::Directory => {
-                fs::create_dir_all(&target).map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
-                    .map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
+                fs::create_dir_all(&target).map_err(|e| BundleError::Write {
+                    path: target.clone(),
+                    source: e,
+                })?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).map_err(|e| {
+                    BundleError::Write {
+                        path: target.clone(),
+                        source: e,
+                    }
+                })?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let is_compose = COMPOSE_FILE_NAMES.contains(&name.as_str());
                 if is_compose && size > limits.max_compose {
-                    return Err(refuse(&name, &format!("the compose file is {size} bytes, over the {}-byte limit", limits.max_compose)));
+                    return Err(refuse(
+                        &name,
+                        &format!(
+                            "the compose file is {size} bytes, over the {}-byte limit",
+                            limits.max_compose
+                        ),
+                    ));
                 }
                 if size > limits.max_file {
-                    return Err(refuse(&name, &format!("{size} bytes, over the {}-byte limit for one file", limits.max_file)));
+                    return Err(refuse(
+                        &name,
+                        &format!(
+                            "{size} bytes, over the {}-byte limit for one file",
+                            limits.max_file
+                        ),
+                    ));
                 }
                 total = total.saturating_add(size);
                 if total > limits.max_total {
-                    return Err(refuse(&name, &format!("the bundle passes the {}-byte limit", limits.max_total)));
+                    return Err(refuse(
+                        &name,
+                        &format!("the bundle passes the {}-byte limit", limits.max_total),
+                    ));
                 }
-                let expected = index.get(&name).ok_or_else(|| refuse(&name, "not in the bundle index"))?;
+                let expected = index
+                    .get(&name)
+                    .ok_or_else(|| refuse(&name, "not in the bundle index"))?;
                 if let Some(p) = target.parent() {
-                    fs::create_dir_all(p).map_err(|e| BundleError::Write { path: p.to_path_buf(), source: e })?;
+                    fs::create_dir_all(p).map_err(|e| BundleError::Write {
+                        path: p.to_path_buf(),
+                        source: e,
+                    })?;
                 }
-                let mut file = fs::File::create(&target).map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
+                let mut file = fs::File::create(&target).map_err(|e| BundleError::Write {
+                    path: target.clone(),
+                    source: e,
+                })?;
                 let mut hasher = DigestWriter::new();
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    let n = entry.read(&mut buf).map_err(|e| BundleError::Format(e.to_string()))?;
+                    let n = entry
+                        .read(&mut buf)
+                        .map_err(|e| BundleError::Format(e.to_string()))?;
                     if n == 0 {
                         break;
                     }
                     hasher.update(&buf[..n]);
-                    file.write_all(&buf[..n]).map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
+                    file.write_all(&buf[..n]).map_err(|e| BundleError::Write {
+                        path: target.clone(),
+                        source: e,
+                    })?;
                 }
                 if &hasher.finish() != expected {
                     return Err(refuse(&name, "its content does not match the bundle index"));
                 }
-                let mode = if entry.header().mode().unwrap_or(0o644) & 0o111 != 0 { 0o755 } else { 0o644 };
+                let mode = if entry.header().mode().unwrap_or(0o644) & 0o111 != 0 {
+                    0o755
+                } else {
+                    0o644
+                };
                 file.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
-                file.sync_all().map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
+                    .map_err(|e| BundleError::Write {
+                        path: target.clone(),
+                        source: e,
+                    })?;
+                file.sync_all().map_err(|e| BundleError::Write {
+                    path: target.clone(),
+                    source: e,
+                })?;
                 seen.insert(name);
             }
             tar::EntryType::Symlink => {
@@ -317,21 +385,43 @@ fn unpack_checked(
                     .into_owned();
                 let base = rel.parent().unwrap_or(Path::new(""));
                 if link.is_absolute() || safe_relative(&base.join(&link)).is_none() {
-                    return Err(refuse(&name, &format!("a symlink to {} leaves the app directory", link.display())));
+                    return Err(refuse(
+                        &name,
+                        &format!("a symlink to {} leaves the app directory", link.display()),
+                    ));
                 }
                 if let Some(p) = target.parent() {
-                    fs::create_dir_all(p).map_err(|e| BundleError::Write { path: p.to_path_buf(), source: e })?;
+                    fs::create_dir_all(p).map_err(|e| BundleError::Write {
+                        path: p.to_path_buf(),
+                        source: e,
+                    })?;
                 }
-                std::os::unix::fs::symlink(&link, &target).map_err(|e| BundleError::Write { path: target.clone(), source: e })?;
+                std::os::unix::fs::symlink(&link, &target).map_err(|e| BundleError::Write {
+                    path: target.clone(),
+                    source: e,
+                })?;
             }
-            tar::EntryType::Link => return Err(refuse(&name, "hard links are not allowed in a bundle")),
-            other => return Err(refuse(&name, &format!("entries of type {other:?} (devices, fifos) are not allowed"))),
+            tar::EntryType::Link => {
+                return Err(refuse(&name, "hard links are not allowed in a bundle"));
+            }
+            other => {
+                return Err(refuse(
+                    &name,
+                    &format!("entries of type {other:?} (devices, fifos) are not allowed"),
+                ));
+            }
         }
     }
     if let Some(missing) = index.keys().find(|k| !seen.contains(*k)) {
-        return Err(refuse(missing, "listed in the bundle index but not in the bundle"));
+        return Err(refuse(
+            missing,
+            "listed in the bundle index but not in the bundle",
+        ));
     }
-    fsync_dir(into).map_err(|e| BundleError::Write { path: into.to_path_buf(), source: e })?;
+    fsync_dir(into).map_err(|e| BundleError::Write {
+        path: into.to_path_buf(),
+        source: e,
+    })?;
     Ok(())
 }
 
@@ -380,7 +470,10 @@ mod tests {
         assert!(!a.index.contains_key(IGNORE_FILE));
         assert_eq!(a.index["docker-compose.yml"], Digest::of(b"pinned\n"));
         let (name, compose) = read_compose_from_bundle(a.bytes.as_slice(), 1 << 20).unwrap();
-        assert_eq!((name.as_str(), compose.as_slice()), ("docker-compose.yml", &b"pinned\n"[..]));
+        assert_eq!(
+            (name.as_str(), compose.as_slice()),
+            ("docker-compose.yml", &b"pinned\n"[..])
+        );
     }
 
     fn filetime_bump(path: &Path) {
@@ -395,16 +488,32 @@ mod tests {
         let bundle = create_bundle(dir.path(), "docker-compose.yml", b"pinned\n").unwrap();
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("app");
-        extract_bundle(bundle.bytes.as_slice(), &bundle.index, &dest, &BundleLimits::default()).unwrap();
+        extract_bundle(
+            bundle.bytes.as_slice(),
+            &bundle.index,
+            &dest,
+            &BundleLimits::default(),
+        )
+        .unwrap();
         assert_eq!(fs::read(dest.join("conf/app.ini")).unwrap(), b"a=1\n");
 
         let mut lying = bundle.index.clone();
         lying.insert("conf/app.ini".into(), Digest::of(b"other"));
         let dest2 = out.path().join("app2");
-        let err = extract_bundle(bundle.bytes.as_slice(), &lying, &dest2, &BundleLimits::default()).unwrap_err();
+        let err = extract_bundle(
+            bundle.bytes.as_slice(),
+            &lying,
+            &dest2,
+            &BundleLimits::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("conf/app.ini"), "{err}");
         assert!(!dest2.exists());
-        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 1, "no staging directory left");
+        assert_eq!(
+            fs::read_dir(out.path()).unwrap().count(),
+            1,
+            "no staging directory left"
+        );
     }
 
     fn hostile(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
@@ -434,14 +543,28 @@ mod tests {
         for (case, entries) in [
             ("escape", vec![("../evil", tar::EntryType::Regular, "")]),
             ("absolute", vec![("/etc/evil", tar::EntryType::Regular, "")]),
-            ("symlink out", vec![("link", tar::EntryType::Symlink, "../../etc/passwd")]),
-            ("symlink absolute", vec![("link", tar::EntryType::Symlink, "/etc/passwd")]),
+            (
+                "symlink out",
+                vec![("link", tar::EntryType::Symlink, "../../etc/passwd")],
+            ),
+            (
+                "symlink absolute",
+                vec![("link", tar::EntryType::Symlink, "/etc/passwd")],
+            ),
             ("device", vec![("dev", tar::EntryType::Char, "")]),
             ("hard link", vec![("h", tar::EntryType::Link, "x")]),
         ] {
             let dest = out.path().join("app");
-            let err = extract_bundle(hostile(&entries).as_slice(), &index, &dest, &BundleLimits::default());
-            assert!(matches!(err, Err(BundleError::Refused { .. })), "{case}: {err:?}");
+            let err = extract_bundle(
+                hostile(&entries).as_slice(),
+                &index,
+                &dest,
+                &BundleLimits::default(),
+            );
+            assert!(
+                matches!(err, Err(BundleError::Refused { .. })),
+                "{case}: {err:?}"
+            );
             assert!(!dest.exists(), "{case}");
         }
         assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
@@ -458,7 +581,13 @@ mod tests {
             ..BundleLimits::default()
         };
         let out = tempfile::tempdir().unwrap();
-        let err = extract_bundle(bundle.bytes.as_slice(), &bundle.index, &out.path().join("a"), &limits).unwrap_err();
+        let err = extract_bundle(
+            bundle.bytes.as_slice(),
+            &bundle.index,
+            &out.path().join("a"),
+            &limits,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("compose"), "{err}");
         assert!(read_compose_from_bundle(bundle.bytes.as_slice(), 1024).is_err());
     }

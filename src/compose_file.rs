@@ -39,7 +39,9 @@ pub enum ComposeFileError {
     NoServices { path: PathBuf },
     #[error("service {service} in {path} has no image: build-only services cannot be published")]
     NoImage { path: PathBuf, service: String },
-    #[error("service {service} in {path}: the image uses variable {variable}, which is not set in the environment or .env")]
+    #[error(
+        "service {service} in {path}: the image uses variable {variable}, which is not set in the environment or .env"
+    )]
     Unresolved {
         path: PathBuf,
         service: String,
@@ -66,7 +68,11 @@ impl ComposeFile {
     /// The compose file of `dir`, or `explicit` when given.
     pub fn locate(dir: &Path, explicit: Option<&Path>) -> Result<PathBuf, ComposeFileError> {
         if let Some(p) = explicit {
-            return Ok(if p.is_absolute() { p.to_path_buf() } else { dir.join(p) });
+            return Ok(if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            });
         }
         COMPOSE_FILE_NAMES
             .iter()
@@ -208,7 +214,10 @@ pub enum Interpolation {
 /// `${VAR-default}`, `${VAR:?message}`, `${VAR?message}` and `$$`. Unlike
 /// compose, an unset variable without a default is an error: a silently
 /// empty image name would publish the wrong thing.
-pub fn interpolate(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, Interpolation> {
+pub fn interpolate(
+    s: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Interpolation> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -229,7 +238,9 @@ pub fn interpolate(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<S
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(rest.len());
             if end == 0 {
-                return Err(Interpolation::Invalid(format!("a lone $ in {s:?} (write $$)")));
+                return Err(Interpolation::Invalid(format!(
+                    "a lone $ in {s:?} (write $$)"
+                )));
             }
             let name = &rest[..end];
             rest = &rest[end..];
@@ -246,7 +257,9 @@ fn expand(expr: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String,
         .unwrap_or(expr.len());
     let (name, op) = expr.split_at(name_end);
     if name.is_empty() {
-        return Err(Interpolation::Invalid(format!("${{{expr}}} names no variable")));
+        return Err(Interpolation::Invalid(format!(
+            "${{{expr}}} names no variable"
+        )));
     }
     let value = lookup(name);
     let (colon, op) = match op.strip_prefix(':') {
@@ -259,10 +272,16 @@ fn expand(expr: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String,
     };
     match op.chars().next() {
         None if !colon => value.ok_or_else(|| Interpolation::Unresolved(name.to_string())),
-        Some('-') => Ok(if missing { op[1..].to_string() } else { value.unwrap_or_default() }),
+        Some('-') => Ok(if missing {
+            op[1..].to_string()
+        } else {
+            value.unwrap_or_default()
+        }),
         Some('?') if missing => Err(Interpolation::Unresolved(format!("{name} ({})", &op[1..]))),
         Some('?') => Ok(value.unwrap_or_default()),
-        _ => Err(Interpolation::Invalid(format!("unsupported expression ${{{expr}}}"))),
+        _ => Err(Interpolation::Invalid(format!(
+            "unsupported expression ${{{expr}}}"
+        ))),
     }
 }
 
@@ -282,9 +301,18 @@ mod tests {
     fn interpolates_like_compose() {
         assert_eq!(interpolate("reg/app:${TAG}", &env).unwrap(), "reg/app:v2");
         assert_eq!(interpolate("reg/app:$TAG", &env).unwrap(), "reg/app:v2");
-        assert_eq!(interpolate("reg/app:${NOPE:-v1}", &env).unwrap(), "reg/app:v1");
-        assert_eq!(interpolate("reg/app:${EMPTY:-v1}", &env).unwrap(), "reg/app:v1");
-        assert_eq!(interpolate("reg/app:${EMPTY-v1}x", &env).unwrap(), "reg/app:x");
+        assert_eq!(
+            interpolate("reg/app:${NOPE:-v1}", &env).unwrap(),
+            "reg/app:v1"
+        );
+        assert_eq!(
+            interpolate("reg/app:${EMPTY:-v1}", &env).unwrap(),
+            "reg/app:v1"
+        );
+        assert_eq!(
+            interpolate("reg/app:${EMPTY-v1}x", &env).unwrap(),
+            "reg/app:x"
+        );
         assert_eq!(interpolate("a$$b", &env).unwrap(), "a$b");
     }
 
@@ -305,7 +333,10 @@ mod tests {
         .unwrap();
         assert_eq!(file.images(&env).unwrap()["web"], "reg/web:v2");
         let pinned = file
-            .pinned(&BTreeMap::from([("web".to_string(), "reg/web@sha256:abc".to_string())]))
+            .pinned(&BTreeMap::from([(
+                "web".to_string(),
+                "reg/web@sha256:abc".to_string(),
+            )]))
             .unwrap();
         let text = String::from_utf8(pinned).unwrap();
         assert!(text.contains("reg/web@sha256:abc"), "{text}");

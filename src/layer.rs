@@ -238,9 +238,9 @@ pub fn analyze_layer(blob: impl Read) -> Result<LayerStats, LayerError> {
     let hash_tar = compression != Compression::None;
     let decoded = match compression {
         Compression::Gzip => Decoded::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Decoded::Zstd(
-            zstd::stream::read::Decoder::with_buffer(raw).map_err(LayerError::Read)?,
-        ),
+        Compression::Zstd => {
+            Decoded::Zstd(zstd::stream::read::Decoder::with_buffer(raw).map_err(LayerError::Read)?)
+        }
         Compression::None => Decoded::Plain(raw),
     };
     let tar_stream = BufReader::with_capacity(
@@ -598,12 +598,18 @@ mod tests {
         builder.append_data(&mut h.clone(), p, io::empty()).unwrap();
         let (h, p) = dir("app/lib/");
         builder.append_data(&mut h.clone(), p, io::empty()).unwrap();
-        for (path, size) in [("app/a.txt", 10usize), ("app/lib/b.bin", 5000), ("app/empty", 0)] {
+        for (path, size) in [
+            ("app/a.txt", 10usize),
+            ("app/lib/b.bin", 5000),
+            ("app/empty", 0),
+        ] {
             let mut h = tar::Header::new_ustar();
             h.set_mode(0o644);
             h.set_size(size as u64);
             h.set_cksum();
-            builder.append_data(&mut h, path, &vec![7u8; size][..]).unwrap();
+            builder
+                .append_data(&mut h, path, &vec![7u8; size][..])
+                .unwrap();
         }
         let mut link = |kind, path: &str, target: &str| {
             let mut h = tar::Header::new_gnu();
@@ -687,7 +693,11 @@ mod tests {
     #[test]
     fn what_is_not_a_tar_is_refused_clearly() {
         let mut text = b"this is a text file, not a layer\n".repeat(40);
-        for blob in [Vec::new(), std::mem::take(&mut text), b"BZh91AY&SY".repeat(100)] {
+        for blob in [
+            Vec::new(),
+            std::mem::take(&mut text),
+            b"BZh91AY&SY".repeat(100),
+        ] {
             let err = analyze_layer(&blob[..]).unwrap_err();
             assert!(
                 err.to_string().starts_with("layer is not a tar archive"),

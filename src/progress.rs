@@ -18,7 +18,11 @@ pub enum Event {
         offset: u64,
     },
     /// Bytes moved for a blob so far, counted from zero.
-    BlobProgress { digest: Digest, done: u64, size: u64 },
+    BlobProgress {
+        digest: Digest,
+        done: u64,
+        size: u64,
+    },
     /// A blob is complete and verified.
     BlobDone { digest: Digest, size: u64 },
 }

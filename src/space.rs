@@ -83,7 +83,11 @@ impl Volume {
         };
         let st = rustix::fs::stat(&existing).map_err(|e| stat_error(e.into()))?;
         let vfs = rustix::fs::statvfs(&existing).map_err(|e| stat_error(e.into()))?;
-        let frsize = if vfs.f_frsize > 0 { vfs.f_frsize } else { vfs.f_bsize };
+        let frsize = if vfs.f_frsize > 0 {
+            vfs.f_frsize
+        } else {
+            vfs.f_bsize
+        };
         Ok(Volume {
             dev: st.st_dev,
             block_size: vfs.f_bsize.max(512),
@@ -316,7 +320,11 @@ mod tests {
         assert_eq!(store.required, 200 * 4096);
         let docker = report.volumes.iter().find(|v| v.dev == 2).unwrap();
         assert!(!docker.fits);
-        assert!(report.shortfall().contains("/docker"), "{}", report.shortfall());
+        assert!(
+            report.shortfall().contains("/docker"),
+            "{}",
+            report.shortfall()
+        );
     }
 
     #[test]

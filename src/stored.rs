@@ -64,7 +64,11 @@ pub fn list_apps(store: &Store) -> Result<Vec<StoredApp>> {
 pub fn find_apps(store: &Store, name_or_ref: &str) -> Result<Vec<StoredApp>> {
     Ok(list_apps(store)?
         .into_iter()
-        .filter(|a| a.name == name_or_ref || a.reference == name_or_ref || a.digest.to_string() == name_or_ref)
+        .filter(|a| {
+            a.name == name_or_ref
+                || a.reference == name_or_ref
+                || a.digest.to_string() == name_or_ref
+        })
         .collect())
 }
 
@@ -108,10 +112,17 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
         let file = store.open_blob(&bundle.digest)?;
         let (name, compose_bytes) = crate::bundle::read_compose_from_bundle(file, COMPOSE_FILE_CAP)
             .with_context(|| format!("the stored bundle of {ref_name}"))?;
-        let compose = ComposeFile::parse(Path::new(&name), &String::from_utf8_lossy(&compose_bytes))?;
+        let compose =
+            ComposeFile::parse(Path::new(&name), &String::from_utf8_lossy(&compose_bytes))?;
         compose_file = name;
         for (service, pinned) in compose.images(&|_| None)? {
-            images.push(load_image(store, service, pinned, &mut missing, &mut stored_bytes)?);
+            images.push(load_image(
+                store,
+                service,
+                pinned,
+                &mut missing,
+                &mut stored_bytes,
+            )?);
         }
     }
     Ok(Some(StoredApp {

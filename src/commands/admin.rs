@@ -4,8 +4,8 @@
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::stored::{StoredApp, find_apps, list_apps};
 use crate::store::{FsckReport, LockMode, PruneReport, Store};
+use crate::stored::{StoredApp, find_apps, list_apps};
 
 pub fn ls(store: &Store) -> Result<Vec<StoredApp>> {
     let _lock = store.lock(LockMode::Shared)?;
@@ -32,7 +32,9 @@ pub fn rm(store: &Store, name_or_ref: &str) -> Result<RmReport> {
     for app in &doomed {
         store.remove_ref(&app.reference)?;
         for image in &app.images {
-            let still_used = kept.iter().any(|k| k.images.iter().any(|i| i.pinned == image.pinned));
+            let still_used = kept
+                .iter()
+                .any(|k| k.images.iter().any(|i| i.pinned == image.pinned));
             if !still_used {
                 store.remove_ref(&image.pinned)?;
             }

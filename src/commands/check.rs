@@ -142,7 +142,9 @@ pub fn plan_update(
         }
         // A partial download (and the space preallocated for it) is
         // already taken from the volume: count only the rest.
-        let have = store.partial_bytes(digest).max(store.partial_allocated_bytes(digest));
+        let have = store
+            .partial_bytes(digest)
+            .max(store.partial_allocated_bytes(digest));
         let left = size.saturating_sub(have);
         blob_bytes += store_volume.round_up(left);
         blob_inodes += 1;
@@ -171,8 +173,11 @@ pub fn plan_update(
     let mut docker_layers: BTreeMap<Digest, &LayerNeed> = BTreeMap::new();
     let mut largest_load = 0u64;
     for app in apps {
-        let by_digest: BTreeMap<&Digest, &LayerNeed> =
-            app.layers.iter().map(|l| (&l.descriptor.digest, l)).collect();
+        let by_digest: BTreeMap<&Digest, &LayerNeed> = app
+            .layers
+            .iter()
+            .map(|l| (&l.descriptor.digest, l))
+            .collect();
         for image in &app.images {
             let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
             let held = docker.held.held_prefix_len(&diff_ids);
@@ -183,14 +188,18 @@ pub fn plan_update(
                     docker_layers.insert(layer.digest.clone(), need);
                 }
             }
-            let temp = crate::docker::load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
+            let temp =
+                crate::docker::load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
             largest_load = largest_load.max(if sent.is_empty() { 0 } else { temp });
         }
     }
     demands.push(Demand {
         path: docker.data_root.clone(),
         part: Part::DockerLayers,
-        bytes: docker_layers.values().map(|l| l.usage(docker_volume.block_size)).sum(),
+        bytes: docker_layers
+            .values()
+            .map(|l| l.usage(docker_volume.block_size))
+            .sum(),
         inodes: docker_layers.values().map(|l| l.inodes()).sum(),
     });
     demands.push(Demand {
@@ -224,7 +233,11 @@ pub fn plan_update(
 }
 
 pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckReport {
-    let missing: HashSet<&Digest> = plan.missing_layers.iter().map(|l| &l.descriptor.digest).collect();
+    let missing: HashSet<&Digest> = plan
+        .missing_layers
+        .iter()
+        .map(|l| &l.descriptor.digest)
+        .collect();
     CheckReport {
         apps: apps
             .iter()
@@ -233,7 +246,11 @@ pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckR
                 reference: a.reference.to_string(),
                 architecture: a.architecture.clone(),
                 layers: a.layers.len(),
-                layers_missing: a.layers.iter().filter(|l| missing.contains(&l.descriptor.digest)).count(),
+                layers_missing: a
+                    .layers
+                    .iter()
+                    .filter(|l| missing.contains(&l.descriptor.digest))
+                    .count(),
                 download_bytes: a
                     .layers
                     .iter()

@@ -49,12 +49,19 @@ impl InspectOptions {
         let pinned = self.app.pinned(&fetched.digest);
         let bundle_desc = manifest.bundle();
         let bundle_bytes = client
-            .get_blob(&pinned, &bundle_desc.digest, bundle_desc.size, bundle::BundleLimits::default().max_total)
+            .get_blob(
+                &pinned,
+                &bundle_desc.digest,
+                bundle_desc.size,
+                bundle::BundleLimits::default().max_total,
+            )
             .await
             .with_context(|| format!("the bundle of {what}"))?;
-        let (compose_name, compose_bytes) =
-            bundle::read_compose_from_bundle(bundle_bytes.as_slice(), crate::compose_file::COMPOSE_FILE_CAP)
-                .with_context(|| format!("the bundle of {what}"))?;
+        let (compose_name, compose_bytes) = bundle::read_compose_from_bundle(
+            bundle_bytes.as_slice(),
+            crate::compose_file::COMPOSE_FILE_CAP,
+        )
+        .with_context(|| format!("the bundle of {what}"))?;
         let compose_text = String::from_utf8_lossy(&compose_bytes).into_owned();
         let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)?;
         let services = compose.images(&|_| None)?;
@@ -62,7 +69,12 @@ impl InspectOptions {
         let mut architectures = BTreeMap::new();
         if let Some(meta_desc) = manifest.layers_meta() {
             let bytes = client
-                .get_blob(&pinned, &meta_desc.digest, meta_desc.size, format::MANIFEST_CAP)
+                .get_blob(
+                    &pinned,
+                    &meta_desc.digest,
+                    meta_desc.size,
+                    format::MANIFEST_CAP,
+                )
                 .await
                 .with_context(|| format!("the layers-meta of {what}"))?;
             for (arch, layers) in format::parse_layers_meta(&bytes)? {

@@ -86,11 +86,19 @@ struct ResolvedImage {
 }
 
 impl PublishOptions {
-    pub async fn run(self, client: &RegistryClient, progress: &dyn Progress) -> Result<PublishReport> {
+    pub async fn run(
+        self,
+        client: &RegistryClient,
+        progress: &dyn Progress,
+    ) -> Result<PublishReport> {
         let compose_path = ComposeFile::locate(&self.app_dir, self.compose_file.as_deref())?;
         let compose = ComposeFile::load(&compose_path)?;
         let dotenv = read_dotenv(&self.app_dir);
-        let lookup = |name: &str| std::env::var(name).ok().or_else(|| dotenv.get(name).cloned());
+        let lookup = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| dotenv.get(name).cloned())
+        };
         let images = compose.images(&lookup)?;
         let pins = match &self.pinned_images {
             Some(path) => read_pinned_images(path)?,
@@ -135,7 +143,12 @@ impl PublishOptions {
 
         let pinned: BTreeMap<String, String> = resolved
             .iter()
-            .map(|r| (r.service.clone(), format!("{}@{}", r.image.name(), r.digest)))
+            .map(|r| {
+                (
+                    r.service.clone(),
+                    format!("{}@{}", r.image.name(), r.digest),
+                )
+            })
             .collect();
         let pinned_compose = compose.pinned(&pinned)?;
         let compose_name = compose_path
@@ -148,14 +161,19 @@ impl PublishOptions {
         let bundle_index = bundle::index_json(&bundle.index);
         let meta_bytes = format::to_json(&meta);
 
-        let mut bundle_desc = Descriptor::new(media::BUNDLE, bundle.digest.clone(), bundle.bytes.len() as u64);
+        let mut bundle_desc = Descriptor::new(
+            media::BUNDLE,
+            bundle.digest.clone(),
+            bundle.bytes.len() as u64,
+        );
         bundle_desc.annotations.insert(
             format::BUNDLE_INDEX_DIGEST.into(),
             Digest::of(&bundle_index).to_string(),
         );
-        bundle_desc
-            .annotations
-            .insert(format::BUNDLE_INDEX_SIZE.into(), bundle_index.len().to_string());
+        bundle_desc.annotations.insert(
+            format::BUNDLE_INDEX_SIZE.into(),
+            bundle_index.len().to_string(),
+        );
         let mut meta_desc = Descriptor::of(media::LAYERS_META, &meta_bytes);
         meta_desc
             .annotations
@@ -182,7 +200,11 @@ impl PublishOptions {
             annotations: BTreeMap::from([(format::APP_ANNOTATION.into(), "v1".into())]),
         };
         let mut manifest_bytes = manifest.to_bytes();
-        format::check_cap("the app manifest", manifest_bytes.len() as u64, format::APP_MANIFEST_CAP)?;
+        format::check_cap(
+            "the app manifest",
+            manifest_bytes.len() as u64,
+            format::APP_MANIFEST_CAP,
+        )?;
 
         let mut blobs: Vec<(String, Vec<u8>)> = vec![
             ("config".into(), format::EMPTY_CONFIG.to_vec()),
@@ -222,7 +244,11 @@ impl PublishOptions {
                 // an image manifest that also has a `manifests` list. The field
                 // is optional (older devices read it): push without it, keep
                 // the layer index blobs, and say so.
-                Err(RegistryError::Status { status: 400, ref body, .. }) if body.contains("MANIFEST_INVALID") => {
+                Err(RegistryError::Status {
+                    status: 400,
+                    ref body,
+                    ..
+                }) if body.contains("MANIFEST_INVALID") => {
                     progress.step(
                         "the registry refuses the optional `manifests` list of layer indexes; pushing the app manifest without it".into(),
                     );
@@ -272,15 +298,28 @@ impl PublishOptions {
             let manifest_desc = &image.per_arch[arch];
             let at = image.image.pinned(&manifest_desc.digest);
             let fetched = client
-                .get_manifest(&at, &[media::OCI_MANIFEST, media::DOCKER_MANIFEST], format::MANIFEST_CAP)
+                .get_manifest(
+                    &at,
+                    &[media::OCI_MANIFEST, media::DOCKER_MANIFEST],
+                    format::MANIFEST_CAP,
+                )
                 .await
-                .with_context(|| format!("service {}: image {} ({arch})", image.service, image.image))?;
-            let manifest: ImageManifest = format::parse_json(&fetched.bytes, &format!("manifest of {at}"))?;
+                .with_context(|| {
+                    format!("service {}: image {} ({arch})", image.service, image.image)
+                })?;
+            let manifest: ImageManifest =
+                format::parse_json(&fetched.bytes, &format!("manifest of {at}"))?;
             let config_bytes = client
-                .get_blob(&at, &manifest.config.digest, manifest.config.size, format::MANIFEST_CAP)
+                .get_blob(
+                    &at,
+                    &manifest.config.digest,
+                    manifest.config.size,
+                    format::MANIFEST_CAP,
+                )
                 .await
                 .with_context(|| format!("the config of image {at}"))?;
-            let config: ImageConfig = format::parse_json(&config_bytes, &format!("config of {at}"))?;
+            let config: ImageConfig =
+                format::parse_json(&config_bytes, &format!("config of {at}"))?;
             if config.rootfs.diff_ids.len() != manifest.layers.len() {
                 bail!(
                     "image {at} ({arch}) has {} layers but its config lists {} diff_ids",
@@ -290,7 +329,11 @@ impl PublishOptions {
             }
             for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
                 if !media::is_layer(&layer.media_type) {
-                    bail!("image {at} has a layer {} of media type {:?}, which is not an image layer", layer.digest, layer.media_type);
+                    bail!(
+                        "image {at} has a layer {} of media type {:?}, which is not an image layer",
+                        layer.digest,
+                        layer.media_type
+                    );
                 }
                 if let Some((_, other, expected)) = wanted.get(&layer.digest)
                     && expected != diff_id
@@ -352,16 +395,25 @@ async fn resolve_image(
     if media::is_index(&fetched.media_type) {
         let index: ImageIndex = format::parse_json(&fetched.bytes, &what())?;
         for entry in index.manifests {
-            let Some(platform) = &entry.platform else { continue };
+            let Some(platform) = &entry.platform else {
+                continue;
+            };
             if platform.os != "linux" || !media::is_image_manifest(&entry.media_type) {
                 continue;
             }
-            per_arch.entry(platform.architecture.clone()).or_insert(entry);
+            per_arch
+                .entry(platform.architecture.clone())
+                .or_insert(entry);
         }
     } else {
         let manifest: ImageManifest = format::parse_json(&fetched.bytes, &what())?;
         let config_bytes = client
-            .get_blob(&by, &manifest.config.digest, manifest.config.size, format::MANIFEST_CAP)
+            .get_blob(
+                &by,
+                &manifest.config.digest,
+                manifest.config.size,
+                format::MANIFEST_CAP,
+            )
             .await
             .with_context(what)?;
         let config: ImageConfig = format::parse_json(&config_bytes, &what())?;
@@ -370,7 +422,11 @@ async fn resolve_image(
         }
         per_arch.insert(
             config.architecture.clone(),
-            Descriptor::new(&fetched.media_type, fetched.digest.clone(), fetched.bytes.len() as u64),
+            Descriptor::new(
+                &fetched.media_type,
+                fetched.digest.clone(),
+                fetched.bytes.len() as u64,
+            ),
         );
     }
     Ok(ResolvedImage {
@@ -412,7 +468,13 @@ fn choose_archs(resolved: &[ResolvedImage], requested: &[String]) -> Result<Vec<
     if archs.is_empty() {
         let each = resolved
             .iter()
-            .map(|r| format!("{} has {}", r.service, r.per_arch.keys().cloned().collect::<Vec<_>>().join("/")))
+            .map(|r| {
+                format!(
+                    "{} has {}",
+                    r.service,
+                    r.per_arch.keys().cloned().collect::<Vec<_>>().join("/")
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         bail!("no architecture is provided by every service image ({each})");
@@ -425,8 +487,12 @@ fn choose_archs(resolved: &[ResolvedImage], requested: &[String]) -> Result<Vec<
 fn read_pinned_images(path: &Path) -> Result<BTreeMap<String, Digest>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the pinned images file {}", path.display()))?;
-    let raw: BTreeMap<String, String> = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow!("the pinned images file {} is not a map of image to digest: {e}", path.display()))?;
+    let raw: BTreeMap<String, String> = serde_saphyr::from_str(&text).map_err(|e| {
+        anyhow!(
+            "the pinned images file {} is not a map of image to digest: {e}",
+            path.display()
+        )
+    })?;
     let mut pins = BTreeMap::new();
     for (name, digest) in raw {
         let image: ImageRef = name.parse()?;
@@ -481,12 +547,23 @@ async fn analyse_layer(
     {
         return Ok(meta);
     }
-    progress.step(format!("analysing layer {} ({} bytes)", layer.digest, layer.size));
-    let BlobBody::Full(mut response) = client.fetch_blob(image, &layer.digest, layer.size, 0).await? else {
-        bail!("registry {} answered a whole-blob request for {} with part of it", image.registry, layer.digest);
+    progress.step(format!(
+        "analysing layer {} ({} bytes)",
+        layer.digest, layer.size
+    ));
+    let BlobBody::Full(mut response) = client
+        .fetch_blob(image, &layer.digest, layer.size, 0)
+        .await?
+    else {
+        bail!(
+            "registry {} answered a whole-blob request for {} with part of it",
+            image.registry,
+            layer.digest
+        );
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
-    let analysis = tokio::task::spawn_blocking(move || layer::analyze_layer(ChannelReader::new(rx)));
+    let analysis =
+        tokio::task::spawn_blocking(move || layer::analyze_layer(ChannelReader::new(rx)));
     let mut received = 0u64;
     let mut send_error = None;
     loop {
@@ -494,7 +571,11 @@ async fn analyse_layer(
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(e) => {
-                send_error = Some(anyhow!("the download of layer {} from {} broke off: {e}", layer.digest, image.registry));
+                send_error = Some(anyhow!(
+                    "the download of layer {} from {} broke off: {e}",
+                    layer.digest,
+                    image.registry
+                ));
                 break;
             }
         };
@@ -531,7 +612,11 @@ async fn analyse_layer(
     }
     let meta = LayerMeta {
         size: stats.size,
-        usage: stats.usage_by_block_size.get(&format::DEFAULT_BLOCK_SIZE).copied().unwrap_or(0),
+        usage: stats
+            .usage_by_block_size
+            .get(&format::DEFAULT_BLOCK_SIZE)
+            .copied()
+            .unwrap_or(0),
         archive_size: stats.archive_size,
         diff_id: Some(stats.diff_id.clone()),
         tar_size: Some(stats.tar_size),

@@ -79,7 +79,10 @@ impl PullOptions {
             let mut ingest = store.ingest(&layer.descriptor.digest, layer.descriptor.size)?;
             if !ingest.is_stored() {
                 ingest.preallocate().with_context(|| {
-                    format!("cannot reserve {} bytes for layer {}", layer.descriptor.size, layer.descriptor.digest)
+                    format!(
+                        "cannot reserve {} bytes for layer {}",
+                        layer.descriptor.size, layer.descriptor.digest
+                    )
                 })?;
             }
             ingests.push((layer.clone(), ingest));
@@ -122,9 +125,19 @@ impl PullOptions {
 /// app's name appearing means all it needs is stored.
 pub fn name_app(store: &Store, app: &App) -> Result<()> {
     for image in &app.images {
-        store.set_ref(&image.pinned, &image.manifest.media_type, &image.manifest.digest, image.manifest.size)?;
+        store.set_ref(
+            &image.pinned,
+            &image.manifest.media_type,
+            &image.manifest.digest,
+            image.manifest.size,
+        )?;
     }
-    store.set_ref(&app.ref_name(), crate::format::media::OCI_MANIFEST, &app.digest, app.meta_blobs[0].descriptor.size)?;
+    store.set_ref(
+        &app.ref_name(),
+        crate::format::media::OCI_MANIFEST,
+        &app.digest,
+        app.meta_blobs[0].descriptor.size,
+    )?;
     Ok(())
 }
 
@@ -160,15 +173,22 @@ async fn download_layer(
             Err(Failure::Transient(e, n)) if attempt < RESUME_ATTEMPTS => {
                 transferred += n;
                 attempt += 1;
-                tracing::warn!("download of layer {digest} broke off ({e:#}); resuming (attempt {attempt})");
+                tracing::warn!(
+                    "download of layer {digest} broke off ({e:#}); resuming (attempt {attempt})"
+                );
             }
             Err(Failure::Transient(e, _)) | Err(Failure::Fatal(e)) => return Err(e),
         }
     }
     let commit = tokio::task::block_in_place(|| ingest.commit());
     commit.map_err(|e| match e {
-        StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } | StoreError::Incomplete { .. } => {
-            anyhow!("registry {} sent a corrupt layer: {e}", layer.source.registry)
+        StoreError::DigestMismatch { .. }
+        | StoreError::SizeMismatch { .. }
+        | StoreError::Incomplete { .. } => {
+            anyhow!(
+                "registry {} sent a corrupt layer: {e}",
+                layer.source.registry
+            )
         }
         other => other.into(),
     })?;
@@ -205,7 +225,8 @@ async fn fetch_into(
             if offset > 0 {
                 // The registry ignored the Range: start again from zero,
                 // never append a whole blob to a prefix.
-                tokio::task::block_in_place(|| ingest.restart()).map_err(|e| Failure::Fatal(e.into()))?;
+                tokio::task::block_in_place(|| ingest.restart())
+                    .map_err(|e| Failure::Fatal(e.into()))?;
             }
             r
         }
@@ -218,7 +239,10 @@ async fn fetch_into(
             Ok(None) => break,
             Err(e) => {
                 return Err(Failure::Transient(
-                    anyhow!("the download of layer {digest} from {} broke off: {e}", layer.source.registry),
+                    anyhow!(
+                        "the download of layer {digest} from {} broke off: {e}",
+                        layer.source.registry
+                    ),
                     received,
                 ));
             }
@@ -257,7 +281,9 @@ async fn fetch_into(
 /// Checks that every reference names an app (not an image) before anything.
 pub fn require_pinned_or_tagged(reference: &ImageRef) -> Result<()> {
     if reference.tag.is_none() && reference.digest.is_none() {
-        bail!("{reference} names no tag or digest; give REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...");
+        bail!(
+            "{reference} names no tag or digest; give REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:..."
+        );
     }
     Ok(())
 }

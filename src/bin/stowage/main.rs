@@ -13,15 +13,15 @@ use clap::{Args, Parser, Subcommand};
 use stowage::commands::admin;
 use stowage::commands::check::{self, DockerView};
 use stowage::commands::inspect::InspectOptions;
+use stowage::commands::publish::PublishOptions;
 use stowage::commands::pull::{DoesNotFit, PullOptions};
+use stowage::config::{self, ConfigFile, CredentialStore};
 use stowage::docker::DockerEngine;
 use stowage::format::Arch;
-use stowage::space::Policy;
-use stowage::store::Store;
-use stowage::commands::publish::PublishOptions;
-use stowage::config::{self, ConfigFile, CredentialStore};
 use stowage::reference::ImageRef;
 use stowage::registry::{RegistryClient, RegistryOptions};
+use stowage::space::Policy;
+use stowage::store::Store;
 
 mod output;
 
@@ -199,10 +199,20 @@ impl Globals {
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_ROOT));
         let mut insecure = cli.insecure_registry.clone();
         if let Ok(env) = std::env::var("STOWAGE_INSECURE_REGISTRIES") {
-            insecure.extend(env.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+            insecure.extend(
+                env.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from),
+            );
         }
         insecure.extend(config.insecure_registries.iter().cloned());
-        let ca_files = cli.ca_file.clone().or_else(|| config.ca_file.clone()).into_iter().collect();
+        let ca_files = cli
+            .ca_file
+            .clone()
+            .or_else(|| config.ca_file.clone())
+            .into_iter()
+            .collect();
         let registry = RegistryOptions {
             insecure,
             ca_files,
@@ -217,22 +227,30 @@ impl Globals {
     }
 
     fn store(&self) -> Result<Store> {
-        Store::open(&self.root).with_context(|| format!("cannot open the store at {}", self.root.display()))
+        Store::open(&self.root)
+            .with_context(|| format!("cannot open the store at {}", self.root.display()))
     }
 
     /// The architecture, fit policy and Docker view for a device command.
     async fn fit(&self, args: &FitArgs) -> Result<Fit> {
         let arch = match args.arch.clone().or_else(|| self.config.arch.clone()) {
             Some(a) => Arch::parse(&a),
-            None => Arch::detect().context("cannot tell this machine's architecture; give --arch")?,
+            None => {
+                Arch::detect().context("cannot tell this machine's architecture; give --arch")?
+            }
         };
         let watermark = args.watermark.or(self.config.watermark).unwrap_or(80);
         let reserve = match args.reserve.clone().or_else(|| self.config.reserve.clone()) {
-            Some(r) => config::parse_size(&r).map_err(anyhow::Error::msg).context("--reserve")?,
+            Some(r) => config::parse_size(&r)
+                .map_err(anyhow::Error::msg)
+                .context("--reserve")?,
             None => 0,
         };
         let policy = Policy::new(watermark, reserve)?;
-        let host = args.docker_host.clone().or_else(|| self.config.docker_host.clone());
+        let host = args
+            .docker_host
+            .clone()
+            .or_else(|| self.config.docker_host.clone());
         let engine = DockerEngine::connect(host.as_deref()).await.ok();
         let (docker, note) = DockerView::probe(engine.as_ref()).await;
         Ok(Fit {
@@ -257,7 +275,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("stowage: error: cannot start the async runtime: {e}");
@@ -289,7 +310,10 @@ fn init_logging(verbose: u8) {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let globals = Globals::resolve(&cli)?;
-    let progress = output::progress(globals.json, std::io::stderr().is_terminal());
+    // Commands that stream progress as JSON lines with --json; the others
+    // print one JSON document on stdout and keep their progress on stderr.
+    let json_lines = globals.json && matches!(cli.command, Command::Pull(_));
+    let progress = output::progress(json_lines, std::io::stderr().is_terminal());
     match cli.command {
         Command::Publish(args) => {
             let target: ImageRef = args.target.parse()?;
@@ -334,12 +358,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let store = globals.store()?;
             let client = globals.registry_client()?;
             let options = PullOptions {
-                apps: args.apps.iter().map(|r| r.parse()).collect::<Result<_, _>>()?,
+                apps: args
+                    .apps
+                    .iter()
+                    .map(|r| r.parse())
+                    .collect::<Result<_, _>>()?,
                 architecture: fit.arch.clone(),
                 policy: fit.policy,
                 jobs: args.jobs.or(globals.config.jobs).unwrap_or(4),
             };
-            match options.run(&client, &store, &fit.docker, progress.as_ref()).await {
+            match options
+                .run(&client, &store, &fit.docker, progress.as_ref())
+                .await
+            {
                 Ok(mut report) => {
                     report.check.fit.notes.extend(fit.notes);
                     output::pull(&report, globals.json)?;
@@ -349,7 +380,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         let mut report = *refused.report;
                         report.fit.notes.extend(fit.notes);
                         output::check(&report, globals.json)?;
-                        eprintln!("stowage: error: the update does not fit: {}", report.fit.shortfall());
+                        eprintln!(
+                            "stowage: error: the update does not fit: {}",
+                            report.fit.shortfall()
+                        );
                         return Ok(ExitCode::from(DOES_NOT_FIT));
                     }
                     Err(e) => return Err(e),

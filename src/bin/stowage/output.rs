@@ -14,11 +14,11 @@ use stowage::Digest;
 use stowage::commands::admin::RmReport;
 use stowage::commands::check::CheckReport;
 use stowage::commands::inspect::AppDescription;
+use stowage::commands::publish::PublishReport;
 use stowage::commands::pull::PullReport;
+use stowage::progress::{Event, NoProgress, Progress};
 use stowage::store::{FsckReport, PruneReport};
 use stowage::stored::StoredApp;
-use stowage::commands::publish::PublishReport;
-use stowage::progress::{Event, NoProgress, Progress};
 
 pub fn progress(json: bool, terminal: bool) -> Box<dyn Progress> {
     if json {
@@ -78,7 +78,11 @@ impl Progress for Bars {
             Event::Step { message } => {
                 let _ = self.multi.println(message);
             }
-            Event::BlobStarted { digest, size, offset } => {
+            Event::BlobStarted {
+                digest,
+                size,
+                offset,
+            } => {
                 let bar = self.multi.add(ProgressBar::new(size));
                 bar.set_style(
                     ProgressStyle::with_template(
@@ -166,13 +170,20 @@ pub fn inspect(app: &AppDescription, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("app:      {}", app.reference);
-    println!("bundle:   {} ({})", app.compose_file, human_bytes(app.bundle_size));
+    println!(
+        "bundle:   {} ({})",
+        app.compose_file,
+        human_bytes(app.bundle_size)
+    );
     println!("services:");
     for (service, image) in &app.services {
         println!("  {service:<16} {image}");
     }
     println!("architectures:");
-    println!("  {:<8} {:>7} {:>12} {:>12}", "ARCH", "LAYERS", "DOWNLOAD", "DISK USAGE");
+    println!(
+        "  {:<8} {:>7} {:>12} {:>12}",
+        "ARCH", "LAYERS", "DOWNLOAD", "DISK USAGE"
+    );
     for (arch, f) in &app.architectures {
         println!(
             "  {arch:<8} {:>7} {:>12} {:>12}",
@@ -210,7 +221,15 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
     );
     println!(
         "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
-        "VOLUME (PATHS)", "BLOCK", "SIZE", "FREE", "RESERVED", "AVAILABLE", "REQUIRED", "INODES REQ/FREE", "VERDICT"
+        "VOLUME (PATHS)",
+        "BLOCK",
+        "SIZE",
+        "FREE",
+        "RESERVED",
+        "AVAILABLE",
+        "REQUIRED",
+        "INODES REQ/FREE",
+        "VERDICT"
     );
     for v in &report.fit.volumes {
         let first = v.paths.first().cloned().unwrap_or_default();
@@ -242,7 +261,14 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
     for note in &report.fit.notes {
         println!("note: {note}");
     }
-    println!("{}", if report.fit.fits { "the update fits" } else { "the update does NOT fit" });
+    println!(
+        "{}",
+        if report.fit.fits {
+            "the update fits"
+        } else {
+            "the update does NOT fit"
+        }
+    );
     Ok(())
 }
 
@@ -283,7 +309,11 @@ pub fn ls(apps: &[StoredApp], json: bool) -> Result<()> {
         println!(
             "{:<20} {:<9} {:>10}  {}",
             a.name,
-            if a.is_complete() { "fetched" } else { "partial" },
+            if a.is_complete() {
+                "fetched"
+            } else {
+                "partial"
+            },
             human_bytes(a.stored_bytes),
             a.reference
         );
@@ -316,7 +346,11 @@ pub fn prune(report: &PruneReport, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let verb = if report.dry_run { "would remove" } else { "removed" };
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
     for (d, n) in &report.removed {
         println!("{verb} blob {d} ({})", human_bytes(*n));
     }
@@ -349,10 +383,20 @@ pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
         return Ok(());
     }
     for c in &report.corrupt {
-        println!("corrupt blob {}: {} (moved to {})", c.digest, c.reason, c.moved_to.display());
+        println!(
+            "corrupt blob {}: {} (moved to {})",
+            c.digest,
+            c.reason,
+            c.moved_to.display()
+        );
     }
     for s in &report.moved_aside {
-        println!("moved aside {}: {} (to {})", s.path.display(), s.reason, s.moved_to.display());
+        println!(
+            "moved aside {}: {} (to {})",
+            s.path.display(),
+            s.reason,
+            s.moved_to.display()
+        );
     }
     for (n, d) in &report.missing_ref_targets {
         println!("ref {n} points at missing {d}: pull the app again");
@@ -361,7 +405,11 @@ pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
         "checked {} blobs{}: {}",
         report.checked,
         if report.quick { " (sizes only)" } else { "" },
-        if report.is_clean() { "clean" } else { "problems found" }
+        if report.is_clean() {
+            "clean"
+        } else {
+            "problems found"
+        }
     );
     Ok(())
 }
