@@ -7,3 +7,5 @@
 pub mod digest;
 
 pub use digest::Digest;
+pub mod compose;
+pub mod docker;
