@@ -186,10 +186,13 @@ impl Compose {
     ) -> Result<Vec<u8>, ComposeError> {
         let mut command = self.project_command(project_dir, project_name, files);
         command.args(args);
-        let output = command.output().await.map_err(|source| ComposeError::Spawn {
-            command: self.describe(args),
-            source,
-        })?;
+        let output = command
+            .output()
+            .await
+            .map_err(|source| ComposeError::Spawn {
+                command: self.describe(args),
+                source,
+            })?;
         if !output.status.success() {
             return Err(ComposeError::Failed {
                 command: self.describe(args),
@@ -229,7 +232,10 @@ impl Compose {
         project_name: &str,
         files: &[PathBuf],
     ) -> Result<(), ComposeError> {
-        for (service, image) in self.service_images(project_dir, project_name, files).await? {
+        for (service, image) in self
+            .service_images(project_dir, project_name, files)
+            .await?
+        {
             let image = image.ok_or_else(|| ComposeError::NoImage {
                 project: project_name.to_string(),
                 service: service.clone(),
@@ -272,7 +278,10 @@ impl Compose {
 /// The state of every container of a project, read from the engine (so it
 /// works for v1 and v2 alike, and without the compose files). One-off
 /// containers (`compose run`) are left out. Sorted by service, then container.
-pub async fn ps(engine: &DockerEngine, project_name: &str) -> Result<Vec<ServiceState>, ComposeError> {
+pub async fn ps(
+    engine: &DockerEngine,
+    project_name: &str,
+) -> Result<Vec<ServiceState>, ComposeError> {
     let filters = std::collections::HashMap::from([(
         "label".to_string(),
         vec![format!("{PROJECT_LABEL}={project_name}")],
@@ -294,7 +303,10 @@ pub async fn ps(engine: &DockerEngine, project_name: &str) -> Result<Vec<Service
     let mut states = Vec::new();
     for container in containers {
         let labels = container.labels.unwrap_or_default();
-        if labels.get(ONEOFF_LABEL).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        if labels
+            .get(ONEOFF_LABEL)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
             continue;
         }
         let Some(id) = container.id else { continue };
@@ -377,7 +389,9 @@ pub fn image_override(
     let mut text = String::new();
     text.push_str("# Written by stowage: runs each service on the image it loaded.\n");
     match main.version {
-        Some(serde_json::Value::String(v)) => text.push_str(&format!("version: {}\n", json_quote(&v))),
+        Some(serde_json::Value::String(v)) => {
+            text.push_str(&format!("version: {}\n", json_quote(&v)))
+        }
         Some(serde_json::Value::Number(v)) => {
             text.push_str(&format!("version: {}\n", json_quote(&v.to_string())))
         }
@@ -460,7 +474,10 @@ version: '3.8'
     #[test]
     fn override_repeats_the_main_version_and_maps_each_service() {
         let images = BTreeMap::from([
-            ("web".to_string(), "r.local/web:stowage-sha256-ab".to_string()),
+            (
+                "web".to_string(),
+                "r.local/web:stowage-sha256-ab".to_string(),
+            ),
             ("db".to_string(), "r.local/db:stowage-sha256-cd".to_string()),
         ]);
         let text = image_override("version: '3.8'\nservices: {}\n", &images).unwrap();

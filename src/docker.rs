@@ -394,17 +394,9 @@ impl DockerEngine {
                     socket: socket.to_string(),
                 });
             }
-            Docker::connect_with_unix(
-                &host,
-                API_TIMEOUT.as_secs(),
-                bollard::API_DEFAULT_VERSION,
-            )
+            Docker::connect_with_unix(&host, API_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
         } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(
-                &host,
-                API_TIMEOUT.as_secs(),
-                bollard::API_DEFAULT_VERSION,
-            )
+            Docker::connect_with_http(&host, API_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
         } else {
             return Err(DockerError::UnsupportedHost { host });
         }
@@ -412,13 +404,14 @@ impl DockerEngine {
             host: host.clone(),
             source,
         })?;
-        let client = client
-            .negotiate_version()
-            .await
-            .map_err(|source| DockerError::Unreachable {
-                host: host.clone(),
-                source,
-            })?;
+        let client =
+            client
+                .negotiate_version()
+                .await
+                .map_err(|source| DockerError::Unreachable {
+                    host: host.clone(),
+                    source,
+                })?;
         Ok(DockerEngine { client, host })
     }
 
@@ -427,7 +420,10 @@ impl DockerEngine {
         &self.host
     }
 
-    fn api_error(&self, action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+    fn api_error(
+        &self,
+        action: impl Into<String>,
+    ) -> impl FnOnce(bollard::errors::Error) -> DockerError {
         let host = self.host.clone();
         let action = action.into();
         move |source| DockerError::Api {
@@ -468,10 +464,7 @@ impl DockerEngine {
         Ok(EngineInfo {
             data_root: PathBuf::from(data_root),
             storage_driver: info.driver.unwrap_or_default(),
-            api_version: format!(
-                "{}.{}",
-                negotiated.major_version, negotiated.minor_version
-            ),
+            api_version: format!("{}.{}", negotiated.major_version, negotiated.minor_version),
             server_version: version.version.unwrap_or_default(),
         })
     }
@@ -510,7 +503,10 @@ impl DockerEngine {
     }
 
     /// The image with this name, tag or ID, if the engine has it.
-    pub async fn image_exists(&self, name_or_id: &str) -> Result<Option<ImageSummary>, DockerError> {
+    pub async fn image_exists(
+        &self,
+        name_or_id: &str,
+    ) -> Result<Option<ImageSummary>, DockerError> {
         match self.client.inspect_image(name_or_id).await {
             Ok(inspect) => {
                 let id = inspect.id.unwrap_or_default();
@@ -540,11 +536,14 @@ impl DockerEngine {
         images
             .into_iter()
             .map(|image| {
-                let id = image.id.parse::<Digest>().map_err(|bad| DockerError::BadAnswer {
-                    host: self.host.clone(),
-                    action: "GET /images/json".into(),
-                    reason: bad.to_string(),
-                })?;
+                let id = image
+                    .id
+                    .parse::<Digest>()
+                    .map_err(|bad| DockerError::BadAnswer {
+                        host: self.host.clone(),
+                        action: "GET /images/json".into(),
+                        reason: bad.to_string(),
+                    })?;
                 Ok(ImageSummary {
                     id,
                     size: image.size.max(0) as u64,
@@ -580,7 +579,9 @@ impl DockerEngine {
     pub async fn containers_using(&self, image_id: &Digest) -> Result<Vec<String>, DockerError> {
         let containers = self
             .client
-            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).build()))
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default().all(true).build(),
+            ))
             .await
             .map_err(self.api_error("list its containers"))?;
         let wanted = image_id.to_string();
@@ -609,13 +610,14 @@ impl DockerEngine {
                 "/v{}.{}/system/df",
                 version.major_version, version.minor_version
             );
-            let body = raw_get_unix(socket, &path)
-                .await
-                .map_err(|reason| DockerError::BadAnswer {
-                    host: self.host.clone(),
-                    action: format!("GET {path}"),
-                    reason,
-                })?;
+            let body =
+                raw_get_unix(socket, &path)
+                    .await
+                    .map_err(|reason| DockerError::BadAnswer {
+                        host: self.host.clone(),
+                        action: format!("GET {path}"),
+                        reason,
+                    })?;
             return parse_system_df(&body).map_err(|reason| DockerError::BadAnswer {
                 host: self.host.clone(),
                 action: format!("GET {path}"),
@@ -1026,7 +1028,11 @@ fn write_archive(
     let mut inflaters = Inflaters::new(image.layers[skip..].to_vec(), options);
     while let Some((layer, pieces)) = inflaters.next() {
         let hex = layer.diff_id.hex().to_string();
-        sink.send(Bytes::copy_from_slice(&tar_header(&format!("{hex}/"), 0, true)))?;
+        sink.send(Bytes::copy_from_slice(&tar_header(
+            &format!("{hex}/"),
+            0,
+            true,
+        )))?;
         let size = match pieces.recv() {
             Ok(Piece::Size(size)) => size,
             Ok(Piece::Failed(e)) => return Err(ArchiveError::Layer(e)),
@@ -1205,7 +1211,12 @@ fn read_layer(
     Ok(Some((size, hasher.finish())))
 }
 
-fn check_layer(layer: &LayerSource, expected_size: Option<u64>, size: u64, digest: Digest) -> Result<(), DockerError> {
+fn check_layer(
+    layer: &LayerSource,
+    expected_size: Option<u64>,
+    size: u64,
+    digest: Digest,
+) -> Result<(), DockerError> {
     if let Some(expected) = expected_size
         && size != expected
     {
@@ -1242,8 +1253,9 @@ fn inflate_layer(layer: &LayerSource, tx: &mpsc::SyncSender<Piece>) {
         if tx.send(Piece::Size(size)).is_err() {
             return Ok(false);
         }
-        let Some((read, digest)) =
-            read_layer(layer, Some(size), |bytes| tx.send(Piece::Data(bytes)).is_ok())?
+        let Some((read, digest)) = read_layer(layer, Some(size), |bytes| {
+            tx.send(Piece::Data(bytes)).is_ok()
+        })?
         else {
             return Ok(false);
         };
@@ -1339,13 +1351,20 @@ mod tests {
     fn media_types_pick_the_decompressor() {
         use Decompression::*;
         for (media_type, expected) in [
-            ("application/vnd.docker.image.rootfs.diff.tar.gzip", Some(Gzip)),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Some(Gzip),
+            ),
             ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Gzip)),
             ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Zstd)),
             ("application/vnd.oci.image.layer.v1.tar", Some(None)),
             ("application/vnd.oci.image.layer.v1.tar+bzip2", Option::None),
         ] {
-            assert_eq!(Decompression::for_media_type(media_type), expected, "{media_type}");
+            assert_eq!(
+                Decompression::for_media_type(media_type),
+                expected,
+                "{media_type}"
+            );
         }
     }
 
