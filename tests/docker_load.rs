@@ -358,6 +358,38 @@ async fn a_layer_that_does_not_match_its_diff_id_fails_the_load_and_leaves_no_im
             .unwrap()
             .is_none()
     );
+
+    // With the right layers but a config the engine refuses (an image for
+    // another operating system), the engine's error, sent inside its 200
+    // answer, fails the load.
+    stored.layers[1].blob_path = export_path_of_top_layer(&dir.path().join("oci"));
+    let mut config: serde_json::Value = serde_json::from_slice(&stored.config).unwrap();
+    config["os"] = "windows".into();
+    let config = serde_json::to_vec(&config).unwrap();
+    let refused = ImageToLoad {
+        config_digest: Digest::of(&config),
+        config,
+        ..to_load(&stored, &tag)
+    };
+    let error = engine.load_image(&refused).await.unwrap_err();
+    assert!(
+        matches!(&error, DockerError::LoadRefused { message, .. } if message.contains("windows")),
+        "{error}"
+    );
+    assert!(engine.image_exists(&tag).await.unwrap().is_none());
+}
+
+/// The blob of the last layer in an exported layout.
+fn export_path_of_top_layer(layout: &Path) -> PathBuf {
+    let blob = |digest: &str| layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    blob(layers[layers.len() - 1]["digest"].as_str().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,6 +417,15 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     let tmp = engine.info().await.unwrap().data_root.join("tmp");
     let tag = format!("{name}/loaded:v1");
     cleanup.images.push(tag.clone());
+
+    // What the space check would plan: the layers to send and their sizes.
+    let to_send = engine
+        .held_layers()
+        .await
+        .unwrap()
+        .layers_to_send(&stored.layers)
+        .to_vec();
+    assert_eq!(to_send.len(), 2);
 
     // Watch the engine's import directories while the load runs; keep the
     // largest size any one of them reached.
@@ -415,7 +456,7 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     let peak = watcher.join().unwrap();
     assert_eq!(report.layers_sent, 2);
 
-    let sizes: Vec<u64> = stored.layers.iter().map(|l| l.tar_size.unwrap()).collect();
+    let sizes: Vec<u64> = to_send.iter().map(|l| l.tar_size.unwrap()).collect();
     let predicted = load_temp_bytes(&sizes, stored.config.len() as u64, 4096);
     eprintln!("engine temporary copy: peak {peak} bytes, predicted {predicted}");
     // The watcher may miss the last directory blocks; the layers dominate.
