@@ -1154,7 +1154,7 @@ impl Decompression {
             Some(Decompression::Gzip)
         } else if media_type.ends_with("zstd") {
             Some(Decompression::Zstd)
-        } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        } else if media_type.ends_with(".tar") {
             Some(Decompression::None)
         } else {
             None

@@ -458,7 +458,7 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
 
     let sizes: Vec<u64> = to_send.iter().map(|l| l.tar_size.unwrap()).collect();
     let predicted = load_temp_bytes(&sizes, stored.config.len() as u64, 4096);
-    eprintln!("engine temporary copy: peak {peak} bytes, predicted {predicted}");
+    eprintln!("engine temporary copy: peak {peak} bytes, predicted {predicted}; load {report:?}");
     // The watcher may miss the last directory blocks; the layers dominate.
     assert!(
         peak <= predicted && peak as f64 >= predicted as f64 * 0.98,
