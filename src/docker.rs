@@ -223,6 +223,13 @@ impl HeldLayers {
         diff_ids.len() - self.held_prefix_len(diff_ids)
     }
 
+    /// The layers of an image a load will send: all but the held prefix.
+    /// Their `tar_size`s are what [`load_temp_bytes`] needs.
+    pub fn layers_to_send<'a>(&self, layers: &'a [LayerSource]) -> &'a [LayerSource] {
+        let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
+        &layers[self.held_prefix_len(&diff_ids)..]
+    }
+
     fn add_image(&mut self, diff_ids: &[Digest]) {
         self.diff_ids.extend(diff_ids.iter().cloned());
         self.chain_ids.extend(chain_ids(diff_ids));
@@ -709,7 +716,10 @@ impl DockerEngine {
                     break;
                 }
                 Err(e) => {
-                    engine_error = Some(e.to_string());
+                    engine_error = Some(format!(
+                        "the connection broke before it answered: {}",
+                        error_chain(&e)
+                    ));
                     break;
                 }
             }
@@ -867,6 +877,22 @@ fn container_name(names: Option<&[String]>, id: Option<&str>) -> String {
         .map(|name| name.trim_start_matches('/').to_string())
         .or_else(|| id.map(|id| id.chars().take(12).collect()))
         .unwrap_or_default()
+}
+
+/// An error and its causes, as one line: transport errors hide the useful
+/// part in their sources.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 pub(crate) fn is_not_found(error: &bollard::errors::Error) -> bool {
@@ -1128,7 +1154,7 @@ impl Decompression {
             Some(Decompression::Gzip)
         } else if media_type.ends_with("zstd") {
             Some(Decompression::Zstd)
-        } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        } else if media_type.ends_with(".tar") {
             Some(Decompression::None)
         } else {
             None
