@@ -26,6 +26,7 @@
 //!   (201; 400 when the bytes do not match), `PUT /v2/<repo>/manifests/<ref>`
 //!   (201, stored under its Content-Type, tagged when `<ref>` is a tag).
 //! - Anything else: 404 (unknown content) or 405 (unknown method).
+//!
 //! Unknown content is per repository, as in a real registry.
 //!
 //! Misbehaviour is set per content digest with [`Behaviour`], for blobs
