@@ -137,6 +137,8 @@ struct State {
     uploads: HashMap<String, (String, Vec<u8>)>,
     next_upload: u64,
     log: Vec<RequestLog>,
+    /// Body bytes of GETs written so far, answers in progress included.
+    sent_by_digest: HashMap<Digest, u64>,
 }
 
 struct Shared {
@@ -275,20 +277,38 @@ impl HostileRegistry {
         self.shared.state().log.clone()
     }
 
+    /// Forgets the log and the byte counts.
     pub fn clear_requests(&self) {
-        self.shared.state().log.clear();
+        let mut state = self.shared.state();
+        state.log.clear();
+        state.sent_by_digest.clear();
     }
 
-    /// Body bytes sent by GETs of this content (blob or manifest) so far.
-    /// Equal to the size when the content was fetched once, resumed or not.
+    /// Body bytes sent by GETs of this content (blob or manifest) so far,
+    /// answers still in progress included. Equal to the size when the content
+    /// was fetched once, resumed or not.
     pub fn bytes_sent_for(&self, digest: &Digest) -> u64 {
         self.shared
             .state()
-            .log
-            .iter()
-            .filter(|r| r.method == "GET" && r.digest.as_ref() == Some(digest))
-            .map(|r| r.bytes_sent)
-            .sum()
+            .sent_by_digest
+            .get(digest)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least `bytes` of this content have been sent (to kill a
+    /// client mid-download); false when `timeout` passes first.
+    pub fn wait_for_bytes_sent(&self, digest: &Digest, bytes: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.bytes_sent_for(digest) >= bytes {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Copies `repo`'s manifest `reference` (tag or digest) and everything it
@@ -599,7 +619,7 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        let request = match read_request(&mut reader) {
+        let request = match read_request(&mut reader, &mut writer) {
             Ok(Some(request)) => request,
             Ok(None) => break,
             Err(e) => {
@@ -623,7 +643,10 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = writer.shutdown(Shutdown::Both);
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>> {
+fn read_request(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+) -> io::Result<Option<Request>> {
     let mut line = String::new();
     loop {
         line.clear();
@@ -650,6 +673,13 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
         headers: read_headers(reader)?,
         body: Vec::new(),
     };
+    // curl waits a second for this before it sends a body of over 1 KiB.
+    if request
+        .header("expect")
+        .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+    {
+        writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
     let chunked = request
         .header("transfer-encoding")
         .is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
@@ -1161,7 +1191,8 @@ fn send_content(
         status,
         &headers,
         content_length,
-        cut_after.is_some(),
+        // A cut is not announced: the connection just ends.
+        false,
     )
     .is_err()
     {
@@ -1190,6 +1221,11 @@ fn send_content(
             }
             offset += n;
             sent += n as u64;
+            *shared
+                .state()
+                .sent_by_digest
+                .entry(content.digest.clone())
+                .or_default() += n as u64;
             if pace.is_some() && sent < limit {
                 thread::sleep(Duration::from_millis(50));
             }
