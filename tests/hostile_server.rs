@@ -820,3 +820,75 @@ fn dropping_the_registry_stops_it_listening() {
     drop(registry);
     assert!(TcpStream::connect(&host).is_err());
 }
+
+/// stowage's own registry client, pointed at the hostile registry, gets what
+/// a real registry would give it, and the errors each lie deserves.
+#[tokio::test]
+async fn stowage_registry_client_reads_and_writes_it_like_a_real_registry() {
+    use stowage::reference::ImageRef;
+    use stowage::registry::{BlobBody, RegistryClient, RegistryError, RegistryOptions};
+
+    let registry = HostileRegistry::start();
+    let client = RegistryClient::new(RegistryOptions {
+        insecure: vec![registry.host()],
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    let image: ImageRef = format!("{}/apps/shop:v1", registry.host()).parse().unwrap();
+
+    let blob = pattern(1000);
+    let digest = Digest::of(&blob);
+    client
+        .push_blob(&image, &digest, bytes::Bytes::from(blob.clone()))
+        .await
+        .unwrap();
+    let manifest = format!(r#"{{"schemaVersion":2,"layers":[{{"digest":"{digest}"}}]}}"#);
+    let manifest_digest = client
+        .push_manifest(&image, OCI_MANIFEST, manifest.as_bytes())
+        .await
+        .unwrap();
+
+    let fetched = client
+        .get_manifest(&image, &[OCI_MANIFEST], 4096)
+        .await
+        .unwrap();
+    assert_eq!(fetched.digest, manifest_digest);
+    assert_eq!(fetched.media_type, OCI_MANIFEST);
+    assert_eq!(
+        client.get_blob(&image, &digest, 1000, 4096).await.unwrap(),
+        blob
+    );
+
+    // A resume is answered with exactly the rest.
+    let BlobBody::Partial(rest) = client.fetch_blob(&image, &digest, 1000, 600).await.unwrap()
+    else {
+        panic!("a resume at 600 was not answered with a 206");
+    };
+    assert_eq!(rest.bytes().await.unwrap(), blob[600..]);
+
+    registry.set_blob_behaviour(&digest, Behaviour::BadContentRange);
+    let refused = client.fetch_blob(&image, &digest, 1000, 600).await;
+    assert!(matches!(refused, Err(RegistryError::BadRange { .. })));
+
+    registry.set_blob_behaviour(&digest, Behaviour::SendMore(1));
+    let refused = client.get_blob(&image, &digest, 1000, 4096).await;
+    assert!(matches!(refused, Err(RegistryError::SizeMismatch { .. })));
+
+    registry.set_manifest_behaviour(
+        &manifest_digest,
+        Behaviour::WrongMediaType("text/html".into()),
+    );
+    let refused = client.get_manifest(&image, &[OCI_MANIFEST], 4096).await;
+    assert!(matches!(refused, Err(RegistryError::MediaType { .. })));
+
+    registry.set_manifest_behaviour(&manifest_digest, Behaviour::Huge(1 << 20));
+    let refused = client
+        .get_manifest(&image, &[OCI_MANIFEST], 50 * 1024)
+        .await;
+    assert!(matches!(refused, Err(RegistryError::TooLarge { .. })));
+
+    registry.set_manifest_behaviour(&manifest_digest, Behaviour::WrongDigest);
+    let pinned = image.pinned(&manifest_digest);
+    let refused = client.get_manifest(&pinned, &[OCI_MANIFEST], 4096).await;
+    assert!(matches!(refused, Err(RegistryError::DigestMismatch { .. })));
+}

@@ -37,6 +37,18 @@
 //!
 //! Every request is logged ([`RequestLog`]) once its answer is finished or cut
 //! off; `bytes_sent` counts body bytes the kernel accepted, not headers.
+//! `bytes_sent_for(digest)` sums the body bytes of every GET of one content,
+//! counting answers still in progress, and `wait_for_bytes_sent` waits for it
+//! to pass a mark (to kill a client half way through a `Slow` blob).
+//!
+//! Public API, all on `HostileRegistry` (`&self`, safe from any thread):
+//! `start()`, `host()`, `add_blob(repo, bytes) -> Digest`,
+//! `add_manifest(repo, tag, media_type, bytes) -> Digest`,
+//! `set_blob_behaviour(&digest, b)`, `set_manifest_behaviour(&digest, b)`,
+//! `tag(repo, tag)`, `blob(&digest)`, `manifest(repo, &digest)`,
+//! `requests()`, `clear_requests()`, `bytes_sent_for(&digest)`,
+//! `wait_for_bytes_sent(&digest, bytes, timeout)`,
+//! `mirror_from(source_host, repo, reference) -> io::Result<Digest>`.
 //!
 //! `mirror_from(source_host, repo, reference)` copies a manifest and, walking
 //! it, everything it names from a real registry over plain HTTP (std::net, no
@@ -1199,7 +1211,7 @@ fn send_content(
         return false;
     }
     if !is_get {
-        return cut_after.is_none();
+        return true;
     }
 
     let body = &served[start as usize..end as usize];
