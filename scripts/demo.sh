@@ -10,8 +10,8 @@ bash scripts/setup.sh
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 run() { say "$*"; "$@"; }
 
-cargo build --release --quiet
-STOWAGE=$PWD/target/release/stowage
+cargo build --quiet
+STOWAGE=$PWD/target/debug/stowage
 work=$(mktemp -d /tmp/stowage-demo.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 REGISTRY=127.0.0.1:$port
@@ -60,7 +60,7 @@ say "stowage publish --dir examples/shop $REGISTRY/demo/shop:1"
 app=$("$STOWAGE" publish --dir examples/shop "$REGISTRY/demo/shop:1" | tee /dev/stderr | tail -n 1)
 run "$STOWAGE" inspect "$app"
 run "$STOWAGE" check "$app"
-say "stowage check --watermark 20 --reserve 100T $app   # refused: exit 100"
+say "stowage check --reserve 100T $app   # asks to keep 100 TiB free: refused with exit code 100"
 set +e; "$STOWAGE" check --reserve 100T "$app"; code=$?; set -e
 echo "exit code: $code"
 run "$STOWAGE" pull "$app"

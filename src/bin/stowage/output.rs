@@ -120,20 +120,7 @@ pub fn quiet() -> Box<dyn Progress> {
     Box::new(NoProgress)
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use stowage::space::human_bytes;
 
 pub fn publish(report: &PublishReport, json: bool) -> Result<()> {
     if json {
@@ -220,22 +207,13 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
         human_bytes(report.fit.policy.reserve_bytes)
     );
     println!(
-        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
-        "VOLUME (PATHS)",
-        "BLOCK",
-        "SIZE",
-        "FREE",
-        "RESERVED",
-        "AVAILABLE",
-        "REQUIRED",
-        "INODES REQ/FREE",
-        "VERDICT"
+        "{:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>19}  VERDICT",
+        "VOLUME", "BLOCK", "SIZE", "FREE", "RESERVED", "AVAILABLE", "REQUIRED", "INODES REQ/FREE"
     );
-    for v in &report.fit.volumes {
-        let first = v.paths.first().cloned().unwrap_or_default();
+    for (i, v) in report.fit.volumes.iter().enumerate() {
         println!(
-            "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
-            first,
+            "{:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>19}  {}",
+            format!("#{}", i + 1),
             v.block_size,
             human_bytes(v.size),
             human_bytes(v.free),
@@ -245,17 +223,15 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
             format!("{}/{}", v.inodes_required, v.inodes_free),
             if v.fits { "fits" } else { "DOES NOT FIT" }
         );
-        for p in v.paths.iter().skip(1) {
-            println!("  {p}");
-        }
+        println!("        paths:    {}", v.paths.join(", "));
         let parts: Vec<String> = v
             .required_parts
             .iter()
             .map(|(part, n)| format!("{} {}", part.label(), human_bytes(*n)))
             .collect();
-        println!("  required: {}", parts.join(", "));
+        println!("        required: {}", parts.join(" + "));
         if !v.fits {
-            println!("  {}", v.reason);
+            println!("        {}", v.reason);
         }
     }
     for note in &report.fit.notes {
