@@ -4,6 +4,8 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod bundle;
 pub mod digest;
+pub mod layer;
 
 pub use digest::Digest;
