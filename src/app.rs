@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::Digest;
-use crate::compose_file::{COMPOSE_FILE_CAP, ComposeFile};
+use crate::compose_file::ComposeFile;
 use crate::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
     media,
@@ -183,9 +183,11 @@ pub async fn fetch_app(
         .await
         .with_context(|| format!("the bundle index of {what}"))?;
     format::parse_bundle_index(&index)?;
-    let (compose_name, compose_bytes) =
-        crate::bundle::read_compose_from_bundle(bundle.as_slice(), COMPOSE_FILE_CAP)
-            .with_context(|| format!("the bundle of {what}"))?;
+    let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
+        bundle.as_slice(),
+        &crate::bundle::BundleLimits::default(),
+    )
+    .with_context(|| format!("the bundle of {what}"))?;
     let compose_text = String::from_utf8(compose_bytes)
         .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
     let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
