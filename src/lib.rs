@@ -21,5 +21,6 @@ pub mod registry;
 pub mod space;
 pub mod store;
 pub mod stored;
+pub mod update;
 
 pub use digest::Digest;
