@@ -20,6 +20,7 @@ pub mod reference;
 pub mod registry;
 pub mod space;
 pub mod store;
+pub mod target;
 pub mod stored;
 pub mod update;
 
