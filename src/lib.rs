@@ -4,6 +4,7 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod agent;
 pub mod app;
 pub mod bundle;
 pub mod commands;
@@ -20,8 +21,8 @@ pub mod reference;
 pub mod registry;
 pub mod space;
 pub mod store;
-pub mod target;
 pub mod stored;
+pub mod target;
 pub mod update;
 
 pub use digest::Digest;

@@ -48,7 +48,11 @@ struct TargetManifest {
 }
 
 /// Publishes a target naming `apps` (each resolved to its digest) at `at`.
-pub async fn publish_target(client: &RegistryClient, at: &ImageRef, apps: &[ImageRef]) -> Result<Target> {
+pub async fn publish_target(
+    client: &RegistryClient,
+    at: &ImageRef,
+    apps: &[ImageRef],
+) -> Result<Target> {
     let mut pinned = Vec::new();
     for app in apps {
         let fetched = client
@@ -73,7 +77,9 @@ pub async fn publish_target(client: &RegistryClient, at: &ImageRef, apps: &[Imag
         layers: vec![layer],
         annotations: BTreeMap::from([(TARGET_ANNOTATION.to_string(), "v1".to_string())]),
     });
-    client.push_manifest(at, media::OCI_MANIFEST, &manifest).await?;
+    client
+        .push_manifest(at, media::OCI_MANIFEST, &manifest)
+        .await?;
     fetch_target(client, at).await
 }
 
@@ -90,7 +96,12 @@ pub async fn fetch_target(client: &RegistryClient, at: &ImageRef) -> Result<Targ
         annotations: BTreeMap<String, String>,
     }
     let manifest: Manifest = format::parse_json(&fetched.bytes, &format!("target {at}"))?;
-    if manifest.annotations.get(TARGET_ANNOTATION).map(String::as_str) != Some("v1") {
+    if manifest
+        .annotations
+        .get(TARGET_ANNOTATION)
+        .map(String::as_str)
+        != Some("v1")
+    {
         bail!("{at} is not a stowage target (no {TARGET_ANNOTATION}: v1 annotation)");
     }
     let layer = manifest
@@ -99,7 +110,9 @@ pub async fn fetch_target(client: &RegistryClient, at: &ImageRef) -> Result<Targ
         .find(|l| l.media_type == TARGET_MEDIA_TYPE)
         .with_context(|| format!("target {at} has no {TARGET_MEDIA_TYPE} layer"))?;
     let pinned = at.pinned(&fetched.digest);
-    let bytes = client.get_blob(&pinned, &layer.digest, layer.size, TARGET_CAP).await?;
+    let bytes = client
+        .get_blob(&pinned, &layer.digest, layer.size, TARGET_CAP)
+        .await?;
     let content: TargetContent = format::parse_json(&bytes, &format!("target {at}"))?;
     let mut apps = BTreeMap::new();
     for app in content.apps {
@@ -108,7 +121,10 @@ pub async fn fetch_target(client: &RegistryClient, at: &ImageRef) -> Result<Targ
             bail!("target {at} names app {app} without a digest");
         }
         if let Some(other) = apps.insert(reference.short_name().to_string(), app.clone()) {
-            bail!("target {at} names two versions of app {}: {other} and {app}", reference.short_name());
+            bail!(
+                "target {at} names two versions of app {}: {other} and {app}",
+                reference.short_name()
+            );
         }
     }
     Ok(Target {
