@@ -15,6 +15,7 @@ pub mod digest;
 pub mod docker;
 pub mod format;
 pub mod fsutil;
+pub mod installed;
 pub mod layer;
 pub mod progress;
 pub mod reference;

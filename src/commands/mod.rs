@@ -4,6 +4,9 @@
 
 pub mod admin;
 pub mod check;
+pub mod df;
 pub mod inspect;
+pub mod install;
 pub mod publish;
 pub mod pull;
+pub mod run;

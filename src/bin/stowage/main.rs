@@ -11,12 +11,16 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
+use stowage::commands::install::{self, Device, InstallOptions};
+use stowage::commands::run::{self as run_cmd, Selection};
 use stowage::commands::check::{self, DockerView};
 use stowage::commands::inspect::InspectOptions;
 use stowage::commands::publish::PublishOptions;
 use stowage::commands::pull::{DoesNotFit, PullOptions};
 use stowage::config::{self, ConfigFile, CredentialStore};
-use stowage::docker::DockerEngine;
+use stowage::compose::Compose;
+use stowage::docker::{DockerEngine, LoadOptions};
+use stowage::installed::Installed;
 use stowage::format::Arch;
 use stowage::reference::ImageRef;
 use stowage::registry::{RegistryClient, RegistryOptions};
@@ -84,8 +88,66 @@ enum Command {
     Rm(RmArgs),
     /// Remove every blob and partial download no stored app needs
     Prune(PruneArgs),
-    /// Verify every stored blob and move corrupt ones aside
+    /// Verify every stored blob and every installed app (--repair reloads lost images)
     Fsck(FsckArgs),
+    /// Load a stored app's images into Docker and extract its bundle (no network)
+    Install(InstallArgs),
+    /// Install when needed, then start apps with compose (up -d --remove-orphans)
+    Run(RunArgs),
+    /// Stop apps (compose down); their images stay
+    Stop(StopArgs),
+    /// Show each installed app's services and their state
+    Ps(DockerArgs),
+    /// Disk used per app and per store, and free space per volume
+    Df(DfArgs),
+}
+
+#[derive(Args, Clone)]
+struct DockerArgs {
+    /// The Docker engine [default: DOCKER_HOST or the local socket]
+    #[arg(long, value_name = "URL")]
+    docker_host: Option<String>,
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// A stored app: its name, reference or digest
+    #[arg(value_name = "NAME|REF")]
+    app: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Every installed app
+    #[arg(long, conflicts_with = "apps")]
+    all: bool,
+    /// Stored apps: names, references or digests
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct StopArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
+    /// Every installed app
+    #[arg(long, conflicts_with = "apps")]
+    all: bool,
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct DfArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
+    /// The device architecture [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -126,6 +188,8 @@ struct PullArgs {
 
 #[derive(Args)]
 struct RmArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
     /// An app name (all its versions), reference or digest
     #[arg(value_name = "NAME|REF")]
     app: String,
@@ -136,6 +200,8 @@ struct PruneArgs {
     /// Say what would be removed, remove nothing
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    docker: DockerArgs,
 }
 
 #[derive(Args)]
@@ -143,6 +209,11 @@ struct FsckArgs {
     /// Check sizes only, do not hash
     #[arg(long)]
     quick: bool,
+    /// Reload from the blob store the images of installed apps that Docker lost
+    #[arg(long)]
+    repair: bool,
+    #[command(flatten)]
+    fit: FitArgs,
 }
 
 #[derive(Args)]
@@ -258,6 +329,32 @@ impl Globals {
             policy,
             docker,
             notes: note.into_iter().collect(),
+        })
+    }
+
+    fn docker_host(&self, flag: &Option<String>) -> Option<String> {
+        flag.clone().or_else(|| self.config.docker_host.clone())
+    }
+
+    async fn engine(&self, flag: &Option<String>) -> Result<DockerEngine> {
+        Ok(DockerEngine::connect(self.docker_host(flag).as_deref()).await?)
+    }
+
+    async fn compose(&self, flag: &Option<String>) -> Result<Compose> {
+        let compose = Compose::detect().await?;
+        Ok(match self.docker_host(flag) {
+            Some(host) => compose.with_docker_host(&host),
+            None => compose,
+        })
+    }
+
+    /// What install needs from the fit settings.
+    async fn install_options(&self, args: &FitArgs) -> Result<InstallOptions> {
+        let fit = self.fit(args).await?;
+        Ok(InstallOptions {
+            architecture: fit.arch,
+            policy: fit.policy,
+            load: LoadOptions::default(),
         })
     }
 
@@ -395,20 +492,148 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::ls(&apps, globals.json)?;
         }
         Command::Rm(args) => {
-            let report = admin::rm(&globals.store()?, &args.app)?;
+            let store = globals.store()?;
+            // An installed app is uninstalled first (refused while it has
+            // containers), so that prune may then free its images too.
+            let state = Installed::load(&globals.root)?;
+            let installed: Vec<String> = stowage::stored::find_apps(&store, &args.app)?
+                .into_iter()
+                .filter(|a| {
+                    state
+                        .apps
+                        .get(&a.name)
+                        .is_some_and(|r| r.reference == a.reference)
+                })
+                .map(|a| a.name)
+                .collect();
+            if !installed.is_empty() {
+                let engine = globals.engine(&args.docker.docker_host).await?;
+                let device = Device {
+                    root: &globals.root,
+                    store: &store,
+                    engine: &engine,
+                };
+                for name in &installed {
+                    run_cmd::uninstall(device, name).await?;
+                }
+            }
+            let report = admin::rm(&store, &args.app)?;
             output::rm(&report, globals.json)?;
         }
         Command::Prune(args) => {
             let report = admin::prune(&globals.store()?, args.dry_run)?;
-            output::prune(&report, globals.json)?;
+            let docker = match globals.engine(&args.docker.docker_host).await {
+                Ok(engine) => Some(
+                    admin::prune_docker(&globals.root, &engine, args.dry_run)
+                        .await
+                        .map_err(|e| format!("{e:#}")),
+                ),
+                Err(e) => Some(Err(format!("Docker is not reachable, its images were left alone: {e:#}"))),
+            };
+            output::prune(&report, docker.as_ref(), globals.json)?;
         }
         Command::Fsck(args) => {
-            let report = admin::fsck(&globals.store()?, args.quick)?;
-            let clean = report.is_clean();
-            output::fsck(&report, globals.json)?;
+            let store = if args.repair {
+                Store::open_for_repair(&globals.root)?
+            } else {
+                globals.store()?
+            };
+            let report = admin::fsck(&store, args.quick)?;
+            let mut clean = report.is_clean();
+            let state = Installed::load(&globals.root)?;
+            let mut installed_checks = Vec::new();
+            if !state.apps.is_empty() {
+                let engine = globals.engine(&args.fit.docker_host).await?;
+                let options = globals.install_options(&args.fit).await?;
+                let device = Device {
+                    root: &globals.root,
+                    store: &store,
+                    engine: &engine,
+                };
+                installed_checks =
+                    install::verify_installed(device, args.repair, &options, progress.as_ref())
+                        .await?;
+                clean &= installed_checks.iter().all(|c| c.is_healthy());
+            }
+            output::fsck(&report, &installed_checks, globals.json)?;
             if !clean {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::Install(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.fit.docker_host).await?;
+            let options = globals.install_options(&args.fit).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            match install::install(device, &args.app, &options, progress.as_ref()).await {
+                Ok(report) => output::install(&report, globals.json)?,
+                Err(e) => return refused_or(e, globals.json),
+            }
+        }
+        Command::Run(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.fit.docker_host).await?;
+            let compose = globals.compose(&args.fit.docker_host).await?;
+            let options = globals.install_options(&args.fit).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            let selection = if args.all {
+                Selection::All
+            } else {
+                Selection::Named(args.apps)
+            };
+            match run_cmd::run(device, &compose, &selection, &options, progress.as_ref()).await {
+                Ok(report) => output::run(&report, globals.json)?,
+                Err(e) => return refused_or(e, globals.json),
+            }
+        }
+        Command::Stop(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.docker.docker_host).await?;
+            let compose = globals.compose(&args.docker.docker_host).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            let selection = if args.all {
+                Selection::All
+            } else {
+                Selection::Named(args.apps)
+            };
+            let report = run_cmd::stop(device, &compose, &selection, progress.as_ref()).await?;
+            output::stop(&report, globals.json)?;
+        }
+        Command::Ps(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.docker_host).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            let apps = run_cmd::ps(device).await?;
+            output::ps(&apps, globals.json)?;
+        }
+        Command::Df(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.docker.docker_host).await.ok();
+            let arch = match args.arch.clone().or_else(|| globals.config.arch.clone()) {
+                Some(a) => Arch::parse(&a),
+                None => Arch::detect()
+                    .context("cannot tell this machine's architecture; give --arch")?,
+            };
+            let report =
+                stowage::commands::df::df(&globals.root, &store, engine.as_ref(), &arch.to_string())
+                    .await?;
+            output::df(&report, globals.json)?;
         }
         Command::Inspect(args) => {
             let app: ImageRef = args.app.parse()?;
@@ -421,6 +646,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 100 with the check's table when `error` is an update that does not
+/// fit; any other error goes on.
+fn refused_or(error: anyhow::Error, json: bool) -> Result<ExitCode> {
+    match error.downcast::<DoesNotFit>() {
+        Ok(refused) => {
+            output::check(&refused.report, json)?;
+            eprintln!(
+                "stowage: error: the update does not fit: {}",
+                refused.report.fit.shortfall()
+            );
+            Ok(ExitCode::from(DOES_NOT_FIT))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn default_cache_dir() -> PathBuf {

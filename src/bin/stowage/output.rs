@@ -11,7 +11,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use stowage::Digest;
-use stowage::commands::admin::RmReport;
+use stowage::commands::admin::{DockerPruneReport, RmReport};
+use stowage::commands::df::DfReport;
+use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
+use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::commands::check::CheckReport;
 use stowage::commands::inspect::AppDescription;
 use stowage::commands::publish::PublishReport;
@@ -309,9 +312,19 @@ pub fn rm(report: &RmReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn prune(report: &PruneReport, json: bool) -> Result<()> {
+pub fn prune(
+    report: &PruneReport,
+    docker: Option<&Result<DockerPruneReport, String>>,
+    json: bool,
+) -> Result<()> {
     if json {
+        let docker_value = match docker {
+            Some(Ok(d)) => serde_json::to_value(d)?,
+            Some(Err(e)) => serde_json::json!({"error": e}),
+            None => serde_json::Value::Null,
+        };
         let value = serde_json::json!({
+            "docker": docker_value,
             "dry_run": report.dry_run,
             "removed_blobs": report.removed.iter().map(|(d, n)| serde_json::json!({"digest": d, "size": n})).collect::<Vec<_>>(),
             "freed_bytes": report.freed_bytes,
@@ -341,19 +354,205 @@ pub fn prune(report: &PruneReport, json: bool) -> Result<()> {
         human_bytes(report.stale_ingest_bytes),
         report.kept
     );
+    match docker {
+        Some(Ok(d)) => {
+            for image in &d.removed {
+                println!(
+                    "{verb} image {} {} ({})",
+                    image.image_id.short(),
+                    image.tags.join(", "),
+                    human_bytes(image.bytes)
+                );
+            }
+            for image in &d.kept_in_use {
+                println!(
+                    "kept image {} {}: used by container {}",
+                    image.image_id.short(),
+                    image.tags.join(", "),
+                    image.containers.join(", ")
+                );
+            }
+            println!(
+                "docker images: {verb} {} images stowage loaded ({}); kept {} in use by containers",
+                d.removed.len(),
+                human_bytes(d.freed_bytes),
+                d.kept_in_use.len()
+            );
+        }
+        Some(Err(e)) => println!("docker images: not pruned: {e}"),
+        None => {}
+    }
     Ok(())
 }
 
-pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
+pub fn install(report: &InstallReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for image in &report.images {
+        let what = match image.action {
+            ImageAction::Loaded => format!(
+                "loaded: {} of {} layers sent ({}), {} already held, {:.1} s",
+                image.layers_sent,
+                image.layers,
+                human_bytes(image.bytes_sent),
+                image.layers_skipped,
+                image.seconds
+            ),
+            ImageAction::Present => "already in Docker".to_string(),
+            ImageAction::Tagged => "already in Docker, tagged".to_string(),
+        };
+        println!(
+            "{:<24} {}  {what}",
+            image.services.join(","),
+            image.tags.first().map_or("", String::as_str)
+        );
+    }
+    println!(
+        "installed {} ({}) in {}",
+        report.name,
+        report.reference,
+        report.dir.display()
+    );
+    Ok(())
+}
+
+pub fn run(report: &RunReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for install in &report.installs {
+        let loaded = install
+            .images
+            .iter()
+            .filter(|i| i.action == ImageAction::Loaded)
+            .count();
+        if loaded > 0 || install.bundle_extracted {
+            println!(
+                "installed {}: {loaded} images loaded ({} layers sent)",
+                install.name,
+                install.layers_sent()
+            );
+        }
+    }
+    for name in &report.started {
+        println!("started {name}");
+    }
+    Ok(())
+}
+
+pub fn stop(report: &StopReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for name in &report.stopped {
+        println!("stopped {name}");
+    }
+    Ok(())
+}
+
+pub fn ps(apps: &[AppStatus], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(apps)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<9} {:<16} {:<12} {:<10} CONTAINER",
+        "APP", "APP STATE", "SERVICE", "STATE", "HEALTH"
+    );
+    for app in apps {
+        for service in &app.services {
+            let state = match service.exit_code {
+                Some(code) if service.state != "running" => format!("{} ({code})", service.state),
+                _ => service.state.clone(),
+            };
+            println!(
+                "{:<20} {:<9} {:<16} {:<12} {:<10} {}",
+                app.name,
+                app.state,
+                service.service,
+                state,
+                service.health.as_deref().unwrap_or("-"),
+                service.container
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn df(report: &DfReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("{:<16} {:>10} {:>7}  DETAIL", "STORE", "SIZE", "ITEMS");
+    for store in &report.stores {
+        println!(
+            "{:<16} {:>10} {:>7}  {} ({})",
+            store.store,
+            human_bytes(store.bytes),
+            store.items,
+            store.detail,
+            store.path.display()
+        );
+    }
+    println!();
+    println!(
+        "{:<20} {:<9} {:>10} {:>10} {:>10}  REFERENCE",
+        "APP", "INSTALLED", "STORE", "DOCKER", "DIRECTORY"
+    );
+    for app in &report.apps {
+        println!(
+            "{:<20} {:<9} {:>10} {:>10} {:>10}  {}",
+            app.name,
+            if app.installed { "yes" } else { "no" },
+            human_bytes(app.store_bytes),
+            human_bytes(app.docker_bytes),
+            human_bytes(app.dir_bytes),
+            app.reference
+        );
+    }
+    println!();
+    println!(
+        "{:>10} {:>10} {:>10} {:>6}  PATHS",
+        "SIZE", "USED", "FREE", "BLOCK"
+    );
+    for volume in &report.volumes {
+        println!(
+            "{:>10} {:>10} {:>10} {:>6}  {}",
+            human_bytes(volume.size),
+            human_bytes(volume.used),
+            human_bytes(volume.free),
+            volume.block_size,
+            volume
+                .paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    Ok(())
+}
+
+pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Result<()> {
+    let installed_clean = installed.iter().all(|c| c.is_healthy());
     if json {
         let value = serde_json::json!({
+            "installed": installed,
             "quick": report.quick,
             "checked": report.checked,
             "bytes_hashed": report.bytes_hashed,
             "corrupt": report.corrupt.iter().map(|c| serde_json::json!({"digest": c.digest, "reason": c.reason, "moved_to": c.moved_to})).collect::<Vec<_>>(),
             "moved_aside": report.moved_aside.iter().map(|c| serde_json::json!({"path": c.path, "reason": c.reason, "moved_to": c.moved_to})).collect::<Vec<_>>(),
             "missing_ref_targets": report.missing_ref_targets.iter().map(|(n, d)| serde_json::json!({"ref": n, "digest": d})).collect::<Vec<_>>(),
-            "clean": report.is_clean(),
+            "clean": report.is_clean() && installed_clean,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -376,6 +575,45 @@ pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
     }
     for (n, d) in &report.missing_ref_targets {
         println!("ref {n} points at missing {d}: pull the app again");
+    }
+    for c in installed {
+        if c.repaired {
+            println!(
+                "app {}: restored from the blob store ({} images were missing{})",
+                c.name,
+                c.missing_images.len(),
+                if c.directory_damaged {
+                    ", directory rebuilt"
+                } else {
+                    ""
+                }
+            );
+        } else if !c.missing_images.is_empty() || c.directory_damaged {
+            println!(
+                "app {}: Docker lacks {}{}; run `stowage fsck --repair`",
+                c.name,
+                if c.missing_images.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    c.missing_images.join(", ")
+                },
+                if c.directory_damaged {
+                    " and its directory is damaged"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(e) = &c.error {
+            println!("app {}: cannot be restored: {e}", c.name);
+        }
+    }
+    if !installed.is_empty() {
+        println!(
+            "checked {} installed apps: {}",
+            installed.len(),
+            if installed_clean { "intact" } else { "problems found" }
+        );
     }
     println!(
         "checked {} blobs{}: {}",
