@@ -101,9 +101,21 @@ pub async fn prune_docker(
     engine: &DockerEngine,
     dry_run: bool,
 ) -> Result<DockerPruneReport> {
+    prune_docker_keeping(root, engine, dry_run, &BTreeSet::new()).await
+}
+
+/// Like [`prune_docker`], also keeping the images in `keep` (the update's
+/// rollback copy, which is stored but not installed).
+pub async fn prune_docker_keeping(
+    root: &Path,
+    engine: &DockerEngine,
+    dry_run: bool,
+    keep: &BTreeSet<Digest>,
+) -> Result<DockerPruneReport> {
     let _apps_lock = installed::lock_apps(root, APPS_LOCK_TIMEOUT)?;
     let mut state = Installed::load(root)?;
-    let referenced = state.referenced_images();
+    let mut referenced = state.referenced_images();
+    referenced.extend(keep.iter().cloned());
     let before = engine.image_disk_usage().await?;
     let own_bytes = |id: &Digest| {
         before
