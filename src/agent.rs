@@ -19,7 +19,7 @@ use crate::fsutil::write_atomic;
 use crate::reference::ImageRef;
 use crate::registry::RegistryClient;
 use crate::target::fetch_target;
-use crate::update::{self, AppSet, Device, Outcome, StateFiles, UpdateOptions};
+use crate::update::{self, AppSet, DeviceOps, Outcome, StateFiles, UpdateOptions};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -66,7 +66,7 @@ fn write_status(root: &Path, status: &AgentStatus) -> Result<()> {
 
 /// What the agent needs beyond the update's device operations.
 #[allow(async_fn_in_trait)]
-pub trait AgentDevice: Device {
+pub trait AgentDevice: DeviceOps {
     /// The fit check alone: does an update to `to` fit now?
     async fn fits(&self, to: &AppSet) -> Result<(bool, serde_json::Value)>;
 }

@@ -119,6 +119,35 @@ impl StateFiles {
     }
 }
 
+/// Held while an update or the agent runs: one transaction at a time.
+pub struct UpdateLock {
+    _file: std::fs::File,
+}
+
+/// Takes the update lock, failing at once when another update holds it.
+pub fn lock_updates(root: &Path) -> Result<UpdateLock> {
+    let dir = root.join("state");
+    crate::fsutil::ensure_dir(&dir, 0o700)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("update.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let locked =
+        crate::store::flock_with_deadline(&file, crate::store::LockMode::Exclusive, Duration::ZERO)
+            .with_context(|| format!("cannot lock {}", path.display()))?;
+    if !locked {
+        anyhow::bail!(
+            "another stowage update or agent is running on {}",
+            root.display()
+        );
+    }
+    Ok(UpdateLock { _file: file })
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| {
@@ -136,7 +165,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 /// the store, Docker and compose; tests may stand in a fake to explore the
 /// transaction's every failure point.
 #[allow(async_fn_in_trait)]
-pub trait Device {
+pub trait DeviceOps {
     /// Fetches the apps; `Err` downcasting to `DoesNotFit` means refused.
     async fn pull(&self, to: &AppSet) -> Result<serde_json::Value>;
     /// Loads images and extracts the bundle of one app, without starting it.
@@ -211,7 +240,7 @@ pub struct UpdateOptions {
 
 /// Runs the whole transaction towards `to`.
 pub async fn update(
-    device: &impl Device,
+    device: &impl DeviceOps,
     files: &StateFiles,
     to: AppSet,
     options: &UpdateOptions,
@@ -284,7 +313,7 @@ pub async fn update(
 
 /// Steps 3 and 4: stop what goes, start what comes, verify.
 async fn switch(
-    device: &impl Device,
+    device: &impl DeviceOps,
     files: &StateFiles,
     journal: &mut Journal,
     options: &UpdateOptions,
@@ -319,7 +348,11 @@ async fn switch(
 
 /// Stops the new apps and starts the previous ones again, from what is on
 /// the device. Idempotent, so that a crash during a rollback resumes it.
-async fn roll_back(device: &impl Device, files: &StateFiles, journal: &mut Journal) -> Result<()> {
+async fn roll_back(
+    device: &impl DeviceOps,
+    files: &StateFiles,
+    journal: &mut Journal,
+) -> Result<()> {
     journal.phase = Phase::RollingBack;
     files.write_journal(journal)?;
     for name in journal.to.keys() {
@@ -358,7 +391,7 @@ async fn roll_back(device: &impl Device, files: &StateFiles, journal: &mut Journ
 /// apps are started again in case the crash took them down). From
 /// `stopping` on it is rolled back.
 pub async fn recover(
-    device: &impl Device,
+    device: &impl DeviceOps,
     files: &StateFiles,
     _options: &UpdateOptions,
 ) -> Result<()> {
@@ -385,7 +418,7 @@ pub async fn recover(
     roll_back(device, files, &mut journal).await
 }
 
-async fn prune_quietly(device: &impl Device, keep: &AppSet) {
+async fn prune_quietly(device: &impl DeviceOps, keep: &AppSet) {
     match device.prune(keep).await {
         Ok(report) => device.event(UpdateEvent::Pruned { report }),
         Err(e) => tracing::warn!("prune after the update failed: {e:#}"),
@@ -433,7 +466,7 @@ mod tests {
         }
     }
 
-    impl Device for FakeDevice {
+    impl DeviceOps for FakeDevice {
         async fn pull(&self, _to: &AppSet) -> Result<serde_json::Value> {
             self.step("pull")?;
             Ok(serde_json::Value::Null)

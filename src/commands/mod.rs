@@ -10,3 +10,4 @@ pub mod install;
 pub mod publish;
 pub mod pull;
 pub mod run;
+pub mod update;

@@ -11,17 +11,18 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
-use stowage::commands::install::{self, Device, InstallOptions};
-use stowage::commands::run::{self as run_cmd, Selection};
 use stowage::commands::check::{self, DockerView};
 use stowage::commands::inspect::InspectOptions;
+use stowage::commands::install::{self, Device, InstallOptions};
 use stowage::commands::publish::PublishOptions;
 use stowage::commands::pull::{DoesNotFit, PullOptions};
-use stowage::config::{self, ConfigFile, CredentialStore};
+use stowage::commands::run::{self as run_cmd, Selection};
+use stowage::commands::update as update_cmd;
 use stowage::compose::Compose;
+use stowage::config::{self, ConfigFile, CredentialStore};
 use stowage::docker::{DockerEngine, LoadOptions};
-use stowage::installed::Installed;
 use stowage::format::Arch;
+use stowage::installed::Installed;
 use stowage::reference::ImageRef;
 use stowage::registry::{RegistryClient, RegistryOptions};
 use stowage::space::Policy;
@@ -100,6 +101,64 @@ enum Command {
     Ps(DockerArgs),
     /// Disk used per app and per store, and free space per volume
     Df(DfArgs),
+    /// Take the device to exactly these apps in one transaction, rolling back on failure
+    Update(UpdateArgs),
+    /// Poll a target and apply it with the update transaction (a daemon)
+    Agent(AgentArgs),
+    /// Show what the agent last did
+    Status,
+    /// Targets: the set of apps a device should run
+    #[command(subcommand)]
+    Target(TargetCommand),
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Blobs downloaded at once
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Seconds the new apps have to be running and healthy
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    verify_timeout: u64,
+    /// Every app the device should run (REGISTRY/REPO:TAG or @sha256:...); running apps not named are stopped
+    #[arg(value_name = "REF", required = true)]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// The target to follow: REGISTRY/REPO:TAG
+    #[arg(long, value_name = "REF")]
+    target: String,
+    /// Time between polls, e.g. 30s, 5m, 1h
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    interval: String,
+    /// Seconds the new apps have to be running and healthy
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    verify_timeout: u64,
+    /// Poll once and exit (the exit code says how it went)
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Subcommand)]
+enum TargetCommand {
+    /// Publish a target naming the apps (pinned by digest) at REGISTRY/REPO:TAG
+    Publish {
+        #[arg(value_name = "REGISTRY/REPO:TAG")]
+        at: String,
+        #[arg(value_name = "APP_REF", required = true)]
+        apps: Vec<String>,
+    },
+    /// Show a target's apps
+    Show {
+        #[arg(value_name = "REF")]
+        at: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -358,6 +417,40 @@ impl Globals {
         })
     }
 
+    /// The device as the update transaction drives it.
+    async fn live_device<'a>(
+        &self,
+        args: &FitArgs,
+        client: &'a RegistryClient,
+        progress: &'a dyn stowage::progress::Progress,
+        jobs: Option<usize>,
+    ) -> Result<update_cmd::LiveDevice<'a>> {
+        let fit = self.fit(args).await?;
+        let json = self.json;
+        let events: &'a (dyn Fn(&stowage::update::UpdateEvent) + Send + Sync) = if json {
+            &|e| output::print_json_line(e)
+        } else {
+            &|e| output::update_event(e)
+        };
+        Ok(update_cmd::LiveDevice {
+            root: self.root.clone(),
+            store: self.store()?,
+            engine: self.engine(&args.docker_host).await?,
+            compose: self.compose(&args.docker_host).await?,
+            client,
+            architecture: fit.arch.clone(),
+            policy: fit.policy,
+            jobs: jobs.or(self.config.jobs).unwrap_or(4),
+            install: InstallOptions {
+                architecture: fit.arch,
+                policy: fit.policy,
+                load: LoadOptions::default(),
+            },
+            progress,
+            events,
+        })
+    }
+
     fn registry_client(&self) -> Result<RegistryClient> {
         Ok(RegistryClient::new(self.registry.clone())?)
     }
@@ -409,7 +502,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let globals = Globals::resolve(&cli)?;
     // Commands that stream progress as JSON lines with --json; the others
     // print one JSON document on stdout and keep their progress on stderr.
-    let json_lines = globals.json && matches!(cli.command, Command::Pull(_));
+    let json_lines = globals.json
+        && matches!(
+            cli.command,
+            Command::Pull(_) | Command::Update(_) | Command::Agent(_)
+        );
     let progress = output::progress(json_lines, std::io::stderr().is_terminal());
     match cli.command {
         Command::Publish(args) => {
@@ -528,7 +625,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         .await
                         .map_err(|e| format!("{e:#}")),
                 ),
-                Err(e) => Some(Err(format!("Docker is not reachable, its images were left alone: {e:#}"))),
+                Err(e) => Some(Err(format!(
+                    "Docker is not reachable, its images were left alone: {e:#}"
+                ))),
             };
             output::prune(&report, docker.as_ref(), globals.json)?;
         }
@@ -630,10 +729,78 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 None => Arch::detect()
                     .context("cannot tell this machine's architecture; give --arch")?,
             };
-            let report =
-                stowage::commands::df::df(&globals.root, &store, engine.as_ref(), &arch.to_string())
-                    .await?;
+            let report = stowage::commands::df::df(
+                &globals.root,
+                &store,
+                engine.as_ref(),
+                &arch.to_string(),
+            )
+            .await?;
             output::df(&report, globals.json)?;
+        }
+        Command::Update(args) => {
+            let client = globals.registry_client()?;
+            let refs = args
+                .apps
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<Vec<ImageRef>, _>>()?;
+            let to = update_cmd::app_set(&client, &refs).await?;
+            let device = globals
+                .live_device(&args.fit, &client, progress.as_ref(), args.jobs)
+                .await?;
+            let options = stowage::update::UpdateOptions {
+                verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
+            };
+            let files = stowage::update::StateFiles::under(&globals.root);
+            let _lock = stowage::update::lock_updates(&globals.root)?;
+            let outcome = stowage::update::update(&device, &files, to, &options).await?;
+            return output::update_outcome(outcome, globals.json);
+        }
+        Command::Agent(args) => {
+            let client = globals.registry_client()?;
+            let device = globals
+                .live_device(&args.fit, &client, progress.as_ref(), None)
+                .await?;
+            let interval = parse_duration(&args.interval)?;
+            let options = stowage::agent::AgentOptions {
+                target: args.target.parse()?,
+                interval,
+                update: stowage::update::UpdateOptions {
+                    verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
+                },
+                once: args.once,
+            };
+            let _lock = stowage::update::lock_updates(&globals.root)?;
+            let status =
+                stowage::agent::run_agent(&device, &client, &globals.root, &options).await?;
+            output::status(&status, globals.json)?;
+            return Ok(match status.last_result.as_str() {
+                "committed" | "unchanged" => ExitCode::SUCCESS,
+                "refused" | "waiting_for_space" => ExitCode::from(DOES_NOT_FIT),
+                _ => ExitCode::from(1),
+            });
+        }
+        Command::Status => match stowage::agent::read_status(&globals.root)? {
+            Some(status) => output::status(&status, globals.json)?,
+            None => {
+                let state = stowage::update::StateFiles::under(&globals.root).device()?;
+                output::device_state(&state, globals.json)?;
+            }
+        },
+        Command::Target(TargetCommand::Publish { at, apps }) => {
+            let client = globals.registry_client()?;
+            let refs = apps
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<Vec<ImageRef>, _>>()?;
+            let target = stowage::target::publish_target(&client, &at.parse()?, &refs).await?;
+            output::target(&target, globals.json)?;
+        }
+        Command::Target(TargetCommand::Show { at }) => {
+            let client = globals.registry_client()?;
+            let target = stowage::target::fetch_target(&client, &at.parse()?).await?;
+            output::target(&target, globals.json)?;
         }
         Command::Inspect(args) => {
             let app: ImageRef = args.app.parse()?;
@@ -662,6 +829,25 @@ fn refused_or(error: anyhow::Error, json: bool) -> Result<ExitCode> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// `30s`, `5m`, `1h` or a number of seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration (try 30s, 5m or 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => anyhow::bail!("{s:?} has an unknown unit (use s, m or h)"),
+    };
+    if secs == 0 {
+        anyhow::bail!("the interval must be at least one second");
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn default_cache_dir() -> PathBuf {

@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use stowage::Digest;
 use stowage::commands::admin::{DockerPruneReport, RmReport};
-use stowage::commands::df::DfReport;
-use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
-use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::commands::check::CheckReport;
+use stowage::commands::df::DfReport;
 use stowage::commands::inspect::AppDescription;
+use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
 use stowage::commands::publish::PublishReport;
 use stowage::commands::pull::PullReport;
+use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::progress::{Event, NoProgress, Progress};
 use stowage::store::{FsckReport, PruneReport};
 use stowage::stored::StoredApp;
@@ -612,7 +612,11 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
         println!(
             "checked {} installed apps: {}",
             installed.len(),
-            if installed_clean { "intact" } else { "problems found" }
+            if installed_clean {
+                "intact"
+            } else {
+                "problems found"
+            }
         );
     }
     println!(
@@ -625,5 +629,112 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
             "problems found"
         }
     );
+    Ok(())
+}
+
+pub fn update_event(event: &stowage::update::UpdateEvent) {
+    use stowage::update::UpdateEvent as E;
+    let line = match event {
+        E::Started { from, to } => format!("update: {} -> {}", apps_text(from), apps_text(to)),
+        E::Recovering { phase, .. } => {
+            format!("recovering an update interrupted while {phase:?}").to_lowercase()
+        }
+        E::Check { .. } => "the update fits; apps pulled".to_string(),
+        E::Installed { app, reference } => format!("installed {app} ({reference})"),
+        E::Stopped { app } => format!("stopped {app}"),
+        E::AppStarted { app, .. } => format!("started {app}"),
+        E::Verified { app } => format!("verified {app}: every service running"),
+        E::Committed { running } => format!("committed: running {}", apps_text(running)),
+        E::RolledBack { running, error } => {
+            format!("ROLLED BACK to {}: {error}", apps_text(running))
+        }
+        E::Pruned { report } => format!("pruned: {report}"),
+        E::NothingToDo { running } => {
+            format!("nothing to do: already running {}", apps_text(running))
+        }
+    };
+    eprintln!("{line}");
+}
+
+fn apps_text(apps: &stowage::update::AppSet) -> String {
+    if apps.is_empty() {
+        return "(no apps)".into();
+    }
+    apps.iter()
+        .map(|(n, r)| format!("{n}={r}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The exit code of an update: 0 committed or unchanged, 100 refused for
+/// space, 1 otherwise (rolled back or failed).
+pub fn update_outcome(
+    outcome: stowage::update::Outcome,
+    json: bool,
+) -> Result<std::process::ExitCode> {
+    use stowage::update::Outcome;
+    let (result, code, error) = match outcome {
+        Outcome::Committed => ("committed", 0u8, None),
+        Outcome::Unchanged => ("unchanged", 0, None),
+        Outcome::RolledBack(e) => ("rolled_back", 1, Some(e)),
+        Outcome::Failed(e) => match e.downcast::<stowage::commands::pull::DoesNotFit>() {
+            Ok(refused) => {
+                check(&refused.report, json)?;
+                ("refused", 100, Some(anyhow::anyhow!("{refused}")))
+            }
+            Err(e) => ("failed", 1, Some(e)),
+        },
+    };
+    let message = error.map(|e| format!("{e:#}"));
+    if json {
+        print_json_line(
+            &serde_json::json!({"event": "result", "result": result, "error": message}),
+        );
+    } else if let Some(m) = &message {
+        eprintln!("stowage: error: update {}: {m}", result.replace('_', " "));
+    }
+    Ok(std::process::ExitCode::from(code))
+}
+
+pub fn status(status: &stowage::agent::AgentStatus, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!("target:       {}", status.target);
+    if let Some(d) = &status.target_digest {
+        println!("target digest: {d}");
+    }
+    println!("running:      {}", apps_text(&status.apps));
+    println!("last result:  {}", status.last_result);
+    if let Some(e) = &status.last_error {
+        println!("last error:   {e}");
+    }
+    if status.consecutive_failures > 0 {
+        println!("failures in a row: {}", status.consecutive_failures);
+    }
+    println!("next poll in: {} s", status.next_poll_in_secs);
+    Ok(())
+}
+
+pub fn device_state(state: &stowage::update::DeviceState, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(state)?);
+        return Ok(());
+    }
+    println!("no agent has run; running: {}", apps_text(&state.running));
+    println!("rollback copy: {}", apps_text(&state.previous));
+    Ok(())
+}
+
+pub fn target(target: &stowage::target::Target, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(target)?);
+        return Ok(());
+    }
+    for (name, reference) in &target.apps {
+        println!("{name:<20} {reference}");
+    }
+    println!("{}", target.reference);
     Ok(())
 }
