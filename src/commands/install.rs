@@ -282,8 +282,24 @@ pub(crate) async fn install_locked(
         let bundle = store.open_blob(&manifest.bundle().digest)?;
         crate::fsutil::ensure_dir(&apps_dir, 0o700)
             .with_context(|| format!("cannot create {}", apps_dir.display()))?;
-        extract_bundle(bundle, &index, &dir, &BundleLimits::default())
+        // Another version's directory may be there (an update): extract
+        // beside it, then swap, so a refused bundle changes nothing.
+        let incoming = apps_dir.join(format!(".incoming-{}", app.name));
+        if incoming.exists() {
+            std::fs::remove_dir_all(&incoming)
+                .with_context(|| format!("cannot remove {}", incoming.display()))?;
+        }
+        extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
             .with_context(|| format!("the bundle of {} is refused", app.reference))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| {
+                format!("cannot remove the previous version in {}", dir.display())
+            })?;
+        }
+        std::fs::rename(&incoming, &dir)
+            .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
+        crate::fsutil::fsync_dir(&apps_dir)
+            .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
         write_atomic(
             &dir.join(BUNDLE_MARKER),
             format!("{}\n", app.digest).as_bytes(),

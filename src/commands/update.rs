@@ -10,10 +10,11 @@ use anyhow::{Result, bail};
 
 use crate::Digest;
 use crate::agent::AgentDevice;
+use crate::app::{LayoutSource, fetch_app};
 use crate::commands::admin;
 use crate::commands::check::{DockerView, Paths, plan_update, summarise};
 use crate::commands::install::{self, Device, InstallOptions};
-use crate::commands::pull::PullOptions;
+use crate::commands::pull::{DoesNotFit, PullOptions};
 use crate::commands::run::{self as run_cmd, Selection};
 use crate::compose::Compose;
 use crate::docker::DockerEngine;
@@ -53,6 +54,22 @@ impl LiveDevice<'_> {
         to.values().map(|r| Ok(r.parse::<ImageRef>()?)).collect()
     }
 
+    /// The apps of `to` read from the store, when every one is stored whole.
+    async fn stored_apps(&self, to: &AppSet) -> Result<Option<Vec<crate::app::App>>> {
+        let source = LayoutSource { store: &self.store };
+        let mut apps = Vec::new();
+        for reference in to.values() {
+            let complete = crate::stored::find_apps(&self.store, reference)?
+                .iter()
+                .any(|a| a.is_complete());
+            if !complete {
+                return Ok(None);
+            }
+            apps.push(fetch_app(&source, &reference.parse()?, &self.architecture).await?);
+        }
+        Ok(Some(apps))
+    }
+
     async fn docker_view(&self) -> DockerView {
         DockerView::probe(Some(&self.engine)).await.0
     }
@@ -60,6 +77,26 @@ impl LiveDevice<'_> {
 
 impl DeviceOps for LiveDevice<'_> {
     async fn pull(&self, to: &AppSet) -> Result<serde_json::Value> {
+        // Apps already whole in the store need no network: plan from the
+        // store alone (the check still counts Docker and the apps directory).
+        if let Some(apps) = self.stored_apps(to).await? {
+            let docker = self.docker_view().await;
+            let plan = plan_update(
+                &apps,
+                &self.store,
+                &Paths::under(&self.root),
+                &docker,
+                self.policy,
+            )?;
+            let check = summarise(&apps, &plan, &docker);
+            if !plan.fit.fits {
+                return Err(DoesNotFit {
+                    report: Box::new(check),
+                }
+                .into());
+            }
+            return Ok(serde_json::to_value(&check)?);
+        }
         let options = PullOptions {
             apps: Self::refs(to)?,
             architecture: self.architecture.clone(),
