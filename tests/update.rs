@@ -333,3 +333,78 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
     .unwrap();
     assert_eq!(state["running"][&name], v1);
 }
+
+#[test]
+fn offline_update_from_an_export_with_the_registry_stopped() {
+    ensure_dockerd();
+    let mut registry = Registry::start();
+    let name = unique("offline");
+    let host = registry.host();
+    let _cleanup = Cleanup {
+        project: name.clone(),
+        repo_prefix: format!("{host}/{name}/"),
+    };
+    let base_local = format!("{name}-base:1");
+    busybox_image(&base_local);
+    push_image(&base_local, &format!("{host}/{name}/base:1"));
+    remove_image(&base_local);
+    let v1 = publish_version(
+        &registry,
+        &name,
+        "v1",
+        &format!("{host}/{name}/base:1"),
+        "[\"sleep\", \"3600\"]",
+    );
+
+    // Export on one root...
+    let online = temp_dir("root-");
+    run_ok(&mut device(online.path(), &host, &["pull", &v1]));
+    let media = temp_dir("usb-");
+    let usb = media.path().join("apps");
+    let out = run_ok(&mut device(
+        online.path(),
+        &host,
+        &["export", &name, usb.to_str().unwrap()],
+    ));
+    assert!(out.contains(&v1), "{out}");
+    registry.stop();
+
+    // ...pull from it into another with no registry...
+    let other = temp_dir("root-");
+    let source = format!("oci:{}", usb.display());
+    run_ok(&mut device(other.path(), &host, &["pull", &source]));
+    let listed: Value =
+        serde_json::from_str(&run_ok(&mut device(other.path(), &host, &["--json", "ls"]))).unwrap();
+    assert_eq!(listed[0]["reference"], v1.as_str());
+    assert_eq!(listed[0]["state"], "fetched");
+
+    // ...and update a third one from it, which then runs the app.
+    let device_root = temp_dir("root-");
+    let out = run_output(&mut device(
+        device_root.path(),
+        &host,
+        &[
+            "update",
+            "--verify-timeout",
+            "60",
+            &format!("{source}:{name}"),
+        ],
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = running_images(&name);
+    assert_eq!(images.len(), 2, "{images:?}");
+    let out = run_ok(&mut device(device_root.path(), &host, &["fsck"]));
+    assert!(out.contains("clean"), "{out}");
+
+    // A directory that is not an export is refused clearly.
+    let out = run_fails(&mut device(
+        device_root.path(),
+        &host,
+        &["pull", &format!("oci:{}", media.path().display())],
+    ));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a stowage export"));
+}

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod check;
 pub mod df;
+pub mod export;
 pub mod inspect;
 pub mod install;
 pub mod publish;

@@ -37,6 +37,8 @@ pub struct LiveDevice<'a> {
     pub jobs: usize,
     pub install: InstallOptions,
     pub progress: &'a dyn Progress,
+    /// Take the apps from this export instead of their registries.
+    pub layout: Option<crate::commands::export::LayoutRef>,
     /// Receives the transaction's events (JSON lines or text).
     pub events: &'a (dyn Fn(&UpdateEvent) + Send + Sync),
 }
@@ -96,6 +98,19 @@ impl DeviceOps for LiveDevice<'_> {
                 .into());
             }
             return Ok(serde_json::to_value(&check)?);
+        }
+        if let Some(layout) = &self.layout {
+            let docker = self.docker_view().await;
+            let report = crate::commands::export::import(
+                &self.store,
+                layout,
+                &self.architecture,
+                self.policy,
+                &docker,
+                self.progress,
+            )
+            .await?;
+            return Ok(serde_json::to_value(&report.check)?);
         }
         let options = PullOptions {
             apps: Self::refs(to)?,

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
 use stowage::commands::check::{self, DockerView};
+use stowage::commands::export::LayoutRef;
 use stowage::commands::inspect::InspectOptions;
 use stowage::commands::install::{self, Device, InstallOptions};
 use stowage::commands::publish::PublishOptions;
@@ -107,6 +108,8 @@ enum Command {
     Agent(AgentArgs),
     /// Show what the agent last did
     Status,
+    /// Write stored apps and all their blobs into DIR for an offline update (oci:DIR)
+    Export(ExportArgs),
     /// Targets: the set of apps a device should run
     #[command(subcommand)]
     Target(TargetCommand),
@@ -125,6 +128,17 @@ struct UpdateArgs {
     /// Every app the device should run (REGISTRY/REPO:TAG or @sha256:...); running apps not named are stopped
     #[arg(value_name = "REF", required = true)]
     apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The device architecture [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<String>,
+    /// Stored apps (names, references or digests), then the directory to
+    /// write (a stowage store; apply it with `stowage update oci:DIR`)
+    #[arg(value_name = "NAME|REF... DIR", required = true, num_args = 2..)]
+    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -447,6 +461,7 @@ impl Globals {
                 load: LoadOptions::default(),
             },
             progress,
+            layout: None,
             events,
         })
     }
@@ -545,6 +560,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::check(&report, globals.json)?;
             if !report.fit.fits {
                 return Ok(ExitCode::from(DOES_NOT_FIT));
+            }
+        }
+        Command::Pull(args) if args.apps.iter().any(|a| a.starts_with("oci:")) => {
+            let fit = globals.fit(&args.fit).await?;
+            let store = globals.store()?;
+            let [one] = args.apps.as_slice() else {
+                anyhow::bail!(
+                    "a pull from oci:DIR takes that one argument (oci:DIR or oci:DIR:NAME)"
+                );
+            };
+            let from = LayoutRef::parse(one).context("oci:DIR[:NAME] expected")?;
+            match stowage::commands::export::import(
+                &store,
+                &from,
+                &fit.arch,
+                fit.policy,
+                &fit.docker,
+                progress.as_ref(),
+            )
+            .await
+            {
+                Ok(report) => output::import(&report, globals.json)?,
+                Err(e) => return refused_or(e, globals.json),
             }
         }
         Command::Pull(args) => {
@@ -738,17 +776,56 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await?;
             output::df(&report, globals.json)?;
         }
+        Command::Export(args) => {
+            let store = globals.store()?;
+            let arch = match args.arch.clone().or_else(|| globals.config.arch.clone()) {
+                Some(a) => Arch::parse(&a),
+                None => Arch::detect()
+                    .context("cannot tell this machine's architecture; give --arch")?,
+            };
+            let Some((dir, apps)) = args.args.split_last() else {
+                anyhow::bail!("name the apps to export, then the directory");
+            };
+            let report = stowage::commands::export::export(
+                &store,
+                apps,
+                std::path::Path::new(dir),
+                &arch.to_string(),
+                progress.as_ref(),
+            )
+            .await?;
+            output::export(&report, globals.json)?;
+        }
         Command::Update(args) => {
             let client = globals.registry_client()?;
-            let refs = args
-                .apps
-                .iter()
-                .map(|r| r.parse())
-                .collect::<Result<Vec<ImageRef>, _>>()?;
-            let to = update_cmd::app_set(&client, &refs).await?;
-            let device = globals
+            let layout = match args.apps.as_slice() {
+                [one] => LayoutRef::parse(one),
+                many if many.iter().any(|a| a.starts_with("oci:")) => {
+                    anyhow::bail!(
+                        "an update from oci:DIR takes that one argument (oci:DIR or oci:DIR:NAME)"
+                    )
+                }
+                _ => None,
+            };
+            let to = match &layout {
+                Some(layout) => layout
+                    .apps(&layout.open()?)?
+                    .into_iter()
+                    .map(|a| (a.name, a.reference))
+                    .collect(),
+                None => {
+                    let refs = args
+                        .apps
+                        .iter()
+                        .map(|r| r.parse())
+                        .collect::<Result<Vec<ImageRef>, _>>()?;
+                    update_cmd::app_set(&client, &refs).await?
+                }
+            };
+            let mut device = globals
                 .live_device(&args.fit, &client, progress.as_ref(), args.jobs)
                 .await?;
+            device.layout = layout;
             let options = stowage::update::UpdateOptions {
                 verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
             };

@@ -738,3 +738,33 @@ pub fn target(target: &stowage::target::Target, json: bool) -> Result<()> {
     println!("{}", target.reference);
     Ok(())
 }
+
+pub fn export(report: &stowage::commands::export::ExportReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "exported {} ({} blobs, {}) to {}; apply with `stowage update oci:{}`",
+        report.apps.join(", "),
+        report.blobs,
+        human_bytes(report.bytes),
+        report.dir.display(),
+        report.dir.display()
+    );
+    Ok(())
+}
+
+pub fn import(report: &stowage::commands::export::ImportReport, json: bool) -> Result<()> {
+    if json {
+        print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
+        return Ok(());
+    }
+    println!(
+        "copied {} blobs ({}); stored: {}",
+        report.imported_blobs,
+        human_bytes(report.imported_bytes),
+        report.apps.join(", ")
+    );
+    Ok(())
+}
