@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::app::{App, LayerNeed, fetch_app};
 use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
+use crate::format::media;
 use crate::progress::{Event, Progress};
 use crate::reference::ImageRef;
 use crate::registry::{BlobBody, RegistryClient, RegistryError};
@@ -123,8 +124,31 @@ impl PullOptions {
 
 /// Names the app and each of its images in `index.json`, images first: the
 /// app's name appearing means all it needs is stored.
+///
+/// An image the registry served as a Docker v2 manifest is named by its OCI
+/// form (same config and layer blobs, OCI media types, the original digest
+/// in an annotation): OCI tools such as skopeo read only OCI manifests from
+/// an image layout, and the blobs Docker needs are the same either way.
 pub fn name_app(store: &Store, app: &App) -> Result<()> {
     for image in &app.images {
+        if image.manifest.media_type == media::DOCKER_MANIFEST {
+            let original = app
+                .meta_blobs
+                .iter()
+                .find(|b| b.descriptor.digest == image.manifest.digest)
+                .ok_or_else(|| anyhow!("the manifest of {} was not fetched", image.pinned))?;
+            let oci = oci_form(&original.bytes, &image.manifest.digest)
+                .with_context(|| format!("the manifest of {}", image.pinned))?;
+            let digest = crate::Digest::of(&oci);
+            store.put_bytes(&digest, &oci)?;
+            store.set_ref(
+                &image.pinned,
+                media::OCI_MANIFEST,
+                &digest,
+                oci.len() as u64,
+            )?;
+            continue;
+        }
         store.set_ref(
             &image.pinned,
             &image.manifest.media_type,
@@ -139,6 +163,50 @@ pub fn name_app(store: &Store, app: &App) -> Result<()> {
         app.meta_blobs[0].descriptor.size,
     )?;
     Ok(())
+}
+
+/// The annotation of an OCI form that names the Docker manifest it was made
+/// from.
+pub const SOURCE_MANIFEST_ANNOTATION: &str = "org.stowage.source.manifest.digest";
+
+/// The OCI image manifest equivalent to Docker v2 manifest `bytes`: the same
+/// config and layer blobs under their OCI media types. Deterministic (keys
+/// sorted), so two pulls make the same bytes.
+pub fn oci_form(bytes: &[u8], source: &crate::Digest) -> Result<Vec<u8>> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(bytes).context("a Docker manifest that is not JSON")?;
+    let descriptor = |d: &serde_json::Value, media_type: &str| -> Result<serde_json::Value> {
+        let digest = d["digest"]
+            .as_str()
+            .ok_or_else(|| anyhow!("a descriptor without a digest"))?;
+        let size = d["size"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("descriptor {digest} has no size"))?;
+        Ok(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}))
+    };
+    let config = descriptor(&manifest["config"], media::OCI_CONFIG)?;
+    let mut layers = Vec::new();
+    for layer in manifest["layers"].as_array().into_iter().flatten() {
+        let docker_type = layer["mediaType"].as_str().unwrap_or("");
+        let oci_type = match docker_type {
+            media::DOCKER_LAYER_GZIP | media::OCI_LAYER_GZIP => media::OCI_LAYER_GZIP,
+            "application/vnd.docker.image.rootfs.diff.tar" | media::OCI_LAYER => media::OCI_LAYER,
+            media::OCI_LAYER_ZSTD => media::OCI_LAYER_ZSTD,
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            }
+            other => bail!("layer media type {other:?} has no OCI equivalent"),
+        };
+        layers.push(descriptor(layer, oci_type)?);
+    }
+    let oci = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": config,
+        "layers": layers,
+        "annotations": {SOURCE_MANIFEST_ANNOTATION: source.to_string()},
+    });
+    Ok(serde_json::to_vec(&oci)?)
 }
 
 /// Downloads one layer into its ingest, resuming after broken connections,
