@@ -235,7 +235,18 @@ fn skopeo_reads_every_pulled_image_from_the_store() {
     let reference = publish_app(&host, &name, "v1", &[("web", 300 * 1024), ("db", 0)]);
     let root_dir = temp_dir("stowage-root-");
     let root = root_dir.path().join("root");
-    run_ok(device(&root, &host).args(["pull", &reference]));
+    // --json: progress and result as JSON lines, the last one the report.
+    let out = run_ok(device(&root, &host).args(["--json", "pull", &reference]));
+    let events: Vec<Value> = out.lines().map(|l| json_of(l.as_bytes())).collect();
+    assert!(events.len() > 1, "{out}");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "pulled", "{last:#}");
+    assert_eq!(last["report"]["apps"][0], reference);
+    assert!(last["report"]["fetched_bytes"].as_u64().unwrap() >= 300 * 1024);
+    assert!(
+        events.iter().any(|e| e["event"] == "blob_done"),
+        "each blob's end is reported: {out}"
+    );
 
     let refs = index_refs(&root);
     assert!(refs.contains_key(&reference), "the app is named: {refs:?}");

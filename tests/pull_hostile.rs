@@ -161,6 +161,13 @@ fn lying_blob_answers_are_refused_or_survived_and_nothing_unverified_is_committe
     );
     assert!(!app.layer_stored(&root));
     app.assert_nothing_unverified(&root);
+    // What it left is a stale partial download: prune removes it.
+    let partial = root.join("ingest").join(app.layer.hex());
+    assert!(partial.exists());
+    let pruned = json_of(run_ok(device(&root, &host).args(["--json", "prune"])).as_bytes());
+    let stale = pruned["stale_ingests"].to_string();
+    assert!(stale.contains(&digest), "{pruned:#}");
+    assert!(!partial.exists());
     app.registry
         .set_blob_behaviour(&app.layer, Behaviour::Honest);
     run_ok(device(&root, &host).args(["pull", &app.reference]));

@@ -207,22 +207,23 @@ fn a_volume_filled_during_a_pull_does_not_break_it_and_a_killed_pull_resumes_onc
 }
 
 /// How many times the pull is killed: as many as fit in about a minute.
-const KILLS: usize = 20;
+const KILLS: usize = 40;
 
 #[test]
 fn pulls_killed_at_random_moments_end_in_a_complete_verified_store_with_nothing_fetched_twice() {
-    // Three 12 MiB layers at 1.5 MiB/s each: eight seconds of downloading
+    // Three 16 MiB layers at 1 MiB/s each: sixteen seconds of downloading
     // to spread the kills over. The registry paces in slices of rate/20.
-    let rate = 3 * MIB as u64 / 2;
+    let rate = MIB as u64;
     let slice = rate / 20;
     let app = SlowApp::publish(
         &unique("kill"),
-        &[("web", 12 * MIB), ("api", 12 * MIB), ("worker", 12 * MIB)],
+        &[("web", 16 * MIB), ("api", 16 * MIB), ("worker", 16 * MIB)],
         rate,
     );
     let host = app.registry.host();
     let scratch = temp_dir("stowage-kill-");
     let root = scratch.path().join("root");
+
     let mut rng = rand::rng();
     // Per layer: the runs killed while it was being downloaded.
     let mut interrupted = vec![0u64; app.layers.len()];
@@ -276,4 +277,45 @@ fn pulls_killed_at_random_moments_end_in_a_complete_verified_store_with_nothing_
         "the pull finished after only {kills} kills; slow the registry down"
     );
     eprintln!("{kills} kills in {killing:?}; interrupted runs per layer {interrupted:?}");
+}
+
+#[test]
+fn a_prune_waits_for_a_pull_in_progress_and_removes_nothing_it_fetched() {
+    // One 4 MiB layer at 128 KiB/s: the pull outlasts the prune's patience.
+    let app = SlowApp::publish(&unique("prune"), &[("web", 4 * MIB)], 128 * 1024);
+    let host = app.registry.host();
+    let scratch = temp_dir("stowage-prune-");
+    let root = scratch.path().join("root");
+    let mut pull = app.start_pull(&root);
+    assert!(
+        app.registry
+            .wait_for_bytes_sent(&app.layers[0].0, 1, Duration::from_secs(30))
+    );
+    let blobs_before = blob_files(&root);
+    assert!(!blobs_before.is_empty(), "the metadata is stored first");
+    let out = run_output(device(&root, &host).args(["prune"]));
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("another stowage process holds") && said.contains(&pull.id().to_string()),
+        "the prune names the pull's process: {said}"
+    );
+    assert!(pull.try_wait().unwrap().is_none(), "the pull goes on");
+    assert_eq!(
+        blob_files(&root),
+        blobs_before,
+        "nothing the pull fetched was removed"
+    );
+    let partial = root.join("ingest").join(app.layers[0].0.hex());
+    assert!(partial.exists(), "{:?}", ingest_files(&root));
+    kill(&mut pull);
+    // Once the pull is gone, its partial download is stale and prune may go.
+    let pruned = json_of(run_ok(device(&root, &host).args(["--json", "prune"])).as_bytes());
+    assert!(
+        pruned["stale_ingests"]
+            .to_string()
+            .contains(app.layers[0].0.hex()),
+        "{pruned:#}"
+    );
+    assert_fsck_clean(&root, &host);
 }

@@ -220,7 +220,7 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
         human_bytes(report.fit.policy.reserve_bytes)
     );
     println!(
-        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
+        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} VERDICT",
         "VOLUME (PATHS)",
         "BLOCK",
         "SIZE",
@@ -229,7 +229,6 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
         "AVAILABLE",
         "REQUIRED",
         "INODES REQ/FREE",
-        "VERDICT"
     );
     for v in &report.fit.volumes {
         let first = v.paths.first().cloned().unwrap_or_default();
