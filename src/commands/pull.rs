@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::app::{App, LayerNeed, fetch_app};
 use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
+use crate::format::media;
 use crate::progress::{Event, Progress};
 use crate::reference::ImageRef;
 use crate::registry::{BlobBody, RegistryClient, RegistryError};
@@ -91,7 +92,22 @@ impl PullOptions {
             for blob in &app.meta_blobs {
                 store.put_bytes(&blob.descriptor.digest, &blob.bytes)?;
             }
+            // Stored now, while the space is known to be there.
+            for (_, digest, bytes) in oci_forms(app)? {
+                store.put_bytes(&digest, &bytes)?;
+            }
         }
+        // The refs are written last; hold their room until then, so that a
+        // volume filled by someone else meanwhile cannot fail the pull at
+        // its very end.
+        let index_bytes = std::fs::metadata(store.layout_dir().join("index.json"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let new_refs: u64 = apps.iter().map(|a| a.images.len() as u64 + 1).sum();
+        let end_reserve = EndReserve::take(
+            store.root(),
+            2 * (index_bytes + 512 * new_refs) + END_RESERVE_SLACK,
+        )?;
 
         let fetched_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fetched_blobs = ingests.len();
@@ -108,6 +124,7 @@ impl PullOptions {
             .try_collect::<Vec<()>>()
             .await?;
 
+        end_reserve.release();
         for app in &apps {
             name_app(store, app)?;
             progress.step(format!("stored {} ({})", app.name, app.reference));
@@ -123,8 +140,25 @@ impl PullOptions {
 
 /// Names the app and each of its images in `index.json`, images first: the
 /// app's name appearing means all it needs is stored.
+///
+/// An image the registry served as a Docker v2 manifest is named by its OCI
+/// form (same config and layer blobs, OCI media types, the original digest
+/// in an annotation): OCI tools such as skopeo read only OCI manifests from
+/// an image layout, and the blobs Docker needs are the same either way.
 pub fn name_app(store: &Store, app: &App) -> Result<()> {
+    let oci = oci_forms(app)?;
     for image in &app.images {
+        if let Some((_, digest, bytes)) = oci.iter().find(|(pinned, _, _)| pinned == &image.pinned)
+        {
+            store.put_bytes(digest, bytes)?;
+            store.set_ref(
+                &image.pinned,
+                media::OCI_MANIFEST,
+                digest,
+                bytes.len() as u64,
+            )?;
+            continue;
+        }
         store.set_ref(
             &image.pinned,
             &image.manifest.media_type,
@@ -139,6 +173,137 @@ pub fn name_app(store: &Store, app: &App) -> Result<()> {
         app.meta_blobs[0].descriptor.size,
     )?;
     Ok(())
+}
+
+/// The OCI forms of the app's images that the registry served as Docker v2
+/// manifests: (pinned reference, digest, bytes).
+fn oci_forms(app: &App) -> Result<Vec<(String, crate::Digest, Vec<u8>)>> {
+    let mut forms = Vec::new();
+    for image in &app.images {
+        if image.manifest.media_type != media::DOCKER_MANIFEST {
+            continue;
+        }
+        let original = app
+            .meta_blobs
+            .iter()
+            .find(|b| b.descriptor.digest == image.manifest.digest)
+            .ok_or_else(|| anyhow!("the manifest of {} was not fetched", image.pinned))?;
+        let bytes = oci_form(&original.bytes, &image.manifest.digest)
+            .with_context(|| format!("the manifest of {}", image.pinned))?;
+        forms.push((image.pinned.clone(), crate::Digest::of(&bytes), bytes));
+    }
+    Ok(forms)
+}
+
+/// Room held for the end of a pull beyond the index itself: its temporary
+/// copy's directory entry, the lock file, a directory block or two.
+const END_RESERVE_SLACK: u64 = 64 * 1024;
+
+/// Disk space held by a pull, in `ROOT/reserve.<pid>`, for the writes it
+/// makes last. Released (deleted) just before those writes; a file left by a
+/// pull that was killed is removed by the next one.
+struct EndReserve {
+    path: std::path::PathBuf,
+}
+
+impl EndReserve {
+    fn take(root: &std::path::Path, bytes: u64) -> Result<EndReserve> {
+        remove_stale_reserves(root);
+        let path = root.join(format!("reserve.{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let reserve = EndReserve { path };
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes).or_else(
+            |e| match e {
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS => Ok(()),
+                e => Err(anyhow!(
+                    "cannot reserve {bytes} bytes in {} for the store's index: {}",
+                    reserve.path.display(),
+                    std::io::Error::from(e)
+                )),
+            },
+        )?;
+        Ok(reserve)
+    }
+
+    fn release(self) {}
+}
+
+impl Drop for EndReserve {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes `ROOT/reserve.<pid>` files whose process is gone.
+fn remove_stale_reserves(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("reserve."))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The annotation of an OCI form that names the Docker manifest it was made
+/// from.
+pub const SOURCE_MANIFEST_ANNOTATION: &str = "org.stowage.source.manifest.digest";
+
+/// The OCI image manifest equivalent to Docker v2 manifest `bytes`: the same
+/// config and layer blobs under their OCI media types. Deterministic (keys
+/// sorted), so two pulls make the same bytes.
+pub fn oci_form(bytes: &[u8], source: &crate::Digest) -> Result<Vec<u8>> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(bytes).context("a Docker manifest that is not JSON")?;
+    let descriptor = |d: &serde_json::Value, media_type: &str| -> Result<serde_json::Value> {
+        let digest = d["digest"]
+            .as_str()
+            .ok_or_else(|| anyhow!("a descriptor without a digest"))?;
+        let size = d["size"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("descriptor {digest} has no size"))?;
+        Ok(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}))
+    };
+    let config = descriptor(&manifest["config"], media::OCI_CONFIG)?;
+    let mut layers = Vec::new();
+    for layer in manifest["layers"].as_array().into_iter().flatten() {
+        let docker_type = layer["mediaType"].as_str().unwrap_or("");
+        let oci_type = match docker_type {
+            media::DOCKER_LAYER_GZIP | media::OCI_LAYER_GZIP => media::OCI_LAYER_GZIP,
+            "application/vnd.docker.image.rootfs.diff.tar" | media::OCI_LAYER => media::OCI_LAYER,
+            media::OCI_LAYER_ZSTD => media::OCI_LAYER_ZSTD,
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            }
+            other => bail!("layer media type {other:?} has no OCI equivalent"),
+        };
+        layers.push(descriptor(layer, oci_type)?);
+    }
+    let oci = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": config,
+        "layers": layers,
+        "annotations": {SOURCE_MANIFEST_ANNOTATION: source.to_string()},
+    });
+    Ok(serde_json::to_vec(&oci)?)
 }
 
 /// Downloads one layer into its ingest, resuming after broken connections,

@@ -611,7 +611,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(refused) => {
                         let mut report = *refused.report;
                         report.fit.notes.extend(fit.notes);
-                        output::check(&report, globals.json)?;
+                        output::pull_refused(&report, globals.json)?;
                         eprintln!(
                             "stowage: error: the update does not fit: {}",
                             report.fit.shortfall()

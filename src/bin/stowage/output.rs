@@ -251,6 +251,16 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A pull refused because the update does not fit: the plan's table, or
+/// with `--json` one last JSON line (pull's output is JSON lines).
+pub fn pull_refused(report: &CheckReport, json: bool) -> Result<()> {
+    if json {
+        print_json_line(&serde_json::json!({"event": "does_not_fit", "report": report}));
+        return Ok(());
+    }
+    check(report, false)
+}
+
 pub fn pull(report: &PullReport, json: bool) -> Result<()> {
     if json {
         print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
