@@ -7,8 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -286,12 +285,15 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
 
     // Forget admin; prune frees its own image in Docker and its blobs in the
     // store, keeps what shop needs, and leaves the user's image alone.
+    assert_eq!(app_state(&device.json(&["ps"]), "admin")["state"], "running");
+    device.ok(&["stop", "admin"]);
+    assert_eq!(app_state(&device.json(&["ps"]), "admin")["state"], "stopped");
     device.ok(&["rm", "admin"]);
     let pruned = device.json(&["prune"]);
     let removed = pruned["docker"]["removed"].as_array().unwrap();
     assert_eq!(removed.len(), 1, "{pruned}");
     assert!(removed[0]["tags"][0].as_str().unwrap().contains("/api:"), "{pruned}");
-    assert!(pruned["docker"]["freed_bytes"].as_u64().unwrap() > 100_000, "{pruned}");
+    assert!(pruned["docker"]["freed_bytes"].as_u64().unwrap() >= 100_000, "{pruned}");
     assert!(pruned["freed_bytes"].as_u64().unwrap() > 100_000, "{pruned}");
     let now = engine_images(&dockerd);
     assert!(now.iter().any(|t| t.contains("/web:stowage-")), "{now:?}");
@@ -399,10 +401,10 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
     // With room again, install succeeds, and Docker's volume grows by what
     // the check predicted, within 5%.
     std::fs::remove_file(&filler).unwrap();
-    run_ok(Command::new("sync"));
+    run_ok(&mut Command::new("sync"));
     let before = docker_volume.stats().used_bytes();
     let report = device.json(&["install", "app"]);
-    run_ok(Command::new("sync"));
+    run_ok(&mut Command::new("sync"));
     let after = docker_volume.stats().used_bytes();
     let predicted = volume_report(&report["check"], "docker_layers")["required_parts"]["docker_layers"]
         .as_u64()
