@@ -383,7 +383,16 @@ impl Globals {
                 Arch::detect().context("cannot tell this machine's architecture; give --arch")?
             }
         };
-        let watermark = args.watermark.or(self.config.watermark).unwrap_or(80);
+        let watermark = match args.watermark {
+            Some(w) => w,
+            None => match std::env::var("STOWAGE_WATERMARK") {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("STOWAGE_WATERMARK={v:?} is not a percentage (20-99)"))?,
+                Err(_) => self.config.watermark.unwrap_or(80),
+            },
+        };
         let reserve = match args.reserve.clone().or_else(|| self.config.reserve.clone()) {
             Some(r) => config::parse_size(&r)
                 .map_err(anyhow::Error::msg)
