@@ -104,7 +104,12 @@ impl StateFiles {
     }
 
     pub fn device(&self) -> Result<DeviceState> {
-        Ok(read_json(&self.device_path())?.unwrap_or_default())
+        Ok(self.device_if_any()?.unwrap_or_default())
+    }
+
+    /// The device state, or `None` before the first update.
+    pub fn device_if_any(&self) -> Result<Option<DeviceState>> {
+        read_json(&self.device_path())
     }
 
     pub fn write_device(&self, state: &DeviceState) -> Result<()> {
@@ -174,6 +179,9 @@ pub trait DeviceOps {
     async fn stop(&self, name: &str) -> Result<()>;
     /// Every service running, and healthy where it has a healthcheck.
     async fn verify(&self, name: &str, timeout: Duration) -> Result<()>;
+    /// The apps installed before stowage kept a device state (apps started
+    /// with `stowage run`): what an update replaces when there is no state.
+    async fn installed(&self) -> Result<AppSet>;
     /// Removes from both stores what `keep` does not need.
     async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value>;
     fn event(&self, event: UpdateEvent);
@@ -246,7 +254,13 @@ pub async fn update(
     options: &UpdateOptions,
 ) -> Result<Outcome> {
     recover(device, files, options).await?;
-    let state = files.device()?;
+    let state = match files.device_if_any()? {
+        Some(state) => state,
+        None => DeviceState {
+            running: device.installed().await?,
+            previous: AppSet::new(),
+        },
+    };
     if state.running == to {
         device.event(UpdateEvent::NothingToDo { running: to });
         return Ok(Outcome::Unchanged);
@@ -499,6 +513,9 @@ mod tests {
         }
         async fn prune(&self, _keep: &AppSet) -> Result<serde_json::Value> {
             Ok(serde_json::Value::Null)
+        }
+        async fn installed(&self) -> Result<AppSet> {
+            Ok(self.running.lock().unwrap().clone())
         }
         fn event(&self, _event: UpdateEvent) {}
     }

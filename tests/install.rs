@@ -99,10 +99,14 @@ fn publish(registry: &Registry, compose: &str, target: &str) -> String {
 
 /// Images in the private engine, as `REPO:TAG` lines.
 fn engine_images(dockerd: &PrivateDockerd) -> Vec<String> {
-    run_ok(dockerd.docker().args(["images", "--format", "{{.Repository}}:{{.Tag}}"]))
-        .lines()
-        .map(str::to_string)
-        .collect()
+    run_ok(
+        dockerd
+            .docker()
+            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"]),
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
 }
 
 fn images_of(report: &Value) -> &Vec<Value> {
@@ -146,7 +150,8 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     local.build(&api_local, &base, &[("/srv/api.bin", noise(3, 100_000))]);
     let user_local = format!("{name}-user:1");
     local.build(&user_local, &base, &[("/user.txt", b"mine".to_vec())]);
-    let [web, worker, db, api] = ["web", "worker", "db", "api"].map(|s| format!("{host}/{name}/{s}:1"));
+    let [web, worker, db, api] =
+        ["web", "worker", "db", "api"].map(|s| format!("{host}/{name}/{s}:1"));
     push_image(&web_local, &web);
     push_image(&worker_local, &worker);
     push_image(&base, &db);
@@ -199,7 +204,9 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     assert!(services.iter().all(|s| s["state"] == "running"), "{ps}");
     let text = device.ok(&["ps"]);
     assert_eq!(
-        text.lines().filter(|l| l.contains("shop") && l.contains("running")).count(),
+        text.lines()
+            .filter(|l| l.contains("shop") && l.contains("running"))
+            .count(),
         3,
         "{text}"
     );
@@ -215,10 +222,7 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     // A second app sharing layers: web is there already, api sends only its own layer.
     let report = device.json(&["install", "admin"]);
     let images = images_of(&report);
-    let web_row = images
-        .iter()
-        .find(|i| i["services"][0] == "web")
-        .unwrap();
+    let web_row = images.iter().find(|i| i["services"][0] == "web").unwrap();
     assert_eq!(web_row["action"], "present", "{report}");
     assert_eq!(sum(images, "layers_sent"), 1, "{report}");
     assert_eq!(sum(images, "layers_skipped"), 1, "{report}");
@@ -226,7 +230,11 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     // A user's own image and container, which no prune may touch.
     let saved = run_ok_bytes(Command::new("docker").args(["save", &user_local]));
     run_ok_with_stdin(dockerd.docker().arg("load"), &saved);
-    run_ok(dockerd.docker().args(["create", "--name", &format!("{name}-mine"), &user_local]));
+    run_ok(
+        dockerd
+            .docker()
+            .args(["create", "--name", &format!("{name}-mine"), &user_local]),
+    );
 
     // Docker loses images (removed by hand): fsck says so, --repair reloads
     // them from the blob store with the registry still down.
@@ -239,7 +247,10 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     run_ok(dockerd.docker().arg("rmi").args(&tags));
     let out = run_fails(&mut device.stowage(&["fsck"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("shop") && stdout.contains("--repair"), "{stdout}");
+    assert!(
+        stdout.contains("shop") && stdout.contains("--repair"),
+        "{stdout}"
+    );
     device.ok(&["fsck", "--repair"]);
     device.ok(&["fsck"]);
     let now = engine_images(&dockerd);
@@ -281,20 +292,38 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
         assert!(app["docker_bytes"].as_u64().unwrap() > 300_000, "{df}");
     }
     let text = device.ok(&["df"]);
-    assert!(text.contains("blob store") && text.contains("docker images"), "{text}");
+    assert!(
+        text.contains("blob store") && text.contains("docker images"),
+        "{text}"
+    );
 
     // Forget admin; prune frees its own image in Docker and its blobs in the
     // store, keeps what shop needs, and leaves the user's image alone.
-    assert_eq!(app_state(&device.json(&["ps"]), "admin")["state"], "running");
+    assert_eq!(
+        app_state(&device.json(&["ps"]), "admin")["state"],
+        "running"
+    );
     device.ok(&["stop", "admin"]);
-    assert_eq!(app_state(&device.json(&["ps"]), "admin")["state"], "stopped");
+    assert_eq!(
+        app_state(&device.json(&["ps"]), "admin")["state"],
+        "stopped"
+    );
     device.ok(&["rm", "admin"]);
     let pruned = device.json(&["prune"]);
     let removed = pruned["docker"]["removed"].as_array().unwrap();
     assert_eq!(removed.len(), 1, "{pruned}");
-    assert!(removed[0]["tags"][0].as_str().unwrap().contains("/api:"), "{pruned}");
-    assert!(pruned["docker"]["freed_bytes"].as_u64().unwrap() >= 100_000, "{pruned}");
-    assert!(pruned["freed_bytes"].as_u64().unwrap() > 100_000, "{pruned}");
+    assert!(
+        removed[0]["tags"][0].as_str().unwrap().contains("/api:"),
+        "{pruned}"
+    );
+    assert!(
+        pruned["docker"]["freed_bytes"].as_u64().unwrap() >= 100_000,
+        "{pruned}"
+    );
+    assert!(
+        pruned["freed_bytes"].as_u64().unwrap() > 100_000,
+        "{pruned}"
+    );
     let now = engine_images(&dockerd);
     assert!(now.iter().any(|t| t.contains("/web:stowage-")), "{now:?}");
     assert!(now.contains(&user_local), "{now:?}");
@@ -310,7 +339,11 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     device.ok(&["stop", "--all"]);
     device.ok(&["rm", "shop"]);
     let pruned = device.json(&["prune"]);
-    assert_eq!(pruned["docker"]["removed"].as_array().unwrap().len(), 3, "{pruned}");
+    assert_eq!(
+        pruned["docker"]["removed"].as_array().unwrap().len(),
+        3,
+        "{pruned}"
+    );
     assert_eq!(engine_images(&dockerd), vec![user_local.clone()]);
     run_ok(dockerd.docker().args(["inspect", &format!("{name}-mine")]));
     assert!(device.json(&["ps"]).as_array().unwrap().is_empty());
@@ -322,7 +355,11 @@ fn volume_report<'a>(check: &'a Value, part: &str) -> &'a Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["required_parts"].get(part).is_some_and(|n| n.as_u64() > Some(0)))
+        .find(|v| {
+            v["required_parts"]
+                .get(part)
+                .is_some_and(|n| n.as_u64() > Some(0))
+        })
         .unwrap_or_else(|| panic!("no volume needs {part}: {check}"))
 }
 
@@ -335,7 +372,12 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
     let base = format!("{name}-base:1");
     local.busybox(&base);
     let data_local = format!("{name}-data:1");
-    many_files_image(&data_local, &base, 1500, 0x5eed ^ u64::from(std::process::id()));
+    many_files_image(
+        &data_local,
+        &base,
+        1500,
+        0x5eed ^ u64::from(std::process::id()),
+    );
     local.0.push(data_local.clone());
     let data = format!("{host}/{name}/data:1");
     push_image(&data_local, &data);
@@ -365,7 +407,10 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
         stderr.contains(&small_store.path().display().to_string()),
         "{stderr}"
     );
-    assert!(!stderr.contains(&data_root.display().to_string()), "{stderr}");
+    assert!(
+        !stderr.contains(&data_root.display().to_string()),
+        "{stderr}"
+    );
     let blobs = std::fs::read_dir(cramped.root.join("store/blobs/sha256")).map_or(0, |d| d.count());
     assert_eq!(blobs, 0);
     assert!(engine_images(&dockerd).is_empty());
@@ -387,13 +432,18 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
     // Docker's volume fills up after the pull: install is refused with exit
     // 100, naming Docker's data root, and writes nothing anywhere.
     let filler = docker_volume.path().join("filler");
-    run_ok(Command::new("fallocate")
-        .args(["-l", &(available - required / 2).to_string()])
-        .arg(&filler));
+    run_ok(
+        Command::new("fallocate")
+            .args(["-l", &(available - required / 2).to_string()])
+            .arg(&filler),
+    );
     let out = run_output(&mut device.stowage(&["install", "app"]));
     assert_eq!(out.status.code(), Some(100), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&data_root.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&data_root.display().to_string()),
+        "{stderr}"
+    );
     assert!(engine_images(&dockerd).is_empty());
     assert!(!device.root.join("apps/app").exists());
     assert!(!device.root.join("state/installed.json").exists());
@@ -406,12 +456,16 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
     let report = device.json(&["install", "app"]);
     run_ok(&mut Command::new("sync"));
     let after = docker_volume.stats().used_bytes();
-    let predicted = volume_report(&report["check"], "docker_layers")["required_parts"]["docker_layers"]
-        .as_u64()
-        .unwrap();
+    let predicted =
+        volume_report(&report["check"], "docker_layers")["required_parts"]["docker_layers"]
+            .as_u64()
+            .unwrap();
     let grown = after.saturating_sub(before);
     let error = (grown as f64 - predicted as f64).abs() / grown as f64;
-    eprintln!("docker data root grew {grown} bytes; the check predicted {predicted} ({:.2}% off)", error * 100.0);
+    eprintln!(
+        "docker data root grew {grown} bytes; the check predicted {predicted} ({:.2}% off)",
+        error * 100.0
+    );
     assert!(error <= 0.05, "grew {grown}, predicted {predicted}");
     assert!(images_of(&report).iter().all(|i| i["action"] == "loaded"));
 }

@@ -130,9 +130,9 @@ impl DeviceOps for LiveDevice<'_> {
         Ok(())
     }
 
-    async fn start(&self, name: &str, reference: &str) -> Result<()> {
-        // Installing makes this version the one the name stands for.
-        install::install(self.device(), reference, &self.install, self.progress).await?;
+    /// Starts the version of `name` installed last: the transaction
+    /// installs `reference` (making it the one the name stands for) first.
+    async fn start(&self, name: &str, _reference: &str) -> Result<()> {
         run_cmd::run(
             self.device(),
             &self.compose,
@@ -230,6 +230,15 @@ impl DeviceOps for LiveDevice<'_> {
                            "stale_ingest_bytes": blobs.stale_ingest_bytes},
             "docker": {"removed_images": docker.removed.len(), "freed_bytes": docker.freed_bytes},
         }))
+    }
+
+    async fn installed(&self) -> Result<AppSet> {
+        let state = crate::installed::Installed::load(&self.root)?;
+        Ok(state
+            .apps
+            .into_iter()
+            .map(|(name, app)| (name, app.reference))
+            .collect())
     }
 
     fn event(&self, event: UpdateEvent) {

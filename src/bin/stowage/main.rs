@@ -386,10 +386,9 @@ impl Globals {
         let watermark = match args.watermark {
             Some(w) => w,
             None => match std::env::var("STOWAGE_WATERMARK") {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("STOWAGE_WATERMARK={v:?} is not a percentage (20-99)"))?,
+                Ok(v) => v.trim().parse().map_err(|_| {
+                    anyhow::anyhow!("STOWAGE_WATERMARK={v:?} is not a percentage (20-99)")
+                })?,
                 Err(_) => self.config.watermark.unwrap_or(80),
             },
         };
