@@ -157,8 +157,8 @@ write_app() {
 }
 
 log "building images locally (about 500 MB of data)"
-for svc in a b c; do make_image "pub-$svc" 78 24 2000000; done
-for svc in a b c; do make_image "pull-$svc" 46 12 400000; done
+for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
+for svc in a b c; do make_image "pull-$svc" 44 8 400000; done
 log "pushing them with skopeo (gzip)"
 for image in "${built_images[@]}"; do
     skopeo copy -q --dest-tls-verify=false "docker-daemon:$image" "docker://$image"
@@ -203,6 +203,7 @@ skopeo_one_by_one() {
 }
 skopeo_at_once() {
     local dst=$1 pids=() status=0
+    mkdir -p "$dst"
     for svc in a b c; do
         skopeo copy -q --src-tls-verify=false "docker://$REG/bench/pull-$svc:1" "oci:$dst/$svc:pull-$svc" &
         pids+=($!)
