@@ -176,7 +176,11 @@ pub async fn df(
         let volume = Volume::of(&path)?;
         let used = rustix::fs::statvfs(existing(&path))
             .map(|v| {
-                let frsize = if v.f_frsize > 0 { v.f_frsize } else { v.f_bsize };
+                let frsize = if v.f_frsize > 0 {
+                    v.f_frsize
+                } else {
+                    v.f_bsize
+                };
                 (v.f_blocks - v.f_bfree) * frsize
             })
             .unwrap_or(0);

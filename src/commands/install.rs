@@ -270,7 +270,11 @@ pub(crate) async fn install_locked(
 
     // The bundle.
     if !bundle_current {
-        progress.step(format!("extracting the bundle of {} into {}", app.name, dir.display()));
+        progress.step(format!(
+            "extracting the bundle of {} into {}",
+            app.name,
+            dir.display()
+        ));
         let index_desc = manifest.bundle_index(&app.reference)?;
         let index = format::parse_bundle_index(
             &store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?,
@@ -426,7 +430,8 @@ fn layers_meta(
     let Some(desc) = manifest.layers_meta() else {
         return Ok(BTreeMap::new());
     };
-    let mut all = format::parse_layers_meta(&store.read_capped(&desc.digest, format::MANIFEST_CAP)?)?;
+    let mut all =
+        format::parse_layers_meta(&store.read_capped(&desc.digest, format::MANIFEST_CAP)?)?;
     let arch = format::Arch::parse(architecture).architecture;
     Ok(all.remove(&arch).map(|a| a.layers).unwrap_or_default())
 }
@@ -566,9 +571,13 @@ pub async fn verify_installed(
             }
         }
         let marker = std::fs::read_to_string(installed_app.dir.join(BUNDLE_MARKER));
-        check.directory_damaged = !marker.is_ok_and(|m| m.trim() == installed_app.digest.to_string())
+        check.directory_damaged = !marker
+            .is_ok_and(|m| m.trim() == installed_app.digest.to_string())
             || !installed_app.dir.join(OVERRIDE_FILE).is_file()
-            || !installed_app.dir.join(&installed_app.compose_file).is_file();
+            || !installed_app
+                .dir
+                .join(&installed_app.compose_file)
+                .is_file();
         if repair && (!check.missing_images.is_empty() || check.directory_damaged) {
             let stored = match load_app(
                 device.store,

@@ -15,7 +15,9 @@
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::commands::install::{Device, InstallOptions, InstallReport, install_locked, resolve_app};
+use crate::commands::install::{
+    Device, InstallOptions, InstallReport, install_locked, resolve_app,
+};
 use crate::compose::{self, Compose};
 use crate::installed::{self, APPS_LOCK_TIMEOUT, Installed};
 use crate::progress::Progress;
@@ -58,8 +60,7 @@ pub async fn run(
     };
     for name in &names {
         let app = resolve_app(device.store, &state, name)?;
-        let installed =
-            install_locked(device, &mut state, &app, options, progress).await?;
+        let installed = install_locked(device, &mut state, &app, options, progress).await?;
         let record = state
             .apps
             .get(&app.name)
@@ -209,7 +210,10 @@ pub async fn uninstall(device: Device<'_>, name: &str) -> Result<bool> {
     state.save(device.root)?;
     if record.dir.exists() {
         std::fs::remove_dir_all(&record.dir).map_err(|e| {
-            anyhow::anyhow!("cannot remove the app directory {}: {e}", record.dir.display())
+            anyhow::anyhow!(
+                "cannot remove the app directory {}: {e}",
+                record.dir.display()
+            )
         })?;
     }
     Ok(true)

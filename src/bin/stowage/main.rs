@@ -11,17 +11,17 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
-use stowage::commands::install::{self, Device, InstallOptions};
-use stowage::commands::run::{self as run_cmd, Selection};
 use stowage::commands::check::{self, DockerView};
 use stowage::commands::inspect::InspectOptions;
+use stowage::commands::install::{self, Device, InstallOptions};
 use stowage::commands::publish::PublishOptions;
 use stowage::commands::pull::{DoesNotFit, PullOptions};
-use stowage::config::{self, ConfigFile, CredentialStore};
+use stowage::commands::run::{self as run_cmd, Selection};
 use stowage::compose::Compose;
+use stowage::config::{self, ConfigFile, CredentialStore};
 use stowage::docker::{DockerEngine, LoadOptions};
-use stowage::installed::Installed;
 use stowage::format::Arch;
+use stowage::installed::Installed;
 use stowage::reference::ImageRef;
 use stowage::registry::{RegistryClient, RegistryOptions};
 use stowage::space::Policy;
@@ -528,7 +528,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         .await
                         .map_err(|e| format!("{e:#}")),
                 ),
-                Err(e) => Some(Err(format!("Docker is not reachable, its images were left alone: {e:#}"))),
+                Err(e) => Some(Err(format!(
+                    "Docker is not reachable, its images were left alone: {e:#}"
+                ))),
             };
             output::prune(&report, docker.as_ref(), globals.json)?;
         }
@@ -630,9 +632,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 None => Arch::detect()
                     .context("cannot tell this machine's architecture; give --arch")?,
             };
-            let report =
-                stowage::commands::df::df(&globals.root, &store, engine.as_ref(), &arch.to_string())
-                    .await?;
+            let report = stowage::commands::df::df(
+                &globals.root,
+                &store,
+                engine.as_ref(),
+                &arch.to_string(),
+            )
+            .await?;
             output::df(&report, globals.json)?;
         }
         Command::Inspect(args) => {

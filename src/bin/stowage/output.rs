@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use stowage::Digest;
 use stowage::commands::admin::{DockerPruneReport, RmReport};
-use stowage::commands::df::DfReport;
-use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
-use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::commands::check::CheckReport;
+use stowage::commands::df::DfReport;
 use stowage::commands::inspect::AppDescription;
+use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
 use stowage::commands::publish::PublishReport;
 use stowage::commands::pull::PullReport;
+use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::progress::{Event, NoProgress, Progress};
 use stowage::store::{FsckReport, PruneReport};
 use stowage::stored::StoredApp;
@@ -223,7 +223,7 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
         human_bytes(report.fit.policy.reserve_bytes)
     );
     println!(
-        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
+        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} VERDICT",
         "VOLUME (PATHS)",
         "BLOCK",
         "SIZE",
@@ -232,7 +232,6 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
         "AVAILABLE",
         "REQUIRED",
         "INODES REQ/FREE",
-        "VERDICT"
     );
     for v in &report.fit.volumes {
         let first = v.paths.first().cloned().unwrap_or_default();
@@ -636,7 +635,11 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
         println!(
             "checked {} installed apps: {}",
             installed.len(),
-            if installed_clean { "intact" } else { "problems found" }
+            if installed_clean {
+                "intact"
+            } else {
+                "problems found"
+            }
         );
     }
     println!(
