@@ -10,13 +10,14 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::Digest;
-use crate::compose_file::{COMPOSE_FILE_CAP, ComposeFile};
+use crate::compose_file::ComposeFile;
 use crate::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
     media,
 };
 use crate::reference::ImageRef;
-use crate::registry::RegistryClient;
+use crate::registry::{FetchedManifest, RegistryClient};
+use crate::store::Store;
 
 /// A bundle larger than this is not read into memory by the check.
 pub const BUNDLE_MEMORY_CAP: u64 = 64 * 1024 * 1024;
@@ -121,9 +122,120 @@ impl App {
     }
 }
 
-/// Fetches an app's metadata from its registry for `architecture`.
+/// Where app metadata comes from: a registry, or an OCI layout on this
+/// device (the blob store itself, or an export on removable media).
+#[allow(async_fn_in_trait)]
+pub trait MetaSource {
+    async fn get_manifest(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+        cap: u64,
+    ) -> Result<FetchedManifest>;
+    async fn get_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        cap: u64,
+    ) -> Result<Vec<u8>>;
+}
+
+impl MetaSource for RegistryClient {
+    async fn get_manifest(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+        cap: u64,
+    ) -> Result<FetchedManifest> {
+        Ok(RegistryClient::get_manifest(self, image, accept, cap).await?)
+    }
+    async fn get_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        cap: u64,
+    ) -> Result<Vec<u8>> {
+        Ok(RegistryClient::get_blob(self, image, digest, size, cap).await?)
+    }
+}
+
+/// An OCI layout (a stowage store) as a metadata source. A reference is
+/// looked up by its ref name in `index.json` first (the store names every
+/// image by the pin the compose file uses), then by its digest. Blobs are
+/// verified when read.
+pub struct LayoutSource<'a> {
+    pub store: &'a Store,
+}
+
+impl MetaSource for LayoutSource<'_> {
+    async fn get_manifest(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+        cap: u64,
+    ) -> Result<FetchedManifest> {
+        let named = self.store.get_ref(&image.to_string())?;
+        let digest = match (&named, &image.digest) {
+            (Some(d), _) => d.digest.clone(),
+            (None, Some(d)) => d.clone(),
+            (None, None) => bail!(
+                "{image} is not in the store at {}",
+                self.store.root().display()
+            ),
+        };
+        if !self.store.has(&digest) {
+            bail!(
+                "{image} ({digest}) is not in the store at {}",
+                self.store.root().display()
+            );
+        }
+        let bytes = self.store.read_capped(&digest, cap)?;
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+            manifests: Option<serde_json::Value>,
+        }
+        let probe: Probe = format::parse_json(&bytes, &format!("manifest {image}"))?;
+        let media_type = match (
+            named.map(|d| d.media_type),
+            probe.media_type,
+            probe.manifests,
+        ) {
+            (Some(m), _, _) => m,
+            (None, Some(m), _) => m,
+            (None, None, Some(_)) => media::OCI_INDEX.to_string(),
+            (None, None, None) => media::OCI_MANIFEST.to_string(),
+        };
+        if !accept.contains(&media_type.as_str()) {
+            bail!("{image} in the store is a {media_type}, not one of {accept:?}");
+        }
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    async fn get_blob(
+        &self,
+        _image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        cap: u64,
+    ) -> Result<Vec<u8>> {
+        if size > cap {
+            bail!("blob {digest} is {size} bytes, over the {cap}-byte limit");
+        }
+        Ok(self.store.read_capped(digest, cap)?)
+    }
+}
+
+/// Fetches an app's metadata for `architecture`.
 pub async fn fetch_app(
-    client: &RegistryClient,
+    client: &impl MetaSource,
     reference: &ImageRef,
     platform: &str,
 ) -> Result<App> {
@@ -183,9 +295,11 @@ pub async fn fetch_app(
         .await
         .with_context(|| format!("the bundle index of {what}"))?;
     format::parse_bundle_index(&index)?;
-    let (compose_name, compose_bytes) =
-        crate::bundle::read_compose_from_bundle(bundle.as_slice(), COMPOSE_FILE_CAP)
-            .with_context(|| format!("the bundle of {what}"))?;
+    let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
+        bundle.as_slice(),
+        &crate::bundle::BundleLimits::default(),
+    )
+    .with_context(|| format!("the bundle of {what}"))?;
     let compose_text = String::from_utf8(compose_bytes)
         .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
     let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
@@ -346,7 +460,7 @@ pub async fn fetch_app(
 
 /// The image manifest for `arch`, following an index when the pin names one.
 async fn fetch_image_manifest(
-    client: &RegistryClient,
+    client: &impl MetaSource,
     image: &ImageRef,
     arch: &format::Arch,
 ) -> Result<(MetaBlob, ImageManifest)> {

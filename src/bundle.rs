@@ -1,43 +1,129 @@
-//! The app bundle: a reproducible `tar.gz` of the app directory, its index
-//! of file digests, and its safe extraction on the device.
+//! The app bundle (FORMAT.md "Bundle"): a reproducible `tar.gz` of the app
+//! directory, its index of file digests, and its safe extraction.
 //!
-//! Reproducible: entries sorted, owner 0:0 without names, mtime 0, modes
-//! normalised, gzip header without time or name, so the same directory gives
-//! the same bytes on any machine. Safe: extraction goes into a fresh
-//! directory beside the destination and is renamed into place only when every
-//! entry passed every check, so a refused bundle leaves nothing behind.
+//! Reproducible: the same app directory and pinned compose file give the same
+//! bytes on any machine and at any time. Entries are sorted by path, owned by
+//! 0:0 without names, dated 0, with modes normalised to 0644/0755, and the
+//! gzip header carries no time and no file name.
+//!
+//! Extraction is all or nothing and durable: the bundle is unpacked into a
+//! fresh directory beside the destination, every regular file checked against
+//! the bundle index and every file and directory fsync'd, then renamed into
+//! place and the parent directory fsync'd. On any error the partial directory
+//! is removed and the destination is untouched. Each refusal names the path
+//! at fault: absolute paths, `..`, links leaving the directory, devices and
+//! fifos, entries past the size limits, and files the index does not vouch for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::Digest;
-use crate::compose_file::COMPOSE_FILE_NAMES;
-use crate::digest::DigestWriter;
-use crate::fsutil::fsync_dir;
 
-/// The file that lists what to leave out (gitignore syntax); left out itself.
+/// The file listing paths to leave out of the bundle (gitignore syntax).
 pub const IGNORE_FILE: &str = ".composeappignores";
+
+/// Compose file names a device accepts, in the order it looks for them.
+pub const COMPOSE_FILE_NAMES: [&str; 3] = ["docker-compose.yml", "compose.yml", "compose.yaml"];
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Sizes past which a bundle is refused on read (FORMAT.md's limits by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleLimits {
+    /// The compose file.
+    pub compose_file: u64,
+    /// Any one file.
+    pub file: u64,
+    /// The whole bundle, compressed and uncompressed.
+    pub bundle: u64,
+}
+
+impl Default for BundleLimits {
+    fn default() -> Self {
+        BundleLimits {
+            compose_file: MIB,
+            file: GIB,
+            bundle: GIB,
+        }
+    }
+}
+
+/// A bundle ready to push: its bytes, their digest, and the bundle index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    /// Each regular file's path, relative to the app directory, to the digest
+    /// of its content.
+    pub index: BTreeMap<String, Digest>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("cannot read {path}: {source}")]
-    Read {
+    #[error("could not read {path}: {source}")]
+    ReadApp {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {message}")]
-    Ignore { path: PathBuf, message: String },
+    #[error("the app directory {dir} has no compose file {name}")]
+    NoComposeInApp { dir: PathBuf, name: String },
+    #[error("{path} is not a valid ignore file: {message}")]
+    BadIgnoreFile { path: PathBuf, message: String },
+    #[error("{path}: bundle paths must be UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("{path} is neither a file, a directory nor a symlink, and cannot be bundled")]
+    Unbundlable { path: PathBuf },
+    #[error("symlink {path} points to {target}, outside the app directory")]
+    SymlinkOutsideApp { path: PathBuf, target: PathBuf },
+
     #[error("the bundle is not a valid tar.gz: {0}")]
-    Format(String),
-    #[error("the bundle entry {path:?} is refused: {reason}")]
-    Refused { path: String, reason: String },
-    #[error("the bundle has no compose file (docker-compose.yml, compose.yml or compose.yaml)")]
-    NoCompose,
-    #[error("cannot write the extracted bundle at {path}: {source}")]
+    Corrupt(String),
+    #[error("could not read the bundle: {0}")]
+    Read(#[source] io::Error),
+    #[error("bundle entry {path:?} is not valid UTF-8")]
+    EntryNotUtf8 { path: String },
+    #[error("bundle entry {path} has an absolute path")]
+    AbsolutePath { path: String },
+    #[error("bundle entry {path} has a '..' component")]
+    ParentComponent { path: String },
+    #[error("bundle entry {path} lies under the symlink {link}")]
+    UnderSymlink { path: String, link: String },
+    #[error("bundle entry {path} appears twice")]
+    Duplicate { path: String },
+    #[error("bundle entry {path} links to {target}, outside the bundle")]
+    LinkEscapes { path: String, target: String },
+    #[error("bundle entry {path} is a hard link to {target}, which is not a file of the bundle")]
+    BadHardLink { path: String, target: String },
+    #[error("bundle entry {path} is a {kind}, which a bundle may not hold")]
+    SpecialFile { path: String, kind: &'static str },
+    #[error("compose file {path} is {size} bytes, over the limit of {limit}")]
+    ComposeTooLarge { path: String, size: u64, limit: u64 },
+    #[error("bundle entry {path} is {size} bytes, over the limit of {limit}")]
+    FileTooLarge { path: String, size: u64, limit: u64 },
+    #[error("the bundle is over the limit of {limit} bytes")]
+    BundleTooLarge { limit: u64 },
+    #[error("bundle entry {path} is not in the bundle index")]
+    NotInIndex { path: String },
+    #[error("bundle entry {path} has digest {actual}, but the bundle index says {expected}")]
+    DigestMismatch {
+        path: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("the bundle index lists {path}, which the bundle does not hold")]
+    MissingFromBundle { path: String },
+    #[error("the bundle holds no compose file ({})", COMPOSE_FILE_NAMES.join(", "))]
+    NoComposeInBundle,
+    #[error("cannot extract the bundle to {dest}: it already exists")]
+    DestinationExists { dest: PathBuf },
+    #[error("could not write {path} while extracting the bundle: {source}")]
     Write {
         path: PathBuf,
         #[source]
@@ -45,99 +131,78 @@ pub enum BundleError {
     },
 }
 
-/// Limits on what a device reads from a bundle (FORMAT.md).
-#[derive(Debug, Clone, Copy)]
-pub struct BundleLimits {
-    pub max_compose: u64,
-    pub max_file: u64,
-    pub max_total: u64,
-}
-
-impl Default for BundleLimits {
-    fn default() -> Self {
-        BundleLimits {
-            max_compose: 1 << 20,
-            max_file: 1 << 30,
-            max_total: 1 << 30,
-        }
-    }
-}
-
-/// A bundle as published.
-pub struct Bundle {
-    pub bytes: Vec<u8>,
-    pub digest: Digest,
-    /// Every regular file's path and the digest of its content.
-    pub index: BTreeMap<String, Digest>,
-}
-
-/// Bundles `app_dir`, with the compose file `compose_name` replaced by
-/// `pinned_compose`.
+/// Builds the reproducible bundle of `app_dir`, with the content of
+/// `compose_file_name` (at the top of `app_dir`) replaced by `pinned_compose`.
 pub fn create_bundle(
     app_dir: &Path,
-    compose_name: &str,
+    compose_file_name: &str,
     pinned_compose: &[u8],
 ) -> Result<Bundle, BundleError> {
-    let ignore = load_ignores(app_dir)?;
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BundleError::ReadApp { path, source }
+    };
+    let compose_path = app_dir.join(compose_file_name);
+    match fs::symlink_metadata(&compose_path) {
+        Ok(m) if m.is_file() => {}
+        _ => {
+            return Err(BundleError::NoComposeInApp {
+                dir: app_dir.to_path_buf(),
+                name: compose_file_name.to_string(),
+            });
+        }
+    }
+    let ignores = load_ignores(app_dir)?;
+
     let mut paths = Vec::new();
-    collect(app_dir, app_dir, &ignore, &mut paths)?;
-    paths.sort();
+    collect(app_dir, app_dir, &ignores, &mut paths)?;
+    // Sorted by path bytes: a directory comes before what it holds.
+    paths.sort_by(|a, b| a.0.cmp(&b.0));
 
     let gz = flate2::GzBuilder::new()
         .mtime(0)
         .operating_system(255)
-        .write(Vec::new(), flate2::Compression::best());
+        .write(Vec::new(), flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
-    tar.mode(tar::HeaderMode::Deterministic);
     let mut index = BTreeMap::new();
-    for rel in &paths {
+    for (rel, kind) in &paths {
         let full = app_dir.join(rel);
-        let read_error = |source| BundleError::Read {
-            path: full.clone(),
-            source,
-        };
-        let meta = fs::symlink_metadata(&full).map_err(read_error)?;
-        let name = rel.to_string_lossy().to_string();
-        let mut header = tar::Header::new_ustar();
+        let mut header = tar::Header::new_gnu();
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(0);
-        if meta.is_dir() {
-            header.set_entry_type(tar::EntryType::Directory);
-            header.set_mode(0o755);
-            header.set_size(0);
-            header.set_cksum();
-            tar.append_data(&mut header, format!("{name}/"), io::empty())
-                .map_err(|e| BundleError::Format(e.to_string()))?;
-        } else if meta.file_type().is_symlink() {
-            let target = fs::read_link(&full).map_err(read_error)?;
-            header.set_entry_type(tar::EntryType::Symlink);
-            header.set_mode(0o777);
-            header.set_size(0);
-            tar.append_link(&mut header, &name, &target)
-                .map_err(|e| BundleError::Format(e.to_string()))?;
-        } else if meta.is_file() {
-            let content = if name == compose_name {
-                pinned_compose.to_vec()
-            } else {
-                fs::read(&full).map_err(read_error)?
-            };
-            let executable = meta.permissions().mode() & 0o111 != 0;
-            header.set_entry_type(tar::EntryType::Regular);
-            header.set_mode(if executable { 0o755 } else { 0o644 });
-            header.set_size(content.len() as u64);
-            header.set_cksum();
-            index.insert(name.clone(), Digest::of(&content));
-            tar.append_data(&mut header, &name, content.as_slice())
-                .map_err(|e| BundleError::Format(e.to_string()))?;
-        }
+        let append = match kind {
+            Kind::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(0o755);
+                header.set_size(0);
+                tar.append_data(&mut header, format!("{rel}/"), io::empty())
+            }
+            Kind::Symlink(target) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_mode(0o777);
+                header.set_size(0);
+                tar.append_link(&mut header, rel, target)
+            }
+            Kind::File { executable } => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_mode(if *executable { 0o755 } else { 0o644 });
+                let content = if rel == compose_file_name {
+                    pinned_compose.to_vec()
+                } else {
+                    fs::read(&full).map_err(read_err(&full))?
+                };
+                index.insert(rel.clone(), Digest::of(&content));
+                header.set_size(content.len() as u64);
+                tar.append_data(&mut header, rel, &content[..])
+            }
+        };
+        append.map_err(read_err(&full))?;
     }
-    let gz = tar
+    let bytes = tar
         .into_inner()
-        .map_err(|e| BundleError::Format(e.to_string()))?;
-    let bytes = gz
-        .finish()
-        .map_err(|e| BundleError::Format(e.to_string()))?;
+        .and_then(|gz| gz.finish())
+        .map_err(read_err(app_dir))?;
     Ok(Bundle {
         digest: Digest::of(&bytes),
         bytes,
@@ -145,450 +210,909 @@ pub fn create_bundle(
     })
 }
 
-/// The bundle index as pushed: compact JSON with sorted keys.
+/// The bundle index as FORMAT.md has it: compact JSON, keys sorted.
 pub fn index_json(index: &BTreeMap<String, Digest>) -> Vec<u8> {
-    crate::format::to_json(index)
+    // A map of strings to digests always serialises.
+    serde_json::to_vec(index).unwrap_or_default()
+}
+
+enum Kind {
+    Dir,
+    File { executable: bool },
+    Symlink(PathBuf),
 }
 
 fn load_ignores(app_dir: &Path) -> Result<ignore::gitignore::Gitignore, BundleError> {
+    let path = app_dir.join(IGNORE_FILE);
     let mut builder = ignore::gitignore::GitignoreBuilder::new(app_dir);
-    let file = app_dir.join(IGNORE_FILE);
-    if file.exists()
-        && let Some(e) = builder.add(&file)
+    if path.exists()
+        && let Some(e) = builder.add(&path)
     {
-        return Err(BundleError::Ignore {
-            path: file,
+        return Err(BundleError::BadIgnoreFile {
+            path,
             message: e.to_string(),
         });
     }
-    builder.build().map_err(|e| BundleError::Ignore {
-        path: file,
+    builder.build().map_err(|e| BundleError::BadIgnoreFile {
+        path,
         message: e.to_string(),
     })
 }
 
 fn collect(
-    root: &Path,
+    app_dir: &Path,
     dir: &Path,
-    ignore: &ignore::gitignore::Gitignore,
-    out: &mut Vec<PathBuf>,
+    ignores: &ignore::gitignore::Gitignore,
+    out: &mut Vec<(String, Kind)>,
 ) -> Result<(), BundleError> {
-    let entries = fs::read_dir(dir).map_err(|source| BundleError::Read {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| BundleError::Read {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BundleError::ReadApp { path, source }
+    };
+    for entry in fs::read_dir(dir).map_err(read_err(dir))? {
+        let entry = entry.map_err(read_err(dir))?;
         let path = entry.path();
-        let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if rel == Path::new(IGNORE_FILE)
-            || ignore.matched_path_or_any_parents(&rel, is_dir).is_ignore()
-        {
+        let meta = fs::symlink_metadata(&path).map_err(read_err(&path))?;
+        let rel_path = path.strip_prefix(app_dir).unwrap_or(&path);
+        let rel = rel_path
+            .to_str()
+            .ok_or_else(|| BundleError::NotUtf8 { path: path.clone() })?
+            .to_string();
+        if rel == IGNORE_FILE || ignores.matched(rel_path, meta.is_dir()).is_ignore() {
             continue;
         }
-        out.push(rel);
-        if is_dir {
-            collect(root, &path, ignore, out)?;
+        let file_type = meta.file_type();
+        if file_type.is_dir() {
+            out.push((rel, Kind::Dir));
+            collect(app_dir, &path, ignores, out)?;
+        } else if file_type.is_file() {
+            let executable = meta.permissions().mode() & 0o111 != 0;
+            out.push((rel, Kind::File { executable }));
+        } else if file_type.is_symlink() {
+            let target = fs::read_link(&path).map_err(read_err(&path))?;
+            let parent = rel_path.parent().unwrap_or(Path::new(""));
+            let inside = target
+                .to_str()
+                .is_some_and(|t| resolve_link(parent.to_str().unwrap_or(""), t).is_some());
+            if !inside {
+                return Err(BundleError::SymlinkOutsideApp { path, target });
+            }
+            out.push((rel, Kind::Symlink(target)));
+        } else {
+            return Err(BundleError::Unbundlable { path });
         }
     }
     Ok(())
 }
 
-/// Reads the compose file out of a bundle, refusing one over `limit` bytes.
-pub fn read_compose_from_bundle(
-    bundle: impl Read,
-    limit: u64,
-) -> Result<(String, Vec<u8>), BundleError> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bundle));
-    let entries = archive
-        .entries()
-        .map_err(|e| BundleError::Format(e.to_string()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-        let path = entry
-            .path()
-            .map_err(|e| BundleError::Format(e.to_string()))?;
-        let name = path.to_string_lossy().trim_start_matches("./").to_string();
-        if !COMPOSE_FILE_NAMES.contains(&name.as_str()) {
-            continue;
-        }
-        let size = entry.header().size().unwrap_or(u64::MAX);
-        if size > limit {
-            return Err(BundleError::Refused {
-                path: name,
-                reason: format!("the compose file is {size} bytes, over the {limit}-byte limit"),
-            });
-        }
-        let mut content = Vec::with_capacity(size as usize);
-        entry
-            .by_ref()
-            .take(limit + 1)
-            .read_to_end(&mut content)
-            .map_err(|e| BundleError::Format(e.to_string()))?;
-        return Ok((name, content));
+/// Where a symlink in `parent` (relative to the bundle root) pointing to
+/// `target` leads, relative to the root, or `None` when it leaves it.
+fn resolve_link(parent: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
     }
-    Err(BundleError::NoCompose)
+    let mut parts: Vec<&str> = parent.split('/').filter(|c| !c.is_empty()).collect();
+    for component in target.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
 }
 
-/// Extracts a bundle into `dest`, verifying every file against `index`.
-/// Nothing appears at `dest` unless everything passed.
+/// Checks an entry path and returns it without `./` and trailing `/`.
+fn checked_path(raw: &[u8]) -> Result<String, BundleError> {
+    let path = std::str::from_utf8(raw).map_err(|_| BundleError::EntryNotUtf8 {
+        path: String::from_utf8_lossy(raw).into_owned(),
+    })?;
+    if path.starts_with('/') {
+        return Err(BundleError::AbsolutePath { path: path.into() });
+    }
+    let mut clean = Vec::new();
+    for component in path.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => return Err(BundleError::ParentComponent { path: path.into() }),
+            c => clean.push(c),
+        }
+    }
+    Ok(clean.join("/"))
+}
+
+/// Counts bytes passing through and fails past a limit, recording that it did.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    exceeded: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.exceeded.set(true);
+            return Err(io::Error::other("the bundle is over its size limit"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The tar stream of a bundle, with both its compressed and uncompressed
+/// sizes capped at `limit`.
+fn open_bundle<R: Read>(
+    bundle: R,
+    limit: u64,
+    exceeded: &std::rc::Rc<std::cell::Cell<bool>>,
+) -> tar::Archive<Capped<flate2::read::GzDecoder<Capped<R>>>> {
+    let compressed = Capped {
+        inner: bundle,
+        left: limit,
+        exceeded: exceeded.clone(),
+    };
+    tar::Archive::new(Capped {
+        inner: flate2::read::GzDecoder::new(compressed),
+        left: limit,
+        exceeded: exceeded.clone(),
+    })
+}
+
+fn stream_error(
+    e: io::Error,
+    limits: &BundleLimits,
+    exceeded: &std::rc::Rc<std::cell::Cell<bool>>,
+) -> BundleError {
+    if exceeded.get() {
+        BundleError::BundleTooLarge {
+            limit: limits.bundle,
+        }
+    } else {
+        BundleError::Corrupt(e.to_string())
+    }
+}
+
+/// Reads the compose file a device would use from a bundle: its name and content.
+pub fn read_compose_from_bundle(
+    bundle: impl Read,
+    limits: &BundleLimits,
+) -> Result<(String, Vec<u8>), BundleError> {
+    let exceeded = Default::default();
+    let mut archive = open_bundle(bundle, limits.bundle, &exceeded);
+    let fail = |e| stream_error(e, limits, &exceeded);
+    let mut found: Vec<(usize, String, Vec<u8>)> = Vec::new();
+    for entry in archive.entries().map_err(fail)? {
+        let mut entry = entry.map_err(fail)?;
+        let path = checked_path(&entry.path_bytes())?;
+        let Some(rank) = COMPOSE_FILE_NAMES.iter().position(|n| *n == path) else {
+            continue;
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        if entry.size() > limits.compose_file {
+            return Err(BundleError::ComposeTooLarge {
+                path,
+                size: entry.size(),
+                limit: limits.compose_file,
+            });
+        }
+        let mut content = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut content).map_err(fail)?;
+        found.push((rank, path, content));
+    }
+    found
+        .into_iter()
+        .min_by_key(|(rank, ..)| *rank)
+        .map(|(_, name, content)| (name, content))
+        .ok_or(BundleError::NoComposeInBundle)
+}
+
+/// Extracts a bundle to `dest` (which must not exist), verifying every
+/// regular file against `index`. Nothing is left behind on error.
 pub fn extract_bundle(
     bundle: impl Read,
     index: &BTreeMap<String, Digest>,
     dest: &Path,
     limits: &BundleLimits,
 ) -> Result<(), BundleError> {
-    let parent = dest.parent().unwrap_or(Path::new("/"));
-    let write_error = |path: &Path, source| BundleError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    fs::create_dir_all(parent).map_err(|e| write_error(parent, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".extract-")
-        .tempdir_in(parent)
-        .map_err(|e| write_error(parent, e))?;
-    unpack_checked(bundle, index, staging.path(), limits)?;
-    if dest.exists() {
-        fs::remove_dir_all(dest).map_err(|e| write_error(dest, e))?;
+    if fs::symlink_metadata(dest).is_ok() {
+        return Err(BundleError::DestinationExists {
+            dest: dest.to_path_buf(),
+        });
     }
-    let staged = staging.keep();
-    fs::rename(&staged, dest).map_err(|e| write_error(dest, e))?;
-    fsync_dir(parent).map_err(|e| write_error(parent, e))?;
-    Ok(())
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    let staging = Staging::create(parent, &name)?;
+    unpack(bundle, index, &staging.path, limits)?;
+    staging.commit(dest)
 }
 
-fn unpack_checked(
+/// A fresh directory beside the destination, removed unless committed.
+struct Staging {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn create(parent: &Path, name: &str) -> Result<Staging, BundleError> {
+        for attempt in 0..100u32 {
+            let path = parent.join(format!(
+                ".{name}.extract-{}-{}",
+                std::process::id(),
+                rand::random::<u32>().wrapping_add(attempt)
+            ));
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    return Ok(Staging {
+                        path,
+                        committed: false,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(BundleError::Write { path, source }),
+            }
+        }
+        Err(BundleError::Write {
+            path: parent.to_path_buf(),
+            source: io::Error::other("could not make a unique staging directory"),
+        })
+    }
+
+    fn commit(mut self, dest: &Path) -> Result<(), BundleError> {
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BundleError::Write { path, source }
+        };
+        fs::rename(&self.path, dest).map_err(write_err(dest))?;
+        self.committed = true;
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fsync_dir(parent)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), BundleError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| BundleError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn unpack(
     bundle: impl Read,
     index: &BTreeMap<String, Digest>,
-    into: &Path,
+    root: &Path,
     limits: &BundleLimits,
 ) -> Result<(), BundleError> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bundle));
-    let entries = archive
-        .entries()
-        .map_err(|e| BundleError::Format(e.to_string()))?;
-    let mut total = 0u64;
-    let mut seen = std::collections::BTreeSet::new();
-    let refuse = |path: &str, reason: &str| BundleError::Refused {
-        path: path.to_string(),
-        reason: reason.to_string(),
+    let exceeded = Default::default();
+    let mut archive = open_bundle(bundle, limits.bundle, &exceeded);
+    let fail = |e| stream_error(e, limits, &exceeded);
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BundleError::Write { path, source }
     };
-    for entry in entries {
-        let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-        let raw = entry
-            .path()
-            .map_err(|e| BundleError::Format(e.to_string()))?
-            .into_owned();
-        let name = raw.to_string_lossy().trim_end_matches('/').to_string();
-        let rel =
-            safe_relative(&raw).ok_or_else(|| refuse(&name, "absolute path or '..' component"))?;
-        let target = into.join(&rel);
-        let kind = entry.header().entry_type();
-        let size = entry.header().size().unwrap_or(u64::MAX);
-        match kind {
-            tar::EntryType::Directory => {
-                fs::create_dir_all(&target).map_err(|e| BundleError::Write {
-                    path: target.clone(),
-                    source: e,
-                })?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).map_err(|e| {
-                    BundleError::Write {
-                        path: target.clone(),
-                        source: e,
-                    }
-                })?;
+
+    let mut seen = BTreeSet::new();
+    let mut symlinks = BTreeSet::new();
+    let mut files: HashMap<String, Digest> = HashMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    let mut buf = vec![0u8; 64 * 1024];
+
+    for entry in archive.entries().map_err(fail)? {
+        let mut entry = entry.map_err(fail)?;
+        let path = checked_path(&entry.path_bytes())?;
+        if path.is_empty() {
+            continue; // "./"
+        }
+        if !seen.insert(path.clone()) {
+            return Err(BundleError::Duplicate { path });
+        }
+        // Nothing may be written through a symlink of the bundle.
+        let mut prefix = path.as_str();
+        while let Some(i) = prefix.rfind('/') {
+            prefix = &prefix[..i];
+            if symlinks.contains(prefix) {
+                return Err(BundleError::UnderSymlink {
+                    link: prefix.to_string(),
+                    path,
+                });
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let is_compose = COMPOSE_FILE_NAMES.contains(&name.as_str());
-                if is_compose && size > limits.max_compose {
-                    return Err(refuse(
-                        &name,
-                        &format!(
-                            "the compose file is {size} bytes, over the {}-byte limit",
-                            limits.max_compose
-                        ),
-                    ));
+        }
+        let parent_rel = path.rsplit_once('/').map_or("", |(p, _)| p);
+        let target = root.join(&path);
+        let kind = entry.header().entry_type();
+        let mode = entry.header().mode().unwrap_or(0o644);
+        use tar::EntryType as T;
+        match kind {
+            T::Directory => {
+                fs::create_dir_all(&target).map_err(write_err(&target))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
+                    .map_err(write_err(&target))?;
+                dirs.push(target);
+            }
+            T::Regular | T::Continuous => {
+                let size = entry.size();
+                if parent_rel.is_empty()
+                    && COMPOSE_FILE_NAMES.contains(&path.as_str())
+                    && size > limits.compose_file
+                {
+                    return Err(BundleError::ComposeTooLarge {
+                        path,
+                        size,
+                        limit: limits.compose_file,
+                    });
                 }
-                if size > limits.max_file {
-                    return Err(refuse(
-                        &name,
-                        &format!(
-                            "{size} bytes, over the {}-byte limit for one file",
-                            limits.max_file
-                        ),
-                    ));
+                if size > limits.file {
+                    return Err(BundleError::FileTooLarge {
+                        path,
+                        size,
+                        limit: limits.file,
+                    });
                 }
-                total = total.saturating_add(size);
-                if total > limits.max_total {
-                    return Err(refuse(
-                        &name,
-                        &format!("the bundle passes the {}-byte limit", limits.max_total),
-                    ));
-                }
-                let expected = index
-                    .get(&name)
-                    .ok_or_else(|| refuse(&name, "not in the bundle index"))?;
-                if let Some(p) = target.parent() {
-                    fs::create_dir_all(p).map_err(|e| BundleError::Write {
-                        path: p.to_path_buf(),
-                        source: e,
-                    })?;
-                }
-                let mut file = fs::File::create(&target).map_err(|e| BundleError::Write {
-                    path: target.clone(),
-                    source: e,
-                })?;
-                let mut hasher = DigestWriter::new();
-                let mut buf = vec![0u8; 64 * 1024];
+                let Some(expected) = index.get(&path) else {
+                    return Err(BundleError::NotInIndex { path });
+                };
+                ensure_parent(&target, root, &mut dirs)?;
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&target)
+                    .map_err(write_err(&target))?;
+                let mut hasher = Sha256::new();
                 loop {
-                    let n = entry
-                        .read(&mut buf)
-                        .map_err(|e| BundleError::Format(e.to_string()))?;
+                    let n = entry.read(&mut buf).map_err(fail)?;
                     if n == 0 {
                         break;
                     }
                     hasher.update(&buf[..n]);
-                    file.write_all(&buf[..n]).map_err(|e| BundleError::Write {
-                        path: target.clone(),
-                        source: e,
-                    })?;
+                    file.write_all(&buf[..n]).map_err(write_err(&target))?;
                 }
-                if &hasher.finish() != expected {
-                    return Err(refuse(&name, "its content does not match the bundle index"));
+                let actual = Digest::from_hasher(hasher);
+                if actual != *expected {
+                    return Err(BundleError::DigestMismatch {
+                        path,
+                        expected: expected.clone(),
+                        actual,
+                    });
                 }
-                let mode = if entry.header().mode().unwrap_or(0o644) & 0o111 != 0 {
-                    0o755
-                } else {
-                    0o644
-                };
+                let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
                 file.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(|e| BundleError::Write {
-                        path: target.clone(),
-                        source: e,
-                    })?;
-                file.sync_all().map_err(|e| BundleError::Write {
-                    path: target.clone(),
-                    source: e,
-                })?;
-                seen.insert(name);
+                    .and_then(|()| file.sync_all())
+                    .map_err(write_err(&target))?;
+                files.insert(path, actual);
             }
-            tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(|e| BundleError::Format(e.to_string()))?
-                    .ok_or_else(|| refuse(&name, "a symlink without a target"))?
-                    .into_owned();
-                let base = rel.parent().unwrap_or(Path::new(""));
-                if link.is_absolute() || safe_relative(&base.join(&link)).is_none() {
-                    return Err(refuse(
-                        &name,
-                        &format!("a symlink to {} leaves the app directory", link.display()),
-                    ));
+            T::Symlink => {
+                let link = link_name(&entry, &path)?;
+                if resolve_link(parent_rel, &link).is_none() {
+                    return Err(BundleError::LinkEscapes { path, target: link });
                 }
-                if let Some(p) = target.parent() {
-                    fs::create_dir_all(p).map_err(|e| BundleError::Write {
-                        path: p.to_path_buf(),
-                        source: e,
-                    })?;
+                ensure_parent(&target, root, &mut dirs)?;
+                std::os::unix::fs::symlink(&link, &target).map_err(write_err(&target))?;
+                symlinks.insert(path);
+            }
+            T::Link => {
+                let link = link_name(&entry, &path)?;
+                let link_path = match checked_path(link.as_bytes()) {
+                    Ok(p) if !p.is_empty() => p,
+                    _ => return Err(BundleError::LinkEscapes { path, target: link }),
+                };
+                let Some(digest) = files.get(&link_path).cloned() else {
+                    return Err(BundleError::BadHardLink { path, target: link });
+                };
+                match index.get(&path) {
+                    None => return Err(BundleError::NotInIndex { path }),
+                    Some(expected) if *expected != digest => {
+                        return Err(BundleError::DigestMismatch {
+                            path,
+                            expected: expected.clone(),
+                            actual: digest,
+                        });
+                    }
+                    Some(_) => {}
                 }
-                std::os::unix::fs::symlink(&link, &target).map_err(|e| BundleError::Write {
-                    path: target.clone(),
-                    source: e,
-                })?;
+                ensure_parent(&target, root, &mut dirs)?;
+                fs::hard_link(root.join(&link_path), &target).map_err(write_err(&target))?;
+                files.insert(path, digest);
             }
-            tar::EntryType::Link => {
-                return Err(refuse(&name, "hard links are not allowed in a bundle"));
-            }
-            other => {
-                return Err(refuse(
-                    &name,
-                    &format!("entries of type {other:?} (devices, fifos) are not allowed"),
-                ));
-            }
+            T::Char => return Err(special(path, "character device")),
+            T::Block => return Err(special(path, "block device")),
+            T::Fifo => return Err(special(path, "fifo")),
+            _ => return Err(special(path, "special entry")),
         }
     }
-    if let Some(missing) = index.keys().find(|k| !seen.contains(*k)) {
-        return Err(refuse(
-            missing,
-            "listed in the bundle index but not in the bundle",
-        ));
+
+    if let Some(missing) = index.keys().find(|p| !files.contains_key(*p)) {
+        return Err(BundleError::MissingFromBundle {
+            path: missing.clone(),
+        });
     }
-    fsync_dir(into).map_err(|e| BundleError::Write {
-        path: into.to_path_buf(),
-        source: e,
-    })?;
+    // Deepest first, so that a directory is synced after what it holds.
+    let mut dirs: Vec<PathBuf> = dirs
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in &dirs {
+        fsync_dir(dir)?;
+    }
     Ok(())
 }
 
-/// `path` as a plain relative path, or `None` when it is absolute or climbs
-/// out with `..` (resolving `..` lexically, as a link target would).
-fn safe_relative(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return None,
+fn special(path: String, kind: &'static str) -> BundleError {
+    BundleError::SpecialFile { path, kind }
+}
+
+fn link_name<R: Read>(entry: &tar::Entry<'_, R>, path: &str) -> Result<String, BundleError> {
+    let raw = entry.link_name_bytes().unwrap_or_default();
+    String::from_utf8(raw.into_owned()).map_err(|_| BundleError::EntryNotUtf8 {
+        path: path.to_string(),
+    })
+}
+
+/// Creates the directories a tar only implies, remembering them for fsync.
+fn ensure_parent(target: &Path, root: &Path, dirs: &mut Vec<PathBuf>) -> Result<(), BundleError> {
+    let Some(parent) = target.parent() else {
+        return Ok(());
+    };
+    if parent == root || parent.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(parent).map_err(|source| BundleError::Write {
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    let mut dir = parent;
+    while dir != root {
+        dirs.push(dir.to_path_buf());
+        match dir.parent() {
+            Some(p) => dir = p,
+            None => break,
         }
     }
-    Some(out)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::symlink;
 
+    const PINNED: &[u8] = b"services:\n  web:\n    image: reg.example/web@sha256:0000\n";
+
+    /// An app directory as a developer has it, with a build section, a
+    /// script, nested config, a symlink, and things to ignore.
     fn app_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("docker-compose.yml"), "services: {}\n").unwrap();
-        fs::create_dir(dir.path().join("conf")).unwrap();
-        fs::write(dir.path().join("conf/app.ini"), "a=1\n").unwrap();
-        fs::write(dir.path().join("secret.key"), "k").unwrap();
-        fs::write(dir.path().join(IGNORE_FILE), "*.key\n").unwrap();
+        let p = dir.path();
+        fs::write(
+            p.join("docker-compose.yml"),
+            "services:\n  web:\n    build: .\n",
+        )
+        .unwrap();
+        fs::create_dir_all(p.join("config/nested")).unwrap();
+        fs::write(p.join("config/nested/app.conf"), "port=80\n").unwrap();
+        fs::write(p.join("config/secret.key"), "k").unwrap();
+        fs::write(p.join("run.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(p.join("run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all(p.join("node_modules/x")).unwrap();
+        fs::write(p.join("node_modules/x/index.js"), "1").unwrap();
+        fs::write(p.join("notes.tmp"), "scratch").unwrap();
+        fs::write(p.join("keep.tmp"), "kept by negation").unwrap();
+        symlink("config/nested/app.conf", p.join("app.conf")).unwrap();
+        fs::write(
+            p.join(IGNORE_FILE),
+            "node_modules/\n*.tmp\n!keep.tmp\n/config/*.key\n",
+        )
+        .unwrap();
         dir
     }
 
+    fn entries(bytes: &[u8]) -> Vec<(String, tar::EntryType, u32, u64, u64, u64)> {
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+        archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    h.entry_type(),
+                    h.mode().unwrap(),
+                    h.uid().unwrap(),
+                    h.gid().unwrap(),
+                    h.mtime().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn extract(
+        bytes: &[u8],
+        index: &BTreeMap<String, Digest>,
+    ) -> (tempfile::TempDir, Result<(), BundleError>) {
+        let parent = tempfile::tempdir().unwrap();
+        let result = extract_bundle(
+            bytes,
+            index,
+            &parent.path().join("app"),
+            &BundleLimits::default(),
+        );
+        (parent, result)
+    }
+
+    fn leftovers(parent: &Path) -> Vec<String> {
+        fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// A gzip'd tar made entry by entry with raw headers, as an attacker would.
+    struct Hostile {
+        tar: tar::Builder<Vec<u8>>,
+        index: BTreeMap<String, Digest>,
+    }
+
+    impl Hostile {
+        fn new() -> Self {
+            Hostile {
+                tar: tar::Builder::new(Vec::new()),
+                index: BTreeMap::new(),
+            }
+        }
+        /// Writes the name straight into the header, bypassing the checks
+        /// the tar crate makes on `set_path`.
+        fn raw(
+            &mut self,
+            kind: tar::EntryType,
+            name: &str,
+            link: &str,
+            content: &[u8],
+        ) -> &mut Self {
+            let mut h = tar::Header::new_old();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_entry_type(kind);
+            h.set_mode(0o644);
+            h.set_size(content.len() as u64);
+            h.set_cksum();
+            self.tar.append(&h, content).unwrap();
+            self
+        }
+        fn file(&mut self, name: &str, content: &[u8]) -> &mut Self {
+            self.index.insert(name.to_string(), Digest::of(content));
+            self.raw(tar::EntryType::Regular, name, "", content)
+        }
+        fn finish(&mut self) -> Vec<u8> {
+            let tar = std::mem::replace(&mut self.tar, tar::Builder::new(Vec::new()));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&tar.into_inner().unwrap()).unwrap();
+            gz.finish().unwrap()
+        }
+    }
+
+    /// The bundle is refused, the error names `path`, and nothing is left.
+    fn assert_refused(bytes: &[u8], index: &BTreeMap<String, Digest>, path: &str) -> BundleError {
+        let (parent, result) = extract(bytes, index);
+        let err = result.expect_err("hostile bundle was extracted");
+        assert!(err.to_string().contains(path), "{err} does not name {path}");
+        assert_eq!(leftovers(parent.path()), Vec::<String>::new(), "{err}");
+        err
+    }
+
     #[test]
-    fn the_same_directory_gives_the_same_bytes_and_honours_ignores() {
-        let dir = app_dir();
-        let a = create_bundle(dir.path(), "docker-compose.yml", b"pinned\n").unwrap();
-        filetime_bump(&dir.path().join("conf/app.ini"));
-        let b = create_bundle(dir.path(), "docker-compose.yml", b"pinned\n").unwrap();
-        assert_eq!(a.bytes, b.bytes);
-        assert!(a.index.contains_key("conf/app.ini"));
-        assert!(!a.index.contains_key("secret.key"));
-        assert!(!a.index.contains_key(IGNORE_FILE));
-        assert_eq!(a.index["docker-compose.yml"], Digest::of(b"pinned\n"));
-        let (name, compose) = read_compose_from_bundle(a.bytes.as_slice(), 1 << 20).unwrap();
+    fn the_same_app_gives_the_same_bytes_whatever_the_mtimes_and_owners() {
+        let a = app_dir();
+        let first = create_bundle(a.path(), "docker-compose.yml", PINNED).unwrap();
+        let again = create_bundle(a.path(), "docker-compose.yml", PINNED).unwrap();
+        assert_eq!(first, again);
+
+        let b = app_dir();
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        fs::File::options()
+            .write(true)
+            .open(b.path().join("run.sh"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::os::unix::fs::lchown(
+            b.path().join("config/nested/app.conf"),
+            Some(1234),
+            Some(99),
+        )
+        .unwrap();
+        std::os::unix::fs::lchown(b.path().join("config"), Some(42), Some(42)).unwrap();
+        fs::set_permissions(
+            b.path().join("config/nested/app.conf"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let other = create_bundle(b.path(), "docker-compose.yml", PINNED).unwrap();
+        assert_eq!(first.bytes, other.bytes);
+        assert_eq!(first.digest, Digest::of(&other.bytes));
+
+        // The gzip header has no time, no name, and an "unknown" OS.
+        assert_eq!(&first.bytes[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+    }
+
+    #[test]
+    fn bundle_is_sorted_normalised_pinned_and_honours_ignores() {
+        let app = app_dir();
+        let bundle = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        let listed = entries(&bundle.bytes);
+        let names: Vec<&str> = listed.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "app.conf",
+                "config/",
+                "config/nested/",
+                "config/nested/app.conf",
+                "docker-compose.yml",
+                "keep.tmp",
+                "run.sh"
+            ]
+        );
+        for (name, kind, mode, uid, gid, mtime) in &listed {
+            assert_eq!((*uid, *gid, *mtime), (0, 0, 0), "{name}");
+            let expected = match (*kind, name.as_str()) {
+                (tar::EntryType::Directory, _) | (_, "run.sh") => 0o755,
+                (tar::EntryType::Symlink, _) => 0o777,
+                _ => 0o644,
+            };
+            assert_eq!(*mode, expected, "{name}");
+        }
+        assert_eq!(bundle.index["docker-compose.yml"], Digest::of(PINNED));
+        assert_eq!(
+            bundle.index["config/nested/app.conf"],
+            Digest::of(b"port=80\n")
+        );
+        assert_eq!(bundle.index.len(), 4, "only regular files are indexed");
+        let json = String::from_utf8(index_json(&bundle.index)).unwrap();
+        assert!(
+            json.starts_with("{\"config/nested/app.conf\":\"sha256:"),
+            "{json}"
+        );
+        assert!(!json.contains(' '), "{json}");
+
+        let (name, compose) =
+            read_compose_from_bundle(&bundle.bytes[..], &BundleLimits::default()).unwrap();
         assert_eq!(
             (name.as_str(), compose.as_slice()),
-            ("docker-compose.yml", &b"pinned\n"[..])
+            ("docker-compose.yml", PINNED)
         );
     }
 
-    fn filetime_bump(path: &Path) {
-        let content = fs::read(path).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::write(path, content).unwrap();
-    }
-
     #[test]
-    fn extraction_verifies_every_file() {
-        let dir = app_dir();
-        let bundle = create_bundle(dir.path(), "docker-compose.yml", b"pinned\n").unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let dest = out.path().join("app");
-        extract_bundle(
-            bundle.bytes.as_slice(),
+    fn a_verified_bundle_extracts_into_place() {
+        let app = app_dir();
+        let bundle = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        let (parent, result) = extract(&bundle.bytes, &bundle.index);
+        result.unwrap();
+        let dest = parent.path().join("app");
+        assert_eq!(fs::read(dest.join("docker-compose.yml")).unwrap(), PINNED);
+        assert_eq!(
+            fs::read_to_string(dest.join("app.conf")).unwrap(),
+            "port=80\n"
+        );
+        let mode = fs::metadata(dest.join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert!(!dest.join("node_modules").exists());
+        assert_eq!(
+            leftovers(parent.path()),
+            ["app"],
+            "no staging directory left"
+        );
+
+        // A second extraction to the same place does not clobber it.
+        let err = extract_bundle(
+            &bundle.bytes[..],
             &bundle.index,
             &dest,
             &BundleLimits::default(),
         )
-        .unwrap();
-        assert_eq!(fs::read(dest.join("conf/app.ini")).unwrap(), b"a=1\n");
-
-        let mut lying = bundle.index.clone();
-        lying.insert("conf/app.ini".into(), Digest::of(b"other"));
-        let dest2 = out.path().join("app2");
-        let err = extract_bundle(
-            bundle.bytes.as_slice(),
-            &lying,
-            &dest2,
-            &BundleLimits::default(),
-        )
         .unwrap_err();
-        assert!(err.to_string().contains("conf/app.ini"), "{err}");
-        assert!(!dest2.exists());
-        assert_eq!(
-            fs::read_dir(out.path()).unwrap().count(),
-            1,
-            "no staging directory left"
+        assert!(
+            matches!(err, BundleError::DestinationExists { .. }),
+            "{err}"
         );
     }
 
-    fn hostile(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
-        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        let mut builder = tar::Builder::new(gz);
-        for (path, kind, link) in entries {
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(*kind);
-            header.set_size(0);
-            header.set_mode(0o644);
-            // Write the raw name: the tar crate refuses `..` through its safe API.
-            let name = header.as_old_mut().name.as_mut();
-            name[..path.len()].copy_from_slice(path.as_bytes());
-            if !link.is_empty() {
-                header.set_link_name(link).unwrap();
-            }
-            header.set_cksum();
-            builder.append(&header, io::empty()).unwrap();
-        }
-        builder.into_inner().unwrap().finish().unwrap()
+    #[test]
+    fn path_escapes_are_refused() {
+        let mut h = Hostile::new();
+        let bytes = h.file("ok.txt", b"fine").file("/etc/evil", b"x").finish();
+        let err = assert_refused(&bytes, &h.index, "/etc/evil");
+        assert!(matches!(err, BundleError::AbsolutePath { .. }));
+
+        let mut h = Hostile::new();
+        let bytes = h.file("sub/../../evil", b"x").finish();
+        let err = assert_refused(&bytes, &h.index, "sub/../../evil");
+        assert!(matches!(err, BundleError::ParentComponent { .. }));
     }
 
     #[test]
-    fn hostile_entries_are_refused_and_nothing_is_extracted() {
-        let out = tempfile::tempdir().unwrap();
-        let index = BTreeMap::new();
-        for (case, entries) in [
-            ("escape", vec![("../evil", tar::EntryType::Regular, "")]),
-            ("absolute", vec![("/etc/evil", tar::EntryType::Regular, "")]),
-            (
-                "symlink out",
-                vec![("link", tar::EntryType::Symlink, "../../etc/passwd")],
-            ),
-            (
-                "symlink absolute",
-                vec![("link", tar::EntryType::Symlink, "/etc/passwd")],
-            ),
-            ("device", vec![("dev", tar::EntryType::Char, "")]),
-            ("hard link", vec![("h", tar::EntryType::Link, "x")]),
+    fn links_leaving_the_directory_are_refused() {
+        let mut h = Hostile::new();
+        let bytes = h.raw(tar::EntryType::Symlink, "etc", "/etc", b"").finish();
+        assert_refused(&bytes, &h.index, "etc");
+
+        let mut h = Hostile::new();
+        let bytes = h
+            .raw(tar::EntryType::Symlink, "a/up", "../../outside", b"")
+            .finish();
+        let err = assert_refused(&bytes, &h.index, "a/up");
+        assert!(matches!(err, BundleError::LinkEscapes { .. }));
+
+        let mut h = Hostile::new();
+        let bytes = h
+            .raw(tar::EntryType::Link, "hard", "/etc/passwd", b"")
+            .finish();
+        assert_refused(&bytes, &h.index, "hard");
+
+        // A symlink that stays inside, then a write through it.
+        let mut h = Hostile::new();
+        let bytes = h
+            .raw(tar::EntryType::Symlink, "dir", ".", b"")
+            .file("dir/x", b"x")
+            .finish();
+        let err = assert_refused(&bytes, &h.index, "dir/x");
+        assert!(matches!(err, BundleError::UnderSymlink { .. }));
+    }
+
+    #[test]
+    fn devices_and_fifos_are_refused() {
+        for (kind, name) in [
+            (tar::EntryType::Char, "null"),
+            (tar::EntryType::Block, "sda"),
+            (tar::EntryType::Fifo, "pipe"),
         ] {
-            let dest = out.path().join("app");
-            let err = extract_bundle(
-                hostile(&entries).as_slice(),
-                &index,
-                &dest,
-                &BundleLimits::default(),
-            );
-            assert!(
-                matches!(err, Err(BundleError::Refused { .. })),
-                "{case}: {err:?}"
-            );
-            assert!(!dest.exists(), "{case}");
+            let mut h = Hostile::new();
+            let bytes = h.file("ok", b"ok").raw(kind, name, "", b"").finish();
+            let err = assert_refused(&bytes, &h.index, name);
+            assert!(matches!(err, BundleError::SpecialFile { .. }), "{err}");
         }
-        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
     }
 
     #[test]
-    fn an_oversized_compose_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let big = vec![b'#'; 2048];
-        fs::write(dir.path().join("docker-compose.yml"), &big).unwrap();
-        let bundle = create_bundle(dir.path(), "docker-compose.yml", &big).unwrap();
-        let limits = BundleLimits {
-            max_compose: 1024,
-            ..BundleLimits::default()
+    fn oversized_compose_files_files_and_bundles_are_refused() {
+        let big_compose = vec![b'#'; (MIB + 1) as usize];
+        for name in COMPOSE_FILE_NAMES {
+            let mut h = Hostile::new();
+            let bytes = h.file(name, &big_compose).finish();
+            let err = assert_refused(&bytes, &h.index, name);
+            assert!(matches!(err, BundleError::ComposeTooLarge { .. }), "{err}");
+            let err = read_compose_from_bundle(&bytes[..], &BundleLimits::default()).unwrap_err();
+            assert!(matches!(err, BundleError::ComposeTooLarge { .. }), "{err}");
+        }
+        // The same size is fine for another file.
+        let mut h = Hostile::new();
+        let bytes = h.file("data/docker-compose.yml", &big_compose).finish();
+        let (_parent, result) = extract(&bytes, &h.index);
+        result.unwrap();
+
+        let small = BundleLimits {
+            compose_file: 100,
+            file: 1000,
+            bundle: 4096,
         };
-        let out = tempfile::tempdir().unwrap();
-        let err = extract_bundle(
-            bundle.bytes.as_slice(),
-            &bundle.index,
-            &out.path().join("a"),
-            &limits,
+        let mut h = Hostile::new();
+        let bytes = h.file("a", &[1; 500]).file("big.bin", &[2; 1001]).finish();
+        let parent = tempfile::tempdir().unwrap();
+        let err =
+            extract_bundle(&bytes[..], &h.index, &parent.path().join("app"), &small).unwrap_err();
+        assert!(matches!(err, BundleError::FileTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("big.bin"), "{err}");
+        assert!(leftovers(parent.path()).is_empty());
+
+        let mut h = Hostile::new();
+        for i in 0..10 {
+            h.file(&format!("f{i}"), &[i; 900]);
+        }
+        let bytes = h.finish();
+        let err =
+            extract_bundle(&bytes[..], &h.index, &parent.path().join("app"), &small).unwrap_err();
+        assert!(matches!(err, BundleError::BundleTooLarge { .. }), "{err}");
+        assert!(leftovers(parent.path()).is_empty());
+    }
+
+    #[test]
+    fn files_the_index_does_not_vouch_for_are_refused() {
+        let mut h = Hostile::new();
+        let bytes = h.file("a.txt", b"original").finish();
+        let mut index = h.index.clone();
+        index.insert("a.txt".into(), Digest::of(b"tampered"));
+        let err = assert_refused(&bytes, &index, "a.txt");
+        assert!(matches!(err, BundleError::DigestMismatch { .. }), "{err}");
+
+        let mut h = Hostile::new();
+        let bytes = h
+            .file("a.txt", b"a")
+            .raw(tar::EntryType::Regular, "extra", "", b"e")
+            .finish();
+        let err = assert_refused(&bytes, &h.index, "extra");
+        assert!(matches!(err, BundleError::NotInIndex { .. }), "{err}");
+
+        let mut h = Hostile::new();
+        let bytes = h.file("a.txt", b"a").finish();
+        let mut index = h.index.clone();
+        index.insert("gone.txt".into(), Digest::of(b"g"));
+        let err = assert_refused(&bytes, &index, "gone.txt");
+        assert!(
+            matches!(err, BundleError::MissingFromBundle { .. }),
+            "{err}"
+        );
+
+        let mut h = Hostile::new();
+        let bytes = h.file("a.txt", b"a").file("a.txt", b"a").finish();
+        let err = assert_refused(&bytes, &h.index, "a.txt");
+        assert!(matches!(err, BundleError::Duplicate { .. }), "{err}");
+    }
+
+    #[test]
+    fn what_is_not_a_bundle_is_refused() {
+        let err = assert_refused(b"not gzip at all", &BTreeMap::new(), "");
+        assert!(matches!(err, BundleError::Corrupt(_)), "{err}");
+        let err = read_compose_from_bundle(
+            &Hostile::new().file("x", b"x").finish()[..],
+            &BundleLimits::default(),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("compose"), "{err}");
-        assert!(read_compose_from_bundle(bundle.bytes.as_slice(), 1024).is_err());
+        assert!(matches!(err, BundleError::NoComposeInBundle), "{err}");
+    }
+
+    #[test]
+    fn the_device_prefers_docker_compose_yml() {
+        let mut h = Hostile::new();
+        let bytes = h
+            .file("compose.yaml", b"yaml")
+            .file("docker-compose.yml", b"dc")
+            .finish();
+        let (name, content) =
+            read_compose_from_bundle(&bytes[..], &BundleLimits::default()).unwrap();
+        assert_eq!(
+            (name.as_str(), content.as_slice()),
+            ("docker-compose.yml", &b"dc"[..])
+        );
+    }
+
+    #[test]
+    fn an_app_with_a_symlink_out_of_it_cannot_be_bundled() {
+        let app = app_dir();
+        symlink("../../etc/passwd", app.path().join("config/pw")).unwrap();
+        let err = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap_err();
+        assert!(
+            matches!(err, BundleError::SymlinkOutsideApp { .. }),
+            "{err}"
+        );
+        let err = create_bundle(app.path(), "compose.yml", PINNED).unwrap_err();
+        assert!(matches!(err, BundleError::NoComposeInApp { .. }), "{err}");
     }
 }

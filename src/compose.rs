@@ -151,6 +151,17 @@ impl Compose {
             command.env("DOCKER_HOST", host);
         }
         command.stdin(Stdio::null()).kill_on_drop(true);
+        // Compose dies with stowage, even when stowage is killed by SIGKILL
+        // (kill_on_drop cannot run then): an orphaned `up` would race the
+        // next run's `up` for the same containers.
+        // SAFETY: prctl(2) is async-signal-safe and nothing is allocated
+        // between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
         command
     }
 

@@ -582,6 +582,25 @@ impl DockerEngine {
         }
     }
 
+    /// Gives image `image_id` the extra reference `name:tag` (what
+    /// `docker tag` does), moving the tag if another image had it.
+    pub async fn tag_image(&self, image_id: &Digest, reference: &str) -> Result<(), DockerError> {
+        validate_tag_reference(reference).map_err(|reason| DockerError::InvalidReference {
+            reference: reference.to_string(),
+            reason,
+        })?;
+        let last_component = reference.rfind('/').map_or(0, |slash| slash + 1);
+        let colon = last_component + reference[last_component..].rfind(':').unwrap_or(0);
+        let options = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo(&reference[..colon])
+            .tag(&reference[colon + 1..])
+            .build();
+        self.client
+            .tag_image(&image_id.to_string(), Some(options))
+            .await
+            .map_err(self.api_error(format!("tag image {image_id} as {reference}")))
+    }
+
     /// Names of the containers (running or not) created from this image.
     pub async fn containers_using(&self, image_id: &Digest) -> Result<Vec<String>, DockerError> {
         let containers = self

@@ -4,6 +4,7 @@
 //! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
 //! CLI decides how progress and results are shown.
 
+pub mod agent;
 pub mod app;
 pub mod bundle;
 pub mod commands;
@@ -14,6 +15,7 @@ pub mod digest;
 pub mod docker;
 pub mod format;
 pub mod fsutil;
+pub mod installed;
 pub mod layer;
 pub mod progress;
 pub mod reference;
@@ -21,5 +23,7 @@ pub mod registry;
 pub mod space;
 pub mod store;
 pub mod stored;
+pub mod target;
+pub mod update;
 
 pub use digest::Digest;

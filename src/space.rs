@@ -104,6 +104,22 @@ impl Volume {
     }
 }
 
+/// Bytes in binary units for people: `5.9 MiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 pub fn round_up(bytes: u64, block: u64) -> u64 {
     if block == 0 {
         return bytes;
@@ -247,8 +263,11 @@ pub fn plan(
         if report.required > report.available {
             report.fits = false;
             report.reason = format!(
-                "the volume of {where_} needs {} bytes but only {} are available ({} free, {} kept in reserve)",
-                report.required, report.available, report.free, report.reserved
+                "the volume of {where_} needs {} but only {} is available ({} free, {} kept in reserve)",
+                human_bytes(report.required),
+                human_bytes(report.available),
+                human_bytes(report.free),
+                human_bytes(report.reserved)
             );
         } else if report.inodes_required > report.inodes_free {
             report.fits = false;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::compose_file::{COMPOSE_FILE_CAP, ComposeFile};
+use crate::compose_file::ComposeFile;
 use crate::format::{self, AppManifest, Descriptor, ImageConfig, ImageManifest};
 use crate::reference::ImageRef;
 use crate::store::Store;
@@ -110,8 +110,9 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
     let mut images = Vec::new();
     if store.has(&bundle.digest) {
         let file = store.open_blob(&bundle.digest)?;
-        let (name, compose_bytes) = crate::bundle::read_compose_from_bundle(file, COMPOSE_FILE_CAP)
-            .with_context(|| format!("the stored bundle of {ref_name}"))?;
+        let (name, compose_bytes) =
+            crate::bundle::read_compose_from_bundle(file, &crate::bundle::BundleLimits::default())
+                .with_context(|| format!("the stored bundle of {ref_name}"))?;
         let compose =
             ComposeFile::parse(Path::new(&name), &String::from_utf8_lossy(&compose_bytes))?;
         compose_file = name;

@@ -299,7 +299,7 @@ fn loop_volume_is_ext4_of_about_the_requested_size_and_goes_away() {
         "{inodes} inodes for 2000 asked"
     );
 
-    let mount_point = volume.path();
+    let mount_point = volume.path().to_path_buf();
     drop(volume);
     assert!(!mount_point.exists(), "the mount point is removed");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -310,7 +310,7 @@ fn loop_volume_is_ext4_of_about_the_requested_size_and_goes_away() {
 fn tmpfs_volume_has_the_requested_size() {
     let volume = TmpfsVolume::new(16);
     assert_eq!(volume.stats().total_bytes(), 16 << 20);
-    let path = volume.path();
+    let path = volume.path().to_path_buf();
     drop(volume);
     assert!(!path.exists());
 }
@@ -332,8 +332,7 @@ fn private_dockerd_answers_with_its_data_root_and_runs_containers() {
 
     // An image loaded into it lands on the volume, and a container runs.
     let used_before = volume.stats().used_bytes();
-    let saved = run_ok_bytes(Command::new("docker").args(["save", BUSYBOX]));
-    run_ok_with_stdin(dockerd.docker().args(["load", "-q"]), &saved);
+    dockerd.load_from_default(BUSYBOX);
     assert!(volume.stats().used_bytes() > used_before + 1_000_000);
     let said = run_ok(dockerd.docker().args([
         "run",

@@ -53,13 +53,13 @@ impl InspectOptions {
                 &pinned,
                 &bundle_desc.digest,
                 bundle_desc.size,
-                bundle::BundleLimits::default().max_total,
+                bundle::BundleLimits::default().bundle,
             )
             .await
             .with_context(|| format!("the bundle of {what}"))?;
         let (compose_name, compose_bytes) = bundle::read_compose_from_bundle(
             bundle_bytes.as_slice(),
-            crate::compose_file::COMPOSE_FILE_CAP,
+            &bundle::BundleLimits::default(),
         )
         .with_context(|| format!("the bundle of {what}"))?;
         let compose_text = String::from_utf8_lossy(&compose_bytes).into_owned();

@@ -4,6 +4,11 @@
 
 pub mod admin;
 pub mod check;
+pub mod df;
+pub mod export;
 pub mod inspect;
+pub mod install;
 pub mod publish;
 pub mod pull;
+pub mod run;
+pub mod update;

@@ -151,11 +151,13 @@ impl PublishOptions {
             })
             .collect();
         let pinned_compose = compose.pinned(&pinned)?;
-        let compose_name = compose_path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("docker-compose.yml")
-            .to_string();
+        // The bundle carries the pinned file in place of the app directory's
+        // own compose file; one given with -f from elsewhere takes the
+        // place of docker-compose.yml.
+        let compose_name = match compose_path.strip_prefix(&self.app_dir) {
+            Ok(rel) => rel.to_string_lossy().into_owned(),
+            Err(_) => "docker-compose.yml".to_string(),
+        };
         let bundle = bundle::create_bundle(&self.app_dir, &compose_name, &pinned_compose)
             .with_context(|| format!("cannot bundle {}", self.app_dir.display()))?;
         let bundle_index = bundle::index_json(&bundle.index);

@@ -82,7 +82,7 @@ pub(crate) fn lock_store(
 
 /// Tries to take `mode` on `file` until `timeout` has passed. `Ok(false)`
 /// means someone else still holds it; a zero timeout tries exactly once.
-pub(crate) fn flock_with_deadline(
+pub fn flock_with_deadline(
     file: &File,
     mode: LockMode,
     timeout: Duration,

@@ -52,7 +52,7 @@ pub use layout::{
     MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, REF_NAME_ANNOTATION, RefEntry,
     is_manifest_media_type, is_valid_ref_name,
 };
-pub use lock::{LockMode, StoreLock};
+pub use lock::{LockMode, StoreLock, flock_with_deadline};
 
 /// Mode of every directory the store creates.
 pub const DIR_MODE: u32 = 0o700;

@@ -3,7 +3,7 @@
 //! data root, exec root and socket, stopped by pid when their handle drops.
 
 use super::volumes::unmount;
-use super::{run_output, send_signal, tail_file, temp_dir, wait_until};
+use super::{run_ok_bytes, run_ok_with_stdin, run_output, send_signal, tail_file, wait_until};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -148,6 +148,13 @@ impl PrivateDockerd {
 
     pub fn socket(&self) -> PathBuf {
         self.run_dir.path().join("docker.sock")
+    }
+
+    /// Copies image `tag` from the default dockerd into this one (`docker save | load`).
+    pub fn load_from_default(&self, tag: &str) {
+        ensure_dockerd();
+        let archive = run_ok_bytes(Command::new("docker").args(["save", tag]));
+        run_ok_with_stdin(self.docker().args(["load", "-q"]), &archive);
     }
 
     /// "unix:///.../docker.sock", for `DOCKER_HOST`.

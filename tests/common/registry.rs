@@ -127,6 +127,11 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// "127.0.0.1:PORT/REPO:TAG".
+    pub fn image_ref(&self, repo: &str, tag: &str) -> String {
+        format!("{}/{repo}:{tag}", self.host())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -54,6 +54,7 @@ pub fn fs_stats(path: &Path) -> FsStats {
 /// An ext4 file system in a sparse image file, loop-mounted on a temp dir.
 pub struct LoopVolume {
     dir: tempfile::TempDir,
+    mount_point: PathBuf,
     mounted: bool,
 }
 
@@ -93,7 +94,11 @@ impl LoopVolume {
                     .arg(&mount_point),
             );
             if out.status.success() {
-                return LoopVolume { dir, mounted: true };
+                return LoopVolume {
+                    dir,
+                    mount_point,
+                    mounted: true,
+                };
             }
             last = Some(out);
             std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
@@ -107,19 +112,24 @@ impl LoopVolume {
     }
 
     /// The mount point.
-    pub fn path(&self) -> PathBuf {
-        self.dir.path().join("mnt")
+    pub fn path(&self) -> &Path {
+        &self.mount_point
+    }
+
+    /// The sparse file holding the file system.
+    pub fn image_file(&self) -> PathBuf {
+        self.dir.path().join("image.ext4")
     }
 
     pub fn stats(&self) -> FsStats {
-        fs_stats(&self.path())
+        fs_stats(&self.mount_point)
     }
 }
 
 impl Drop for LoopVolume {
     fn drop(&mut self) {
         if self.mounted {
-            unmount(&self.path());
+            unmount(&self.mount_point);
             self.mounted = false;
         }
     }
@@ -142,8 +152,8 @@ impl TmpfsVolume {
         TmpfsVolume { dir }
     }
 
-    pub fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
+    pub fn path(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn stats(&self) -> FsStats {

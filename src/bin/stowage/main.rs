@@ -12,12 +12,18 @@ use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
 use stowage::commands::check::{self, DockerView};
+use stowage::commands::export::LayoutRef;
 use stowage::commands::inspect::InspectOptions;
+use stowage::commands::install::{self, Device, InstallOptions};
 use stowage::commands::publish::PublishOptions;
 use stowage::commands::pull::{DoesNotFit, PullOptions};
+use stowage::commands::run::{self as run_cmd, Selection};
+use stowage::commands::update as update_cmd;
+use stowage::compose::Compose;
 use stowage::config::{self, ConfigFile, CredentialStore};
-use stowage::docker::DockerEngine;
+use stowage::docker::{DockerEngine, LoadOptions};
 use stowage::format::Arch;
+use stowage::installed::Installed;
 use stowage::reference::ImageRef;
 use stowage::registry::{RegistryClient, RegistryOptions};
 use stowage::space::Policy;
@@ -84,8 +90,137 @@ enum Command {
     Rm(RmArgs),
     /// Remove every blob and partial download no stored app needs
     Prune(PruneArgs),
-    /// Verify every stored blob and move corrupt ones aside
+    /// Verify every stored blob and every installed app (--repair reloads lost images)
     Fsck(FsckArgs),
+    /// Load a stored app's images into Docker and extract its bundle (no network)
+    Install(InstallArgs),
+    /// Install when needed, then start apps with compose (up -d --remove-orphans)
+    Run(RunArgs),
+    /// Stop apps (compose down); their images stay
+    Stop(StopArgs),
+    /// Show each installed app's services and their state
+    Ps(DockerArgs),
+    /// Disk used per app and per store, and free space per volume
+    Df(DfArgs),
+    /// Take the device to exactly these apps in one transaction, rolling back on failure
+    Update(UpdateArgs),
+    /// Poll a target and apply it with the update transaction (a daemon)
+    Agent(AgentArgs),
+    /// Show what the agent last did
+    Status,
+    /// Write stored apps and all their blobs into DIR for an offline update (oci:DIR)
+    Export(ExportArgs),
+    /// Targets: the set of apps a device should run
+    #[command(subcommand)]
+    Target(TargetCommand),
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Blobs downloaded at once
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Seconds the new apps have to be running and healthy
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    verify_timeout: u64,
+    /// Every app the device should run (REGISTRY/REPO:TAG or @sha256:...); running apps not named are stopped
+    #[arg(value_name = "REF", required = true)]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The device architecture [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<String>,
+    /// Stored apps (names, references or digests), then the directory to
+    /// write (a stowage store; apply it with `stowage update oci:DIR`)
+    #[arg(value_name = "NAME|REF... DIR", required = true, num_args = 2..)]
+    args: Vec<String>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// The target to follow: REGISTRY/REPO:TAG
+    #[arg(long, value_name = "REF")]
+    target: String,
+    /// Time between polls, e.g. 30s, 5m, 1h
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    interval: String,
+    /// Seconds the new apps have to be running and healthy
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    verify_timeout: u64,
+    /// Poll once and exit (the exit code says how it went)
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Subcommand)]
+enum TargetCommand {
+    /// Publish a target naming the apps (pinned by digest) at REGISTRY/REPO:TAG
+    Publish {
+        #[arg(value_name = "REGISTRY/REPO:TAG")]
+        at: String,
+        #[arg(value_name = "APP_REF", required = true)]
+        apps: Vec<String>,
+    },
+    /// Show a target's apps
+    Show {
+        #[arg(value_name = "REF")]
+        at: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DockerArgs {
+    /// The Docker engine [default: DOCKER_HOST or the local socket]
+    #[arg(long, value_name = "URL")]
+    docker_host: Option<String>,
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// A stored app: its name, reference or digest
+    #[arg(value_name = "NAME|REF")]
+    app: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Every installed app
+    #[arg(long, conflicts_with = "apps")]
+    all: bool,
+    /// Stored apps: names, references or digests
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct StopArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
+    /// Every installed app
+    #[arg(long, conflicts_with = "apps")]
+    all: bool,
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    apps: Vec<String>,
+}
+
+#[derive(Args)]
+struct DfArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
+    /// The device architecture [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -126,6 +261,8 @@ struct PullArgs {
 
 #[derive(Args)]
 struct RmArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
     /// An app name (all its versions), reference or digest
     #[arg(value_name = "NAME|REF")]
     app: String,
@@ -136,6 +273,8 @@ struct PruneArgs {
     /// Say what would be removed, remove nothing
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    docker: DockerArgs,
 }
 
 #[derive(Args)]
@@ -143,6 +282,11 @@ struct FsckArgs {
     /// Check sizes only, do not hash
     #[arg(long)]
     quick: bool,
+    /// Reload from the blob store the images of installed apps that Docker lost
+    #[arg(long)]
+    repair: bool,
+    #[command(flatten)]
+    fit: FitArgs,
 }
 
 #[derive(Args)]
@@ -239,7 +383,15 @@ impl Globals {
                 Arch::detect().context("cannot tell this machine's architecture; give --arch")?
             }
         };
-        let watermark = args.watermark.or(self.config.watermark).unwrap_or(80);
+        let watermark = match args.watermark {
+            Some(w) => w,
+            None => match std::env::var("STOWAGE_WATERMARK") {
+                Ok(v) => v.trim().parse().map_err(|_| {
+                    anyhow::anyhow!("STOWAGE_WATERMARK={v:?} is not a percentage (20-99)")
+                })?,
+                Err(_) => self.config.watermark.unwrap_or(80),
+            },
+        };
         let reserve = match args.reserve.clone().or_else(|| self.config.reserve.clone()) {
             Some(r) => config::parse_size(&r)
                 .map_err(anyhow::Error::msg)
@@ -258,6 +410,67 @@ impl Globals {
             policy,
             docker,
             notes: note.into_iter().collect(),
+        })
+    }
+
+    fn docker_host(&self, flag: &Option<String>) -> Option<String> {
+        flag.clone().or_else(|| self.config.docker_host.clone())
+    }
+
+    async fn engine(&self, flag: &Option<String>) -> Result<DockerEngine> {
+        Ok(DockerEngine::connect(self.docker_host(flag).as_deref()).await?)
+    }
+
+    async fn compose(&self, flag: &Option<String>) -> Result<Compose> {
+        let compose = Compose::detect().await?;
+        Ok(match self.docker_host(flag) {
+            Some(host) => compose.with_docker_host(&host),
+            None => compose,
+        })
+    }
+
+    /// What install needs from the fit settings.
+    async fn install_options(&self, args: &FitArgs) -> Result<InstallOptions> {
+        let fit = self.fit(args).await?;
+        Ok(InstallOptions {
+            architecture: fit.arch,
+            policy: fit.policy,
+            load: LoadOptions::default(),
+        })
+    }
+
+    /// The device as the update transaction drives it.
+    async fn live_device<'a>(
+        &self,
+        args: &FitArgs,
+        client: &'a RegistryClient,
+        progress: &'a dyn stowage::progress::Progress,
+        jobs: Option<usize>,
+    ) -> Result<update_cmd::LiveDevice<'a>> {
+        let fit = self.fit(args).await?;
+        let json = self.json;
+        let events: &'a (dyn Fn(&stowage::update::UpdateEvent) + Send + Sync) = if json {
+            &|e| output::print_json_line(e)
+        } else {
+            &|e| output::update_event(e)
+        };
+        Ok(update_cmd::LiveDevice {
+            root: self.root.clone(),
+            store: self.store()?,
+            engine: self.engine(&args.docker_host).await?,
+            compose: self.compose(&args.docker_host).await?,
+            client,
+            architecture: fit.arch.clone(),
+            policy: fit.policy,
+            jobs: jobs.or(self.config.jobs).unwrap_or(4),
+            install: InstallOptions {
+                architecture: fit.arch,
+                policy: fit.policy,
+                load: LoadOptions::default(),
+            },
+            progress,
+            layout: None,
+            events,
         })
     }
 
@@ -312,7 +525,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let globals = Globals::resolve(&cli)?;
     // Commands that stream progress as JSON lines with --json; the others
     // print one JSON document on stdout and keep their progress on stderr.
-    let json_lines = globals.json && matches!(cli.command, Command::Pull(_));
+    let json_lines = globals.json
+        && matches!(
+            cli.command,
+            Command::Pull(_) | Command::Update(_) | Command::Agent(_)
+        );
     let progress = output::progress(json_lines, std::io::stderr().is_terminal());
     match cli.command {
         Command::Publish(args) => {
@@ -351,6 +568,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::check(&report, globals.json)?;
             if !report.fit.fits {
                 return Ok(ExitCode::from(DOES_NOT_FIT));
+            }
+        }
+        Command::Pull(args) if args.apps.iter().any(|a| a.starts_with("oci:")) => {
+            let fit = globals.fit(&args.fit).await?;
+            let store = globals.store()?;
+            let [one] = args.apps.as_slice() else {
+                anyhow::bail!(
+                    "a pull from oci:DIR takes that one argument (oci:DIR or oci:DIR:NAME)"
+                );
+            };
+            let from = LayoutRef::parse(one).context("oci:DIR[:NAME] expected")?;
+            match stowage::commands::export::import(
+                &store,
+                &from,
+                &fit.arch,
+                fit.policy,
+                &fit.docker,
+                progress.as_ref(),
+            )
+            .await
+            {
+                Ok(report) => output::import(&report, globals.json)?,
+                Err(e) => return refused_or(e, globals.json),
             }
         }
         Command::Pull(args) => {
@@ -395,20 +635,257 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::ls(&apps, globals.json)?;
         }
         Command::Rm(args) => {
-            let report = admin::rm(&globals.store()?, &args.app)?;
+            let store = globals.store()?;
+            // An installed app is uninstalled first (refused while it has
+            // containers), so that prune may then free its images too.
+            let state = Installed::load(&globals.root)?;
+            let installed: Vec<String> = stowage::stored::find_apps(&store, &args.app)?
+                .into_iter()
+                .filter(|a| {
+                    state
+                        .apps
+                        .get(&a.name)
+                        .is_some_and(|r| r.reference == a.reference)
+                })
+                .map(|a| a.name)
+                .collect();
+            if !installed.is_empty() {
+                let engine = globals.engine(&args.docker.docker_host).await?;
+                let device = Device {
+                    root: &globals.root,
+                    store: &store,
+                    engine: &engine,
+                };
+                for name in &installed {
+                    run_cmd::uninstall(device, name).await?;
+                }
+            }
+            let report = admin::rm(&store, &args.app)?;
             output::rm(&report, globals.json)?;
         }
         Command::Prune(args) => {
             let report = admin::prune(&globals.store()?, args.dry_run)?;
-            output::prune(&report, globals.json)?;
+            let docker = match globals.engine(&args.docker.docker_host).await {
+                Ok(engine) => Some(
+                    admin::prune_docker(&globals.root, &engine, args.dry_run)
+                        .await
+                        .map_err(|e| format!("{e:#}")),
+                ),
+                Err(e) => Some(Err(format!(
+                    "Docker is not reachable, its images were left alone: {e:#}"
+                ))),
+            };
+            output::prune(&report, docker.as_ref(), globals.json)?;
         }
         Command::Fsck(args) => {
-            let report = admin::fsck(&globals.store()?, args.quick)?;
-            let clean = report.is_clean();
-            output::fsck(&report, globals.json)?;
+            let store = if args.repair {
+                Store::open_for_repair(&globals.root)?
+            } else {
+                globals.store()?
+            };
+            let report = admin::fsck(&store, args.quick)?;
+            let mut clean = report.is_clean();
+            let state = Installed::load(&globals.root)?;
+            let mut installed_checks = Vec::new();
+            if !state.apps.is_empty() {
+                let engine = globals.engine(&args.fit.docker_host).await?;
+                let options = globals.install_options(&args.fit).await?;
+                let device = Device {
+                    root: &globals.root,
+                    store: &store,
+                    engine: &engine,
+                };
+                installed_checks =
+                    install::verify_installed(device, args.repair, &options, progress.as_ref())
+                        .await?;
+                clean &= installed_checks.iter().all(|c| c.is_healthy());
+            }
+            output::fsck(&report, &installed_checks, globals.json)?;
             if !clean {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::Install(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.fit.docker_host).await?;
+            let options = globals.install_options(&args.fit).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            match install::install(device, &args.app, &options, progress.as_ref()).await {
+                Ok(report) => output::install(&report, globals.json)?,
+                Err(e) => return refused_or(e, globals.json),
+            }
+        }
+        Command::Run(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.fit.docker_host).await?;
+            let compose = globals.compose(&args.fit.docker_host).await?;
+            let options = globals.install_options(&args.fit).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            let selection = if args.all {
+                Selection::All
+            } else {
+                Selection::Named(args.apps)
+            };
+            match run_cmd::run(device, &compose, &selection, &options, progress.as_ref()).await {
+                Ok(report) => output::run(&report, globals.json)?,
+                Err(e) => return refused_or(e, globals.json),
+            }
+        }
+        Command::Stop(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.docker.docker_host).await?;
+            let compose = globals.compose(&args.docker.docker_host).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            let selection = if args.all {
+                Selection::All
+            } else {
+                Selection::Named(args.apps)
+            };
+            let report = run_cmd::stop(device, &compose, &selection, progress.as_ref()).await?;
+            output::stop(&report, globals.json)?;
+        }
+        Command::Ps(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.docker_host).await?;
+            let device = Device {
+                root: &globals.root,
+                store: &store,
+                engine: &engine,
+            };
+            let apps = run_cmd::ps(device).await?;
+            output::ps(&apps, globals.json)?;
+        }
+        Command::Df(args) => {
+            let store = globals.store()?;
+            let engine = globals.engine(&args.docker.docker_host).await.ok();
+            let arch = match args.arch.clone().or_else(|| globals.config.arch.clone()) {
+                Some(a) => Arch::parse(&a),
+                None => Arch::detect()
+                    .context("cannot tell this machine's architecture; give --arch")?,
+            };
+            let report = stowage::commands::df::df(
+                &globals.root,
+                &store,
+                engine.as_ref(),
+                &arch.to_string(),
+            )
+            .await?;
+            output::df(&report, globals.json)?;
+        }
+        Command::Export(args) => {
+            let store = globals.store()?;
+            let arch = match args.arch.clone().or_else(|| globals.config.arch.clone()) {
+                Some(a) => Arch::parse(&a),
+                None => Arch::detect()
+                    .context("cannot tell this machine's architecture; give --arch")?,
+            };
+            let Some((dir, apps)) = args.args.split_last() else {
+                anyhow::bail!("name the apps to export, then the directory");
+            };
+            let report = stowage::commands::export::export(
+                &store,
+                apps,
+                std::path::Path::new(dir),
+                &arch.to_string(),
+                progress.as_ref(),
+            )
+            .await?;
+            output::export(&report, globals.json)?;
+        }
+        Command::Update(args) => {
+            let client = globals.registry_client()?;
+            let layout = match args.apps.as_slice() {
+                [one] => LayoutRef::parse(one),
+                many if many.iter().any(|a| a.starts_with("oci:")) => {
+                    anyhow::bail!(
+                        "an update from oci:DIR takes that one argument (oci:DIR or oci:DIR:NAME)"
+                    )
+                }
+                _ => None,
+            };
+            let to = match &layout {
+                Some(layout) => layout
+                    .apps(&layout.open()?)?
+                    .into_iter()
+                    .map(|a| (a.name, a.reference))
+                    .collect(),
+                None => {
+                    let refs = args
+                        .apps
+                        .iter()
+                        .map(|r| r.parse())
+                        .collect::<Result<Vec<ImageRef>, _>>()?;
+                    update_cmd::app_set(&client, &refs).await?
+                }
+            };
+            let mut device = globals
+                .live_device(&args.fit, &client, progress.as_ref(), args.jobs)
+                .await?;
+            device.layout = layout;
+            let options = stowage::update::UpdateOptions {
+                verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
+            };
+            let files = stowage::update::StateFiles::under(&globals.root);
+            let _lock = stowage::update::lock_updates(&globals.root)?;
+            let outcome = stowage::update::update(&device, &files, to, &options).await?;
+            return output::update_outcome(outcome, globals.json);
+        }
+        Command::Agent(args) => {
+            let client = globals.registry_client()?;
+            let device = globals
+                .live_device(&args.fit, &client, progress.as_ref(), None)
+                .await?;
+            let interval = parse_duration(&args.interval)?;
+            let options = stowage::agent::AgentOptions {
+                target: args.target.parse()?,
+                interval,
+                update: stowage::update::UpdateOptions {
+                    verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
+                },
+                once: args.once,
+            };
+            let _lock = stowage::update::lock_updates(&globals.root)?;
+            let status =
+                stowage::agent::run_agent(&device, &client, &globals.root, &options).await?;
+            output::status(&status, globals.json)?;
+            return Ok(match status.last_result.as_str() {
+                "committed" | "unchanged" => ExitCode::SUCCESS,
+                "refused" | "waiting_for_space" => ExitCode::from(DOES_NOT_FIT),
+                _ => ExitCode::from(1),
+            });
+        }
+        Command::Status => match stowage::agent::read_status(&globals.root)? {
+            Some(status) => output::status(&status, globals.json)?,
+            None => {
+                let state = stowage::update::StateFiles::under(&globals.root).device()?;
+                output::device_state(&state, globals.json)?;
+            }
+        },
+        Command::Target(TargetCommand::Publish { at, apps }) => {
+            let client = globals.registry_client()?;
+            let refs = apps
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<Vec<ImageRef>, _>>()?;
+            let target = stowage::target::publish_target(&client, &at.parse()?, &refs).await?;
+            output::target(&target, globals.json)?;
+        }
+        Command::Target(TargetCommand::Show { at }) => {
+            let client = globals.registry_client()?;
+            let target = stowage::target::fetch_target(&client, &at.parse()?).await?;
+            output::target(&target, globals.json)?;
         }
         Command::Inspect(args) => {
             let app: ImageRef = args.app.parse()?;
@@ -421,6 +898,41 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 100 with the check's table when `error` is an update that does not
+/// fit; any other error goes on.
+fn refused_or(error: anyhow::Error, json: bool) -> Result<ExitCode> {
+    match error.downcast::<DoesNotFit>() {
+        Ok(refused) => {
+            output::check(&refused.report, json)?;
+            eprintln!(
+                "stowage: error: the update does not fit: {}",
+                refused.report.fit.shortfall()
+            );
+            Ok(ExitCode::from(DOES_NOT_FIT))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `30s`, `5m`, `1h` or a number of seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration (try 30s, 5m or 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => anyhow::bail!("{s:?} has an unknown unit (use s, m or h)"),
+    };
+    if secs == 0 {
+        anyhow::bail!("the interval must be at least one second");
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn default_cache_dir() -> PathBuf {

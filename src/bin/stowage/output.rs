@@ -11,11 +11,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use stowage::Digest;
-use stowage::commands::admin::RmReport;
+use stowage::commands::admin::{DockerPruneReport, RmReport};
 use stowage::commands::check::CheckReport;
+use stowage::commands::df::DfReport;
 use stowage::commands::inspect::AppDescription;
+use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
 use stowage::commands::publish::PublishReport;
 use stowage::commands::pull::PullReport;
+use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::progress::{Event, NoProgress, Progress};
 use stowage::store::{FsckReport, PruneReport};
 use stowage::stored::StoredApp;
@@ -120,20 +123,7 @@ pub fn quiet() -> Box<dyn Progress> {
     Box::new(NoProgress)
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use stowage::space::human_bytes;
 
 pub fn publish(report: &PublishReport, json: bool) -> Result<()> {
     if json {
@@ -220,21 +210,13 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
         human_bytes(report.fit.policy.reserve_bytes)
     );
     println!(
-        "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} VERDICT",
-        "VOLUME (PATHS)",
-        "BLOCK",
-        "SIZE",
-        "FREE",
-        "RESERVED",
-        "AVAILABLE",
-        "REQUIRED",
-        "INODES REQ/FREE",
+        "{:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>19}  VERDICT",
+        "VOLUME", "BLOCK", "SIZE", "FREE", "RESERVED", "AVAILABLE", "REQUIRED", "INODES REQ/FREE"
     );
-    for v in &report.fit.volumes {
-        let first = v.paths.first().cloned().unwrap_or_default();
+    for (i, v) in report.fit.volumes.iter().enumerate() {
         println!(
-            "{:<34} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>15} {}",
-            first,
+            "{:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>19}  {}",
+            format!("#{}", i + 1),
             v.block_size,
             human_bytes(v.size),
             human_bytes(v.free),
@@ -244,17 +226,15 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
             format!("{}/{}", v.inodes_required, v.inodes_free),
             if v.fits { "fits" } else { "DOES NOT FIT" }
         );
-        for p in v.paths.iter().skip(1) {
-            println!("  {p}");
-        }
+        println!("        paths:    {}", v.paths.join(", "));
         let parts: Vec<String> = v
             .required_parts
             .iter()
             .map(|(part, n)| format!("{} {}", part.label(), human_bytes(*n)))
             .collect();
-        println!("  required: {}", parts.join(", "));
+        println!("        required: {}", parts.join(" + "));
         if !v.fits {
-            println!("  {}", v.reason);
+            println!("        {}", v.reason);
         }
     }
     for note in &report.fit.notes {
@@ -342,9 +322,19 @@ pub fn rm(report: &RmReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn prune(report: &PruneReport, json: bool) -> Result<()> {
+pub fn prune(
+    report: &PruneReport,
+    docker: Option<&Result<DockerPruneReport, String>>,
+    json: bool,
+) -> Result<()> {
     if json {
+        let docker_value = match docker {
+            Some(Ok(d)) => serde_json::to_value(d)?,
+            Some(Err(e)) => serde_json::json!({"error": e}),
+            None => serde_json::Value::Null,
+        };
         let value = serde_json::json!({
+            "docker": docker_value,
             "dry_run": report.dry_run,
             "removed_blobs": report.removed.iter().map(|(d, n)| serde_json::json!({"digest": d, "size": n})).collect::<Vec<_>>(),
             "freed_bytes": report.freed_bytes,
@@ -374,19 +364,205 @@ pub fn prune(report: &PruneReport, json: bool) -> Result<()> {
         human_bytes(report.stale_ingest_bytes),
         report.kept
     );
+    match docker {
+        Some(Ok(d)) => {
+            for image in &d.removed {
+                println!(
+                    "{verb} image {} {} ({})",
+                    image.image_id.short(),
+                    image.tags.join(", "),
+                    human_bytes(image.bytes)
+                );
+            }
+            for image in &d.kept_in_use {
+                println!(
+                    "kept image {} {}: used by container {}",
+                    image.image_id.short(),
+                    image.tags.join(", "),
+                    image.containers.join(", ")
+                );
+            }
+            println!(
+                "docker images: {verb} {} images stowage loaded ({}); kept {} in use by containers",
+                d.removed.len(),
+                human_bytes(d.freed_bytes),
+                d.kept_in_use.len()
+            );
+        }
+        Some(Err(e)) => println!("docker images: not pruned: {e}"),
+        None => {}
+    }
     Ok(())
 }
 
-pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
+pub fn install(report: &InstallReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for image in &report.images {
+        let what = match image.action {
+            ImageAction::Loaded => format!(
+                "loaded: {} of {} layers sent ({}), {} already held, {:.1} s",
+                image.layers_sent,
+                image.layers,
+                human_bytes(image.bytes_sent),
+                image.layers_skipped,
+                image.seconds
+            ),
+            ImageAction::Present => "already in Docker".to_string(),
+            ImageAction::Tagged => "already in Docker, tagged".to_string(),
+        };
+        println!(
+            "{:<24} {}  {what}",
+            image.services.join(","),
+            image.tags.first().map_or("", String::as_str)
+        );
+    }
+    println!(
+        "installed {} ({}) in {}",
+        report.name,
+        report.reference,
+        report.dir.display()
+    );
+    Ok(())
+}
+
+pub fn run(report: &RunReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for install in &report.installs {
+        let loaded = install
+            .images
+            .iter()
+            .filter(|i| i.action == ImageAction::Loaded)
+            .count();
+        if loaded > 0 || install.bundle_extracted {
+            println!(
+                "installed {}: {loaded} images loaded ({} layers sent)",
+                install.name,
+                install.layers_sent()
+            );
+        }
+    }
+    for name in &report.started {
+        println!("started {name}");
+    }
+    Ok(())
+}
+
+pub fn stop(report: &StopReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for name in &report.stopped {
+        println!("stopped {name}");
+    }
+    Ok(())
+}
+
+pub fn ps(apps: &[AppStatus], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(apps)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<9} {:<16} {:<12} {:<10} CONTAINER",
+        "APP", "APP STATE", "SERVICE", "STATE", "HEALTH"
+    );
+    for app in apps {
+        for service in &app.services {
+            let state = match service.exit_code {
+                Some(code) if service.state != "running" => format!("{} ({code})", service.state),
+                _ => service.state.clone(),
+            };
+            println!(
+                "{:<20} {:<9} {:<16} {:<12} {:<10} {}",
+                app.name,
+                app.state,
+                service.service,
+                state,
+                service.health.as_deref().unwrap_or("-"),
+                service.container
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn df(report: &DfReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("{:<16} {:>10} {:>7}  DETAIL", "STORE", "SIZE", "ITEMS");
+    for store in &report.stores {
+        println!(
+            "{:<16} {:>10} {:>7}  {} ({})",
+            store.store,
+            human_bytes(store.bytes),
+            store.items,
+            store.detail,
+            store.path.display()
+        );
+    }
+    println!();
+    println!(
+        "{:<20} {:<9} {:>10} {:>10} {:>10}  REFERENCE",
+        "APP", "INSTALLED", "STORE", "DOCKER", "DIRECTORY"
+    );
+    for app in &report.apps {
+        println!(
+            "{:<20} {:<9} {:>10} {:>10} {:>10}  {}",
+            app.name,
+            if app.installed { "yes" } else { "no" },
+            human_bytes(app.store_bytes),
+            human_bytes(app.docker_bytes),
+            human_bytes(app.dir_bytes),
+            app.reference
+        );
+    }
+    println!();
+    println!(
+        "{:>10} {:>10} {:>10} {:>6}  PATHS",
+        "SIZE", "USED", "FREE", "BLOCK"
+    );
+    for volume in &report.volumes {
+        println!(
+            "{:>10} {:>10} {:>10} {:>6}  {}",
+            human_bytes(volume.size),
+            human_bytes(volume.used),
+            human_bytes(volume.free),
+            volume.block_size,
+            volume
+                .paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    Ok(())
+}
+
+pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Result<()> {
+    let installed_clean = installed.iter().all(|c| c.is_healthy());
     if json {
         let value = serde_json::json!({
+            "installed": installed,
             "quick": report.quick,
             "checked": report.checked,
             "bytes_hashed": report.bytes_hashed,
             "corrupt": report.corrupt.iter().map(|c| serde_json::json!({"digest": c.digest, "reason": c.reason, "moved_to": c.moved_to})).collect::<Vec<_>>(),
             "moved_aside": report.moved_aside.iter().map(|c| serde_json::json!({"path": c.path, "reason": c.reason, "moved_to": c.moved_to})).collect::<Vec<_>>(),
             "missing_ref_targets": report.missing_ref_targets.iter().map(|(n, d)| serde_json::json!({"ref": n, "digest": d})).collect::<Vec<_>>(),
-            "clean": report.is_clean(),
+            "clean": report.is_clean() && installed_clean,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -410,6 +586,49 @@ pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
     for (n, d) in &report.missing_ref_targets {
         println!("ref {n} points at missing {d}: pull the app again");
     }
+    for c in installed {
+        if c.repaired {
+            println!(
+                "app {}: restored from the blob store ({} images were missing{})",
+                c.name,
+                c.missing_images.len(),
+                if c.directory_damaged {
+                    ", directory rebuilt"
+                } else {
+                    ""
+                }
+            );
+        } else if !c.missing_images.is_empty() || c.directory_damaged {
+            println!(
+                "app {}: Docker lacks {}{}; run `stowage fsck --repair`",
+                c.name,
+                if c.missing_images.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    c.missing_images.join(", ")
+                },
+                if c.directory_damaged {
+                    " and its directory is damaged"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(e) = &c.error {
+            println!("app {}: cannot be restored: {e}", c.name);
+        }
+    }
+    if !installed.is_empty() {
+        println!(
+            "checked {} installed apps: {}",
+            installed.len(),
+            if installed_clean {
+                "intact"
+            } else {
+                "problems found"
+            }
+        );
+    }
     println!(
         "checked {} blobs{}: {}",
         report.checked,
@@ -419,6 +638,143 @@ pub fn fsck(report: &FsckReport, json: bool) -> Result<()> {
         } else {
             "problems found"
         }
+    );
+    Ok(())
+}
+
+pub fn update_event(event: &stowage::update::UpdateEvent) {
+    use stowage::update::UpdateEvent as E;
+    let line = match event {
+        E::Started { from, to } => format!("update: {} -> {}", apps_text(from), apps_text(to)),
+        E::Recovering { phase, .. } => {
+            format!("recovering an update interrupted while {phase:?}").to_lowercase()
+        }
+        E::Check { .. } => "the update fits; apps pulled".to_string(),
+        E::Installed { app, reference } => format!("installed {app} ({reference})"),
+        E::Stopped { app } => format!("stopped {app}"),
+        E::AppStarted { app, .. } => format!("started {app}"),
+        E::Verified { app } => format!("verified {app}: every service running"),
+        E::Committed { running } => format!("committed: running {}", apps_text(running)),
+        E::RolledBack { running, error } => {
+            format!("ROLLED BACK to {}: {error}", apps_text(running))
+        }
+        E::Pruned { report } => format!("pruned: {report}"),
+        E::NothingToDo { running } => {
+            format!("nothing to do: already running {}", apps_text(running))
+        }
+    };
+    eprintln!("{line}");
+}
+
+fn apps_text(apps: &stowage::update::AppSet) -> String {
+    if apps.is_empty() {
+        return "(no apps)".into();
+    }
+    apps.iter()
+        .map(|(n, r)| format!("{n}={r}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The exit code of an update: 0 committed or unchanged, 100 refused for
+/// space, 1 otherwise (rolled back or failed).
+pub fn update_outcome(
+    outcome: stowage::update::Outcome,
+    json: bool,
+) -> Result<std::process::ExitCode> {
+    use stowage::update::Outcome;
+    let (result, code, error) = match outcome {
+        Outcome::Committed => ("committed", 0u8, None),
+        Outcome::Unchanged => ("unchanged", 0, None),
+        Outcome::RolledBack(e) => ("rolled_back", 1, Some(e)),
+        Outcome::Failed(e) => match e.downcast::<stowage::commands::pull::DoesNotFit>() {
+            Ok(refused) => {
+                check(&refused.report, json)?;
+                ("refused", 100, Some(anyhow::anyhow!("{refused}")))
+            }
+            Err(e) => ("failed", 1, Some(e)),
+        },
+    };
+    let message = error.map(|e| format!("{e:#}"));
+    if json {
+        print_json_line(
+            &serde_json::json!({"event": "result", "result": result, "error": message}),
+        );
+    } else if let Some(m) = &message {
+        eprintln!("stowage: error: update {}: {m}", result.replace('_', " "));
+    }
+    Ok(std::process::ExitCode::from(code))
+}
+
+pub fn status(status: &stowage::agent::AgentStatus, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!("target:       {}", status.target);
+    if let Some(d) = &status.target_digest {
+        println!("target digest: {d}");
+    }
+    println!("running:      {}", apps_text(&status.apps));
+    println!("last result:  {}", status.last_result);
+    if let Some(e) = &status.last_error {
+        println!("last error:   {e}");
+    }
+    if status.consecutive_failures > 0 {
+        println!("failures in a row: {}", status.consecutive_failures);
+    }
+    println!("next poll in: {} s", status.next_poll_in_secs);
+    Ok(())
+}
+
+pub fn device_state(state: &stowage::update::DeviceState, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(state)?);
+        return Ok(());
+    }
+    println!("no agent has run; running: {}", apps_text(&state.running));
+    println!("rollback copy: {}", apps_text(&state.previous));
+    Ok(())
+}
+
+pub fn target(target: &stowage::target::Target, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(target)?);
+        return Ok(());
+    }
+    for (name, reference) in &target.apps {
+        println!("{name:<20} {reference}");
+    }
+    println!("{}", target.reference);
+    Ok(())
+}
+
+pub fn export(report: &stowage::commands::export::ExportReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "exported {} ({} blobs, {}) to {}; apply with `stowage update oci:{}`",
+        report.apps.join(", "),
+        report.blobs,
+        human_bytes(report.bytes),
+        report.dir.display(),
+        report.dir.display()
+    );
+    Ok(())
+}
+
+pub fn import(report: &stowage::commands::export::ImportReport, json: bool) -> Result<()> {
+    if json {
+        print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
+        return Ok(());
+    }
+    println!(
+        "copied {} blobs ({}); stored: {}",
+        report.imported_blobs,
+        human_bytes(report.imported_bytes),
+        report.apps.join(", ")
     );
     Ok(())
 }

@@ -1,0 +1,205 @@
+//! The device agent: polls a target, applies it with the update
+//! transaction, and writes what it did to a status file that
+//! `stowage status` prints.
+//!
+//! It backs off after failures (doubling the wait up to an hour), and an
+//! update refused for space is not tried again until the fit check says it
+//! fits: checking is read-only and cheap, so the agent asks again at each
+//! poll but downloads nothing until the space is there.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::Digest;
+use crate::commands::pull::DoesNotFit;
+use crate::fsutil::write_atomic;
+use crate::reference::ImageRef;
+use crate::registry::RegistryClient;
+use crate::target::fetch_target;
+use crate::update::{self, AppSet, DeviceOps, Outcome, StateFiles, UpdateOptions};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// What the agent last did, as `stowage status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub target: String,
+    pub target_digest: Option<Digest>,
+    /// The target digest last applied successfully.
+    pub applied_digest: Option<Digest>,
+    pub apps: AppSet,
+    /// committed, unchanged, rolled_back, failed, refused, waiting_for_space
+    pub last_result: String,
+    pub last_error: Option<String>,
+    /// The last fit check's figures, when there was one.
+    pub last_check: Option<serde_json::Value>,
+    /// The target digest refused for space, retried only once it fits.
+    pub refused_digest: Option<Digest>,
+    pub consecutive_failures: u32,
+    pub updated_at: u64,
+    pub next_poll_in_secs: u64,
+}
+
+pub fn status_path(root: &Path) -> PathBuf {
+    root.join("state").join("agent.json")
+}
+
+pub fn read_status(root: &Path) -> Result<Option<AgentStatus>> {
+    match std::fs::read(status_path(root)) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_status(root: &Path, status: &AgentStatus) -> Result<()> {
+    let path = status_path(root);
+    if let Some(dir) = path.parent() {
+        crate::fsutil::ensure_dir(dir, 0o700)?;
+    }
+    write_atomic(&path, &serde_json::to_vec_pretty(status)?)?;
+    Ok(())
+}
+
+/// What the agent needs beyond the update's device operations.
+#[allow(async_fn_in_trait)]
+pub trait AgentDevice: DeviceOps {
+    /// The fit check alone: does an update to `to` fit now?
+    async fn fits(&self, to: &AppSet) -> Result<(bool, serde_json::Value)>;
+}
+
+pub struct AgentOptions {
+    pub target: ImageRef,
+    pub interval: Duration,
+    pub update: UpdateOptions,
+    /// Poll once and return (for tests and cron-style use).
+    pub once: bool,
+}
+
+pub async fn run_agent(
+    device: &impl AgentDevice,
+    client: &RegistryClient,
+    root: &Path,
+    options: &AgentOptions,
+) -> Result<AgentStatus> {
+    let files = StateFiles::under(root);
+    // An interrupted update is finished or rolled back before anything else.
+    update::recover(device, &files, &options.update).await?;
+    let mut status = read_status(root)?.unwrap_or_default();
+    status.target = options.target.to_string();
+    loop {
+        let wait = poll_once(device, client, &files, options, &mut status).await;
+        status.next_poll_in_secs = wait.as_secs();
+        status.updated_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        status.apps = files.device()?.running;
+        write_status(root, &status)?;
+        if options.once {
+            return Ok(status);
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn poll_once(
+    device: &impl AgentDevice,
+    client: &RegistryClient,
+    files: &StateFiles,
+    options: &AgentOptions,
+    status: &mut AgentStatus,
+) -> Duration {
+    let target = match fetch_target(client, &options.target).await {
+        Ok(t) => t,
+        Err(e) => return failed(status, "failed", e, options.interval),
+    };
+    status.target_digest = Some(target.digest.clone());
+    let running = files.device().map(|s| s.running).unwrap_or_default();
+    if status.applied_digest.as_ref() == Some(&target.digest) && running == target.apps {
+        status.last_result = "unchanged".into();
+        status.consecutive_failures = 0;
+        return options.interval;
+    }
+    if status.refused_digest.as_ref() == Some(&target.digest) {
+        match device.fits(&target.apps).await {
+            Ok((true, _)) => tracing::info!("target {} fits now: applying it", target.reference),
+            Ok((false, check)) => {
+                status.last_result = "waiting_for_space".into();
+                status.last_check = Some(check);
+                return options.interval;
+            }
+            Err(e) => return failed(status, "failed", e, options.interval),
+        }
+    }
+    tracing::info!("applying target {}", target.reference);
+    match update::update(device, files, target.apps.clone(), &options.update).await {
+        Ok(Outcome::Committed) | Ok(Outcome::Unchanged) => {
+            status.last_result = "committed".into();
+            status.last_error = None;
+            status.applied_digest = Some(target.digest);
+            status.refused_digest = None;
+            status.consecutive_failures = 0;
+            options.interval
+        }
+        Ok(Outcome::RolledBack(e)) => failed(status, "rolled_back", e, options.interval),
+        Ok(Outcome::Failed(e)) => match e.downcast::<DoesNotFit>() {
+            Ok(refused) => {
+                tracing::warn!(
+                    "target {} does not fit: {}",
+                    target.reference,
+                    refused.report.fit.shortfall()
+                );
+                status.last_result = "refused".into();
+                status.last_error = Some(refused.to_string());
+                status.last_check = serde_json::to_value(&refused.report).ok();
+                status.refused_digest = Some(target.digest);
+                options.interval
+            }
+            Err(e) => failed(status, "failed", e, options.interval),
+        },
+        Err(e) => failed(status, "failed", e, options.interval),
+    }
+}
+
+fn failed(
+    status: &mut AgentStatus,
+    result: &str,
+    e: anyhow::Error,
+    interval: Duration,
+) -> Duration {
+    tracing::error!("{result}: {e:#}");
+    status.last_result = result.to_string();
+    status.last_error = Some(format!("{e:#}"));
+    status.consecutive_failures += 1;
+    backoff(interval, status.consecutive_failures)
+}
+
+/// The wait after `failures` failures in a row: the interval doubled per
+/// failure, at most an hour (and never less than the interval).
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    let factor = 1u32 << failures.min(10);
+    interval
+        .saturating_mul(factor)
+        .min(MAX_BACKOFF.max(interval))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let i = Duration::from_secs(60);
+        assert_eq!(backoff(i, 1), Duration::from_secs(120));
+        assert_eq!(backoff(i, 3), Duration::from_secs(480));
+        assert_eq!(backoff(i, 30), MAX_BACKOFF);
+        assert_eq!(
+            backoff(Duration::from_secs(7200), 2),
+            Duration::from_secs(7200)
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Offline updates: `stowage export` writes stored apps and all their blobs
+//! for the device's architecture into a directory (a stowage store: an OCI
+//! layout at `DIR/store`) on removable media; `stowage pull oci:DIR[:NAME]`
+//! and `stowage update oci:DIR[:NAME]` take them from there with no network,
+//! through the same fit check, and every blob is verified as it is copied.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::Digest;
+use crate::app::{App, LayoutSource, fetch_app};
+use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
+use crate::commands::pull::{DoesNotFit, name_app};
+use crate::progress::{Event, Progress};
+use crate::reference::ImageRef;
+use crate::space::Policy;
+use crate::store::{LockMode, Store};
+use crate::stored::{StoredApp, find_apps, list_apps};
+
+/// `oci:DIR` or `oci:DIR:NAME`, as the device commands accept it.
+#[derive(Debug, Clone)]
+pub struct LayoutRef {
+    pub dir: PathBuf,
+    /// An app name, reference or digest; all apps in the layout when `None`.
+    pub app: Option<String>,
+}
+
+impl LayoutRef {
+    pub fn parse(s: &str) -> Option<LayoutRef> {
+        let rest = s.strip_prefix("oci:")?;
+        // DIR may not contain ':'; what follows the first ':' names the app.
+        Some(match rest.split_once(':') {
+            Some((dir, app)) => LayoutRef {
+                dir: PathBuf::from(dir),
+                app: Some(app.to_string()),
+            },
+            None => LayoutRef {
+                dir: PathBuf::from(rest),
+                app: None,
+            },
+        })
+    }
+
+    pub fn open(&self) -> Result<Store> {
+        if !self.dir.join("store").join("oci-layout").is_file() {
+            bail!(
+                "{} is not a stowage export (no store/oci-layout in it; write one with `stowage export`)",
+                self.dir.display()
+            );
+        }
+        Ok(Store::open(&self.dir)?)
+    }
+
+    /// The apps of the layout this names.
+    pub fn apps(&self, layout: &Store) -> Result<Vec<StoredApp>> {
+        let apps = match &self.app {
+            Some(name) => find_apps(layout, name)?,
+            None => list_apps(layout)?,
+        };
+        if apps.is_empty() {
+            bail!(
+                "no app {}in {}",
+                self.app
+                    .as_ref()
+                    .map(|a| format!("{a:?} "))
+                    .unwrap_or_default(),
+                self.dir.display()
+            );
+        }
+        if let Some(partial) = apps.iter().find(|a| !a.is_complete()) {
+            bail!(
+                "app {} in {} is incomplete: export it again",
+                partial.reference,
+                self.dir.display()
+            );
+        }
+        Ok(apps)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub dir: PathBuf,
+    pub apps: Vec<String>,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+/// Copies the stored apps `names` and every blob they need into `dir`.
+pub async fn export(
+    store: &Store,
+    names: &[String],
+    dir: &Path,
+    architecture: &str,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let _lock = store.lock(LockMode::Shared)?;
+    let out = Store::open(dir)
+        .with_context(|| format!("cannot create the export at {}", dir.display()))?;
+    let source = LayoutSource { store };
+    let mut report = ExportReport {
+        dir: dir.to_path_buf(),
+        apps: Vec::new(),
+        blobs: 0,
+        bytes: 0,
+    };
+    for name in names {
+        let stored = find_apps(store, name)?;
+        let Some(app) = stored.iter().find(|a| a.is_complete()) else {
+            bail!("no complete stored app is named {name:?}: pull it first (`stowage pull REF`)");
+        };
+        let reference: ImageRef = app.reference.parse()?;
+        let app = fetch_app(&source, &reference, architecture).await?;
+        for digest in blobs_of(&app) {
+            if !out.has(&digest) {
+                out.import_file(&store.blob_path(&digest), &digest)?;
+                report.blobs += 1;
+                report.bytes += out.size(&digest).unwrap_or(0);
+            }
+        }
+        name_app(&out, &app)?;
+        progress.step(format!("exported {} ({})", app.name, app.reference));
+        report.apps.push(app.reference.to_string());
+    }
+    Ok(report)
+}
+
+fn blobs_of(app: &App) -> Vec<Digest> {
+    app.meta_blobs
+        .iter()
+        .map(|b| b.descriptor.digest.clone())
+        .chain(app.layers.iter().map(|l| l.descriptor.digest.clone()))
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImportReport {
+    pub check: CheckReport,
+    pub imported_blobs: usize,
+    pub imported_bytes: u64,
+    pub apps: Vec<String>,
+}
+
+/// `pull oci:DIR[:NAME]`: the fit check, then every missing blob copied in
+/// and verified, then the apps named.
+pub async fn import(
+    store: &Store,
+    from: &LayoutRef,
+    architecture: &str,
+    policy: Policy,
+    docker: &DockerView,
+    progress: &dyn Progress,
+) -> Result<ImportReport> {
+    let _lock = store.lock(LockMode::Shared)?;
+    let layout = from.open()?;
+    let source = LayoutSource { store: &layout };
+    let mut apps = Vec::new();
+    for stored in from.apps(&layout)? {
+        apps.push(fetch_app(&source, &stored.reference.parse()?, architecture).await?);
+    }
+    let plan = plan_update(&apps, store, &Paths::under(store.root()), docker, policy)?;
+    let check = summarise(&apps, &plan, docker);
+    if !plan.fit.fits {
+        return Err(DoesNotFit {
+            report: Box::new(check),
+        }
+        .into());
+    }
+    let mut imported_blobs = 0;
+    let mut imported_bytes = 0;
+    for app in &apps {
+        for digest in blobs_of(app) {
+            if store.has(&digest) {
+                continue;
+            }
+            let size = layout.size(&digest).unwrap_or(0);
+            progress.emit(Event::BlobStarted {
+                digest: digest.clone(),
+                size,
+                offset: 0,
+            });
+            let path = layout.blob_path(&digest);
+            tokio::task::block_in_place(|| store.import_file(&path, &digest)).with_context(
+                || format!("cannot copy blob {digest} from {}", from.dir.display()),
+            )?;
+            progress.emit(Event::BlobDone { digest, size });
+            imported_blobs += 1;
+            imported_bytes += size;
+        }
+        name_app(store, app)?;
+        progress.step(format!("stored {} ({})", app.name, app.reference));
+    }
+    Ok(ImportReport {
+        check,
+        imported_blobs,
+        imported_bytes,
+        apps: apps.iter().map(|a| a.reference.to_string()).collect(),
+    })
+}

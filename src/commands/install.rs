@@ -1,0 +1,624 @@
+//! `stowage install NAME|REF`: turn an app fetched into the blob store into
+//! one Docker can run, with no network.
+//!
+//! Steps, in this order, so that a refusal changes nothing and a crash at any
+//! point is finished by running install again:
+//! 1. Take the store lock shared (a prune cannot delete the blobs being
+//!    read) and the apps lock (one command at a time changes Docker's side),
+//!    and remove extraction directories a killed install left behind.
+//! 2. Ask the engine which images it has (by image ID = config digest) and
+//!    which layer chains it holds; plan with the fit check of `check`: the
+//!    Docker data root's volume must hold the usage of every layer not held
+//!    plus the engine's temporary copy of the largest archive, and the apps
+//!    directory the extracted bundle. Not fitting stops here with
+//!    [`DoesNotFit`] (exit 100), before anything is written.
+//! 3. Extract the verified bundle into `ROOT/apps/<name>` (atomically, see
+//!    `bundle::extract_bundle`) unless the marker there already names this
+//!    app digest; then write the marker.
+//! 4. Record the app and the images stowage is about to load in
+//!    `ROOT/state/installed.json` (before loading: see `installed`).
+//! 5. Load each missing image, streaming its stored layers uncompressed and
+//!    leaving out the chains the engine holds, under a local tag
+//!    (`docker::local_tag_for`); tag present images that lack that tag.
+//! 6. Write the compose override mapping every service to its local tag.
+//!
+//! Images the engine already has are never loaded again, so installing an
+//! app twice, or after a crash, only does what is left. The same function
+//! restores an installed app whose images Docker lost ([`verify_installed`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+
+use crate::Digest;
+use crate::app::{App, LayerNeed, ServiceImage};
+use crate::bundle::{BundleLimits, extract_bundle};
+use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
+use crate::commands::pull::DoesNotFit;
+use crate::compose::write_image_override;
+use crate::docker::{DockerEngine, ImageToLoad, LayerSource, LoadOptions, local_tag_for};
+use crate::format::{self, AppManifest, LayerMeta};
+use crate::fsutil::write_atomic;
+use crate::installed::{
+    self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, Installed, InstalledApp, InstalledImage, OVERRIDE_FILE,
+};
+use crate::progress::Progress;
+use crate::space::Policy;
+use crate::store::{LockMode, Store};
+use crate::stored::{StoredApp, find_apps, load_app};
+
+/// Where install works: the root, its store, and the engine.
+#[derive(Clone, Copy)]
+pub struct Device<'a> {
+    pub root: &'a Path,
+    pub store: &'a Store,
+    pub engine: &'a DockerEngine,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// The device architecture, to read the layers-meta figures.
+    pub architecture: String,
+    pub policy: Policy,
+    pub load: LoadOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageAction {
+    /// Loaded from the blob store.
+    Loaded,
+    /// The engine had it under its local tag already.
+    Present,
+    /// The engine had it (same image ID) and stowage added its local tag.
+    Tagged,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInstall {
+    pub services: Vec<String>,
+    pub tags: Vec<String>,
+    pub image_id: Digest,
+    pub action: ImageAction,
+    pub layers: usize,
+    pub layers_sent: usize,
+    pub layers_skipped: usize,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    pub name: String,
+    pub reference: String,
+    pub dir: PathBuf,
+    pub bundle_extracted: bool,
+    pub images: Vec<ImageInstall>,
+    /// The fit check, when there was something to write.
+    pub check: Option<CheckReport>,
+}
+
+impl InstallReport {
+    pub fn layers_sent(&self) -> usize {
+        self.images.iter().map(|i| i.layers_sent).sum()
+    }
+}
+
+/// Installs the stored app `name_or_ref` (see the module comment).
+pub async fn install(
+    device: Device<'_>,
+    name_or_ref: &str,
+    options: &InstallOptions,
+    progress: &dyn Progress,
+) -> Result<InstallReport> {
+    let _store_lock = device.store.lock(LockMode::Shared)?;
+    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let mut state = Installed::load(device.root)?;
+    let app = resolve_app(device.store, &state, name_or_ref)?;
+    install_locked(device, &mut state, &app, options, progress).await
+}
+
+/// The one stored app `name_or_ref` names: a reference or digest, or a name;
+/// when several stored versions share the name, the installed one.
+pub fn resolve_app(store: &Store, state: &Installed, name_or_ref: &str) -> Result<StoredApp> {
+    let mut found = find_apps(store, name_or_ref)?;
+    if found.is_empty() {
+        bail!("no stored app is named {name_or_ref:?}: pull it first (`stowage pull REF`)");
+    }
+    if found.len() > 1 {
+        let installed = state.apps.get(name_or_ref).map(|a| a.reference.clone());
+        match found
+            .iter()
+            .position(|a| Some(&a.reference) == installed.as_ref())
+        {
+            Some(i) => return Ok(found.swap_remove(i)),
+            None => bail!(
+                "{name_or_ref:?} names {} stored versions ({}); name one by its reference",
+                found.len(),
+                found
+                    .iter()
+                    .map(|a| a.reference.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    Ok(found.remove(0))
+}
+
+/// One image of the app as it will be loaded: the services running it.
+struct PlannedImage {
+    services: Vec<String>,
+    tags: BTreeSet<String>,
+    image_id: Digest,
+    layers: Vec<(format::Descriptor, Digest)>,
+}
+
+/// [`install`] with the locks held and the record loaded by the caller.
+pub(crate) async fn install_locked(
+    device: Device<'_>,
+    state: &mut Installed,
+    app: &StoredApp,
+    options: &InstallOptions,
+    progress: &dyn Progress,
+) -> Result<InstallReport> {
+    let Device {
+        root,
+        store,
+        engine,
+    } = device;
+    if !app.is_complete() {
+        bail!(
+            "app {} is not completely in the store ({} blobs missing): pull it again with `stowage pull {}`",
+            app.name,
+            app.missing.len(),
+            app.reference
+        );
+    }
+    let dir = installed::app_dir(root, &app.name)?;
+    let apps_dir = root.join("apps");
+    remove_stale_extractions(&apps_dir)?;
+    let manifest = AppManifest::parse(
+        &store.read_capped(&app.digest, format::APP_MANIFEST_CAP)?,
+        &format!("stored app {}", app.reference),
+    )?;
+    let meta = layers_meta(store, &manifest, &options.architecture)?;
+
+    // Group services by image: several may run the same one.
+    let mut images: BTreeMap<Digest, PlannedImage> = BTreeMap::new();
+    let mut service_tags = BTreeMap::new();
+    for image in &app.images {
+        let config = image.config.as_ref().ok_or_else(|| {
+            anyhow!(
+                "the store lacks the config of {} (service {})",
+                image.pinned,
+                image.service
+            )
+        })?;
+        let tag = local_tag_for(&image.pinned)?;
+        service_tags.insert(image.service.clone(), tag.clone());
+        let planned = images
+            .entry(config.digest.clone())
+            .or_insert_with(|| PlannedImage {
+                services: Vec::new(),
+                tags: BTreeSet::new(),
+                image_id: config.digest.clone(),
+                layers: image.layers.clone(),
+            });
+        planned.services.push(image.service.clone());
+        planned.tags.insert(tag);
+    }
+
+    // What the engine has.
+    let mut to_load = Vec::new();
+    let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
+    let mut present = Vec::new();
+    for planned in images.values() {
+        match engine.image_exists(&planned.image_id.to_string()).await? {
+            None => to_load.push(planned),
+            Some(summary) => {
+                let missing: Vec<String> = planned
+                    .tags
+                    .iter()
+                    .filter(|t| !summary.repo_tags.contains(t))
+                    .cloned()
+                    .collect();
+                if missing.is_empty() {
+                    present.push(planned);
+                } else {
+                    to_tag.push((planned, missing));
+                }
+            }
+        }
+    }
+    let bundle_current = std::fs::read_to_string(dir.join(BUNDLE_MARKER))
+        .is_ok_and(|m| m.trim() == app.digest.to_string());
+
+    // The fit check, when anything is to be written.
+    let mut check = None;
+    if !to_load.is_empty() || !bundle_current {
+        let info = engine.info().await?;
+        let docker = DockerView {
+            reachable: true,
+            data_root: info.data_root,
+            held: engine.held_layers().await?,
+        };
+        let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
+        let mut apps = vec![plan_app];
+        if bundle_current {
+            // Only the images count: the bundle is extracted already.
+            apps[0].bundle.clear();
+        }
+        let plan = plan_update(&apps, store, &Paths::under(root), &docker, options.policy)?;
+        let mut report = summarise(&apps, &plan, &docker);
+        if bundle_current {
+            report.fit.notes.push(format!(
+                "the bundle is already extracted in {}",
+                dir.display()
+            ));
+        }
+        if !plan.fit.fits {
+            return Err(DoesNotFit {
+                report: Box::new(report),
+            }
+            .into());
+        }
+        check = Some(report);
+    }
+
+    // The bundle.
+    if !bundle_current {
+        progress.step(format!(
+            "extracting the bundle of {} into {}",
+            app.name,
+            dir.display()
+        ));
+        let index_desc = manifest.bundle_index(&app.reference)?;
+        let index = format::parse_bundle_index(
+            &store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?,
+        )?;
+        let bundle = store.open_blob(&manifest.bundle().digest)?;
+        crate::fsutil::ensure_dir(&apps_dir, 0o700)
+            .with_context(|| format!("cannot create {}", apps_dir.display()))?;
+        // Another version's directory may be there (an update): extract
+        // beside it, then swap, so a refused bundle changes nothing.
+        let incoming = apps_dir.join(format!(".incoming-{}", app.name));
+        if incoming.exists() {
+            std::fs::remove_dir_all(&incoming)
+                .with_context(|| format!("cannot remove {}", incoming.display()))?;
+        }
+        extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
+            .with_context(|| format!("the bundle of {} is refused", app.reference))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| {
+                format!("cannot remove the previous version in {}", dir.display())
+            })?;
+        }
+        std::fs::rename(&incoming, &dir)
+            .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
+        crate::fsutil::fsync_dir(&apps_dir)
+            .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
+        write_atomic(
+            &dir.join(BUNDLE_MARKER),
+            format!("{}\n", app.digest).as_bytes(),
+        )
+        .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
+    }
+
+    // Record before loading: see the `installed` module.
+    state.apps.insert(
+        app.name.clone(),
+        InstalledApp {
+            reference: app.reference.clone(),
+            digest: app.digest.clone(),
+            compose_file: app.compose_file.clone(),
+            dir: dir.clone(),
+            images: app
+                .images
+                .iter()
+                .filter_map(|i| {
+                    Some(InstalledImage {
+                        service: i.service.clone(),
+                        pinned: i.pinned.clone(),
+                        tag: service_tags.get(&i.service)?.clone(),
+                        image_id: i.config.as_ref()?.digest.clone(),
+                    })
+                })
+                .collect(),
+        },
+    );
+    for planned in &to_load {
+        state
+            .owned_images
+            .entry(planned.image_id.clone())
+            .or_default()
+            .extend(planned.tags.iter().cloned());
+    }
+    for (planned, tags) in &to_tag {
+        for tag in tags {
+            match state.owned_images.get_mut(&planned.image_id) {
+                Some(owned) => {
+                    owned.insert(tag.clone());
+                }
+                None => {
+                    state
+                        .foreign_tags
+                        .insert(tag.clone(), planned.image_id.clone());
+                }
+            }
+        }
+    }
+    state.save(root)?;
+
+    let mut report_images = Vec::new();
+    for planned in &present {
+        report_images.push(image_report(planned, ImageAction::Present));
+    }
+    for (planned, tags) in &to_tag {
+        for tag in tags {
+            engine.tag_image(&planned.image_id, tag).await?;
+        }
+        report_images.push(image_report(planned, ImageAction::Tagged));
+    }
+    for planned in &to_load {
+        progress.step(format!(
+            "loading {} ({} layers) for {}",
+            planned.tags.iter().next().map_or("", String::as_str),
+            planned.layers.len(),
+            planned.services.join(", ")
+        ));
+        let image = image_to_load(store, planned, &meta)?;
+        let loaded = engine
+            .load_image_with(&image, &options.load)
+            .await
+            .with_context(|| format!("cannot install {}", app.reference))?;
+        let mut row = image_report(planned, ImageAction::Loaded);
+        row.layers_sent = loaded.layers_sent;
+        row.layers_skipped = loaded.layers_skipped;
+        row.bytes_sent = loaded.bytes_sent;
+        row.seconds = loaded.elapsed.as_secs_f64();
+        report_images.push(row);
+    }
+
+    write_image_override(
+        &dir.join(&app.compose_file),
+        &dir.join(OVERRIDE_FILE),
+        &service_tags,
+    )?;
+    progress.step(format!("installed {} ({})", app.name, app.reference));
+    Ok(InstallReport {
+        name: app.name.clone(),
+        reference: app.reference.clone(),
+        dir,
+        bundle_extracted: !bundle_current,
+        images: report_images,
+        check,
+    })
+}
+
+fn image_report(planned: &PlannedImage, action: ImageAction) -> ImageInstall {
+    ImageInstall {
+        services: planned.services.clone(),
+        tags: planned.tags.iter().cloned().collect(),
+        image_id: planned.image_id.clone(),
+        action,
+        layers: planned.layers.len(),
+        layers_sent: 0,
+        layers_skipped: 0,
+        bytes_sent: 0,
+        seconds: 0.0,
+    }
+}
+
+fn image_to_load(
+    store: &Store,
+    planned: &PlannedImage,
+    meta: &BTreeMap<Digest, LayerMeta>,
+) -> Result<ImageToLoad> {
+    let config = store.read_capped(&planned.image_id, format::MANIFEST_CAP)?;
+    Ok(ImageToLoad {
+        config,
+        config_digest: planned.image_id.clone(),
+        repo_tags: planned.tags.iter().cloned().collect(),
+        layers: planned
+            .layers
+            .iter()
+            .map(|(desc, diff_id)| LayerSource {
+                diff_id: diff_id.clone(),
+                blob_path: store.blob_path(&desc.digest),
+                media_type: desc.media_type.clone(),
+                tar_size: meta.get(&desc.digest).and_then(|m| m.tar_size),
+            })
+            .collect(),
+    })
+}
+
+/// The publisher's per-layer figures for this architecture, from the
+/// stored layers-meta blob (empty for apps published without one: the
+/// check then falls back to FORMAT.md's rule).
+fn layers_meta(
+    store: &Store,
+    manifest: &AppManifest,
+    architecture: &str,
+) -> Result<BTreeMap<Digest, LayerMeta>> {
+    let Some(desc) = manifest.layers_meta() else {
+        return Ok(BTreeMap::new());
+    };
+    let mut all =
+        format::parse_layers_meta(&store.read_capped(&desc.digest, format::MANIFEST_CAP)?)?;
+    let arch = format::Arch::parse(architecture).architecture;
+    Ok(all.remove(&arch).map(|a| a.layers).unwrap_or_default())
+}
+
+/// The stored app in the shape the fit check plans with. Its blobs are all
+/// stored, so the plan counts only Docker's side and the bundle.
+fn app_for_plan(
+    store: &Store,
+    app: &StoredApp,
+    manifest: AppManifest,
+    options: &InstallOptions,
+    meta: &BTreeMap<Digest, LayerMeta>,
+) -> Result<App> {
+    let reference = app
+        .reference
+        .parse()
+        .with_context(|| format!("the stored app reference {:?}", app.reference))?;
+    let bundle = store.read_capped(&manifest.bundle().digest, crate::app::BUNDLE_MEMORY_CAP)?;
+    let mut images = Vec::new();
+    let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
+    for image in &app.images {
+        let (Some(manifest_desc), Some(config)) = (&image.manifest, &image.config) else {
+            bail!("the store lacks the manifest of {}", image.pinned);
+        };
+        let image_ref: crate::reference::ImageRef = image
+            .pinned
+            .parse()
+            .with_context(|| format!("service {} of {}", image.service, app.reference))?;
+        for (desc, diff_id) in &image.layers {
+            layers
+                .entry(desc.digest.clone())
+                .or_insert_with(|| LayerNeed {
+                    descriptor: desc.clone(),
+                    source: image_ref.clone(),
+                    diff_id: diff_id.clone(),
+                    meta: meta.get(&desc.digest).cloned(),
+                });
+        }
+        images.push(ServiceImage {
+            service: image.service.clone(),
+            pinned: image.pinned.clone(),
+            image: image_ref,
+            manifest: manifest_desc.clone(),
+            config: config.clone(),
+            layers: image.layers.clone(),
+        });
+    }
+    Ok(App {
+        reference,
+        name: app.name.clone(),
+        digest: app.digest.clone(),
+        architecture: format::Arch::parse(&options.architecture).architecture,
+        manifest,
+        compose_name: app.compose_file.clone(),
+        bundle,
+        meta_blobs: Vec::new(),
+        images,
+        layers: layers.into_values().collect(),
+    })
+}
+
+/// Removes what killed extractions left in the apps directory (the caller
+/// holds the apps lock, so no extraction is running).
+fn remove_stale_extractions(apps_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(apps_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".extract-") {
+            std::fs::remove_dir_all(entry.path()).with_context(|| {
+                format!(
+                    "cannot remove the interrupted extraction {}",
+                    entry.path().display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The state of one installed app as fsck sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstalledCheck {
+    pub name: String,
+    pub reference: String,
+    /// Local tags of images Docker lacks.
+    pub missing_images: Vec<String>,
+    /// The extracted bundle or the override file is missing.
+    pub directory_damaged: bool,
+    /// Reloaded from the blob store by `--repair`.
+    pub repaired: bool,
+    /// Why it could not be repaired.
+    pub error: Option<String>,
+}
+
+impl InstalledCheck {
+    pub fn is_healthy(&self) -> bool {
+        (self.missing_images.is_empty() && !self.directory_damaged || self.repaired)
+            && self.error.is_none()
+    }
+}
+
+/// Checks that Docker still has every installed app's images and that its
+/// directory is intact; with `repair`, reinstalls what is missing from the
+/// blob store (no network).
+pub async fn verify_installed(
+    device: Device<'_>,
+    repair: bool,
+    options: &InstallOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<InstalledCheck>> {
+    let _store_lock = device.store.lock(LockMode::Shared)?;
+    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let mut state = Installed::load(device.root)?;
+    let mut checks = Vec::new();
+    let apps: Vec<(String, InstalledApp)> = state
+        .apps
+        .iter()
+        .map(|(n, a)| (n.clone(), a.clone()))
+        .collect();
+    for (name, installed_app) in apps {
+        let mut check = InstalledCheck {
+            name: name.clone(),
+            reference: installed_app.reference.clone(),
+            missing_images: Vec::new(),
+            directory_damaged: false,
+            repaired: false,
+            error: None,
+        };
+        for image in &installed_app.images {
+            let ok = match device.engine.image_exists(&image.tag).await? {
+                Some(summary) => summary.id == image.image_id,
+                None => false,
+            };
+            if !ok && !check.missing_images.contains(&image.tag) {
+                check.missing_images.push(image.tag.clone());
+            }
+        }
+        let marker = std::fs::read_to_string(installed_app.dir.join(BUNDLE_MARKER));
+        check.directory_damaged = !marker
+            .is_ok_and(|m| m.trim() == installed_app.digest.to_string())
+            || !installed_app.dir.join(OVERRIDE_FILE).is_file()
+            || !installed_app
+                .dir
+                .join(&installed_app.compose_file)
+                .is_file();
+        if repair && (!check.missing_images.is_empty() || check.directory_damaged) {
+            let stored = match load_app(
+                device.store,
+                &installed_app.reference,
+                &installed_app.digest,
+            ) {
+                Ok(Some(app)) => Ok(app),
+                Ok(None) => Err(anyhow!(
+                    "the store no longer holds {}: pull it again",
+                    installed_app.reference
+                )),
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(app) => {
+                    progress.step(format!("restoring {name} from the blob store"));
+                    match install_locked(device, &mut state, &app, options, progress).await {
+                        Ok(_) => check.repaired = true,
+                        Err(e) => check.error = Some(format!("{e:#}")),
+                    }
+                }
+                Err(e) => check.error = Some(format!("{e:#}")),
+            }
+        }
+        checks.push(check);
+    }
+    Ok(checks)
+}

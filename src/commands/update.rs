@@ -1,0 +1,293 @@
+//! `stowage update` and `stowage agent` on a real device: the update
+//! transaction's steps ([`crate::update::DeviceOps`]) carried out with the
+//! blob store, the Docker Engine and compose.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::Digest;
+use crate::agent::AgentDevice;
+use crate::app::{LayoutSource, fetch_app};
+use crate::commands::admin;
+use crate::commands::check::{DockerView, Paths, plan_update, summarise};
+use crate::commands::install::{self, Device, InstallOptions};
+use crate::commands::pull::{DoesNotFit, PullOptions};
+use crate::commands::run::{self as run_cmd, Selection};
+use crate::compose::Compose;
+use crate::docker::DockerEngine;
+use crate::progress::Progress;
+use crate::reference::ImageRef;
+use crate::registry::RegistryClient;
+use crate::space::Policy;
+use crate::store::Store;
+use crate::update::{AppSet, DeviceOps, UpdateEvent};
+
+/// The device as the update transaction drives it.
+pub struct LiveDevice<'a> {
+    pub root: PathBuf,
+    pub store: Store,
+    pub engine: DockerEngine,
+    pub compose: Compose,
+    pub client: &'a RegistryClient,
+    pub architecture: String,
+    pub policy: Policy,
+    pub jobs: usize,
+    pub install: InstallOptions,
+    pub progress: &'a dyn Progress,
+    /// Take the apps from this export instead of their registries.
+    pub layout: Option<crate::commands::export::LayoutRef>,
+    /// Receives the transaction's events (JSON lines or text).
+    pub events: &'a (dyn Fn(&UpdateEvent) + Send + Sync),
+}
+
+impl LiveDevice<'_> {
+    fn device(&self) -> Device<'_> {
+        Device {
+            root: &self.root,
+            store: &self.store,
+            engine: &self.engine,
+        }
+    }
+
+    fn refs(to: &AppSet) -> Result<Vec<ImageRef>> {
+        to.values().map(|r| Ok(r.parse::<ImageRef>()?)).collect()
+    }
+
+    /// The apps of `to` read from the store, when every one is stored whole.
+    async fn stored_apps(&self, to: &AppSet) -> Result<Option<Vec<crate::app::App>>> {
+        let source = LayoutSource { store: &self.store };
+        let mut apps = Vec::new();
+        for reference in to.values() {
+            let complete = crate::stored::find_apps(&self.store, reference)?
+                .iter()
+                .any(|a| a.is_complete());
+            if !complete {
+                return Ok(None);
+            }
+            apps.push(fetch_app(&source, &reference.parse()?, &self.architecture).await?);
+        }
+        Ok(Some(apps))
+    }
+
+    async fn docker_view(&self) -> DockerView {
+        DockerView::probe(Some(&self.engine)).await.0
+    }
+}
+
+impl DeviceOps for LiveDevice<'_> {
+    async fn pull(&self, to: &AppSet) -> Result<serde_json::Value> {
+        // Apps already whole in the store need no network: plan from the
+        // store alone (the check still counts Docker and the apps directory).
+        if let Some(apps) = self.stored_apps(to).await? {
+            let docker = self.docker_view().await;
+            let plan = plan_update(
+                &apps,
+                &self.store,
+                &Paths::under(&self.root),
+                &docker,
+                self.policy,
+            )?;
+            let check = summarise(&apps, &plan, &docker);
+            if !plan.fit.fits {
+                return Err(DoesNotFit {
+                    report: Box::new(check),
+                }
+                .into());
+            }
+            return Ok(serde_json::to_value(&check)?);
+        }
+        if let Some(layout) = &self.layout {
+            let docker = self.docker_view().await;
+            let report = crate::commands::export::import(
+                &self.store,
+                layout,
+                &self.architecture,
+                self.policy,
+                &docker,
+                self.progress,
+            )
+            .await?;
+            return Ok(serde_json::to_value(&report.check)?);
+        }
+        let options = PullOptions {
+            apps: Self::refs(to)?,
+            architecture: self.architecture.clone(),
+            policy: self.policy,
+            jobs: self.jobs,
+        };
+        let docker = self.docker_view().await;
+        let report = options
+            .run(self.client, &self.store, &docker, self.progress)
+            .await?;
+        Ok(serde_json::to_value(&report.check)?)
+    }
+
+    async fn install(&self, reference: &str) -> Result<()> {
+        install::install(self.device(), reference, &self.install, self.progress).await?;
+        Ok(())
+    }
+
+    /// Starts the version of `name` installed last: the transaction
+    /// installs `reference` (making it the one the name stands for) first.
+    async fn start(&self, name: &str, _reference: &str) -> Result<()> {
+        run_cmd::run(
+            self.device(),
+            &self.compose,
+            &Selection::Named(vec![name.to_string()]),
+            &self.install,
+            self.progress,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<()> {
+        run_cmd::stop(
+            self.device(),
+            &self.compose,
+            &Selection::Named(vec![name.to_string()]),
+            self.progress,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every service running, and healthy where it has a healthcheck, seen
+    /// twice in a row a second apart (a service that exits at once is
+    /// caught), within `timeout`. An exited or unhealthy service fails at once.
+    async fn verify(&self, name: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut good_polls = 0;
+        loop {
+            let apps = run_cmd::ps(self.device()).await?;
+            let app = apps
+                .iter()
+                .find(|a| a.name == name)
+                .ok_or_else(|| anyhow::anyhow!("app {name} is not installed"))?;
+            let mut waiting = Vec::new();
+            for s in &app.services {
+                match (s.state.as_str(), s.health.as_deref()) {
+                    ("exited" | "dead", _) => bail!(
+                        "service {} of {name} exited (code {}) instead of running",
+                        s.service,
+                        s.exit_code.unwrap_or(-1)
+                    ),
+                    (_, Some("unhealthy")) => bail!("service {} of {name} is unhealthy", s.service),
+                    ("running", None | Some("healthy")) => {}
+                    (state, health) => waiting.push(format!(
+                        "{} ({state}{})",
+                        s.service,
+                        health.map(|h| format!(", {h}")).unwrap_or_default()
+                    )),
+                }
+            }
+            if app.services.is_empty() {
+                waiting.push("no services".into());
+            }
+            if waiting.is_empty() {
+                good_polls += 1;
+                if good_polls >= 2 {
+                    return Ok(());
+                }
+            } else {
+                good_polls = 0;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "app {name} was not running and healthy within {} s: waiting for {}",
+                    timeout.as_secs(),
+                    waiting.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Forgets stored apps outside `keep`, then prunes the blob store and the
+    /// images stowage loaded, keeping the images of every app in `keep`.
+    async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value> {
+        let keep_refs: BTreeSet<&String> = keep.values().collect();
+        let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
+        for app in crate::stored::list_apps(&self.store)? {
+            if keep_refs.contains(&app.reference) {
+                keep_images.extend(
+                    app.images
+                        .iter()
+                        .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
+                );
+            } else {
+                admin::rm(&self.store, &app.reference)?;
+            }
+        }
+        let blobs = admin::prune(&self.store, false)?;
+        let docker =
+            admin::prune_docker_keeping(&self.root, &self.engine, false, &keep_images).await?;
+        Ok(serde_json::json!({
+            "blob_store": {"removed_blobs": blobs.removed.len(), "freed_bytes": blobs.freed_bytes,
+                           "stale_ingest_bytes": blobs.stale_ingest_bytes},
+            "docker": {"removed_images": docker.removed.len(), "freed_bytes": docker.freed_bytes},
+        }))
+    }
+
+    async fn installed(&self) -> Result<AppSet> {
+        let state = crate::installed::Installed::load(&self.root)?;
+        Ok(state
+            .apps
+            .into_iter()
+            .map(|(name, app)| (name, app.reference))
+            .collect())
+    }
+
+    fn event(&self, event: UpdateEvent) {
+        (self.events)(&event);
+    }
+}
+
+impl AgentDevice for LiveDevice<'_> {
+    async fn fits(&self, to: &AppSet) -> Result<(bool, serde_json::Value)> {
+        let mut apps = Vec::new();
+        for reference in Self::refs(to)? {
+            apps.push(crate::app::fetch_app(self.client, &reference, &self.architecture).await?);
+        }
+        let docker = self.docker_view().await;
+        let plan = plan_update(
+            &apps,
+            &self.store,
+            &Paths::under(&self.root),
+            &docker,
+            self.policy,
+        )?;
+        let report = summarise(&apps, &plan, &docker);
+        Ok((plan.fit.fits, serde_json::to_value(&report)?))
+    }
+}
+
+/// The app set a list of references names: app name -> pinned reference.
+/// Tags are resolved to digests first, so the set is exact. The set is the
+/// whole of what should run: running apps it does not name are stopped.
+pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSet> {
+    let mut set = AppSet::new();
+    for reference in refs {
+        let pinned = match &reference.digest {
+            Some(_) => reference.clone(),
+            None => {
+                let fetched = client
+                    .get_manifest(
+                        reference,
+                        &[crate::format::media::OCI_MANIFEST],
+                        crate::format::APP_MANIFEST_CAP,
+                    )
+                    .await?;
+                reference.pinned(&fetched.digest)
+            }
+        };
+        let name = pinned.short_name().to_string();
+        if let Some(other) = set.insert(name.clone(), pinned.to_string()) {
+            bail!("two versions of app {name} were named: {other} and {pinned}");
+        }
+    }
+    Ok(set)
+}

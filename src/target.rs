@@ -1,0 +1,135 @@
+//! Targets: the set of apps a device should run, as a small OCI artifact at
+//! a tag. `stowage target publish` writes one; the agent polls it.
+//!
+//! The artifact is an OCI image manifest (artifactType
+//! `application/vnd.stowage.target.v1`, empty config) whose single layer is
+//! the JSON `{"apps": ["REGISTRY/REPO@sha256:...", ...]}`. App references are
+//! pinned by digest when the target is published, so a target's digest names
+//! exactly one set of app versions.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::Digest;
+use crate::format::{self, Descriptor, media};
+use crate::reference::ImageRef;
+use crate::registry::RegistryClient;
+
+pub const TARGET_ARTIFACT: &str = "application/vnd.stowage.target.v1";
+pub const TARGET_MEDIA_TYPE: &str = "application/vnd.stowage.target.v1+json";
+pub const TARGET_ANNOTATION: &str = "stowage-target";
+/// Targets are small: a few app references.
+const TARGET_CAP: u64 = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetContent {
+    pub apps: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub reference: String,
+    pub digest: Digest,
+    /// App name -> pinned reference.
+    pub apps: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TargetManifest {
+    schema_version: u32,
+    media_type: &'static str,
+    artifact_type: &'static str,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    annotations: BTreeMap<String, String>,
+}
+
+/// Publishes a target naming `apps` (each resolved to its digest) at `at`.
+pub async fn publish_target(
+    client: &RegistryClient,
+    at: &ImageRef,
+    apps: &[ImageRef],
+) -> Result<Target> {
+    let mut pinned = Vec::new();
+    for app in apps {
+        let fetched = client
+            .get_manifest(app, &[media::OCI_MANIFEST], format::APP_MANIFEST_CAP)
+            .await
+            .with_context(|| format!("cannot resolve app {app}"))?;
+        format::AppManifest::parse(&fetched.bytes, &app.to_string())?;
+        pinned.push(app.pinned(&fetched.digest).to_string());
+    }
+    let content = format::to_json(&TargetContent { apps: pinned });
+    let layer = Descriptor::of(TARGET_MEDIA_TYPE, &content);
+    let config = Descriptor::of(media::EMPTY, format::EMPTY_CONFIG);
+    client
+        .push_blob(at, &config.digest, format::EMPTY_CONFIG.to_vec().into())
+        .await?;
+    client.push_blob(at, &layer.digest, content.into()).await?;
+    let manifest = format::to_json(&TargetManifest {
+        schema_version: 2,
+        media_type: media::OCI_MANIFEST,
+        artifact_type: TARGET_ARTIFACT,
+        config,
+        layers: vec![layer],
+        annotations: BTreeMap::from([(TARGET_ANNOTATION.to_string(), "v1".to_string())]),
+    });
+    client
+        .push_manifest(at, media::OCI_MANIFEST, &manifest)
+        .await?;
+    fetch_target(client, at).await
+}
+
+/// Reads the target at `at`.
+pub async fn fetch_target(client: &RegistryClient, at: &ImageRef) -> Result<Target> {
+    let fetched = client
+        .get_manifest(at, &[media::OCI_MANIFEST], TARGET_CAP)
+        .await
+        .with_context(|| format!("cannot fetch target {at}"))?;
+    #[derive(Deserialize)]
+    struct Manifest {
+        layers: Vec<Descriptor>,
+        #[serde(default)]
+        annotations: BTreeMap<String, String>,
+    }
+    let manifest: Manifest = format::parse_json(&fetched.bytes, &format!("target {at}"))?;
+    if manifest
+        .annotations
+        .get(TARGET_ANNOTATION)
+        .map(String::as_str)
+        != Some("v1")
+    {
+        bail!("{at} is not a stowage target (no {TARGET_ANNOTATION}: v1 annotation)");
+    }
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == TARGET_MEDIA_TYPE)
+        .with_context(|| format!("target {at} has no {TARGET_MEDIA_TYPE} layer"))?;
+    let pinned = at.pinned(&fetched.digest);
+    let bytes = client
+        .get_blob(&pinned, &layer.digest, layer.size, TARGET_CAP)
+        .await?;
+    let content: TargetContent = format::parse_json(&bytes, &format!("target {at}"))?;
+    let mut apps = BTreeMap::new();
+    for app in content.apps {
+        let reference: ImageRef = app.parse()?;
+        if reference.digest.is_none() {
+            bail!("target {at} names app {app} without a digest");
+        }
+        if let Some(other) = apps.insert(reference.short_name().to_string(), app.clone()) {
+            bail!(
+                "target {at} names two versions of app {}: {other} and {app}",
+                reference.short_name()
+            );
+        }
+    }
+    Ok(Target {
+        reference: pinned.to_string(),
+        digest: fetched.digest,
+        apps,
+    })
+}

@@ -1,0 +1,654 @@
+//! The update transaction: take the device from the apps it runs to the apps
+//! it should run, and never leave it with neither.
+//!
+//! Steps, each recorded in a durable journal (`ROOT/state/journal.json`,
+//! replaced atomically) before it is taken:
+//!
+//! 1. `checking`/`pulling`: the fit check and the download. Nothing that runs
+//!    is touched; a refusal (exit 100) or a failure leaves the device as it was.
+//! 2. `installing`: images loaded into Docker under their own tags, bundles
+//!    extracted. The running apps keep running.
+//! 3. `stopping`: the apps being replaced, and those no longer wanted, stop.
+//! 4. `starting` and `verifying`: the new apps start; every service must be
+//!    running, and healthy where it has a healthcheck, within the timeout.
+//! 5. `committed`: the device state (`ROOT/state/device.json`) names the new
+//!    apps as running and the replaced ones as the rollback copy.
+//!
+//! A failure from step 3 on rolls back: the new apps stop and the previous
+//! ones start again from the local store and Docker, with no network. After a
+//! crash or power cut, [`recover`] reads the journal before anything else and
+//! finishes or rolls back the interrupted update. Whatever the outcome, both
+//! stores are pruned of what neither the running apps nor the rollback copy
+//! (nor, after a failure, a retry) need.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::write_atomic;
+
+/// Where the transaction is; every value is written before the step starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Pulling,
+    Installing,
+    Stopping,
+    Starting,
+    Verifying,
+    RollingBack,
+}
+
+/// Apps by name -> reference (`REGISTRY/REPO@sha256:...`).
+pub type AppSet = BTreeMap<String, String>;
+
+/// The journal of the update in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Journal {
+    pub phase: Phase,
+    /// What ran before the update.
+    pub from: AppSet,
+    /// What should run after it.
+    pub to: AppSet,
+    /// Why a rollback started, once one has.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// What the device runs, and what it keeps to roll back to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub running: AppSet,
+    pub previous: AppSet,
+}
+
+pub struct StateFiles {
+    dir: PathBuf,
+}
+
+impl StateFiles {
+    pub fn under(root: &Path) -> StateFiles {
+        StateFiles {
+            dir: root.join("state"),
+        }
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal.json")
+    }
+
+    fn device_path(&self) -> PathBuf {
+        self.dir.join("device.json")
+    }
+
+    pub fn journal(&self) -> Result<Option<Journal>> {
+        read_json(&self.journal_path())
+    }
+
+    pub fn write_journal(&self, journal: &Journal) -> Result<()> {
+        self.write(&self.journal_path(), journal)
+    }
+
+    pub fn clear_journal(&self) -> Result<()> {
+        match std::fs::remove_file(self.journal_path()) {
+            Ok(()) => crate::fsutil::fsync_dir(&self.dir)
+                .with_context(|| format!("cannot sync {}", self.dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot remove {}", self.journal_path().display()))
+            }
+        }
+    }
+
+    pub fn device(&self) -> Result<DeviceState> {
+        Ok(self.device_if_any()?.unwrap_or_default())
+    }
+
+    /// The device state, or `None` before the first update.
+    pub fn device_if_any(&self) -> Result<Option<DeviceState>> {
+        read_json(&self.device_path())
+    }
+
+    pub fn write_device(&self, state: &DeviceState) -> Result<()> {
+        self.write(&self.device_path(), state)
+    }
+
+    fn write<T: Serialize>(&self, path: &Path, value: &T) -> Result<()> {
+        crate::fsutil::ensure_dir(&self.dir, 0o700)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let bytes = serde_json::to_vec_pretty(value)?;
+        write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// Held while an update or the agent runs: one transaction at a time.
+pub struct UpdateLock {
+    _file: std::fs::File,
+}
+
+/// Takes the update lock, failing at once when another update holds it.
+pub fn lock_updates(root: &Path) -> Result<UpdateLock> {
+    let dir = root.join("state");
+    crate::fsutil::ensure_dir(&dir, 0o700)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("update.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let locked =
+        crate::store::flock_with_deadline(&file, crate::store::LockMode::Exclusive, Duration::ZERO)
+            .with_context(|| format!("cannot lock {}", path.display()))?;
+    if !locked {
+        anyhow::bail!(
+            "another stowage update or agent is running on {}",
+            root.display()
+        );
+    }
+    Ok(UpdateLock { _file: file })
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| {
+            format!(
+                "{} is damaged; move it aside to start afresh",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The device operations the transaction is made of. The real one drives
+/// the store, Docker and compose; tests may stand in a fake to explore the
+/// transaction's every failure point.
+#[allow(async_fn_in_trait)]
+pub trait DeviceOps {
+    /// Fetches the apps; `Err` downcasting to `DoesNotFit` means refused.
+    async fn pull(&self, to: &AppSet) -> Result<serde_json::Value>;
+    /// Loads images and extracts the bundle of one app, without starting it.
+    async fn install(&self, reference: &str) -> Result<()>;
+    async fn start(&self, name: &str, reference: &str) -> Result<()>;
+    async fn stop(&self, name: &str) -> Result<()>;
+    /// Every service running, and healthy where it has a healthcheck.
+    async fn verify(&self, name: &str, timeout: Duration) -> Result<()>;
+    /// The apps installed before stowage kept a device state (apps started
+    /// with `stowage run`): what an update replaces when there is no state.
+    async fn installed(&self) -> Result<AppSet>;
+    /// Removes from both stores what `keep` does not need.
+    async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value>;
+    fn event(&self, event: UpdateEvent);
+}
+
+/// What an update reports as it goes (JSON lines with `--json`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum UpdateEvent {
+    Started {
+        from: AppSet,
+        to: AppSet,
+    },
+    Recovering {
+        phase: Phase,
+        from: AppSet,
+        to: AppSet,
+    },
+    Check {
+        report: serde_json::Value,
+    },
+    Installed {
+        app: String,
+        reference: String,
+    },
+    Stopped {
+        app: String,
+    },
+    AppStarted {
+        app: String,
+        reference: String,
+    },
+    Verified {
+        app: String,
+    },
+    Committed {
+        running: AppSet,
+    },
+    RolledBack {
+        running: AppSet,
+        error: String,
+    },
+    Pruned {
+        report: serde_json::Value,
+    },
+    NothingToDo {
+        running: AppSet,
+    },
+}
+
+/// The outcome of an update.
+#[derive(Debug)]
+pub enum Outcome {
+    Committed,
+    Unchanged,
+    RolledBack(anyhow::Error),
+    /// Failed before anything running was touched.
+    Failed(anyhow::Error),
+}
+
+pub struct UpdateOptions {
+    pub verify_timeout: Duration,
+}
+
+/// Runs the whole transaction towards `to`.
+pub async fn update(
+    device: &impl DeviceOps,
+    files: &StateFiles,
+    to: AppSet,
+    options: &UpdateOptions,
+) -> Result<Outcome> {
+    recover(device, files, options).await?;
+    let state = match files.device_if_any()? {
+        Some(state) => state,
+        None => DeviceState {
+            running: device.installed().await?,
+            previous: AppSet::new(),
+        },
+    };
+    if state.running == to {
+        device.event(UpdateEvent::NothingToDo { running: to });
+        return Ok(Outcome::Unchanged);
+    }
+    let mut journal = Journal {
+        phase: Phase::Pulling,
+        from: state.running.clone(),
+        to: to.clone(),
+        error: None,
+    };
+    device.event(UpdateEvent::Started {
+        from: journal.from.clone(),
+        to: to.clone(),
+    });
+    files.write_journal(&journal)?;
+
+    // Up to here a failure leaves what runs untouched.
+    let prepared = async {
+        let check = device.pull(&to).await?;
+        device.event(UpdateEvent::Check { report: check });
+        journal.phase = Phase::Installing;
+        files.write_journal(&journal)?;
+        for (name, reference) in &to {
+            if state.running.get(name) != Some(reference) {
+                device.install(reference).await?;
+                device.event(UpdateEvent::Installed {
+                    app: name.clone(),
+                    reference: reference.clone(),
+                });
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = prepared {
+        files.clear_journal()?;
+        let keep = union(&state.running, &state.previous);
+        prune_quietly(device, &union(&keep, &to)).await;
+        return Ok(Outcome::Failed(e));
+    }
+
+    let switched = switch(device, files, &mut journal, options).await;
+    match switched {
+        Ok(()) => {
+            let new_state = DeviceState {
+                running: to.clone(),
+                previous: changed(&state.running, &to),
+            };
+            files.write_device(&new_state)?;
+            files.clear_journal()?;
+            device.event(UpdateEvent::Committed { running: to });
+            prune_quietly(device, &union(&new_state.running, &new_state.previous)).await;
+            Ok(Outcome::Committed)
+        }
+        Err(e) => {
+            journal.error = Some(format!("{e:#}"));
+            roll_back(device, files, &mut journal).await?;
+            // Keep the new version's blobs too: a retry needs them.
+            prune_quietly(device, &union(&union(&state.running, &state.previous), &to)).await;
+            Ok(Outcome::RolledBack(e))
+        }
+    }
+}
+
+/// Steps 3 and 4: stop what goes, start what comes, verify.
+async fn switch(
+    device: &impl DeviceOps,
+    files: &StateFiles,
+    journal: &mut Journal,
+    options: &UpdateOptions,
+) -> Result<()> {
+    journal.phase = Phase::Stopping;
+    files.write_journal(journal)?;
+    for name in journal.from.keys() {
+        if journal.to.get(name) != journal.from.get(name) {
+            device.stop(name).await?;
+            device.event(UpdateEvent::Stopped { app: name.clone() });
+        }
+    }
+    journal.phase = Phase::Starting;
+    files.write_journal(journal)?;
+    for (name, reference) in &journal.to {
+        if journal.from.get(name) != Some(reference) {
+            device.start(name, reference).await?;
+            device.event(UpdateEvent::AppStarted {
+                app: name.clone(),
+                reference: reference.clone(),
+            });
+        }
+    }
+    journal.phase = Phase::Verifying;
+    files.write_journal(journal)?;
+    for name in journal.to.keys() {
+        device.verify(name, options.verify_timeout).await?;
+        device.event(UpdateEvent::Verified { app: name.clone() });
+    }
+    Ok(())
+}
+
+/// Stops the new apps and starts the previous ones again, from what is on
+/// the device. Idempotent, so that a crash during a rollback resumes it.
+async fn roll_back(
+    device: &impl DeviceOps,
+    files: &StateFiles,
+    journal: &mut Journal,
+) -> Result<()> {
+    journal.phase = Phase::RollingBack;
+    files.write_journal(journal)?;
+    for name in journal.to.keys() {
+        if journal.from.get(name) != journal.to.get(name) {
+            // Best effort: an app that never started has nothing to stop.
+            if let Err(e) = device.stop(name).await {
+                tracing::warn!("rollback: cannot stop {name}: {e:#}");
+            }
+        }
+    }
+    for (name, reference) in &journal.from {
+        device
+            .install(reference)
+            .await
+            .with_context(|| format!("rollback: cannot reinstall {name} from the local store"))?;
+        device
+            .start(name, reference)
+            .await
+            .with_context(|| format!("rollback: cannot start {name} again"))?;
+    }
+    let state = files.device()?;
+    files.write_device(&DeviceState {
+        running: journal.from.clone(),
+        previous: state.previous,
+    })?;
+    files.clear_journal()?;
+    device.event(UpdateEvent::RolledBack {
+        running: journal.from.clone(),
+        error: journal.error.clone().unwrap_or_default(),
+    });
+    Ok(())
+}
+
+/// Finishes or rolls back an update a crash interrupted. Before `stopping`
+/// nothing that ran was touched: the update is simply dropped (the previous
+/// apps are started again in case the crash took them down). From
+/// `stopping` on it is rolled back.
+pub async fn recover(
+    device: &impl DeviceOps,
+    files: &StateFiles,
+    _options: &UpdateOptions,
+) -> Result<()> {
+    let Some(mut journal) = files.journal()? else {
+        return Ok(());
+    };
+    device.event(UpdateEvent::Recovering {
+        phase: journal.phase,
+        from: journal.from.clone(),
+        to: journal.to.clone(),
+    });
+    if journal.phase < Phase::Stopping {
+        for (name, reference) in &journal.from {
+            device.install(reference).await?;
+            device.start(name, reference).await?;
+        }
+        files.clear_journal()?;
+        return Ok(());
+    }
+    if journal.error.is_none() {
+        journal.error =
+            Some(format!("the update was interrupted while {:?}", journal.phase).to_lowercase());
+    }
+    roll_back(device, files, &mut journal).await
+}
+
+async fn prune_quietly(device: &impl DeviceOps, keep: &AppSet) {
+    match device.prune(keep).await {
+        Ok(report) => device.event(UpdateEvent::Pruned { report }),
+        Err(e) => tracing::warn!("prune after the update failed: {e:#}"),
+    }
+}
+
+fn union(a: &AppSet, b: &AppSet) -> AppSet {
+    // Names may repeat across the two with other references: key by
+    // reference so that both versions are kept.
+    let mut out = AppSet::new();
+    for (name, reference) in a.iter().chain(b.iter()) {
+        out.insert(format!("{name}\u{0}{reference}"), reference.clone());
+    }
+    out
+}
+
+/// The apps of `old` that `new` replaces or drops: the rollback copy.
+fn changed(old: &AppSet, new: &AppSet) -> AppSet {
+    old.iter()
+        .filter(|(name, reference)| new.get(*name) != Some(*reference))
+        .map(|(n, r)| (n.clone(), r.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A device whose steps succeed or fail on cue, recording what it did.
+    #[derive(Default)]
+    struct FakeDevice {
+        fail_at: Option<&'static str>,
+        log: Mutex<Vec<String>>,
+        running: Mutex<AppSet>,
+    }
+
+    impl FakeDevice {
+        fn step(&self, what: &str) -> Result<()> {
+            self.log.lock().unwrap().push(what.to_string());
+            if self.fail_at.is_some_and(|f| what.starts_with(f)) {
+                anyhow::bail!("{what} failed on cue");
+            }
+            Ok(())
+        }
+    }
+
+    impl DeviceOps for FakeDevice {
+        async fn pull(&self, _to: &AppSet) -> Result<serde_json::Value> {
+            self.step("pull")?;
+            Ok(serde_json::Value::Null)
+        }
+        async fn install(&self, reference: &str) -> Result<()> {
+            self.step(&format!("install {reference}"))
+        }
+        async fn start(&self, name: &str, reference: &str) -> Result<()> {
+            self.step(&format!("start {reference}"))?;
+            self.running
+                .lock()
+                .unwrap()
+                .insert(name.into(), reference.into());
+            Ok(())
+        }
+        async fn stop(&self, name: &str) -> Result<()> {
+            self.step(&format!("stop {name}"))?;
+            self.running.lock().unwrap().remove(name);
+            Ok(())
+        }
+        async fn verify(&self, name: &str, _timeout: Duration) -> Result<()> {
+            let reference = self
+                .running
+                .lock()
+                .unwrap()
+                .get(name)
+                .cloned()
+                .unwrap_or_default();
+            self.step(&format!("verify {reference}"))
+        }
+        async fn prune(&self, _keep: &AppSet) -> Result<serde_json::Value> {
+            Ok(serde_json::Value::Null)
+        }
+        async fn installed(&self) -> Result<AppSet> {
+            Ok(self.running.lock().unwrap().clone())
+        }
+        fn event(&self, _event: UpdateEvent) {}
+    }
+
+    fn set(pairs: &[(&str, &str)]) -> AppSet {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn options() -> UpdateOptions {
+        UpdateOptions {
+            verify_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn start_at(files: &StateFiles, running: AppSet) {
+        files
+            .write_device(&DeviceState {
+                running,
+                previous: AppSet::new(),
+            })
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_verified_update_commits_and_keeps_the_old_version_for_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v1")]));
+        let device = FakeDevice::default();
+        device
+            .running
+            .lock()
+            .unwrap()
+            .insert("shop".into(), "v1".into());
+        let outcome = update(&device, &files, set(&[("shop", "v2")]), &options())
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Committed));
+        let state = files.device().unwrap();
+        assert_eq!(state.running, set(&[("shop", "v2")]));
+        assert_eq!(state.previous, set(&[("shop", "v1")]));
+        assert!(files.journal().unwrap().is_none());
+        // v1 ran until v2 was installed: the stop comes after the install.
+        let log = device.log.lock().unwrap().clone();
+        let install = log.iter().position(|l| l == "install v2").unwrap();
+        let stop = log.iter().position(|l| l == "stop shop").unwrap();
+        assert!(install < stop, "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_new_version_rolls_back_to_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v2")]));
+        let device = FakeDevice {
+            fail_at: Some("verify v3"),
+            ..Default::default()
+        };
+        let outcome = update(&device, &files, set(&[("shop", "v3")]), &options())
+            .await
+            .unwrap();
+        let Outcome::RolledBack(e) = outcome else {
+            panic!("expected a rollback");
+        };
+        assert!(format!("{e:#}").contains("verify v3"));
+        assert_eq!(files.device().unwrap().running, set(&[("shop", "v2")]));
+        assert_eq!(
+            device.running.lock().unwrap().clone(),
+            set(&[("shop", "v2")])
+        );
+        assert!(files.journal().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_pull_touches_nothing_that_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v1")]));
+        let device = FakeDevice {
+            fail_at: Some("pull"),
+            ..Default::default()
+        };
+        let outcome = update(&device, &files, set(&[("shop", "v2")]), &options())
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Failed(_)));
+        let log = device.log.lock().unwrap().clone();
+        assert!(!log.iter().any(|l| l.starts_with("stop")), "{log:?}");
+        assert_eq!(files.device().unwrap().running, set(&[("shop", "v1")]));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_update_is_rolled_back_at_the_next_start() {
+        for phase in [
+            Phase::Pulling,
+            Phase::Installing,
+            Phase::Stopping,
+            Phase::Starting,
+            Phase::Verifying,
+            Phase::RollingBack,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let files = StateFiles::under(dir.path());
+            start_at(&files, set(&[("shop", "v1")]));
+            files
+                .write_journal(&Journal {
+                    phase,
+                    from: set(&[("shop", "v1")]),
+                    to: set(&[("shop", "v2")]),
+                    error: None,
+                })
+                .unwrap();
+            let device = FakeDevice::default();
+            recover(&device, &files, &options()).await.unwrap();
+            assert!(files.journal().unwrap().is_none(), "{phase:?}");
+            assert_eq!(
+                files.device().unwrap().running,
+                set(&[("shop", "v1")]),
+                "{phase:?}"
+            );
+            assert_eq!(
+                device
+                    .running
+                    .lock()
+                    .unwrap()
+                    .get("shop")
+                    .map(String::as_str),
+                Some("v1"),
+                "{phase:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! `stowage install`, `run`, `stop`, `ps`, `df`, `prune` and `fsck --repair`
+//! against the real registry, a private dockerd (its own data root, so what
+//! it holds is exactly what the test put there) and the real docker-compose.
+//! Every app is pulled while the registry runs, then the registry is stopped:
+//! everything after works from the blob store alone.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+/// Local images built on the default dockerd for a test, removed at the end.
+#[derive(Default)]
+struct LocalImages(Vec<String>);
+
+impl LocalImages {
+    fn busybox(&mut self, tag: &str) {
+        busybox_image(tag);
+        self.0.push(tag.to_string());
+    }
+
+    fn build(&mut self, tag: &str, base: &str, files: &[(&str, Vec<u8>)]) {
+        build_image(tag, base, files, "CMD [\"sleep\", \"3600\"]");
+        self.0.push(tag.to_string());
+    }
+}
+
+impl Drop for LocalImages {
+    fn drop(&mut self) {
+        for tag in self.0.iter().rev() {
+            remove_image(tag);
+        }
+    }
+}
+
+/// Bytes that do not compress, so that layers have a real size.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A device: a root for stowage and the engine it talks to.
+struct Device {
+    root: PathBuf,
+    registry: String,
+    docker_host: String,
+}
+
+impl Device {
+    fn stowage(&self, args: &[&str]) -> Command {
+        let mut cmd = stowage();
+        cmd.env("DOCKER_HOST", &self.docker_host)
+            .env_remove("STOWAGE_ROOT")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--insecure-registry", &self.registry])
+            .args(args);
+        cmd
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        run_ok(&mut self.stowage(args))
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.ok(&full);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+}
+
+fn publish(registry: &Registry, compose: &str, target: &str) -> String {
+    let dir = temp_dir("install-app-");
+    let cache = temp_dir("install-cache-");
+    write_app(dir.path(), compose);
+    let out = run_ok(
+        stowage()
+            .arg("publish")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--insecure-registry", &registry.host()])
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .arg(target),
+    );
+    out.lines().last().unwrap_or("").trim().to_string()
+}
+
+/// Images in the private engine, as `REPO:TAG` lines.
+fn engine_images(dockerd: &PrivateDockerd) -> Vec<String> {
+    run_ok(
+        dockerd
+            .docker()
+            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"]),
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn images_of(report: &Value) -> &Vec<Value> {
+    report["images"].as_array().expect("images in the report")
+}
+
+fn sum(images: &[Value], key: &str) -> u64 {
+    images.iter().map(|i| i[key].as_u64().unwrap_or(0)).sum()
+}
+
+fn app_state<'a>(ps: &'a Value, name: &str) -> &'a Value {
+    ps.as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in ps: {ps}"))
+}
+
+/// Three services on one base: web and worker with a layer of their own
+/// each, db the base alone. Services use no network, so the private dockerd
+/// needs no bridge.
+fn three_service_compose(web: &str, worker: &str, db: &str) -> String {
+    format!(
+        "services:\n  web:\n    image: {web}\n    network_mode: none\n  worker:\n    image: {worker}\n    network_mode: none\n  db:\n    image: {db}\n    network_mode: none\n    command: [\"sleep\", \"3600\"]\n"
+    )
+}
+
+#[test]
+fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_stores() {
+    let mut registry = Registry::start();
+    let name = unique("story");
+    let host = registry.host();
+    let mut local = LocalImages::default();
+    let base = format!("{name}-base:1");
+    local.busybox(&base);
+    let web_local = format!("{name}-web:1");
+    local.build(&web_local, &base, &[("/srv/web.bin", noise(1, 300_000))]);
+    let worker_local = format!("{name}-worker:1");
+    local.build(&worker_local, &base, &[("/opt/job.bin", noise(2, 200_000))]);
+    let api_local = format!("{name}-api:1");
+    local.build(&api_local, &base, &[("/srv/api.bin", noise(3, 100_000))]);
+    let user_local = format!("{name}-user:1");
+    local.build(&user_local, &base, &[("/user.txt", b"mine".to_vec())]);
+    let [web, worker, db, api] =
+        ["web", "worker", "db", "api"].map(|s| format!("{host}/{name}/{s}:1"));
+    push_image(&web_local, &web);
+    push_image(&worker_local, &worker);
+    push_image(&base, &db);
+    push_image(&api_local, &api);
+
+    let shop = publish(
+        &registry,
+        &three_service_compose(&web, &worker, &db),
+        &format!("{host}/{name}/shop:1"),
+    );
+    // A second app: the same web image, and an api on the same base.
+    let admin = publish(
+        &registry,
+        &format!(
+            "services:\n  web:\n    image: {web}\n    network_mode: none\n  api:\n    image: {api}\n    network_mode: none\n"
+        ),
+        &format!("{host}/{name}/admin:1"),
+    );
+
+    let work = temp_dir("install-story-");
+    let dockerd = PrivateDockerd::start(&work.path().join("docker"));
+    let device = Device {
+        root: work.path().join("root"),
+        registry: host.clone(),
+        docker_host: dockerd.host(),
+    };
+    device.ok(&["pull", &shop, &admin]);
+    registry.stop();
+
+    // Install: every image loaded, each distinct layer sent once.
+    let report = device.json(&["install", "shop"]);
+    let images = images_of(&report);
+    assert_eq!(images.len(), 3, "{report}");
+    assert!(images.iter().all(|i| i["action"] == "loaded"), "{report}");
+    assert_eq!(sum(images, "layers_sent"), 3, "base, web, worker: {report}");
+    assert_eq!(sum(images, "layers_skipped"), 2, "the base, held: {report}");
+    assert!(
+        Path::new(report["dir"].as_str().unwrap())
+            .join("docker-compose.yml")
+            .is_file()
+    );
+
+    // Run: all three containers run, and ps says so.
+    device.ok(&["run", "shop"]);
+    let ps = device.json(&["ps"]);
+    let app = app_state(&ps, "shop");
+    assert_eq!(app["state"], "running", "{ps}");
+    let services = app["services"].as_array().unwrap();
+    assert_eq!(services.len(), 3, "{ps}");
+    assert!(services.iter().all(|s| s["state"] == "running"), "{ps}");
+    let text = device.ok(&["ps"]);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("shop") && l.contains("running"))
+            .count(),
+        3,
+        "{text}"
+    );
+    let running = run_ok(dockerd.docker().args([
+        "ps",
+        "--filter",
+        "label=com.docker.compose.project=shop",
+        "--format",
+        "{{.Names}}",
+    ]));
+    assert_eq!(running.lines().count(), 3, "{running}");
+
+    // A second app sharing layers: web is there already, api sends only its own layer.
+    let report = device.json(&["install", "admin"]);
+    let images = images_of(&report);
+    let web_row = images.iter().find(|i| i["services"][0] == "web").unwrap();
+    assert_eq!(web_row["action"], "present", "{report}");
+    assert_eq!(sum(images, "layers_sent"), 1, "{report}");
+    assert_eq!(sum(images, "layers_skipped"), 1, "{report}");
+
+    // A user's own image and container, which no prune may touch.
+    let saved = run_ok_bytes(Command::new("docker").args(["save", &user_local]));
+    run_ok_with_stdin(dockerd.docker().arg("load"), &saved);
+    run_ok(
+        dockerd
+            .docker()
+            .args(["create", "--name", &format!("{name}-mine"), &user_local]),
+    );
+
+    // Docker loses images (removed by hand): fsck says so, --repair reloads
+    // them from the blob store with the registry still down.
+    device.ok(&["stop", "shop"]);
+    let tags: Vec<String> = engine_images(&dockerd)
+        .into_iter()
+        .filter(|t| t.contains("/worker:stowage-sha256-") || t.contains("/db:stowage-sha256-"))
+        .collect();
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    run_ok(dockerd.docker().arg("rmi").args(&tags));
+    let out = run_fails(&mut device.stowage(&["fsck"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("shop") && stdout.contains("--repair"),
+        "{stdout}"
+    );
+    device.ok(&["fsck", "--repair"]);
+    device.ok(&["fsck"]);
+    let now = engine_images(&dockerd);
+    assert!(tags.iter().all(|t| now.contains(t)), "{now:?}");
+    // And install restores too.
+    run_ok(dockerd.docker().args(["rmi", &tags[0]]));
+    let report = device.json(&["install", "shop"]);
+    assert_eq!(
+        images_of(&report)
+            .iter()
+            .filter(|i| i["action"] == "loaded")
+            .count(),
+        1,
+        "{report}"
+    );
+    device.ok(&["run", "--all"]);
+    assert_eq!(app_state(&device.json(&["ps"]), "shop")["state"], "running");
+
+    // df: every store and volume, both apps.
+    let df = device.json(&["df"]);
+    let stores = df["stores"].as_array().unwrap();
+    assert_eq!(stores.len(), 3, "{df}");
+    for store in stores {
+        assert!(store["bytes"].as_u64().unwrap() > 0, "{df}");
+    }
+    for volume in df["volumes"].as_array().unwrap() {
+        let (size, free, used) = (
+            volume["size"].as_u64().unwrap(),
+            volume["free"].as_u64().unwrap(),
+            volume["used"].as_u64().unwrap(),
+        );
+        assert!(size > 0 && free <= size && used <= size, "{df}");
+    }
+    let apps = df["apps"].as_array().unwrap();
+    assert_eq!(apps.len(), 2, "{df}");
+    for app in apps {
+        assert_eq!(app["installed"], true, "{df}");
+        assert!(app["store_bytes"].as_u64().unwrap() > 300_000, "{df}");
+        assert!(app["docker_bytes"].as_u64().unwrap() > 300_000, "{df}");
+    }
+    let text = device.ok(&["df"]);
+    assert!(
+        text.contains("blob store") && text.contains("docker images"),
+        "{text}"
+    );
+
+    // Forget admin; prune frees its own image in Docker and its blobs in the
+    // store, keeps what shop needs, and leaves the user's image alone.
+    assert_eq!(
+        app_state(&device.json(&["ps"]), "admin")["state"],
+        "running"
+    );
+    device.ok(&["stop", "admin"]);
+    assert_eq!(
+        app_state(&device.json(&["ps"]), "admin")["state"],
+        "stopped"
+    );
+    device.ok(&["rm", "admin"]);
+    let pruned = device.json(&["prune"]);
+    let removed = pruned["docker"]["removed"].as_array().unwrap();
+    assert_eq!(removed.len(), 1, "{pruned}");
+    assert!(
+        removed[0]["tags"][0].as_str().unwrap().contains("/api:"),
+        "{pruned}"
+    );
+    assert!(
+        pruned["docker"]["freed_bytes"].as_u64().unwrap() >= 100_000,
+        "{pruned}"
+    );
+    assert!(
+        pruned["freed_bytes"].as_u64().unwrap() > 100_000,
+        "{pruned}"
+    );
+    let now = engine_images(&dockerd);
+    assert!(now.iter().any(|t| t.contains("/web:stowage-")), "{now:?}");
+    assert!(now.contains(&user_local), "{now:?}");
+    assert_eq!(app_state(&device.json(&["ps"]), "shop")["state"], "running");
+
+    // A running app's images are never pruned; a stopped, forgotten one's are.
+    let refused = run_fails(&mut device.stowage(&["rm", "shop"]));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    device.ok(&["stop", "--all"]);
+    device.ok(&["rm", "shop"]);
+    let pruned = device.json(&["prune"]);
+    assert_eq!(
+        pruned["docker"]["removed"].as_array().unwrap().len(),
+        3,
+        "{pruned}"
+    );
+    assert_eq!(engine_images(&dockerd), vec![user_local.clone()]);
+    run_ok(dockerd.docker().args(["inspect", &format!("{name}-mine")]));
+    assert!(device.json(&["ps"]).as_array().unwrap().is_empty());
+}
+
+/// Free bytes of the volume holding `path`, as the check counts them.
+fn volume_report<'a>(check: &'a Value, part: &str) -> &'a Value {
+    check["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| {
+            v["required_parts"]
+                .get(part)
+                .is_some_and(|n| n.as_u64() > Some(0))
+        })
+        .unwrap_or_else(|| panic!("no volume needs {part}: {check}"))
+}
+
+#[test]
+fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() {
+    let mut registry = Registry::start();
+    let name = unique("fit");
+    let host = registry.host();
+    let mut local = LocalImages::default();
+    let base = format!("{name}-base:1");
+    local.busybox(&base);
+    let data_local = format!("{name}-data:1");
+    many_files_image(
+        &data_local,
+        &base,
+        1500,
+        0x5eed ^ u64::from(std::process::id()),
+    );
+    local.0.push(data_local.clone());
+    let data = format!("{host}/{name}/data:1");
+    push_image(&data_local, &data);
+    let app = publish(
+        &registry,
+        &format!("services:\n  data:\n    image: {data}\n    network_mode: none\n"),
+        &format!("{host}/{name}/app:1"),
+    );
+
+    let docker_volume = LoopVolume::new(160);
+    let store_volume = LoopVolume::new(96);
+    let small_store = LoopVolume::new(16);
+    let dockerd = PrivateDockerd::start(&docker_volume.path().join("docker"));
+    let data_root = docker_volume.path().join("docker");
+
+    // The store's volume is short, Docker's is not: the pull is refused,
+    // naming the store, and neither volume is written.
+    let cramped = Device {
+        root: small_store.path().join("root"),
+        registry: host.clone(),
+        docker_host: dockerd.host(),
+    };
+    let out = run_output(&mut cramped.stowage(&["pull", &app]));
+    assert_eq!(out.status.code(), Some(100), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&small_store.path().display().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&data_root.display().to_string()),
+        "{stderr}"
+    );
+    let blobs = std::fs::read_dir(cramped.root.join("store/blobs/sha256")).map_or(0, |d| d.count());
+    assert_eq!(blobs, 0);
+    assert!(engine_images(&dockerd).is_empty());
+
+    let device = Device {
+        root: store_volume.path().join("root"),
+        registry: host.clone(),
+        docker_host: dockerd.host(),
+    };
+    device.ok(&["pull", &app]);
+    // What the check says Docker's volume needs, now that the blobs are stored.
+    let check = device.json(&["check", &app]);
+    registry.stop();
+    let docker_part = volume_report(&check, "docker_layers");
+    let required = docker_part["required"].as_u64().unwrap();
+    let available = docker_part["available"].as_u64().unwrap();
+    assert!(required < available, "{check}");
+
+    // Docker's volume fills up after the pull: install is refused with exit
+    // 100, naming Docker's data root, and writes nothing anywhere.
+    let filler = docker_volume.path().join("filler");
+    run_ok(
+        Command::new("fallocate")
+            .args(["-l", &(available - required / 2).to_string()])
+            .arg(&filler),
+    );
+    let out = run_output(&mut device.stowage(&["install", "app"]));
+    assert_eq!(out.status.code(), Some(100), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&data_root.display().to_string()),
+        "{stderr}"
+    );
+    assert!(engine_images(&dockerd).is_empty());
+    assert!(!device.root.join("apps/app").exists());
+    assert!(!device.root.join("state/installed.json").exists());
+
+    // With room again, install succeeds, and Docker's volume grows by what
+    // the check predicted, within 5%.
+    std::fs::remove_file(&filler).unwrap();
+    run_ok(&mut Command::new("sync"));
+    let before = docker_volume.stats().used_bytes();
+    let report = device.json(&["install", "app"]);
+    run_ok(&mut Command::new("sync"));
+    let after = docker_volume.stats().used_bytes();
+    let predicted =
+        volume_report(&report["check"], "docker_layers")["required_parts"]["docker_layers"]
+            .as_u64()
+            .unwrap();
+    let grown = after.saturating_sub(before);
+    let error = (grown as f64 - predicted as f64).abs() / grown as f64;
+    eprintln!(
+        "docker data root grew {grown} bytes; the check predicted {predicted} ({:.2}% off)",
+        error * 100.0
+    );
+    assert!(error <= 0.05, "grew {grown}, predicted {predicted}");
+    assert!(images_of(&report).iter().all(|i| i["action"] == "loaded"));
+}
