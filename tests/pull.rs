@@ -480,6 +480,26 @@ fn an_app_without_the_device_architecture_is_refused_naming_it() {
     let report =
         json_of(run_ok(device(&root, &host).args(["--json", "check", &reference])).as_bytes());
     assert_eq!(report["apps"][0]["architecture"], machine_arch());
+    // With Docker out of reach the check says so and counts every layer.
+    let report = json_of(
+        run_ok(device(&root, &host).args([
+            "--json",
+            "check",
+            "--docker-host",
+            "unix:///nonexistent/docker.sock",
+            &reference,
+        ]))
+        .as_bytes(),
+    );
+    assert_eq!(report["docker_reachable"], false, "{report:#}");
+    assert!(
+        report["notes"].to_string().contains("not reachable"),
+        "{report:#}"
+    );
     run_ok(device(&root, &host).args(["pull", &reference]));
     assert_fsck_clean(&root, &host);
+    // rm by the app's name forgets it.
+    run_ok(device(&root, &host).args(["rm", &name]));
+    let listed = json_of(run_ok(device(&root, &host).args(["--json", "ls"])).as_bytes());
+    assert_eq!(listed, Value::Array(vec![]));
 }

@@ -301,11 +301,10 @@ fn a_prune_waits_for_a_pull_in_progress_and_removes_nothing_it_fetched() {
         "the prune names the pull's process: {said}"
     );
     assert!(pull.try_wait().unwrap().is_none(), "the pull goes on");
-    assert_eq!(
-        blob_files(&root),
-        blobs_before,
-        "nothing the pull fetched was removed"
-    );
+    let blobs_after = blob_files(&root);
+    for (hex, size) in &blobs_before {
+        assert_eq!(blobs_after.get(hex), Some(size), "the prune removed {hex}");
+    }
     let partial = root.join("ingest").join(app.layers[0].0.hex());
     assert!(partial.exists(), "{:?}", ingest_files(&root));
     kill(&mut pull);

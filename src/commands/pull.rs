@@ -488,3 +488,42 @@ pub fn require_pinned_or_tagged(reference: &ImageRef) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOCKER: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",
+        "config":{"mediaType":"application/vnd.docker.container.image.v1+json","size":925,"digest":"sha256:99cf11b408f168c4a1b3c9abf02e0cbf2e90ccda38e3401c71c084913b272b8f"},
+        "layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":1084598,"digest":"sha256:8c24ea7f9809ef23be16c9e1d5f5eb792563d446ebd54c1ac362f44a96779391"}]}"#;
+
+    #[test]
+    fn a_docker_manifest_has_a_deterministic_oci_form_naming_the_same_blobs() {
+        let source = crate::Digest::of(DOCKER.as_bytes());
+        let form = oci_form(DOCKER.as_bytes(), &source).unwrap();
+        assert_eq!(form, oci_form(DOCKER.as_bytes(), &source).unwrap());
+        let v: serde_json::Value = serde_json::from_slice(&form).unwrap();
+        assert_eq!(v["mediaType"], media::OCI_MANIFEST);
+        assert_eq!(v["config"]["mediaType"], media::OCI_CONFIG);
+        assert_eq!(v["config"]["size"], 925);
+        assert_eq!(v["layers"][0]["mediaType"], media::OCI_LAYER_GZIP);
+        assert_eq!(
+            v["layers"][0]["digest"],
+            "sha256:8c24ea7f9809ef23be16c9e1d5f5eb792563d446ebd54c1ac362f44a96779391"
+        );
+        assert_eq!(
+            v["annotations"][SOURCE_MANIFEST_ANNOTATION],
+            source.to_string()
+        );
+    }
+
+    #[test]
+    fn a_layer_type_without_an_oci_equivalent_is_refused_by_name() {
+        let odd = DOCKER.replace(
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "application/x-odd",
+        );
+        let e = oci_form(odd.as_bytes(), &crate::Digest::of(odd.as_bytes())).unwrap_err();
+        assert!(e.to_string().contains("application/x-odd"), "{e}");
+    }
+}
