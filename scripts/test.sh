@@ -26,6 +26,6 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 step "cargo test $*"
-cargo test "$@"
+cargo test --no-fail-fast "$@"
 
 printf '\n== all passed in %d s\n' "$((SECONDS - start))" >&2
