@@ -483,13 +483,23 @@ impl DockerEngine {
             .list_images(Some(ListImagesOptionsBuilder::default().all(true).build()))
             .await
             .map_err(self.api_error("list its images"))?;
+        // One inspect per image, several at once: an engine with hundreds of
+        // images answers in a fraction of the time of one-by-one requests.
+        let inspections: Vec<_> = futures_util::stream::iter(images)
+            .map(|image| async move {
+                let answer = self.client.inspect_image(&image.id).await;
+                (image.id, answer)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
         let mut held = HeldLayers::default();
-        for image in images {
-            let inspect = match self.client.inspect_image(&image.id).await {
+        for (id, answer) in inspections {
+            let inspect = match answer {
                 Ok(inspect) => inspect,
                 // Removed between the listing and now: it holds nothing any more.
                 Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(self.api_error(format!("inspect image {}", image.id))(e)),
+                Err(e) => return Err(self.api_error(format!("inspect image {id}"))(e)),
             };
             let layers = inspect
                 .root_fs
@@ -501,7 +511,7 @@ impl DockerEngine {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|bad| DockerError::BadAnswer {
                     host: self.host.clone(),
-                    action: format!("GET /images/{}/json", image.id),
+                    action: format!("GET /images/{id}/json"),
                     reason: bad.to_string(),
                 })?;
             held.add_image(&diff_ids);

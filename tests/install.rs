@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -468,4 +469,264 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
     );
     assert!(error <= 0.05, "grew {grown}, predicted {predicted}");
     assert!(images_of(&report).iter().all(|i| i["action"] == "loaded"));
+}
+
+/// A tar entry with a raw name: the tar crate refuses to write `..`, and a
+/// hostile publisher would not.
+fn raw_entry(
+    tar: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    kind: tar::EntryType,
+    link: &str,
+    data: &[u8],
+) {
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    if !link.is_empty() {
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    header.set_entry_type(kind);
+    header.set_mode(0o644);
+    header.set_size(data.len() as u64);
+    header.set_cksum();
+    tar.append(&header, data).unwrap();
+}
+
+/// One bundle entry: name, kind, link target, content.
+type Entry<'a> = (&'a str, tar::EntryType, &'a str, Vec<u8>);
+
+/// A bundle (tar.gz) and its index for these entries.
+fn hostile_bundle(entries: &[Entry]) -> (Vec<u8>, Vec<u8>) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut index = serde_json::Map::new();
+    for (name, kind, link, data) in entries {
+        raw_entry(&mut tar, name, *kind, link, data);
+        if *kind == tar::EntryType::Regular {
+            index.insert(name.to_string(), Value::String(sha256_digest(data)));
+        }
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+    (
+        gz.finish().unwrap(),
+        serde_json::to_vec(&Value::Object(index)).unwrap(),
+    )
+}
+
+#[test]
+fn a_bundle_that_escapes_its_directory_or_is_too_big_is_refused_and_nothing_is_extracted() {
+    let registry = Registry::start();
+    let name = unique("hostile");
+    let host = registry.host();
+    let mut local = LocalImages::default();
+    let base = format!("{name}-base:1");
+    local.busybox(&base);
+    let svc = format!("{host}/{name}/svc:1");
+    push_image(&base, &svc);
+    let compose = format!("services:\n  svc:\n    image: {svc}\n    network_mode: none\n");
+    publish(&registry, &compose, &format!("{host}/{name}/app:good"));
+    let repo = format!("{name}/app");
+    let (template, media_type) = registry.get_manifest(&repo, "good");
+    let template: Value = serde_json::from_slice(&template).unwrap();
+
+    // Each hostile bundle carries the good, pinned compose file.
+    let (good, _) = registry.get_manifest(&repo, "good");
+    let good: Value = serde_json::from_slice(&good).unwrap();
+    let bundle = registry.get_blob(&repo, good["layers"][0]["digest"].as_str().unwrap());
+    let mut pinned = String::new();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bundle.as_slice()));
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap().to_string_lossy() == "docker-compose.yml" {
+            std::io::Read::read_to_string(&mut entry, &mut pinned).unwrap();
+        }
+    }
+    assert!(pinned.contains("@sha256:"), "{pinned}");
+
+    use tar::EntryType::{Regular, Symlink};
+    let big = format!("{pinned}#{}\n", "x".repeat(1 << 20));
+    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
+        (
+            "escape",
+            vec![
+                (
+                    "docker-compose.yml",
+                    Regular,
+                    "",
+                    pinned.clone().into_bytes(),
+                ),
+                ("../escaped.txt", Regular, "", b"out".to_vec()),
+            ],
+            "'..'",
+        ),
+        (
+            "symlink",
+            vec![
+                (
+                    "docker-compose.yml",
+                    Regular,
+                    "",
+                    pinned.clone().into_bytes(),
+                ),
+                ("conf/link", Symlink, "../../../outside", Vec::new()),
+            ],
+            "leaves the app directory",
+        ),
+        (
+            "bigcompose",
+            vec![("docker-compose.yml", Regular, "", big.into_bytes())],
+            "1048576-byte limit",
+        ),
+    ];
+
+    let work = temp_dir("install-hostile-");
+    let device = Device {
+        root: work.path().join("root"),
+        registry: host.clone(),
+        docker_host: "unix:///var/run/docker.sock".into(),
+    };
+    for (tag, entries, reason) in cases {
+        let (bundle, index) = hostile_bundle(&entries);
+        let bundle_digest = registry.upload_blob(&repo, &bundle);
+        let index_digest = registry.upload_blob(&repo, &index);
+        let mut manifest = template.clone();
+        manifest["layers"][0]["digest"] = Value::String(bundle_digest);
+        manifest["layers"][0]["size"] = Value::from(bundle.len());
+        let annotations = &mut manifest["layers"][0]["annotations"];
+        annotations["org.foundries.app.bundle.index.digest"] = Value::String(index_digest);
+        annotations["org.foundries.app.bundle.index.size"] = Value::String(index.len().to_string());
+        let digest = registry.put_manifest(
+            &repo,
+            tag,
+            &media_type,
+            &serde_json::to_vec(&manifest).unwrap(),
+        );
+        let reference = format!("{host}/{repo}@{digest}");
+        // The pull may refuse it already (the compose file is read there);
+        // otherwise install must.
+        let pulled = run_output(&mut device.stowage(&["pull", &reference]));
+        let refused = if pulled.status.success() {
+            run_fails(&mut device.stowage(&["install", &reference]))
+        } else {
+            pulled
+        };
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(reason), "{tag}: {stderr}");
+        let apps = device.root.join("apps");
+        let leftovers: Vec<_> = std::fs::read_dir(&apps)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "{tag}: {leftovers:?}");
+        assert!(
+            !work.path().join("escaped.txt").exists() && !device.root.join("escaped.txt").exists()
+        );
+        assert!(!device.root.join("state/installed.json").exists(), "{tag}");
+    }
+}
+
+#[test]
+fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running() {
+    let mut registry = Registry::start();
+    let name = unique("kill");
+    let host = registry.host();
+    let mut local = LocalImages::default();
+    let base = format!("{name}-base:1");
+    local.busybox(&base);
+    let web_local = format!("{name}-web:1");
+    local.build(&web_local, &base, &[("/srv/web.bin", noise(7, 4_000_000))]);
+    let worker_local = format!("{name}-worker:1");
+    local.build(
+        &worker_local,
+        &base,
+        &[("/opt/job.bin", noise(8, 2_000_000))],
+    );
+    let [web, worker, db] = ["web", "worker", "db"].map(|s| format!("{host}/{name}/{s}:1"));
+    push_image(&web_local, &web);
+    push_image(&worker_local, &worker);
+    push_image(&base, &db);
+    let app = publish(
+        &registry,
+        &three_service_compose(&web, &worker, &db),
+        &format!("{host}/{name}/app:1"),
+    );
+    let work = temp_dir("install-kill-");
+    let dockerd = PrivateDockerd::start(&work.path().join("docker"));
+    let device = Device {
+        root: work.path().join("root"),
+        registry: host.clone(),
+        docker_host: dockerd.host(),
+    };
+    device.ok(&["pull", &app]);
+    registry.stop();
+
+    // Undo what runs did, by hand, as a user or a lost data root would.
+    let reset = |what: u64| {
+        let ids = run_ok(dockerd.docker().args(["ps", "-aq"]));
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            run_ok(dockerd.docker().args(["rm", "-f"]).args(&ids));
+        }
+        if what == 0 {
+            let tags: Vec<String> = engine_images(&dockerd)
+                .into_iter()
+                .filter(|t| t.contains(":stowage-sha256-"))
+                .collect();
+            if !tags.is_empty() {
+                run_ok(dockerd.docker().arg("rmi").args(&tags));
+            }
+        }
+        if what == 1 {
+            let _ = std::fs::remove_dir_all(device.root.join("apps/app"));
+        }
+    };
+    let started = Instant::now();
+    device.ok(&["run", "app"]);
+    let full_run = started.elapsed();
+
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(std::process::id());
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kills = 0;
+    while Instant::now() < deadline {
+        if kills % 2 == 0 {
+            reset(next() % 3);
+        }
+        let mut child = device
+            .stowage(&["run", "app"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Half the kills land in the first second, where install extracts
+        // and loads; the rest anywhere in a full run, compose's `up` included.
+        let window = if next() % 2 == 0 {
+            1000
+        } else {
+            full_run.as_millis() as u64
+        };
+        let delay = Duration::from_millis(next() % (window + 1));
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        kills += 1;
+        if kills % 10 == 0 {
+            device.ok(&["run", "app"]);
+            assert_eq!(app_state(&device.json(&["ps"]), "app")["state"], "running");
+        }
+    }
+    eprintln!(
+        "killed `stowage run` {kills} times in 60 s (a full run from scratch takes {full_run:?})"
+    );
+    device.ok(&["run", "app"]);
+    let ps = device.json(&["ps"]);
+    let state = app_state(&ps, "app");
+    assert_eq!(state["state"], "running", "{ps}");
+    assert_eq!(state["services"].as_array().unwrap().len(), 3, "{ps}");
+    device.ok(&["fsck"]);
+    assert!(kills >= 15, "only {kills} kills fitted in 60 s");
 }

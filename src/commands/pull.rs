@@ -28,6 +28,9 @@ use crate::store::{Ingest, LockMode, Store, StoreError};
 /// How many times a layer download is resumed after the connection broke.
 const RESUME_ATTEMPTS: u32 = 3;
 
+/// How many reservations or metadata blobs are written at once.
+const STORE_WRITES: usize = 8;
+
 /// The update does not fit: the CLI exits with code 100.
 #[derive(Debug, thiserror::Error)]
 #[error("the update does not fit: {}", report.fit.shortfall())]
@@ -75,23 +78,38 @@ impl PullOptions {
         }
 
         // Reserve before downloading: every missing layer's declared size.
-        let mut ingests = Vec::new();
-        for layer in &plan.missing_layers {
-            let mut ingest = store.ingest(&layer.descriptor.digest, layer.descriptor.size)?;
-            if !ingest.is_stored() {
-                ingest.preallocate().with_context(|| {
-                    format!(
-                        "cannot reserve {} bytes for layer {}",
-                        layer.descriptor.size, layer.descriptor.digest
-                    )
-                })?;
-            }
-            ingests.push((layer.clone(), ingest));
-        }
+        // Reservations, then metadata blobs, are written a few at a time:
+        // each ends with an fsync, and concurrent fsyncs on one file system
+        // share the journal's commits. Every one is waited for, so none is
+        // still being written when an error is returned.
+        let reservations: Vec<Result<(LayerNeed, Ingest)>> =
+            futures_util::stream::iter(plan.missing_layers.iter().cloned())
+                .map(|layer| {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || reserve(&store, layer))
+                })
+                .buffered(STORE_WRITES)
+                .map(|joined| joined.context("a reservation task failed")?)
+                .collect()
+                .await;
+        let mut ingests = reservations.into_iter().collect::<Result<Vec<_>>>()?;
+        let mut seen = std::collections::HashSet::new();
+        let meta_writes: Vec<Result<()>> = futures_util::stream::iter(
+            apps.iter()
+                .flat_map(|app| app.meta_blobs.iter())
+                .filter(|blob| seen.insert(blob.descriptor.digest.clone()))
+                .map(|blob| (blob.descriptor.digest.clone(), blob.bytes.clone())),
+        )
+        .map(|(digest, bytes)| {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || Ok(store.put_bytes(&digest, &bytes)?))
+        })
+        .buffered(STORE_WRITES)
+        .map(|joined| joined.context("a metadata write task failed")?)
+        .collect()
+        .await;
+        meta_writes.into_iter().collect::<Result<Vec<()>>>()?;
         for app in &apps {
-            for blob in &app.meta_blobs {
-                store.put_bytes(&blob.descriptor.digest, &blob.bytes)?;
-            }
             // Stored now, while the space is known to be there.
             for (_, digest, bytes) in oci_forms(app)? {
                 store.put_bytes(&digest, &bytes)?;
@@ -109,6 +127,10 @@ impl PullOptions {
             2 * (index_bytes + 512 * new_refs) + END_RESERVE_SLACK,
         )?;
 
+        // Largest first: with a few downloads at once, the last one to end
+        // is then a small one, and the pull is not left waiting on a single
+        // big layer.
+        ingests.sort_by_key(|(layer, _)| std::cmp::Reverse(layer.descriptor.size));
         let fetched_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fetched_blobs = ingests.len();
         futures_util::stream::iter(ingests)
@@ -136,6 +158,20 @@ impl PullOptions {
             apps: apps.iter().map(|a| a.reference.to_string()).collect(),
         })
     }
+}
+
+/// Opens the ingest of one missing layer and preallocates its declared size.
+fn reserve(store: &Store, layer: LayerNeed) -> Result<(LayerNeed, Ingest)> {
+    let mut ingest = store.ingest(&layer.descriptor.digest, layer.descriptor.size)?;
+    if !ingest.is_stored() {
+        ingest.preallocate().with_context(|| {
+            format!(
+                "cannot reserve {} bytes for layer {}",
+                layer.descriptor.size, layer.descriptor.digest
+            )
+        })?;
+    }
+    Ok((layer, ingest))
 }
 
 /// Names the app and each of its images in `index.json`, images first: the

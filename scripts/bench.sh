@@ -1,0 +1,352 @@
+#!/usr/bin/env bash
+# stowage's benchmarks, in one run on this machine (as root on Debian; does its
+# own set-up). Not a test: CI does not run it; it measures and reports.
+#
+#   1. publish: an app of three services, about 300 MB of layers, with a cold
+#      layer cache and a warm one: wall time and peak RSS (target < 64 MiB).
+#   2. pull: `stowage pull` of a ~170 MB three-image app against
+#      `skopeo copy docker://... oci:...` of the same three images, from the
+#      same local registry, interleaved, a fresh destination each time
+#      (target: stowage >= 2x faster, peak RSS < 40 MiB); and `stowage check`
+#      on a store of 10,000 blobs (target < 50 ms).
+#   3. install: `stowage install` against `docker pull` of the same images and
+#      `docker load` of a `docker save` archive, into a private dockerd whose
+#      data root is a loop-mounted ext4 volume (so the peak extra disk during a
+#      load is the engine's alone): wall time, peak RSS of the tool, peak growth
+#      of dockerd's RSS, peak extra disk. Skipped for stowage when the binary
+#      has no `install` verb; the Docker baselines are measured anyway.
+#
+# Everything runs against ONE local docker-registry (own config, free loopback
+# port) holding images built here; nothing is pulled from the internet.
+# Prints a table at the end and writes it into docs/benchmarks.md between the
+# results markers (BENCH_WRITE_DOC=0 leaves the doc alone).
+#
+# Knobs: BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
+# (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+REPS=${BENCH_REPS:-5}
+PUBLISH_REPS=${BENCH_PUBLISH_REPS:-3}
+CHECK_REPS=${BENCH_CHECK_REPS:-15}
+
+log() { printf '\033[1mbench:\033[0m %s\n' "$*" >&2; }
+
+bash scripts/setup.sh
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
+log "building stowage (release)"
+cargo build --release --quiet
+STOWAGE=$CARGO_TARGET_DIR/release/stowage
+
+# The work dir lives on disk (not a tmpfs): pulls write where a device would.
+work=$(mktemp -d /var/tmp/stowage-bench.XXXXXX)
+results=$work/results.jsonl
+mkdir -p "$work/logs"
+: >"$results"
+
+registry_pid=
+dockerd_pid=
+dockerd_run=
+volume_mounted=
+built_images=()
+cleanup() {
+    set +e
+    if [ -n "$dockerd_pid" ]; then
+        kill "$dockerd_pid" 2>/dev/null
+        for _ in $(seq 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$dockerd_pid" 2>/dev/null
+        wait "$dockerd_pid" 2>/dev/null
+    fi
+    if [ -n "$volume_mounted" ]; then
+        # Whatever dockerd left mounted under its data root first.
+        grep -o " $volume_mounted/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l
+        umount "$volume_mounted" 2>/dev/null || umount -l "$volume_mounted"
+    fi
+    [ -n "$dockerd_run" ] && rm -rf "$dockerd_run"
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
+    if [ "${#built_images[@]}" -gt 0 ]; then
+        docker rmi -f "${built_images[@]}" >/dev/null 2>&1
+    fi
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        log "kept $work"
+    else
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+
+# measure CASE [measure.py options] -- COMMAND...: runs COMMAND once under
+# scripts/bench/measure.py and appends its figures, tagged with CASE.
+measure() {
+    local case=$1
+    shift
+    local out
+    if ! out=$(python3 "$repo/scripts/bench/measure.py" --log "$work/logs/run.log" "$@"); then
+        log "FAILED: $case: $out"
+        tail -n 30 "$work/logs/run.log" >&2
+        exit 1
+    fi
+    printf '%s\n' "$out" | jq -c --arg case "$case" '. + {case: $case}' >>"$results"
+    log "$case: $(jq -r '"\(.wall_s) s, peak RSS \(.maxrss_kib) KiB"' <<<"$out")"
+}
+
+# Settles the disk between timed runs: writeback of the previous run's files
+# (skopeo does not fsync; stowage does) must not be charged to the next one.
+settle() { sync; }
+
+# ---------------------------------------------------------------- registry
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+REG=127.0.0.1:$port
+cat >"$work/registry.yml" <<YAML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+  delete:
+    enabled: true
+http:
+  addr: $REG
+YAML
+docker-registry serve "$work/registry.yml" >"$work/logs/registry.log" 2>&1 &
+registry_pid=$!
+for _ in $(seq 100); do curl -fs "http://$REG/v2/" >/dev/null && break; sleep 0.1; done
+curl -fs "http://$REG/v2/" >/dev/null || { log "the registry did not start"; exit 1; }
+log "registry on $REG"
+
+# ---------------------------------------------------------- private dockerd
+# The device's engine: its own data root on a loop-mounted ext4 volume and no
+# images, as on a device that holds none of the app's layers. `pull` and
+# `check` ask it what it holds; `install`, `docker pull` and `docker load`
+# write into it. (The machine's dockerd holds other jobs' test images, which
+# `check` would inspect one by one: see the extra check row.)
+volume_size=${BENCH_DOCKER_VOLUME:-4G}
+truncate -s "$volume_size" "$work/docker.img"
+mkfs.ext4 -q -F "$work/docker.img"
+mkdir -p "$work/dockerfs"
+mount -o loop "$work/docker.img" "$work/dockerfs"
+volume_mounted=$work/dockerfs
+# Short paths: dockerd's and containerd's sockets live under the run dir.
+dockerd_run=$(mktemp -d /tmp/sbXXXX)
+echo '{}' >"$dockerd_run/daemon.json"
+dockerd --config-file "$dockerd_run/daemon.json" --data-root "$work/dockerfs/docker" \
+    --exec-root "$dockerd_run/x" --pidfile "$dockerd_run/docker.pid" \
+    -H "unix://$dockerd_run/docker.sock" --bridge=none --iptables=false --ip-masq=false \
+    --storage-driver=overlay2 --log-level=warn >"$work/logs/dockerd.log" 2>&1 </dev/null &
+dockerd_pid=$!
+DH=unix://$dockerd_run/docker.sock
+for _ in $(seq 120); do docker -H "$DH" info >/dev/null 2>&1 && break; sleep 0.5; done
+docker -H "$DH" info >/dev/null 2>&1 || { log "the private dockerd did not start"; exit 1; }
+log "private dockerd (pid $dockerd_pid), data root on a $volume_size ext4 loop volume"
+
+# ------------------------------------------------------------------ images
+# A busybox rootfs as the shared base, then per service one layer of
+# incompressible bytes and one of compressible ones: a big base64 file (~76%
+# after gzip), a `seq` listing (~20%) and ~1,000 small files.
+mkdir -p "$work/rootfs/bin" "$work/rootfs/tmp"
+cp /bin/busybox "$work/rootfs/bin/"
+for applet in sh ls cat sleep true; do ln -sf busybox "$work/rootfs/bin/$applet"; done
+base=$REG/bench/base:1
+tar -C "$work/rootfs" -c . | docker import -c 'CMD ["sleep","1000000"]' - "$base" >/dev/null
+built_images+=("$base")
+
+# make_image NAME RANDOM_MIB BASE64_MIB SEQ_LINES
+make_image() {
+    local name=$1 random_mib=$2 b64_mib=$3 seq_lines=$4
+    local ctx=$work/ctx/$name
+    mkdir -p "$ctx/bin" "$ctx/text/small"
+    head -c "${random_mib}M" /dev/urandom >"$ctx/bin/data.bin"
+    head -c "$((b64_mib * 3 / 4))M" /dev/urandom | base64 >"$ctx/text/data.b64"
+    seq 1 "$seq_lines" >"$ctx/text/numbers.txt"
+    head -c 3M /dev/urandom | base64 -w 100 | split -b 4096 -a 4 - "$ctx/text/small/f"
+    printf 'FROM %s\nCOPY bin /srv/bin\nCOPY text /srv/text\n' "$base" >"$ctx/Dockerfile"
+    docker build -q -t "$REG/bench/$name:1" "$ctx" >/dev/null
+    built_images+=("$REG/bench/$name:1")
+}
+
+# write_app DIR SERVICE=IMAGE...
+write_app() {
+    local dir=$1
+    shift
+    mkdir -p "$dir"
+    {
+        printf 'services:\n'
+        for pair in "$@"; do
+            printf '  %s:\n    image: %s\n' "${pair%%=*}" "${pair#*=}"
+        done
+    } >"$dir/docker-compose.yml"
+}
+
+log "building images locally (about 500 MB of data)"
+for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
+for svc in a b c; do make_image "pull-$svc" 44 8 400000; done
+log "pushing them with skopeo (gzip)"
+for image in "${built_images[@]}"; do
+    skopeo copy -q --dest-tls-verify=false "docker-daemon:$image" "docker://$image"
+done
+# Docker need not hold them any more: everything below reads the registry.
+docker rmi -f "${built_images[@]}" >/dev/null
+built_images=()
+write_app "$work/apps/pubapp" "a=$REG/bench/pub-a:1" "b=$REG/bench/pub-b:1" "c=$REG/bench/pub-c:1"
+write_app "$work/apps/pullapp" "a=$REG/bench/pull-a:1" "b=$REG/bench/pull-b:1" "c=$REG/bench/pull-c:1"
+
+export STOWAGE_INSECURE_REGISTRIES=$REG
+# This machine's disk is shared and may be more than 80% full: the benchmark
+# measures speed, not the space policy, so it lets an update use up to 99%.
+fit="--watermark 99"
+unset STOWAGE_ROOT STOWAGE_LOG
+
+# ----------------------------------------------------------------- publish
+log "1. publish"
+for i in $(seq "$PUBLISH_REPS"); do
+    rm -rf "$work/cache"
+    mkdir -p "$work/cache"
+    settle
+    measure "publish, cold cache" -- "$STOWAGE" publish --dir "$work/apps/pubapp" \
+        --cache-dir "$work/cache" "$REG/bench/pubapp:1"
+done
+for i in $(seq "$PUBLISH_REPS"); do
+    settle
+    measure "publish, warm cache" -- "$STOWAGE" publish --dir "$work/apps/pubapp" \
+        --cache-dir "$work/cache" "$REG/bench/pubapp:1"
+done
+pubref=$("$STOWAGE" publish --dir "$work/apps/pubapp" --cache-dir "$work/cache" \
+    "$REG/bench/pubapp:1" 2>/dev/null | tail -n 1)
+"$STOWAGE" inspect --json "$pubref" >"$work/pubapp.json"
+
+# -------------------------------------------------------------------- pull
+log "2. pull"
+pullref=$("$STOWAGE" publish --dir "$work/apps/pullapp" --cache-dir "$work/cache" \
+    "$REG/bench/pullapp:1" 2>/dev/null | tail -n 1)
+"$STOWAGE" inspect --json "$pullref" >"$work/pullapp.json"
+skopeo_one_by_one() {
+    local dst=$1
+    for svc in a b c; do
+        skopeo copy -q --src-tls-verify=false "docker://$REG/bench/pull-$svc:1" "oci:$dst:pull-$svc"
+    done
+}
+skopeo_at_once() {
+    local dst=$1 pids=() status=0
+    mkdir -p "$dst"
+    for svc in a b c; do
+        skopeo copy -q --src-tls-verify=false "docker://$REG/bench/pull-$svc:1" "oci:$dst/$svc:pull-$svc" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    return "$status"
+}
+export -f skopeo_one_by_one skopeo_at_once
+export REG
+dst=$work/dst
+for i in $(seq "$REPS"); do
+    rm -rf "$dst"
+    settle
+    measure "pull: stowage pull" -- env DOCKER_HOST="$DH" "$STOWAGE" --root "$dst" pull $fit "$pullref"
+    rm -rf "$dst"
+    settle
+    measure "pull: skopeo copy, 3 images one by one" -- bash -c 'skopeo_one_by_one "$1"' _ "$dst"
+    rm -rf "$dst"
+    settle
+    measure "pull: skopeo copy, 3 images at once" -- bash -c 'skopeo_at_once "$1"' _ "$dst"
+done
+rm -rf "$dst"
+
+log "2b. check on a store of 10,000 blobs"
+for kind in empty 10k; do
+    root=$work/check-$kind
+    "$STOWAGE" --root "$root" ls >/dev/null
+    if [ "$kind" = 10k ]; then
+        python3 - "$root/store/blobs/sha256" <<'PY'
+import hashlib, os, sys
+blobs = sys.argv[1]
+for i in range(10000):
+    data = b"fake blob %d\n" % i
+    path = os.path.join(blobs, hashlib.sha256(data).hexdigest())
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o444)
+PY
+    fi
+    label="check: empty store"
+    [ "$kind" = 10k ] && label="check: store of 10,000 blobs"
+    DOCKER_HOST=$DH "$STOWAGE" --root "$root" check $fit "$pullref" >/dev/null # warms the page cache
+    for i in $(seq "$CHECK_REPS"); do
+        measure "$label" -- env DOCKER_HOST="$DH" "$STOWAGE" --root "$root" check $fit "$pullref"
+    done
+done
+# Where the time goes: without Docker (the registry and the store only), and
+# against the machine's dockerd with its many images.
+for i in $(seq "$CHECK_REPS"); do
+    measure "check: store of 10,000 blobs, Docker not consulted" -- \
+        env DOCKER_HOST=unix://$work/no-docker.sock "$STOWAGE" --root "$work/check-10k" check $fit "$pullref"
+done
+machine_images=$(docker images -aq | wc -l)
+for i in $(seq "$CHECK_REPS"); do
+    measure "check: store of 10,000 blobs, machine's dockerd ($machine_images images)" -- \
+        "$STOWAGE" --root "$work/check-10k" check $fit "$pullref"
+done
+
+# ----------------------------------------------------------------- install
+log "3. install"
+have_install=0
+if "$STOWAGE" help install >/dev/null 2>&1; then have_install=1; fi
+pull_tags=("$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1")
+docker_forget() {
+    docker -H "$DH" rmi -f "${pull_tags[@]}" >/dev/null 2>&1 || true
+    docker -H "$DH" image prune -af >/dev/null
+    if [ -n "$(docker -H "$DH" images -aq)" ]; then
+        log "the private dockerd still holds images"
+        exit 1
+    fi
+}
+docker_pull_all() {
+    for tag in "$@"; do docker -H "$DH" pull -q "$tag" >/dev/null || return 1; done
+}
+export -f docker_pull_all
+export DH
+for tag in "${pull_tags[@]}"; do docker -H "$DH" pull -q "$tag" >/dev/null; done
+docker -H "$DH" save -o "$work/app.tar" "${pull_tags[@]}"
+docker_forget
+if [ "$have_install" = 1 ]; then
+    DOCKER_HOST=$DH "$STOWAGE" --root "$work/install-root" pull $fit "$pullref" >/dev/null
+fi
+watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs")
+for i in $(seq "$REPS"); do
+    if [ "$have_install" = 1 ]; then
+        rm -rf "$work/install-run"
+        cp -a "$work/install-root" "$work/install-run"
+        settle
+        measure "install: stowage install" "${watch[@]}" -- \
+            env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/install-run" install "$pullref"
+        docker_forget
+    fi
+    settle
+    measure "install: docker pull, 3 images one by one" "${watch[@]}" -- \
+        bash -c 'docker_pull_all "$@"' _ "${pull_tags[@]}"
+    docker_forget
+    settle
+    measure "install: docker load of a docker save archive" "${watch[@]}" -- \
+        docker -H "$DH" load -q -i "$work/app.tar"
+    docker_forget
+done
+if [ "$have_install" = 0 ]; then
+    log "SKIPPED stowage install: this stowage has no install verb (the Docker baselines were measured)"
+fi
+
+# ------------------------------------------------------------------ report
+python3 "$repo/scripts/bench/report.py" \
+    --results "$results" \
+    --publish-app "$work/pubapp.json" --pull-app "$work/pullapp.json" \
+    --install "$have_install" \
+    --stowage-commit "$(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src || echo '+changes')" \
+    >"$work/report.md"
+echo
+cat "$work/report.md"
+if [ "${BENCH_WRITE_DOC:-1}" = 1 ]; then
+    python3 "$repo/scripts/bench/report.py" --splice "$repo/docs/benchmarks.md" <"$work/report.md"
+    log "wrote the results into docs/benchmarks.md"
+fi

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Runs one command and measures it, for scripts/bench.sh.
+
+Prints one JSON object on stdout:
+  wall_s            wall-clock seconds from spawn to exit
+  maxrss_kib        peak resident set of the command (and of its largest
+                    descendant), from wait4's rusage, like /usr/bin/time -v
+  dockerd_peak_kib  peak growth of dockerd's resident set over its value at
+                    the start (only with --dockerd-pid): for `docker pull` and
+                    `docker load` the work happens in the engine, not the client
+  disk_peak_bytes   peak growth of the used bytes of the file system holding
+                    --disk PATH over its value at the start, polled by statvfs
+  disk_end_bytes    that growth once the command ended
+The command's stdout and stderr go to --log (default /dev/null). A non-zero
+exit makes this exit non-zero too, after printing the JSON (with "rc").
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+POLL_S = 0.005
+
+
+def used_bytes(path):
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--disk", help="a path on the file system to watch")
+    parser.add_argument("--dockerd-pid", type=int, help="dockerd's pid, to watch its RSS")
+    parser.add_argument("--log", default="/dev/null")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+
+    disk0 = used_bytes(args.disk) if args.disk else 0
+    dockerd0 = rss_kib(args.dockerd_pid) if args.dockerd_pid else 0
+    peaks = {"disk": 0, "dockerd": 0}
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            if args.disk:
+                peaks["disk"] = max(peaks["disk"], used_bytes(args.disk) - disk0)
+            if args.dockerd_pid:
+                peaks["dockerd"] = max(peaks["dockerd"], rss_kib(args.dockerd_pid) - dockerd0)
+            time.sleep(POLL_S)
+
+    poller = None
+    if args.disk or args.dockerd_pid:
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+    with open(args.log, "ab") as log:
+        start = time.monotonic()
+        child = subprocess.Popen(command, stdout=log, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.monotonic() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    if poller:
+        poller.join()
+    result = {
+        "wall_s": round(wall, 4),
+        "maxrss_kib": usage.ru_maxrss,
+        "rc": child.returncode,
+    }
+    if args.dockerd_pid:
+        result["dockerd_peak_kib"] = peaks["dockerd"]
+    if args.disk:
+        result["disk_peak_bytes"] = max(peaks["disk"], used_bytes(args.disk) - disk0)
+        result["disk_end_bytes"] = used_bytes(args.disk) - disk0
+    print(json.dumps(result))
+    sys.exit(0 if child.returncode == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Turns scripts/bench.sh's measurements into a Markdown report.
+
+  report.py --results FILE --publish-app JSON --pull-app JSON --install 0|1
+      prints the report (machine, apps, table, targets) on stdout
+  report.py --splice DOC < REPORT
+      replaces what lies between the results markers of DOC with REPORT
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+BEGIN = "<!-- bench:results:begin -->"
+END = "<!-- bench:results:end -->"
+MIB = 1024 * 1024
+
+
+def sh(*cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+        return out.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    debian = open("/etc/debian_version").read().strip() if os.path.exists("/etc/debian_version") else "?"
+    fs = sh("stat", "-f", "-c", "%T", "/var/tmp")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_kib / MIB:.0f} GiB RAM, "
+        f"Linux {platform.release()}, Debian {debian}; work dir on {fs} (/var/tmp); "
+        f"shared with other jobs, so figures are noisy. "
+        f"{sh('skopeo', '--version')}; docker-registry {sh('docker-registry', '--version').split()[-1] if sh('docker-registry', '--version') != '?' else '?'}; "
+        f"dockerd {sh('docker', 'version', '--format', '{{.Server.Version}}')}"
+    )
+
+
+def app_line(name, path):
+    with open(path) as f:
+        app = json.load(f)
+    parts = []
+    for arch, a in app["architectures"].items():
+        parts.append(
+            f"{a['layers']} layers, {a['download_size'] / 1e6:.0f} MB to download (gzip), "
+            f"{a['usage'] / 1e6:.0f} MB unpacked ({arch})"
+        )
+    return f"- {name}: {len(app['services'])} services; " + "; ".join(parts)
+
+
+def fmt_s(s):
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_kib(k):
+    return f"{k / 1024:.1f} MiB"
+
+
+def report(args):
+    runs = {}
+    order = []
+    with open(args.results) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["case"] not in runs:
+                order.append(r["case"])
+            runs.setdefault(r["case"], []).append(r)
+
+    def median(case):
+        return statistics.median(r["wall_s"] for r in runs[case])
+
+    # Each comparison row is set against the stowage row of its section.
+    reference = {
+        "pull: skopeo copy, 3 images one by one": "pull: stowage pull",
+        "pull: skopeo copy, 3 images at once": "pull: stowage pull",
+        "install: docker pull, 3 images one by one": "install: stowage install",
+        "install: docker load of a docker save archive": "install: stowage install",
+        "check: store of 10,000 blobs": None,
+    }
+    out = []
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    out.append(f"### Run of {now} (stowage {args.stowage_commit})\n")
+    out.append(f"Machine: {machine()}.\n")
+    out.append(app_line("publish app", args.publish_app))
+    out.append(app_line("pull app", args.pull_app))
+    out.append("")
+    out.append(
+        "| case | runs | wall, median | min - max | time vs stowage | peak RSS (max) "
+        "| dockerd RSS growth | peak extra disk |"
+    )
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for case in order:
+        rs = runs[case]
+        walls = [r["wall_s"] for r in rs]
+        ref = reference.get(case)
+        ratio = ""
+        if ref and ref in runs:
+            ratio = f"{median(case) / median(ref):.2f}x"
+        elif case.startswith(("pull: stowage", "install: stowage")):
+            ratio = "1.00x"
+        dockerd = ""
+        disk = ""
+        if "dockerd_peak_kib" in rs[0]:
+            dockerd = fmt_kib(max(r["dockerd_peak_kib"] for r in rs))
+        if "disk_peak_bytes" in rs[0]:
+            disk = f"{max(r['disk_peak_bytes'] for r in rs) / 1e6:.0f} MB"
+        out.append(
+            f"| {case} | {len(rs)} | {fmt_s(median(case))} | {fmt_s(min(walls))} - {fmt_s(max(walls))} "
+            f"| {ratio} | {fmt_kib(max(r['maxrss_kib'] for r in rs))} | {dockerd} | {disk} |"
+        )
+    if not args.install:
+        out.append(
+            "| install: stowage install | - | skipped: this stowage has no `install` verb | | | | | |"
+        )
+    out.append("")
+    out.append("Targets:\n")
+
+    def verdict(ok):
+        return "**met**" if ok else "**missed**"
+
+    def peak(case):
+        return max(r["maxrss_kib"] for r in runs[case])
+
+    for case in ("publish, cold cache", "publish, warm cache"):
+        if case in runs:
+            out.append(f"- {case}: peak RSS {fmt_kib(peak(case))} < 64 MiB: {verdict(peak(case) < 64 * 1024)}")
+    if "pull: stowage pull" in runs:
+        s = median("pull: stowage pull")
+        for other in ("pull: skopeo copy, 3 images one by one", "pull: skopeo copy, 3 images at once"):
+            if other in runs:
+                r = median(other) / s
+                out.append(
+                    f"- stowage pull >= 2x faster than {other[6:]}: {r:.2f}x: {verdict(r >= 2)}"
+                )
+        p = peak("pull: stowage pull")
+        out.append(f"- stowage pull peak RSS {fmt_kib(p)} < 40 MiB: {verdict(p < 40 * 1024)}")
+    if "check: store of 10,000 blobs" in runs:
+        m = median("check: store of 10,000 blobs")
+        out.append(
+            f"- stowage check on a store of 10,000 blobs {fmt_s(m)} (median, whole process, "
+            f"registry and Docker queries included) < 50 ms: {verdict(m < 0.05)}"
+        )
+    if args.install and "install: stowage install" in runs:
+        r = median("install: docker pull, 3 images one by one") / median("install: stowage install")
+        out.append(f"- stowage install >= 2x faster than docker pull: {r:.2f}x: {verdict(r >= 2)}")
+    elif not args.install:
+        out.append("- stowage install >= 2x faster than docker pull: not measured (no `install` verb yet)")
+    return "\n".join(out) + "\n"
+
+
+def splice(doc):
+    body = sys.stdin.read()
+    with open(doc) as f:
+        text = f.read()
+    start = text.index(BEGIN) + len(BEGIN)
+    end = text.index(END)
+    text = text[:start] + "\n" + body + text[end:]
+    with open(doc + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(doc + ".tmp", doc)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--results")
+    parser.add_argument("--publish-app")
+    parser.add_argument("--pull-app")
+    parser.add_argument("--install", type=int, default=0)
+    parser.add_argument("--stowage-commit", default="?")
+    parser.add_argument("--splice")
+    args = parser.parse_args()
+    if args.splice:
+        splice(args.splice)
+    else:
+        sys.stdout.write(report(args))
+
+
+if __name__ == "__main__":
+    main()
