@@ -83,26 +83,14 @@ pub fn publish_app(host: &str, name: &str, tag: &str, services: &[(&str, usize)]
     reference
 }
 
-/// `stowage --root ROOT --insecure-registry HOST --config FILE ...`.
-///
-/// The config file (beside ROOT) sets the watermark to 99%: Docker's data
-/// root is on the machine's disk, which every check counts, and a test
-/// must not fail because that disk is over 80% full. Tests of the policy
-/// give `--watermark` and `--reserve` themselves.
+/// `stowage --root ROOT --insecure-registry HOST ...` (the harness's
+/// `stowage()` sets the watermark to 99%, so that how full the machine's
+/// disk is does not decide a test; policy tests give their own flags).
 pub fn device(root: &Path, host: &str) -> Command {
-    let config = root.with_extension("config.toml");
-    if !config.exists() {
-        if let Some(parent) = config.parent() {
-            std::fs::create_dir_all(parent).expect("create the root's parent");
-        }
-        std::fs::write(&config, "watermark = 99\n").expect("write the test config");
-    }
     let mut cmd = stowage();
     cmd.arg("--root")
         .arg(root)
-        .args(["--insecure-registry", host])
-        .arg("--config")
-        .arg(config);
+        .args(["--insecure-registry", host]);
     cmd
 }
 
