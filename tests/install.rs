@@ -576,7 +576,7 @@ fn a_bundle_that_escapes_its_directory_or_is_too_big_is_refused_and_nothing_is_e
         (
             "bigcompose",
             vec![("docker-compose.yml", Regular, "", big.into_bytes())],
-            "1048576-byte limit",
+            "over the limit of 1048576",
         ),
     ];
 
