@@ -32,7 +32,18 @@ impl LocalImages {
 impl Drop for LocalImages {
     fn drop(&mut self) {
         for tag in self.0.iter().rev() {
-            remove_image(tag);
+            // A busy engine sometimes refuses at first: try again.
+            for _ in 0..3 {
+                remove_image(tag);
+                let left = Command::new("docker")
+                    .args(["image", "inspect", tag])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if !left {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
     }
 }
