@@ -705,16 +705,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let state = Installed::load(&globals.root)?;
             let mut installed_checks = Vec::new();
             if !state.apps.is_empty() {
-                let engine = globals.engine(&args.fit.docker_host).await?;
-                let options = globals.install_options(&args.fit).await?;
-                let device = Device {
-                    root: &globals.root,
-                    store: &store,
-                    engine: &engine,
-                };
-                installed_checks =
-                    install::verify_installed(device, args.repair, &options, progress.as_ref())
+                match globals.engine(&args.fit.docker_host).await {
+                    Ok(engine) => {
+                        let options = globals.install_options(&args.fit).await?;
+                        let device = Device {
+                            root: &globals.root,
+                            store: &store,
+                            engine: &engine,
+                        };
+                        installed_checks = install::verify_installed(
+                            device,
+                            args.repair,
+                            &options,
+                            progress.as_ref(),
+                        )
                         .await?;
+                    }
+                    // The store's verdict still stands; the apps cannot be checked.
+                    Err(e) => {
+                        installed_checks = state
+                            .apps
+                            .iter()
+                            .map(|(name, app)| install::InstalledCheck {
+                                name: name.clone(),
+                                reference: app.reference.clone(),
+                                missing_images: Vec::new(),
+                                directory_damaged: false,
+                                repaired: false,
+                                error: Some(format!("{e:#}")),
+                            })
+                            .collect();
+                    }
+                }
                 clean &= installed_checks.iter().all(|c| c.is_healthy());
             }
             output::fsck(&report, &installed_checks, globals.json)?;
