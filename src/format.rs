@@ -235,21 +235,29 @@ pub struct LayerMeta {
 
 impl LayerMeta {
     /// Disk bytes the unpacked layer takes on a volume with `block_size`
-    /// blocks: the recorded figure for that size, else the next larger
-    /// recorded size (a safe over-estimate), else the plain `usage`.
+    /// blocks (see [`usage_for_block_size`]); the plain `usage` when the
+    /// publisher recorded no per-block-size figures.
     pub fn usage_for_block_size(&self, block_size: u64) -> u64 {
-        if let Some(map) = &self.usage_by_block_size {
-            if let Some(v) = map.get(&block_size) {
-                return *v;
-            }
-            if let Some((_, v)) = map.range(block_size..).next() {
-                return *v;
-            }
-            if let Some((_, v)) = map.iter().next_back() {
-                return (*v).max(self.usage);
-            }
+        match &self.usage_by_block_size {
+            Some(map) if !map.is_empty() => usage_for_block_size(map, block_size),
+            _ => self.usage,
         }
-        self.usage
+    }
+}
+
+/// The recorded usage for `block_size`, or for the next larger recorded
+/// size (a safe over-estimate); above the largest, that figure scaled up by
+/// the ratio of block sizes. 0 for an empty map.
+pub fn usage_for_block_size(map: &BTreeMap<u64, u64>, block_size: u64) -> u64 {
+    if let Some((_, &bytes)) = map.range(block_size..).next() {
+        return bytes;
+    }
+    match map.iter().next_back() {
+        Some((&largest, &bytes)) if largest > 0 => {
+            let scaled = u128::from(bytes) * u128::from(block_size).div_ceil(u128::from(largest));
+            u64::try_from(scaled).unwrap_or(u64::MAX)
+        }
+        _ => 0,
     }
 }
 
@@ -499,7 +507,7 @@ mod tests {
         let back: LayerMeta = serde_json::from_str(&json).unwrap();
         assert_eq!(back, meta);
         assert_eq!(meta.usage_for_block_size(2048), 4096);
-        assert_eq!(meta.usage_for_block_size(131072), 65536);
+        assert_eq!(meta.usage_for_block_size(131072), 131072);
     }
 
     #[test]

@@ -159,7 +159,7 @@ pub struct LayerStats {
 impl LayerStats {
     /// Predicted disk bytes for [`USAGE_BLOCK_SIZE`] (FORMAT.md's `usage`).
     pub fn usage(&self) -> u64 {
-        usage_for_block_size(self, USAGE_BLOCK_SIZE)
+        crate::format::usage_for_block_size(&self.usage_by_block_size, USAGE_BLOCK_SIZE)
     }
 }
 
@@ -175,51 +175,6 @@ pub enum LayerError {
     },
     #[error("could not read the layer: {0}")]
     Read(#[source] io::Error),
-}
-
-/// Anything that holds a layer's predicted usage per block size.
-pub trait UsageByBlockSize {
-    fn usage_by_block_size(&self) -> &BTreeMap<u64, u64>;
-}
-
-impl UsageByBlockSize for LayerStats {
-    fn usage_by_block_size(&self) -> &BTreeMap<u64, u64> {
-        &self.usage_by_block_size
-    }
-}
-
-impl UsageByBlockSize for BTreeMap<u64, u64> {
-    fn usage_by_block_size(&self) -> &BTreeMap<u64, u64> {
-        self
-    }
-}
-
-/// The layer's usage on a file system with `block_size` blocks.
-///
-/// Usage only grows with the block size, so for a size that is not listed the
-/// next larger listed size is taken (a 2048-byte device gets the 4096 figure):
-/// never an underestimate. Beyond the largest listed size, the largest figure
-/// is scaled by the ratio of block sizes, an upper bound (no file takes more
-/// than that many times its blocks). An empty map gives 0: a caller without
-/// figures uses [`fallback_usage`] instead.
-pub fn usage_for_block_size(usage: &impl UsageByBlockSize, block_size: u64) -> u64 {
-    let map = usage.usage_by_block_size();
-    if let Some((_, &bytes)) = map.range(block_size..).next() {
-        return bytes;
-    }
-    match map.iter().next_back() {
-        Some((&largest, &bytes)) if largest > 0 => {
-            let scaled = u128::from(bytes) * u128::from(block_size).div_ceil(u128::from(largest));
-            u64::try_from(scaled).unwrap_or(u64::MAX)
-        }
-        _ => 0,
-    }
-}
-
-/// What FORMAT.md tells readers to assume for a layer without figures:
-/// five times its download size.
-pub fn fallback_usage(archive_size: u64) -> u64 {
-    archive_size.saturating_mul(5)
 }
 
 /// Reads `blob` once and returns what it downloads, unpacks to and costs.
@@ -761,6 +716,7 @@ mod tests {
     #[test]
     fn usage_for_an_unlisted_block_size_never_underestimates() {
         let map = BTreeMap::from([(1024, 100), (4096, 200), (16384, 400), (65536, 900)]);
+        use crate::format::{fallback_usage, usage_for_block_size};
         assert_eq!(usage_for_block_size(&map, 4096), 200);
         assert_eq!(usage_for_block_size(&map, 2048), 200);
         assert_eq!(usage_for_block_size(&map, 512), 100);

@@ -614,11 +614,7 @@ async fn analyse_layer(
     }
     let meta = LayerMeta {
         size: stats.size,
-        usage: stats
-            .usage_by_block_size
-            .get(&format::DEFAULT_BLOCK_SIZE)
-            .copied()
-            .unwrap_or(0),
+        usage: stats.usage(),
         archive_size: stats.archive_size,
         diff_id: Some(stats.diff_id.clone()),
         tar_size: Some(stats.tar_size),
