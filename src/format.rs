@@ -107,6 +107,10 @@ pub struct Descriptor {
     pub platform: Option<Platform>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Every other field (urls, artifactType, ...), kept verbatim so that a
+    /// descriptor read and written again (in `index.json`) loses nothing.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Descriptor {
@@ -117,7 +121,13 @@ impl Descriptor {
             size,
             platform: None,
             annotations: BTreeMap::new(),
+            extra: serde_json::Map::new(),
         }
+    }
+
+    /// The ref name of an `index.json` entry, if it has one.
+    pub fn ref_name(&self) -> Option<&str> {
+        self.annotations.get(REF_NAME).map(String::as_str)
     }
 
     pub fn of(media_type: &str, bytes: &[u8]) -> Descriptor {

@@ -8,13 +8,10 @@
 //! entry written by another tool survives our rewrites. The file is only ever
 //! replaced whole, atomically and durably.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-
-use crate::Digest;
 
 pub const OCI_LAYOUT_FILE: &str = "oci-layout";
 pub const INDEX_FILE: &str = "index.json";
@@ -43,38 +40,8 @@ pub fn is_manifest_media_type(media_type: &str) -> bool {
     )
 }
 
-/// An OCI content descriptor.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Descriptor {
-    #[serde(rename = "mediaType")]
-    pub media_type: String,
-    pub digest: Digest,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-    /// Every other field (platform, urls, artifactType, ...), kept verbatim.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-impl Descriptor {
-    pub fn new(media_type: &str, digest: Digest, size: u64) -> Descriptor {
-        Descriptor {
-            media_type: media_type.to_string(),
-            digest,
-            size,
-            annotations: BTreeMap::new(),
-            extra: Map::new(),
-        }
-    }
-
-    /// The ref name of an `index.json` entry, if it has one.
-    pub fn ref_name(&self) -> Option<&str> {
-        self.annotations
-            .get(REF_NAME_ANNOTATION)
-            .map(String::as_str)
-    }
-}
+/// Descriptors are the wire format's, which keeps unknown fields verbatim.
+pub use crate::format::Descriptor;
 
 /// A named entry of `index.json`.
 #[derive(Clone, Debug, PartialEq)]
