@@ -358,27 +358,47 @@ pub async fn fetch_app(
         });
     }
 
+    // Each service's manifest and config, all services at once: on a
+    // device the check's time is mostly these round trips.
+    let fetches = services.into_iter().map(|(service, pinned_image)| {
+        let what = &what;
+        let arch = &arch;
+        async move {
+            let image: ImageRef = pinned_image
+                .parse()
+                .with_context(|| format!("service {service} of {what}"))?;
+            if image.digest.is_none() {
+                bail!("service {service} of {what}: image {image} is not pinned by digest");
+            }
+            let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, arch)
+                .await
+                .with_context(|| format!("service {service} of {what}"))?;
+            let config_bytes = client
+                .get_blob(
+                    &image,
+                    &image_manifest.config.digest,
+                    image_manifest.config.size,
+                    format::MANIFEST_CAP,
+                )
+                .await
+                .with_context(|| format!("the config of image {image} (service {service})"))?;
+            anyhow::Ok((
+                service,
+                pinned_image,
+                image,
+                manifest_blob,
+                image_manifest,
+                config_bytes,
+            ))
+        }
+    });
+    let fetched_images = futures_util::future::try_join_all(fetches).await?;
+
     let mut images = Vec::new();
     let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
-    for (service, pinned_image) in services {
-        let image: ImageRef = pinned_image
-            .parse()
-            .with_context(|| format!("service {service} of {what}"))?;
-        if image.digest.is_none() {
-            bail!("service {service} of {what}: image {image} is not pinned by digest");
-        }
-        let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, &arch)
-            .await
-            .with_context(|| format!("service {service} of {what}"))?;
-        let config_bytes = client
-            .get_blob(
-                &image,
-                &image_manifest.config.digest,
-                image_manifest.config.size,
-                format::MANIFEST_CAP,
-            )
-            .await
-            .with_context(|| format!("the config of image {image} (service {service})"))?;
+    for (service, pinned_image, image, manifest_blob, image_manifest, config_bytes) in
+        fetched_images
+    {
         let config: ImageConfig = format::parse_json(&config_bytes, &format!("config of {image}"))?;
         if !config.architecture.is_empty() && config.architecture != arch.architecture {
             bail!(
