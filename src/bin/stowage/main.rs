@@ -868,7 +868,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Command::Status => match stowage::agent::read_status(&globals.root)? {
-            Some(status) => output::status(&status, globals.json)?,
+            Some(mut status) => {
+                // What runs now, even when a `stowage update` ran after the agent.
+                status.apps = stowage::update::StateFiles::under(&globals.root)
+                    .device()?
+                    .running;
+                output::status(&status, globals.json)?
+            }
             None => {
                 let state = stowage::update::StateFiles::under(&globals.root).device()?;
                 output::device_state(&state, globals.json)?;
