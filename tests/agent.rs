@@ -109,7 +109,11 @@ fn publish_target(host: &str, at: &str, apps: &[&str]) -> String {
 /// One poll of the agent. The test machine's disk is shared and may be
 /// fuller than the default 80% watermark allows, so the policy is given.
 fn agent_once(root: &Path, host: &str, target: &str, watermark: &str) -> Output {
-    run_output(&mut device(
+    run_output(&mut agent_once_command(root, host, target, watermark))
+}
+
+fn agent_once_command(root: &Path, host: &str, target: &str, watermark: &str) -> Command {
+    device(
         root,
         host,
         &[
@@ -124,7 +128,7 @@ fn agent_once(root: &Path, host: &str, target: &str, watermark: &str) -> Output 
             "--verify-timeout",
             "60",
         ],
-    ))
+    )
 }
 
 fn status(root: &Path, host: &str) -> Value {
@@ -244,8 +248,25 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     let t2 = publish_target(&host, &target, &[&v2]);
     assert_ne!(t1, t2);
     let before = blob_downloads(&registry, &format!("/{name}/web/"));
-    let out = agent_once(root.path(), &host, &target, "99");
+    // Run as the systemd unit runs it: stderr to journald, info logs.
+    let out = run_output(
+        agent_once_command(root.path(), &host, &target, "99")
+            .env("JOURNAL_STREAM", "8:4242")
+            .env("STOWAGE_LOG", "info"),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", say(&out));
+    // journald gets plain lines: no colour codes, no second timestamp.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with(" INFO") && l.contains("applying target")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with("committed: running")),
+        "{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "{log}");
     let st = status(root.path(), &host);
     assert_eq!(st["last_result"], "committed", "{st}");
     assert_eq!(st["target_digest"], t2.as_str(), "{st}");
