@@ -271,6 +271,8 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     assert_eq!(st["last_result"], "committed", "{st}");
     assert_eq!(st["target_digest"], t2.as_str(), "{st}");
     assert_eq!(st["apps"][&name], v2.as_str(), "{st}");
+    // The last check's figures: only web's new layer was missing.
+    assert_eq!(st["last_check"]["apps"][0]["layers_missing"], 1, "{st}");
     assert!(
         blob_downloads(&registry, &format!("/{name}/web/")) > before,
         "version 2's new layer was downloaded (the log counts downloads)"

@@ -433,6 +433,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
             assert!(out.status.success(), "{why}, then: {}", say(&out));
             current = whole_version(&format!("{why}, then an update to {}", other.label));
             flips += 1;
+            println!("  then updated to {} uninterrupted", other.label);
         }
     }
     println!(
