@@ -19,7 +19,7 @@ use crate::fsutil::write_atomic;
 use crate::reference::ImageRef;
 use crate::registry::RegistryClient;
 use crate::target::fetch_target;
-use crate::update::{self, AppSet, DeviceOps, Outcome, StateFiles, UpdateOptions};
+use crate::update::{self, AppSet, DeviceOps, Outcome, StateFiles, UpdateEvent, UpdateOptions};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -136,7 +136,19 @@ async fn poll_once(
         }
     }
     tracing::info!("applying target {}", target.reference);
-    match update::update(device, files, target.apps.clone(), &options.update).await {
+    let recording = RecordingCheck {
+        device,
+        check: std::sync::Mutex::new(None),
+    };
+    let outcome = update::update(&recording, files, target.apps.clone(), &options.update).await;
+    if let Some(check) = recording
+        .check
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+    {
+        status.last_check = Some(check);
+    }
+    match outcome {
         Ok(Outcome::Committed) | Ok(Outcome::Unchanged) => {
             status.last_result = "committed".into();
             status.last_error = None;
@@ -162,6 +174,39 @@ async fn poll_once(
             Err(e) => failed(status, "failed", e, options.interval),
         },
         Err(e) => failed(status, "failed", e, options.interval),
+    }
+}
+
+/// The device, keeping the figures of the update's fit check for the status.
+struct RecordingCheck<'a, D> {
+    device: &'a D,
+    check: std::sync::Mutex<Option<serde_json::Value>>,
+}
+
+impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
+    async fn pull(&self, to: &AppSet) -> Result<serde_json::Value> {
+        self.device.pull(to).await
+    }
+    async fn install(&self, reference: &str) -> Result<()> {
+        self.device.install(reference).await
+    }
+    async fn start(&self, name: &str, reference: &str) -> Result<()> {
+        self.device.start(name, reference).await
+    }
+    async fn stop(&self, name: &str) -> Result<()> {
+        self.device.stop(name).await
+    }
+    async fn verify(&self, name: &str, timeout: Duration) -> Result<()> {
+        self.device.verify(name, timeout).await
+    }
+    async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value> {
+        self.device.prune(keep).await
+    }
+    fn event(&self, event: UpdateEvent) {
+        if let UpdateEvent::Check { report } = &event {
+            *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        }
+        self.device.event(event);
     }
 }
 

@@ -402,8 +402,9 @@ async fn roll_back(
 
 /// Finishes or rolls back an update a crash interrupted. Before `stopping`
 /// nothing that ran was touched: the update is simply dropped (the previous
-/// apps are started again in case the crash took them down). From
-/// `stopping` on it is rolled back.
+/// apps are started again in case the crash took them down). An update
+/// whose commit was written (the device state names the new apps) is
+/// finished. Otherwise, from `stopping` on, it is rolled back.
 pub async fn recover(
     device: &impl DeviceOps,
     files: &StateFiles,
@@ -417,6 +418,20 @@ pub async fn recover(
         from: journal.from.clone(),
         to: journal.to.clone(),
     });
+    // The commit writes the device state, then removes the journal: a crash
+    // between the two leaves a verified update that only needs the journal
+    // gone. (A rollback writes the state with the old apps, never the new.)
+    let state = files.device()?;
+    if journal.phase == Phase::Verifying
+        && journal.to != journal.from
+        && state.running == journal.to
+    {
+        files.clear_journal()?;
+        device.event(UpdateEvent::Committed {
+            running: journal.to.clone(),
+        });
+        return Ok(());
+    }
     if journal.phase < Phase::Stopping {
         for (name, reference) in &journal.from {
             device.install(reference).await?;
@@ -608,6 +623,34 @@ mod tests {
         let log = device.log.lock().unwrap().clone();
         assert!(!log.iter().any(|l| l.starts_with("stop")), "{log:?}");
         assert_eq!(files.device().unwrap().running, set(&[("shop", "v1")]));
+    }
+
+    #[tokio::test]
+    async fn an_update_interrupted_after_its_commit_was_written_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        files
+            .write_device(&DeviceState {
+                running: set(&[("shop", "v2")]),
+                previous: set(&[("shop", "v1")]),
+            })
+            .unwrap();
+        files
+            .write_journal(&Journal {
+                phase: Phase::Verifying,
+                from: set(&[("shop", "v1")]),
+                to: set(&[("shop", "v2")]),
+                error: None,
+            })
+            .unwrap();
+        let device = FakeDevice::default();
+        recover(&device, &files, &options()).await.unwrap();
+        assert!(files.journal().unwrap().is_none());
+        let state = files.device().unwrap();
+        assert_eq!(state.running, set(&[("shop", "v2")]));
+        assert_eq!(state.previous, set(&[("shop", "v1")]));
+        // Nothing was stopped or started again.
+        assert!(device.log.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

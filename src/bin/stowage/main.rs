@@ -532,10 +532,19 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
+    // Under systemd, stderr goes to journald, which stamps every line itself
+    // and shows colour codes as raw bytes: plain lines without a time there.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(ansi);
+    let _ = if journald {
+        logger.without_time().try_init()
+    } else {
+        logger.try_init()
+    };
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -906,7 +915,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Command::Status => match stowage::agent::read_status(&globals.root)? {
-            Some(status) => output::status(&status, globals.json)?,
+            Some(mut status) => {
+                // What runs now, even when a `stowage update` ran after the agent.
+                status.apps = stowage::update::StateFiles::under(&globals.root)
+                    .device()?
+                    .running;
+                output::status(&status, globals.json)?
+            }
             None => {
                 let state = stowage::update::StateFiles::under(&globals.root).device()?;
                 output::device_state(&state, globals.json)?;
