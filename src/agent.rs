@@ -202,6 +202,9 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value> {
         self.device.prune(keep).await
     }
+    async fn installed(&self) -> Result<AppSet> {
+        self.device.installed().await
+    }
     fn event(&self, event: UpdateEvent) {
         if let UpdateEvent::Check { report } = &event {
             *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
