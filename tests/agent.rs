@@ -9,61 +9,6 @@ use std::process::{Command, Output};
 use common::*;
 use serde_json::Value;
 
-/// Removes the app's containers and every image stowage loaded for it.
-struct Cleanup {
-    project: String,
-    repo_prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=com.docker.compose.project={}", self.project),
-            ])
-            .output();
-        if let Ok(out) = ids {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("docker").args(["rm", "-f", id]).output();
-            }
-        }
-        let _ = Command::new("docker")
-            .args(["network", "rm", &format!("{}_default", self.project)])
-            .output();
-        if let Ok(out) = Command::new("docker")
-            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
-            .output()
-        {
-            for image in String::from_utf8_lossy(&out.stdout).lines() {
-                if image.starts_with(&self.repo_prefix) {
-                    let _ = Command::new("docker").args(["rmi", image]).output();
-                }
-            }
-        }
-    }
-}
-
-fn device(root: &Path, registry_host: &str, args: &[&str]) -> Command {
-    let mut cmd = stowage();
-    cmd.arg("--root")
-        .arg(root)
-        .args(["--insecure-registry", registry_host])
-        .args(args);
-    cmd
-}
-
-fn say(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Publishes `compose` (a docker-compose.yml) as version `version` of app
 /// `name`; returns its pinned reference.
 fn publish_app(registry: &Registry, name: &str, version: &str, compose: &str) -> String {
@@ -113,7 +58,7 @@ fn agent_once(root: &Path, host: &str, target: &str, watermark: &str) -> Output 
 }
 
 fn agent_once_command(root: &Path, host: &str, target: &str, watermark: &str) -> Command {
-    device(
+    stowage_on(
         root,
         host,
         &[
@@ -132,20 +77,7 @@ fn agent_once_command(root: &Path, host: &str, target: &str, watermark: &str) ->
 }
 
 fn status(root: &Path, host: &str) -> Value {
-    serde_json::from_str(&run_ok(&mut device(root, host, &["--json", "status"]))).unwrap()
-}
-
-fn running_images(project: &str) -> Vec<String> {
-    let out = run_ok(Command::new("docker").args([
-        "ps",
-        "--filter",
-        &format!("label=com.docker.compose.project={project}"),
-        "--format",
-        "{{.Image}} {{.State}}",
-    ]));
-    let mut images: Vec<String> = out.lines().map(str::to_string).collect();
-    images.sort();
-    images
+    serde_json::from_str(&run_ok(&mut stowage_on(root, host, &["--json", "status"]))).unwrap()
 }
 
 /// The blobs the registry served whose request path contains `part`,
@@ -196,7 +128,7 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     let registry = Registry::start();
     let name = unique("agent");
     let host = registry.host();
-    let _cleanup = Cleanup {
+    let _cleanup = AppCleanup {
         project: name.clone(),
         repo_prefix: format!("{host}/{name}/"),
     };
@@ -314,7 +246,7 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
         "{st}"
     );
     assert_eq!(running_images(&name), images);
-    let out = run_ok(&mut device(root.path(), &host, &["fsck"]));
+    let out = run_ok(&mut stowage_on(root.path(), &host, &["fsck"]));
     assert!(out.contains("clean"), "{out}");
     assert!(!root.path().join("state/journal.json").exists());
 }
@@ -325,7 +257,7 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
     let registry = Registry::start();
     let name = unique("agentspace");
     let host = registry.host();
-    let _cleanup = Cleanup {
+    let _cleanup = AppCleanup {
         project: name.clone(),
         repo_prefix: format!("{host}/{name}/"),
     };
@@ -425,7 +357,7 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
         images.iter().any(|i| i.contains("/web:stowage-")),
         "{images:?}"
     );
-    let out = run_ok(&mut device(&root, &host, &["fsck"]));
+    let out = run_ok(&mut stowage_on(&root, &host, &["fsck"]));
     assert!(out.contains("clean"), "{out}");
     // Stop the app before the volume holding its bundle is unmounted.
     drop(_cleanup);

@@ -3,57 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
-
-/// Removes the app's containers and every image stowage loaded for it.
-struct Cleanup {
-    project: String,
-    repo_prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=com.docker.compose.project={}", self.project),
-            ])
-            .output();
-        if let Ok(out) = ids {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("docker").args(["rm", "-f", id]).output();
-            }
-        }
-        let _ = Command::new("docker")
-            .args(["network", "rm", &format!("{}_default", self.project)])
-            .output();
-        if let Ok(out) = Command::new("docker")
-            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
-            .output()
-        {
-            for image in String::from_utf8_lossy(&out.stdout).lines() {
-                if image.starts_with(&self.repo_prefix) {
-                    let _ = Command::new("docker").args(["rmi", image]).output();
-                }
-            }
-        }
-    }
-}
-
-fn device(root: &Path, registry_host: &str, args: &[&str]) -> Command {
-    let mut cmd = stowage();
-    cmd.arg("--root")
-        .arg(root)
-        .args(["--insecure-registry", registry_host])
-        .args(args);
-    cmd
-}
 
 fn events(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -96,24 +49,13 @@ fn publish_version(
         .to_string()
 }
 
-fn running_images(project: &str) -> Vec<String> {
-    let out = run_ok(Command::new("docker").args([
-        "ps",
-        "--filter",
-        &format!("label=com.docker.compose.project={project}"),
-        "--format",
-        "{{.Image}} {{.State}}",
-    ]));
-    out.lines().map(str::to_string).collect()
-}
-
 #[test]
 fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     ensure_dockerd();
     let mut registry = Registry::start();
     let name = unique("upd");
     let host = registry.host();
-    let _cleanup = Cleanup {
+    let _cleanup = AppCleanup {
         project: name.clone(),
         repo_prefix: format!("{host}/{name}/"),
     };
@@ -157,7 +99,7 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     let root = temp_dir("root-");
 
     // Version 1 from nothing.
-    let out = run_output(&mut device(
+    let out = run_output(&mut stowage_on(
         root.path(),
         &host,
         &["--json", "update", "--verify-timeout", "60", &v1],
@@ -177,7 +119,7 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     );
 
     // Version 2 shares the base: only web's new layer is downloaded.
-    let out = run_output(&mut device(
+    let out = run_output(&mut stowage_on(
         root.path(),
         &host,
         &["--json", "update", "--verify-timeout", "60", &v2],
@@ -213,7 +155,7 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     );
 
     // Both stores keep version 2 and the rollback copy of version 1.
-    let state: Value = serde_json::from_str(&run_ok(&mut device(
+    let state: Value = serde_json::from_str(&run_ok(&mut stowage_on(
         root.path(),
         &host,
         &["--json", "status"],
@@ -221,8 +163,12 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     .unwrap();
     assert_eq!(state["running"][&name], v2, "{state}");
     assert_eq!(state["previous"][&name], v1, "{state}");
-    let listed: Value =
-        serde_json::from_str(&run_ok(&mut device(root.path(), &host, &["--json", "ls"]))).unwrap();
+    let listed: Value = serde_json::from_str(&run_ok(&mut stowage_on(
+        root.path(),
+        &host,
+        &["--json", "ls"],
+    )))
+    .unwrap();
     let refs: Vec<&str> = listed
         .as_array()
         .unwrap()
@@ -233,14 +179,14 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
         refs.contains(&v1.as_str()) && refs.contains(&v2.as_str()),
         "{refs:?}"
     );
-    let out = run_ok(&mut device(root.path(), &host, &["fsck"]));
+    let out = run_ok(&mut stowage_on(root.path(), &host, &["fsck"]));
     assert!(out.contains("clean"), "{out}");
 
     // Version 3's web exits at once: fetched while the registry is up, then
     // applied with the registry stopped; it rolls back to version 2.
-    run_ok(&mut device(root.path(), &host, &["pull", &v3]));
+    run_ok(&mut stowage_on(root.path(), &host, &["pull", &v3]));
     registry.stop();
-    let out = run_output(&mut device(
+    let out = run_output(&mut stowage_on(
         root.path(),
         &host,
         &["--json", "update", "--verify-timeout", "30", &v3],
@@ -262,7 +208,7 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     );
     let result = ev.iter().find(|e| e["event"] == "result").unwrap();
     assert_eq!(result["result"], "rolled_back");
-    let state: Value = serde_json::from_str(&run_ok(&mut device(
+    let state: Value = serde_json::from_str(&run_ok(&mut stowage_on(
         root.path(),
         &host,
         &["--json", "status"],
@@ -280,7 +226,7 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
     let registry = Registry::start();
     let name = unique("nofit");
     let host = registry.host();
-    let _cleanup = Cleanup {
+    let _cleanup = AppCleanup {
         project: name.clone(),
         repo_prefix: format!("{host}/{name}/"),
     };
@@ -297,7 +243,7 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
         sleep,
     );
     let root = temp_dir("root-");
-    run_ok(&mut device(
+    run_ok(&mut stowage_on(
         root.path(),
         &host,
         &["update", "--verify-timeout", "60", &v1],
@@ -312,7 +258,7 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
         &format!("{host}/{name}/base:1"),
         "[\"sleep\", \"7200\"]",
     );
-    let out = run_output(&mut device(
+    let out = run_output(&mut stowage_on(
         root.path(),
         &host,
         &["update", "--reserve", "100T", &v1_again],
@@ -325,7 +271,7 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("DOES NOT FIT"));
     assert_eq!(running_images(&name), before);
-    let state: Value = serde_json::from_str(&run_ok(&mut device(
+    let state: Value = serde_json::from_str(&run_ok(&mut stowage_on(
         root.path(),
         &host,
         &["--json", "status"],
@@ -340,7 +286,7 @@ fn offline_update_from_an_export_with_the_registry_stopped() {
     let mut registry = Registry::start();
     let name = unique("offline");
     let host = registry.host();
-    let _cleanup = Cleanup {
+    let _cleanup = AppCleanup {
         project: name.clone(),
         repo_prefix: format!("{host}/{name}/"),
     };
@@ -358,10 +304,10 @@ fn offline_update_from_an_export_with_the_registry_stopped() {
 
     // Export on one root...
     let online = temp_dir("root-");
-    run_ok(&mut device(online.path(), &host, &["pull", &v1]));
+    run_ok(&mut stowage_on(online.path(), &host, &["pull", &v1]));
     let media = temp_dir("usb-");
     let usb = media.path().join("apps");
-    let out = run_ok(&mut device(
+    let out = run_ok(&mut stowage_on(
         online.path(),
         &host,
         &["export", &name, usb.to_str().unwrap()],
@@ -372,15 +318,19 @@ fn offline_update_from_an_export_with_the_registry_stopped() {
     // ...pull from it into another with no registry...
     let other = temp_dir("root-");
     let source = format!("oci:{}", usb.display());
-    run_ok(&mut device(other.path(), &host, &["pull", &source]));
-    let listed: Value =
-        serde_json::from_str(&run_ok(&mut device(other.path(), &host, &["--json", "ls"]))).unwrap();
+    run_ok(&mut stowage_on(other.path(), &host, &["pull", &source]));
+    let listed: Value = serde_json::from_str(&run_ok(&mut stowage_on(
+        other.path(),
+        &host,
+        &["--json", "ls"],
+    )))
+    .unwrap();
     assert_eq!(listed[0]["reference"], v1.as_str());
     assert_eq!(listed[0]["state"], "fetched");
 
     // ...and update a third one from it, which then runs the app.
     let device_root = temp_dir("root-");
-    let out = run_output(&mut device(
+    let out = run_output(&mut stowage_on(
         device_root.path(),
         &host,
         &[
@@ -397,11 +347,11 @@ fn offline_update_from_an_export_with_the_registry_stopped() {
     );
     let images = running_images(&name);
     assert_eq!(images.len(), 2, "{images:?}");
-    let out = run_ok(&mut device(device_root.path(), &host, &["fsck"]));
+    let out = run_ok(&mut stowage_on(device_root.path(), &host, &["fsck"]));
     assert!(out.contains("clean"), "{out}");
 
     // A directory that is not an export is refused clearly.
-    let out = run_fails(&mut device(
+    let out = run_fails(&mut stowage_on(
         device_root.path(),
         &host,
         &["pull", &format!("oci:{}", media.path().display())],

@@ -26,43 +26,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// Removes the app's containers and every image stowage loaded for it.
-struct Cleanup {
-    project: String,
-    repo_prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=com.docker.compose.project={}", self.project),
-            ])
-            .output();
-        if let Ok(out) = ids {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("docker").args(["rm", "-f", id]).output();
-            }
-        }
-        let _ = Command::new("docker")
-            .args(["network", "rm", &format!("{}_default", self.project)])
-            .output();
-        if let Ok(out) = Command::new("docker")
-            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
-            .output()
-        {
-            for image in String::from_utf8_lossy(&out.stdout).lines() {
-                if image.starts_with(&self.repo_prefix) {
-                    let _ = Command::new("docker").args(["rmi", image]).output();
-                }
-            }
-        }
-    }
-}
-
 /// A seeded, reproducible RNG (SplitMix64).
 struct Rng(u64);
 
@@ -78,15 +41,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-}
-
-fn say(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// One version of the app: its pinned reference and the local image tag
@@ -188,7 +142,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
     let registry = Registry::start();
     let name = unique("kill");
     let host = registry.host();
-    let _cleanup = Cleanup {
+    let _cleanup = AppCleanup {
         project: name.clone(),
         repo_prefix: format!("{host}/{name}/"),
     };

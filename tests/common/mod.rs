@@ -12,11 +12,13 @@
 //! says why.
 #![allow(dead_code, unused_imports)]
 
+mod apps;
 mod dockerd;
 mod images;
 mod registry;
 mod volumes;
 
+pub use apps::{AppCleanup, running_images, say, stowage_on};
 pub use dockerd::{PrivateDockerd, ensure_dockerd};
 pub use images::{
     build_image, busybox_image, many_files_image, push_image, push_multiarch, remove_image,
