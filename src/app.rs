@@ -258,42 +258,47 @@ pub async fn fetch_app(
         bytes: fetched.bytes.clone(),
     }];
 
+    // The app's own blobs, all at once: the check's time on a device is
+    // mostly round trips.
     let config_desc = manifest.config.clone();
-    let config = client
-        .get_blob(
-            &pinned,
-            &config_desc.digest,
-            config_desc.size,
+    let bundle_desc = manifest.bundle().clone();
+    let index_desc = manifest.bundle_index(&what)?;
+    let meta_desc = manifest.layers_meta().cloned();
+    let layer_index_desc = manifest.layer_index_for(architecture).cloned();
+    let blob = |d: Descriptor, cap: u64, part: String| {
+        let (pinned, what) = (&pinned, &what);
+        async move {
+            client
+                .get_blob(pinned, &d.digest, d.size, cap)
+                .await
+                .with_context(|| format!("the {part} of {what}"))
+        }
+    };
+    let optional = |d: Option<Descriptor>, part: String| async move {
+        match d {
+            Some(d) => blob(d, format::MANIFEST_CAP, part).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (config, bundle, index, meta_bytes, layer_index_bytes) = tokio::try_join!(
+        blob(config_desc.clone(), format::MANIFEST_CAP, "config".into()),
+        blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()),
+        blob(
+            index_desc.clone(),
             format::MANIFEST_CAP,
-        )
-        .await
-        .with_context(|| format!("the config of {what}"))?;
+            "bundle index".into()
+        ),
+        optional(meta_desc.clone(), "layers-meta".into()),
+        optional(
+            layer_index_desc.clone(),
+            format!("{architecture} layer index")
+        ),
+    )?;
     meta_blobs.push(MetaBlob {
         what: "app config".into(),
         descriptor: config_desc,
         bytes: config,
     });
-
-    let bundle_desc = manifest.bundle().clone();
-    let bundle = client
-        .get_blob(
-            &pinned,
-            &bundle_desc.digest,
-            bundle_desc.size,
-            BUNDLE_MEMORY_CAP,
-        )
-        .await
-        .with_context(|| format!("the bundle of {what}"))?;
-    let index_desc = manifest.bundle_index(&what)?;
-    let index = client
-        .get_blob(
-            &pinned,
-            &index_desc.digest,
-            index_desc.size,
-            format::MANIFEST_CAP,
-        )
-        .await
-        .with_context(|| format!("the bundle index of {what}"))?;
     format::parse_bundle_index(&index)?;
     let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
         bundle.as_slice(),
@@ -317,16 +322,7 @@ pub async fn fetch_app(
     });
 
     let mut arch_meta: Option<ArchLayers> = None;
-    if let Some(meta_desc) = manifest.layers_meta().cloned() {
-        let bytes = client
-            .get_blob(
-                &pinned,
-                &meta_desc.digest,
-                meta_desc.size,
-                format::MANIFEST_CAP,
-            )
-            .await
-            .with_context(|| format!("the layers-meta of {what}"))?;
+    if let (Some(meta_desc), Some(bytes)) = (meta_desc, meta_bytes) {
         let mut all = format::parse_layers_meta(&bytes)?;
         if !all.contains_key(architecture) {
             bail!(
@@ -341,16 +337,7 @@ pub async fn fetch_app(
             bytes,
         });
     }
-    if let Some(index_desc) = manifest.layer_index_for(architecture).cloned() {
-        let bytes = client
-            .get_blob(
-                &pinned,
-                &index_desc.digest,
-                index_desc.size,
-                format::MANIFEST_CAP,
-            )
-            .await
-            .with_context(|| format!("the {architecture} layer index of {what}"))?;
+    if let (Some(index_desc), Some(bytes)) = (layer_index_desc, layer_index_bytes) {
         meta_blobs.push(MetaBlob {
             what: format!("layer index {architecture}"),
             descriptor: index_desc,
