@@ -585,3 +585,59 @@ fn dry_run_pushes_nothing() {
     assert!(out.contains("dry run"), "{out}");
     assert_no_manifest(&registry, &format!("{name}/app"), "v1");
 }
+
+/// The yardstick: the `usage` publish predicts is within 2% of the
+/// real growth of a fresh Docker data root (overlay2 on ext4, 4096-byte
+/// blocks) when the app's image, of over 1,000 files, is PULLED into it.
+#[test]
+fn predicted_usage_matches_a_real_docker_pull_within_two_percent() {
+    let registry = Registry::start();
+    let name = unique("usage");
+    let base = format!("{name}-base:1");
+    busybox_image(&base);
+    let local = format!("{name}-files:1");
+    many_files_image(&local, &base, 1200, 7);
+    let image = format!("{}/{name}/files:1", registry.host());
+    push_image(&local, &image);
+    remove_image(&local);
+    let app = temp_dir("app-");
+    write_app(
+        app.path(),
+        &format!("services:\n  files:\n    image: {image}\n"),
+    );
+    let reference = last_line(&run_ok(&mut publish(
+        &registry,
+        app.path(),
+        &format!("{}/{name}/app:1", registry.host()),
+        &[],
+    )));
+    let mut inspect = stowage();
+    inspect.args([
+        "inspect",
+        "--json",
+        "--insecure-registry",
+        &registry.host(),
+        &reference,
+    ]);
+    let description: Value = serde_json::from_str(&run_ok(&mut inspect)).unwrap();
+    let predicted = description["architectures"]["amd64"]["usage"]
+        .as_u64()
+        .unwrap();
+
+    let volume = LoopVolume::new(1024);
+    let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
+    run_ok(&mut Command::new("sync"));
+    let before = volume.stats().used_bytes();
+    run_ok(dockerd.docker().args(["pull", &image]));
+    run_ok(&mut Command::new("sync"));
+    let after = volume.stats().used_bytes();
+    let grown = after - before;
+    let error = (predicted as f64 - grown as f64).abs() / grown as f64;
+    eprintln!(
+        "predicted usage {predicted} bytes, real growth {grown} bytes ({:.3}% off)",
+        error * 100.0
+    );
+    assert!(error <= 0.02, "predicted {predicted}, grew {grown}");
+    drop(dockerd);
+    remove_image(&base);
+}
