@@ -226,7 +226,7 @@ struct DfArgs {
 #[derive(Args, Clone)]
 struct FitArgs {
     /// An update may fill each volume up to this percentage (20-99) [default: 80]
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(20..=99))]
     watermark: Option<u8>,
     /// Bytes always kept free on each volume, e.g. 512M [default: 0]
     #[arg(long, value_name = "SIZE")]
