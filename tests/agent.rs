@@ -128,10 +128,7 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     let registry = Registry::start();
     let name = unique("agent");
     let host = registry.host();
-    let _cleanup = AppCleanup {
-        project: name.clone(),
-        repo_prefix: format!("{host}/{name}/"),
-    };
+    let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
     busybox_image(&base_local);
     let base = format!("{host}/{name}/base:1");
@@ -257,10 +254,7 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
     let registry = Registry::start();
     let name = unique("agentspace");
     let host = registry.host();
-    let _cleanup = AppCleanup {
-        project: name.clone(),
-        repo_prefix: format!("{host}/{name}/"),
-    };
+    let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
     busybox_image(&base_local);
     let base = format!("{host}/{name}/base:1");

@@ -55,10 +55,7 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     let mut registry = Registry::start();
     let name = unique("upd");
     let host = registry.host();
-    let _cleanup = AppCleanup {
-        project: name.clone(),
-        repo_prefix: format!("{host}/{name}/"),
-    };
+    let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
     busybox_image(&base_local);
     push_image(&base_local, &format!("{host}/{name}/base:1"));
@@ -226,10 +223,7 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
     let registry = Registry::start();
     let name = unique("nofit");
     let host = registry.host();
-    let _cleanup = AppCleanup {
-        project: name.clone(),
-        repo_prefix: format!("{host}/{name}/"),
-    };
+    let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
     busybox_image(&base_local);
     push_image(&base_local, &format!("{host}/{name}/base:1"));
@@ -286,10 +280,7 @@ fn offline_update_from_an_export_with_the_registry_stopped() {
     let mut registry = Registry::start();
     let name = unique("offline");
     let host = registry.host();
-    let _cleanup = AppCleanup {
-        project: name.clone(),
-        repo_prefix: format!("{host}/{name}/"),
-    };
+    let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
     busybox_image(&base_local);
     push_image(&base_local, &format!("{host}/{name}/base:1"));

@@ -142,10 +142,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
     let registry = Registry::start();
     let name = unique("kill");
     let host = registry.host();
-    let _cleanup = AppCleanup {
-        project: name.clone(),
-        repo_prefix: format!("{host}/{name}/"),
-    };
+    let _cleanup = AppCleanup::for_app(&host, &name);
     let seed = std::env::var("STOWAGE_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

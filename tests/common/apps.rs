@@ -13,6 +13,17 @@ pub struct AppCleanup {
     pub repo_prefix: String,
 }
 
+impl AppCleanup {
+    /// For app `name` (its compose project) whose images are in the
+    /// repositories `HOST/NAME/...` of the registry at `registry_host`.
+    pub fn for_app(registry_host: &str, name: &str) -> AppCleanup {
+        AppCleanup {
+            project: name.to_string(),
+            repo_prefix: format!("{registry_host}/{name}/"),
+        }
+    }
+}
+
 impl Drop for AppCleanup {
     fn drop(&mut self) {
         let ids = Command::new("docker")
