@@ -777,11 +777,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 store: &store,
                 engine: &engine,
             };
-            let selection = if args.all {
-                Selection::All
-            } else {
-                Selection::Named(args.apps)
-            };
+            let selection = selection(args.all, args.apps);
             match run_cmd::run(device, &compose, &selection, &options, progress.as_ref()).await {
                 Ok(report) => output::run(&report, globals.json)?,
                 Err(e) => return refused_or(e, globals.json),
@@ -796,11 +792,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 store: &store,
                 engine: &engine,
             };
-            let selection = if args.all {
-                Selection::All
-            } else {
-                Selection::Named(args.apps)
-            };
+            let selection = selection(args.all, args.apps);
             let report = run_cmd::stop(device, &compose, &selection, progress.as_ref()).await?;
             output::stop(&report, globals.json)?;
         }
@@ -967,6 +959,15 @@ fn refused_or(error: anyhow::Error, json: bool) -> Result<ExitCode> {
             Ok(ExitCode::from(DOES_NOT_FIT))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `--all`, or the apps named.
+fn selection(all: bool, apps: Vec<String>) -> Selection {
+    if all {
+        Selection::All
+    } else {
+        Selection::Named(apps)
     }
 }
 
