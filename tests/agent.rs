@@ -9,24 +9,6 @@ use std::process::{Command, Output};
 use common::*;
 use serde_json::Value;
 
-/// Publishes `compose` (a docker-compose.yml) as version `version` of app
-/// `name`; returns its pinned reference.
-fn publish_app(registry: &Registry, name: &str, version: &str, compose: &str) -> String {
-    let app = temp_dir("app-");
-    write_app(app.path(), compose);
-    let mut cmd = stowage();
-    cmd.args(["publish", "--dir"])
-        .arg(app.path())
-        .args(["--insecure-registry", &registry.host()])
-        .arg(format!("{}/apps/{name}:{version}", registry.host()));
-    run_ok(&mut cmd)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
 /// A two-service app: `web` from `web_image` (with `web_extra` compose
 /// lines), `db` sleeping in the shared base.
 fn two_services(web_image: &str, web_extra: &str, base: &str) -> String {
@@ -146,11 +128,11 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     }
     remove_image(&base_local);
     let web = |v: &str| format!("{host}/{name}/web:{v}");
-    let v1 = publish_app(&registry, &name, "v1", &two_services(&web("1"), "", &base));
-    let v2 = publish_app(&registry, &name, "v2", &two_services(&web("2"), "", &base));
+    let v1 = publish_compose_app(&registry, &name, "v1", &two_services(&web("1"), "", &base));
+    let v2 = publish_compose_app(&registry, &name, "v2", &two_services(&web("2"), "", &base));
     // v3's web never passes its healthcheck.
     let unhealthy = "    healthcheck:\n      test: [\"CMD\", \"false\"]\n      interval: 1s\n      timeout: 1s\n      retries: 1\n";
-    let v3 = publish_app(
+    let v3 = publish_compose_app(
         &registry,
         &name,
         "v3",
@@ -273,8 +255,8 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
     push_image(&web2_local, &format!("{host}/{name}/web:2"));
     remove_image(&web2_local);
     remove_image(&base_local);
-    let v1 = publish_app(&registry, &name, "v1", &two_services(&base, "", &base));
-    let v2 = publish_app(
+    let v1 = publish_compose_app(&registry, &name, "v1", &two_services(&base, "", &base));
+    let v2 = publish_compose_app(
         &registry,
         &name,
         "v2",

@@ -28,25 +28,15 @@ fn publish_version(
     web_image: &str,
     web_command: &str,
 ) -> String {
-    let app = temp_dir("app-");
     let base = format!("{}/{name}/base:1", registry.host());
-    write_app(
-        app.path(),
+    publish_compose_app(
+        registry,
+        name,
+        version,
         &format!(
             "services:\n  web:\n    image: {web_image}\n    command: {web_command}\n  db:\n    image: {base}\n    command: [\"sleep\", \"3600\"]\n"
         ),
-    );
-    let mut cmd = stowage();
-    cmd.args(["publish", "--dir"])
-        .arg(app.path())
-        .args(["--insecure-registry", &registry.host()])
-        .arg(format!("{}/apps/{name}:{version}", registry.host()));
-    run_ok(&mut cmd)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .trim()
-        .to_string()
+    )
 }
 
 #[test]

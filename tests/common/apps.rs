@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use super::{run_ok, stowage};
+use super::{Registry, run_ok, stowage, temp_dir, write_app};
 
 /// Removes an app's containers, its compose network and every image
 /// stowage loaded for it (tags under `repo_prefix`), whatever the test did.
@@ -87,4 +87,27 @@ pub fn say(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Publishes `compose` (a docker-compose.yml) as version `version` of app
+/// `name` at `HOST/apps/NAME:VERSION`; returns its pinned reference.
+pub fn publish_compose_app(
+    registry: &Registry,
+    name: &str,
+    version: &str,
+    compose: &str,
+) -> String {
+    let app = temp_dir("app-");
+    write_app(app.path(), compose);
+    let mut cmd = stowage();
+    cmd.args(["publish", "--dir"])
+        .arg(app.path())
+        .args(["--insecure-registry", &registry.host()])
+        .arg(format!("{}/apps/{name}:{version}", registry.host()));
+    run_ok(&mut cmd)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }

@@ -18,7 +18,7 @@ mod images;
 mod registry;
 mod volumes;
 
-pub use apps::{AppCleanup, running_images, say, stowage_on};
+pub use apps::{AppCleanup, publish_compose_app, running_images, say, stowage_on};
 pub use dockerd::{PrivateDockerd, ensure_dockerd};
 pub use images::{
     build_image, busybox_image, many_files_image, push_image, push_multiarch, remove_image,
