@@ -233,6 +233,20 @@ impl MetaSource for LayoutSource<'_> {
     }
 }
 
+/// Fetches the metadata of several apps at once, in their order.
+pub async fn fetch_apps(
+    client: &impl MetaSource,
+    references: &[ImageRef],
+    platform: &str,
+) -> Result<Vec<App>> {
+    futures_util::future::try_join_all(
+        references
+            .iter()
+            .map(|reference| fetch_app(client, reference, platform)),
+    )
+    .await
+}
+
 /// Fetches an app's metadata for `architecture`.
 pub async fn fetch_app(
     client: &impl MetaSource,

@@ -23,7 +23,7 @@
 //! archive's files (every layer sent, as sent: uncompressed here) on top of the
 //! applied layers; [`load_temp_bytes`] computes it for the space check.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -118,6 +118,12 @@ pub enum DockerError {
 pub struct DockerEngine {
     client: Docker,
     host: String,
+    /// The diff_ids of each image inspected so far, by image ID. An image ID
+    /// is the digest of its config, which lists the diff_ids, so an entry
+    /// never goes stale: it is only dropped when the image is gone.
+    image_layers: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<Digest>>>>,
+    /// Where that map is kept between runs, if anywhere.
+    layer_cache: Option<PathBuf>,
 }
 
 /// What stowage needs to know about the engine.
@@ -175,9 +181,18 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
+/// Images loaded at once by default. The engine writes each archive to a
+/// temporary directory and then applies its layers one by one, on about one
+/// core; two loads keep a small device's cores busy, and each more adds a
+/// temporary copy to the disk's peak. The fit check counts this many copies.
+pub const IMAGES_AT_ONCE: usize = 2;
+
 /// How a load spends the machine.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Images loaded at once (independent ones: images that share a layer
+    /// the engine lacks are loaded one after the other).
+    pub images: usize,
     /// Layers inflated at once, each on its own thread, ahead of the one being sent.
     pub jobs: usize,
     /// Bytes each layer's worker may buffer ahead of the sender.
@@ -188,6 +203,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         LoadOptions {
+            images: IMAGES_AT_ONCE,
             jobs: cores.clamp(1, 4),
             buffer_bytes: 4 * 1024 * 1024,
         }
@@ -419,7 +435,27 @@ impl DockerEngine {
                     host: host.clone(),
                     source,
                 })?;
-        Ok(DockerEngine { client, host })
+        Ok(DockerEngine {
+            client,
+            host,
+            image_layers: Default::default(),
+            layer_cache: None,
+        })
+    }
+
+    /// Keeps the diff_ids of the engine's images in `path` between runs, so
+    /// that a check on an engine with hundreds of images lists them in one
+    /// request instead of inspecting each. A missing or unreadable file is
+    /// an empty cache; one that cannot be written is left alone.
+    pub fn with_layer_cache(mut self, path: PathBuf) -> DockerEngine {
+        if let Ok(bytes) = std::fs::read(&path)
+            && let Ok(map) = serde_json::from_slice::<HashMap<String, Vec<Digest>>>(&bytes)
+            && let Ok(mut layers) = self.image_layers.lock()
+        {
+            *layers = map;
+        }
+        self.layer_cache = Some(path);
+        self
     }
 
     /// The address this connection uses, for messages.
@@ -452,16 +488,9 @@ impl DockerEngine {
     }
 
     pub async fn info(&self) -> Result<EngineInfo, DockerError> {
-        let info = self
-            .client
-            .info()
-            .await
-            .map_err(self.api_error("describe itself (GET /info)"))?;
-        let version = self
-            .client
-            .version()
-            .await
-            .map_err(self.api_error("tell its version (GET /version)"))?;
+        let (info, version) = tokio::join!(self.client.info(), self.client.version());
+        let info = info.map_err(self.api_error("describe itself (GET /info)"))?;
+        let version = version.map_err(self.api_error("tell its version (GET /version)"))?;
         let data_root = info.docker_root_dir.ok_or_else(|| DockerError::BadAnswer {
             host: self.host.clone(),
             action: "GET /info".into(),
@@ -483,17 +512,31 @@ impl DockerEngine {
             .list_images(Some(ListImagesOptionsBuilder::default().all(true).build()))
             .await
             .map_err(self.api_error("list its images"))?;
-        // One inspect per image, several at once: an engine with hundreds of
-        // images answers in a fraction of the time of one-by-one requests.
-        let inspections: Vec<_> = futures_util::stream::iter(images)
-            .map(|image| async move {
-                let answer = self.client.inspect_image(&image.id).await;
-                (image.id, answer)
+        let known = self
+            .image_layers
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let unknown: Vec<String> = images
+            .iter()
+            .map(|image| image.id.clone())
+            .filter(|id| !known.contains_key(id))
+            .collect();
+        // One inspect per image not seen before, several at once: an engine
+        // with hundreds of images answers in a fraction of the time of
+        // one-by-one requests.
+        let inspections: Vec<_> = futures_util::stream::iter(unknown)
+            .map(|id| async move {
+                let answer = self.client.inspect_image(&id).await;
+                (id, answer)
             })
             .buffer_unordered(8)
             .collect()
             .await;
-        let mut held = HeldLayers::default();
+        let mut current: HashMap<String, Vec<Digest>> = images
+            .iter()
+            .filter_map(|image| Some((image.id.clone(), known.get(&image.id)?.clone())))
+            .collect();
         for (id, answer) in inspections {
             let inspect = match answer {
                 Ok(inspect) => inspect,
@@ -514,9 +557,31 @@ impl DockerEngine {
                     action: format!("GET /images/{id}/json"),
                     reason: bad.to_string(),
                 })?;
-            held.add_image(&diff_ids);
+            current.insert(id, diff_ids);
+        }
+        let mut held = HeldLayers::default();
+        for diff_ids in current.values() {
+            held.add_image(diff_ids);
+        }
+        if current != known {
+            self.remember_image_layers(current);
         }
         Ok(held)
+    }
+
+    fn remember_image_layers(&self, current: HashMap<String, Vec<Digest>>) {
+        if let Some(path) = &self.layer_cache
+            && let Ok(bytes) = serde_json::to_vec(&current)
+            && let Err(e) = crate::fsutil::write_atomic(path, &bytes)
+        {
+            tracing::debug!(
+                "cannot keep the engine's image layers in {}: {e}",
+                path.display()
+            );
+        }
+        if let Ok(mut layers) = self.image_layers.lock() {
+            *layers = current;
+        }
     }
 
     /// The image with this name, tag or ID, if the engine has it.

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -118,18 +118,28 @@ pub enum BlobBody {
 }
 
 pub struct RegistryClient {
-    http: Client,
+    /// For registries reached over plain HTTP. It trusts no certificate,
+    /// so building it loads none: a device that talks only to a local or
+    /// insecure registry never pays for reading the system's CA bundle.
+    plain: Client,
+    /// For HTTPS, built on first use with the system's roots and `ca_files`.
+    tls: OnceLock<Result<Client, String>>,
+    ca_certs: Vec<reqwest::Certificate>,
     options: RegistryOptions,
     /// Authorization header values by (host, scope).
     auth: Mutex<HashMap<(String, String), HeaderValue>>,
 }
 
+fn client_builder() -> reqwest::ClientBuilder {
+    Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("stowage/", env!("CARGO_PKG_VERSION")))
+}
+
 impl RegistryClient {
     pub fn new(options: RegistryOptions) -> Result<RegistryClient, RegistryError> {
-        let mut builder = Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("stowage/", env!("CARGO_PKG_VERSION")));
+        let mut ca_certs = Vec::new();
         for path in &options.ca_files {
             let ca_error = |message: String| RegistryError::CaFile {
                 path: path.clone(),
@@ -141,34 +151,75 @@ impl RegistryClient {
             if certs.is_empty() {
                 return Err(ca_error("it holds no PEM certificate".into()));
             }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+            ca_certs.extend(certs);
         }
-        let http = builder.build().map_err(|e| RegistryError::Unreachable {
-            host: "(any)".into(),
-            message: format!("cannot set up the HTTP client: {e}"),
-        })?;
+        // A redirect from a plain-HTTP registry to HTTPS storage is not
+        // followed by this client: `send` repeats the request with the TLS one.
+        let plain = client_builder()
+            .tls_certs_only(Vec::new())
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.url().scheme() != "http" {
+                    attempt.stop()
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .map_err(|e| RegistryError::Unreachable {
+                host: "(any)".into(),
+                message: format!("cannot set up the HTTP client: {e}"),
+            })?;
         Ok(RegistryClient {
-            http,
+            plain,
+            tls: OnceLock::new(),
+            ca_certs,
             options,
             auth: Mutex::new(HashMap::new()),
         })
     }
 
-    fn base(&self, image: &ImageRef) -> String {
+    /// The client for HTTPS, built the first time it is needed.
+    fn tls(&self, host: &str) -> Result<&Client, RegistryError> {
+        self.tls
+            .get_or_init(|| {
+                client_builder()
+                    .tls_certs_merge(self.ca_certs.iter().cloned())
+                    .build()
+                    .map_err(|e| format!("cannot set up the HTTPS client: {e}"))
+            })
+            .as_ref()
+            .map_err(|message| RegistryError::Unreachable {
+                host: host.to_string(),
+                message: message.clone(),
+            })
+    }
+
+    /// The client for a URL of this scheme.
+    fn client_for(&self, url_is_https: bool, host: &str) -> Result<&Client, RegistryError> {
+        if url_is_https {
+            self.tls(host)
+        } else {
+            Ok(&self.plain)
+        }
+    }
+
+    fn is_insecure(&self, image: &ImageRef) -> bool {
         let host = image.api_host();
-        let scheme = if self
-            .options
+        self.options
             .insecure
             .iter()
             .any(|h| h == host || h == &image.registry)
-        {
+    }
+
+    fn base(&self, image: &ImageRef) -> String {
+        let scheme = if self.is_insecure(image) {
             "http"
         } else {
             "https"
         };
-        format!("{scheme}://{host}/v2/{}", image.repository)
+        format!("{scheme}://{}/v2/{}", image.api_host(), image.repository)
     }
 
     fn credentials(&self, image: &ImageRef) -> Option<&Credentials> {
@@ -194,11 +245,38 @@ impl RegistryClient {
             format!("repository:{}:{actions}", image.repository),
         );
         let cached = self.auth.lock().ok().and_then(|m| m.get(&key).cloned());
-        let mut request = make(&self.http);
-        if let Some(h) = &cached {
-            request = request.header(AUTHORIZATION, h.clone());
-        }
-        let response = request.send().await.map_err(|e| unreachable(&host, e))?;
+        let send_once = |authorization: Option<HeaderValue>| {
+            let host = &host;
+            let make = &make;
+            async move {
+                let client = self.client_for(!self.is_insecure(image), host)?;
+                let with_auth = |client: &Client| match &authorization {
+                    Some(h) => make(client).header(AUTHORIZATION, h.clone()),
+                    None => make(client),
+                };
+                let response = with_auth(client)
+                    .send()
+                    .await
+                    .map_err(|e| unreachable(host, e))?;
+                // A plain-HTTP registry sending the blob to HTTPS storage:
+                // the same request again, through the client that speaks TLS.
+                if std::ptr::eq(client, &self.plain)
+                    && response.status().is_redirection()
+                    && response
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .is_some_and(|l| l.starts_with("https:"))
+                {
+                    return with_auth(self.tls(host)?)
+                        .send()
+                        .await
+                        .map_err(|e| unreachable(host, e));
+                }
+                Ok(response)
+            }
+        };
+        let response = send_once(cached).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -212,11 +290,7 @@ impl RegistryClient {
         if let Ok(mut m) = self.auth.lock() {
             m.insert(key, header.clone());
         }
-        let response = make(&self.http)
-            .header(AUTHORIZATION, header)
-            .send()
-            .await
-            .map_err(|e| unreachable(&host, e))?;
+        let response = send_once(Some(header)).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             return Err(self.refused(image));
         }
@@ -275,7 +349,8 @@ impl RegistryClient {
         if let Some(service) = params.get("service") {
             token_url.query_pairs_mut().append_pair("service", service);
         }
-        let mut request = self.http.get(token_url);
+        let client = self.client_for(token_url.scheme() == "https", &host)?;
+        let mut request = client.get(token_url);
         if let Some(b) = &basic {
             request = request.header(AUTHORIZATION, format!("Basic {b}"));
         }

@@ -7,9 +7,10 @@
 //!   block size, minus what a partial download already holds;
 //! - Docker's data root: the unpacked usage of every layer the engine does
 //!   not hold as part of the same layer chain, for the volume's block size,
-//!   plus the engine's temporary copy of the largest image archive stowage
-//!   hands it (images are loaded one at a time, and the copy is deleted when
-//!   each load ends);
+//!   plus the engine's temporary copies of the image archives stowage hands
+//!   it: install loads [`IMAGES_AT_ONCE`] images at a time, so the largest
+//!   that many archives may be on disk together (each copy is deleted when
+//!   its load ends);
 //! - the apps directory: the extracted bundle.
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,7 +21,7 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::app::{App, LayerNeed};
-use crate::docker::{DockerEngine, HeldLayers};
+use crate::docker::{DockerEngine, HeldLayers, IMAGES_AT_ONCE};
 use crate::space::{self, Demand, FitReport, Part, Policy, Volume};
 use crate::store::Store;
 
@@ -52,13 +53,10 @@ impl DockerView {
         let Some(engine) = engine else {
             return unreachable("no engine connection".into());
         };
-        let info = match engine.info().await {
-            Ok(i) => i,
-            Err(e) => return unreachable(e.to_string()),
-        };
-        let held = match engine.held_layers().await {
-            Ok(h) => h,
-            Err(e) => return unreachable(e.to_string()),
+        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let (info, held) = match (info, held) {
+            (Ok(info), Ok(held)) => (info, held),
+            (Err(e), _) | (_, Err(e)) => return unreachable(e.to_string()),
         };
         (
             DockerView {
@@ -171,7 +169,7 @@ pub fn plan_update(
 
     // Docker: layers whose chain the engine lacks, and its temporary copy.
     let mut docker_layers: BTreeMap<Digest, &LayerNeed> = BTreeMap::new();
-    let mut largest_load = 0u64;
+    let mut archives: Vec<u64> = Vec::new();
     for app in apps {
         let by_digest: BTreeMap<&Digest, &LayerNeed> = app
             .layers
@@ -190,9 +188,13 @@ pub fn plan_update(
             }
             let temp =
                 crate::docker::load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
-            largest_load = largest_load.max(if sent.is_empty() { 0 } else { temp });
+            if !sent.is_empty() {
+                archives.push(temp);
+            }
         }
     }
+    archives.sort_unstable_by(|a, b| b.cmp(a));
+    let temp_copies: u64 = archives.iter().take(IMAGES_AT_ONCE).sum();
     demands.push(Demand {
         path: docker.data_root.clone(),
         part: Part::DockerLayers,
@@ -205,7 +207,7 @@ pub fn plan_update(
     demands.push(Demand {
         path: docker.data_root.clone(),
         part: Part::DockerTemp,
-        bytes: largest_load,
+        bytes: temp_copies,
         inodes: 0,
     });
 

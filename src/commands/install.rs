@@ -38,7 +38,9 @@ use crate::bundle::{BundleLimits, extract_bundle};
 use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
 use crate::commands::pull::DoesNotFit;
 use crate::compose::write_image_override;
-use crate::docker::{DockerEngine, ImageToLoad, LayerSource, LoadOptions, local_tag_for};
+use crate::docker::{
+    DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
+};
 use crate::format::{self, AppManifest, LayerMeta};
 use crate::fsutil::write_atomic;
 use crate::installed::{
@@ -362,18 +364,10 @@ pub(crate) async fn install_locked(
         }
         report_images.push(image_report(planned, ImageAction::Tagged));
     }
-    for planned in &to_load {
-        progress.step(format!(
-            "loading {} ({} layers) for {}",
-            planned.tags.iter().next().map_or("", String::as_str),
-            planned.layers.len(),
-            planned.services.join(", ")
-        ));
-        let image = image_to_load(store, planned, &meta)?;
-        let loaded = engine
-            .load_image_with(&image, &options.load)
-            .await
-            .with_context(|| format!("cannot install {}", app.reference))?;
+    let loaded = load_images(engine, store, &to_load, &meta, &options.load, progress)
+        .await
+        .with_context(|| format!("cannot install {}", app.reference))?;
+    for (planned, loaded) in to_load.iter().zip(loaded) {
         let mut row = image_report(planned, ImageAction::Loaded);
         row.layers_sent = loaded.layers_sent;
         row.layers_skipped = loaded.layers_skipped;
@@ -396,6 +390,113 @@ pub(crate) async fn install_locked(
         images: report_images,
         check,
     })
+}
+
+/// Loads `images` into the engine, [`LoadOptions::images`] at a time (the
+/// engine unpacks each archive on about one core). An image that shares a
+/// layer the engine lacks with an earlier one waits for that one, so the
+/// layer is sent once. Every load started runs to its end; the first error,
+/// in the images' order, is returned. Reports come in the images' order.
+async fn load_images(
+    engine: &DockerEngine,
+    store: &Store,
+    images: &[&PlannedImage],
+    meta: &BTreeMap<Digest, LayerMeta>,
+    options: &LoadOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<LoadReport>> {
+    use futures_util::FutureExt as _;
+    use futures_util::future::{BoxFuture, Shared};
+
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    let held = engine.held_layers().await?;
+    let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
+    let mut waits_for: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); images.len()];
+    for (i, planned) in images.iter().enumerate() {
+        let diff_ids: Vec<Digest> = planned.layers.iter().map(|(_, d)| d.clone()).collect();
+        for chain in crate::docker::chain_ids(&diff_ids) {
+            if held.chain_ids.contains(&chain) {
+                continue;
+            }
+            match owner.get(&chain) {
+                Some(&first) => {
+                    waits_for[i].insert(first);
+                }
+                None => {
+                    owner.insert(chain, i);
+                }
+            }
+        }
+    }
+
+    let slots = tokio::sync::Semaphore::new(options.images.max(1));
+    let results: std::sync::Mutex<Vec<Option<Result<LoadReport>>>> =
+        std::sync::Mutex::new((0..images.len()).map(|_| None).collect());
+    // Each load as a shared future that says whether it succeeded, so that
+    // the loads waiting for it can await it too.
+    let mut loads: Vec<Shared<BoxFuture<'_, bool>>> = Vec::with_capacity(images.len());
+    for (i, planned) in images.iter().enumerate() {
+        let before: Vec<_> = waits_for[i].iter().map(|&j| loads[j].clone()).collect();
+        let (slots, results) = (&slots, &results);
+        let load = async move {
+            let mut ready = true;
+            for earlier in before {
+                ready &= earlier.await;
+            }
+            let result = if !ready {
+                Err(anyhow!(
+                    "{} was not loaded: an image it shares layers with failed to load",
+                    planned.tags.iter().next().map_or("", String::as_str)
+                ))
+            } else {
+                let _slot = slots.acquire().await;
+                progress.step(format!(
+                    "loading {} ({} layers) for {}",
+                    planned.tags.iter().next().map_or("", String::as_str),
+                    planned.layers.len(),
+                    planned.services.join(", ")
+                ));
+                match image_to_load(store, planned, meta) {
+                    Ok(image) => engine
+                        .load_image_with(&image, options)
+                        .await
+                        .map_err(Into::into),
+                    Err(e) => Err(e),
+                }
+            };
+            let ok = result.is_ok();
+            if let Ok(mut results) = results.lock() {
+                results[i] = Some(result);
+            }
+            ok
+        }
+        .boxed()
+        .shared();
+        loads.push(load);
+    }
+    futures_util::future::join_all(loads).await;
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow!("a load panicked"))?;
+    let mut reports = Vec::with_capacity(results.len());
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Some(Ok(report)) => reports.push(report),
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            None => {
+                first_error.get_or_insert_with(|| anyhow!("a load did not run"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(reports),
+    }
 }
 
 fn image_report(planned: &PlannedImage, action: ImageAction) -> ImageInstall {

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::app::{App, LayerNeed, fetch_app};
+use crate::app::{App, LayerNeed, fetch_apps};
 use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
 use crate::format::media;
 use crate::progress::{Event, Progress};
@@ -54,22 +54,27 @@ pub struct PullReport {
 }
 
 impl PullOptions {
+    /// Pulls the apps. `docker` says what the engine holds; it is awaited
+    /// while the apps' metadata is fetched (both are mostly round trips),
+    /// and the note it may carry ends up in the report.
     pub async fn run(
         self,
         client: &RegistryClient,
         store: &Store,
-        docker: &DockerView,
+        docker: impl Future<Output = (DockerView, Option<String>)>,
         progress: &dyn Progress,
     ) -> Result<PullReport> {
         let _lock = store.lock(LockMode::Shared)?;
-        let mut apps = Vec::new();
         for reference in &self.apps {
             progress.step(format!("fetching metadata of {reference}"));
-            apps.push(fetch_app(client, reference, &self.architecture).await?);
         }
+        let ((docker, note), apps) =
+            tokio::join!(docker, fetch_apps(client, &self.apps, &self.architecture));
+        let apps = apps?;
         let paths = Paths::under(store.root());
-        let plan = plan_update(&apps, store, &paths, docker, self.policy)?;
-        let check = summarise(&apps, &plan, docker);
+        let plan = plan_update(&apps, store, &paths, &docker, self.policy)?;
+        let mut check = summarise(&apps, &plan, &docker);
+        check.fit.notes.extend(note);
         if !plan.fit.fits {
             return Err(DoesNotFit {
                 report: Box::new(check),
@@ -93,28 +98,6 @@ impl PullOptions {
                 .collect()
                 .await;
         let mut ingests = reservations.into_iter().collect::<Result<Vec<_>>>()?;
-        let mut seen = std::collections::HashSet::new();
-        let meta_writes: Vec<Result<()>> = futures_util::stream::iter(
-            apps.iter()
-                .flat_map(|app| app.meta_blobs.iter())
-                .filter(|blob| seen.insert(blob.descriptor.digest.clone()))
-                .map(|blob| (blob.descriptor.digest.clone(), blob.bytes.clone())),
-        )
-        .map(|(digest, bytes)| {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || Ok(store.put_bytes(&digest, &bytes)?))
-        })
-        .buffered(STORE_WRITES)
-        .map(|joined| joined.context("a metadata write task failed")?)
-        .collect()
-        .await;
-        meta_writes.into_iter().collect::<Result<Vec<()>>>()?;
-        for app in &apps {
-            // Stored now, while the space is known to be there.
-            for (_, digest, bytes) in oci_forms(app)? {
-                store.put_bytes(&digest, &bytes)?;
-            }
-        }
         // The refs are written last; hold their room until then, so that a
         // volume filled by someone else meanwhile cannot fail the pull at
         // its very end.
@@ -127,13 +110,38 @@ impl PullOptions {
             2 * (index_bytes + 512 * new_refs) + END_RESERVE_SLACK,
         )?;
 
+        // The metadata blobs are written while the layers download: the
+        // layers' space is reserved already, and the check counted these.
+        let mut seen = std::collections::HashSet::new();
+        let mut meta: Vec<(crate::Digest, Vec<u8>)> = apps
+            .iter()
+            .flat_map(|app| app.meta_blobs.iter())
+            .filter(|blob| seen.insert(blob.descriptor.digest.clone()))
+            .map(|blob| (blob.descriptor.digest.clone(), blob.bytes.clone()))
+            .collect();
+        for app in &apps {
+            for (_, digest, bytes) in oci_forms(app)? {
+                if seen.insert(digest.clone()) {
+                    meta.push((digest, bytes));
+                }
+            }
+        }
+        let meta_writes = futures_util::stream::iter(meta)
+            .map(|(digest, bytes)| {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || Ok(store.put_bytes(&digest, &bytes)?))
+            })
+            .buffered(STORE_WRITES)
+            .map(|joined| joined.context("a metadata write task failed")?)
+            .collect::<Vec<Result<()>>>();
+
         // Largest first: with a few downloads at once, the last one to end
         // is then a small one, and the pull is not left waiting on a single
         // big layer.
         ingests.sort_by_key(|(layer, _)| std::cmp::Reverse(layer.descriptor.size));
         let fetched_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fetched_blobs = ingests.len();
-        futures_util::stream::iter(ingests)
+        let downloads = futures_util::stream::iter(ingests)
             .map(|(layer, ingest)| {
                 let fetched_bytes = Arc::clone(&fetched_bytes);
                 async move {
@@ -143,8 +151,12 @@ impl PullOptions {
                 }
             })
             .buffer_unordered(self.jobs.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
+            .try_collect::<Vec<()>>();
+        // Both run to their end (no write is left going when this returns);
+        // a failed download is the error worth reporting first.
+        let (meta_written, downloaded) = tokio::join!(meta_writes, downloads);
+        downloaded?;
+        meta_written.into_iter().collect::<Result<Vec<()>>>()?;
 
         end_reserve.release();
         for app in &apps {

@@ -118,9 +118,9 @@ impl DeviceOps for LiveDevice<'_> {
             policy: self.policy,
             jobs: self.jobs,
         };
-        let docker = self.docker_view().await;
+        let docker = async { (self.docker_view().await, None) };
         let report = options
-            .run(self.client, &self.store, &docker, self.progress)
+            .run(self.client, &self.store, docker, self.progress)
             .await?;
         Ok(serde_json::to_value(&report.check)?)
     }

@@ -34,12 +34,13 @@ mod output;
 /// The exit code of an update that does not fit.
 const DOES_NOT_FIT: u8 = 100;
 
+/// The file under the root that remembers the layers of Docker's images.
+const DOCKER_LAYER_CACHE: &str = "docker-layers.json";
+
 /// The device-side settings of the fit check.
 struct Fit {
     arch: String,
     policy: Policy,
-    docker: DockerView,
-    notes: Vec<String>,
 }
 
 #[derive(Parser)]
@@ -376,7 +377,7 @@ impl Globals {
     }
 
     /// The architecture, fit policy and Docker view for a device command.
-    async fn fit(&self, args: &FitArgs) -> Result<Fit> {
+    fn fit(&self, args: &FitArgs) -> Result<Fit> {
         let arch = match args.arch.clone().or_else(|| self.config.arch.clone()) {
             Some(a) => Arch::parse(&a),
             None => {
@@ -399,18 +400,16 @@ impl Globals {
             None => 0,
         };
         let policy = Policy::new(watermark, reserve)?;
-        let host = args
-            .docker_host
-            .clone()
-            .or_else(|| self.config.docker_host.clone());
-        let engine = DockerEngine::connect(host.as_deref()).await.ok();
-        let (docker, note) = DockerView::probe(engine.as_ref()).await;
         Ok(Fit {
             arch: arch.to_string(),
             policy,
-            docker,
-            notes: note.into_iter().collect(),
         })
+    }
+
+    /// What Docker holds, for the fit check, and a note when it cannot be asked.
+    async fn docker_view(&self, args: &FitArgs) -> (DockerView, Option<String>) {
+        let engine = self.engine(&args.docker_host).await.ok();
+        DockerView::probe(engine.as_ref()).await
     }
 
     fn docker_host(&self, flag: &Option<String>) -> Option<String> {
@@ -418,7 +417,9 @@ impl Globals {
     }
 
     async fn engine(&self, flag: &Option<String>) -> Result<DockerEngine> {
-        Ok(DockerEngine::connect(self.docker_host(flag).as_deref()).await?)
+        Ok(DockerEngine::connect(self.docker_host(flag).as_deref())
+            .await?
+            .with_layer_cache(self.root.join(DOCKER_LAYER_CACHE)))
     }
 
     async fn compose(&self, flag: &Option<String>) -> Result<Compose> {
@@ -431,7 +432,7 @@ impl Globals {
 
     /// What install needs from the fit settings.
     async fn install_options(&self, args: &FitArgs) -> Result<InstallOptions> {
-        let fit = self.fit(args).await?;
+        let fit = self.fit(args)?;
         Ok(InstallOptions {
             architecture: fit.arch,
             policy: fit.policy,
@@ -447,7 +448,7 @@ impl Globals {
         progress: &'a dyn stowage::progress::Progress,
         jobs: Option<usize>,
     ) -> Result<update_cmd::LiveDevice<'a>> {
-        let fit = self.fit(args).await?;
+        let fit = self.fit(args)?;
         let json = self.json;
         let events: &'a (dyn Fn(&stowage::update::UpdateEvent) + Send + Sync) = if json {
             &|e| output::print_json_line(e)
@@ -579,25 +580,33 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::publish(&report, globals.json)?;
         }
         Command::Check(args) => {
-            let fit = globals.fit(&args.fit).await?;
+            let fit = globals.fit(&args.fit)?;
             let store = globals.store()?;
             let client = globals.registry_client()?;
-            let mut apps = Vec::new();
-            for r in &args.apps {
-                let reference: ImageRef = r.parse()?;
-                apps.push(stowage::app::fetch_app(&client, &reference, &fit.arch).await?);
-            }
+            let references = args
+                .apps
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<Vec<ImageRef>, _>>()?;
+            // Docker and the registry are asked at once: the check's time is
+            // mostly their round trips.
+            let ((docker, note), apps) = tokio::join!(
+                globals.docker_view(&args.fit),
+                stowage::app::fetch_apps(&client, &references, &fit.arch)
+            );
+            let apps = apps?;
             let paths = check::Paths::under(&globals.root);
-            let plan = check::plan_update(&apps, &store, &paths, &fit.docker, fit.policy)?;
-            let mut report = check::summarise(&apps, &plan, &fit.docker);
-            report.fit.notes.extend(fit.notes);
+            let plan = check::plan_update(&apps, &store, &paths, &docker, fit.policy)?;
+            let mut report = check::summarise(&apps, &plan, &docker);
+            report.fit.notes.extend(note);
             output::check(&report, globals.json)?;
             if !report.fit.fits {
                 return Ok(ExitCode::from(DOES_NOT_FIT));
             }
         }
         Command::Pull(args) if args.apps.iter().any(|a| a.starts_with("oci:")) => {
-            let fit = globals.fit(&args.fit).await?;
+            let fit = globals.fit(&args.fit)?;
+            let (docker, _) = globals.docker_view(&args.fit).await;
             let store = globals.store()?;
             let [one] = args.apps.as_slice() else {
                 anyhow::bail!(
@@ -610,7 +619,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 &from,
                 &fit.arch,
                 fit.policy,
-                &fit.docker,
+                &docker,
                 progress.as_ref(),
             )
             .await
@@ -620,7 +629,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Pull(args) => {
-            let fit = globals.fit(&args.fit).await?;
+            let fit = globals.fit(&args.fit)?;
             let store = globals.store()?;
             let client = globals.registry_client()?;
             let options = PullOptions {
@@ -634,17 +643,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 jobs: args.jobs.or(globals.config.jobs).unwrap_or(4),
             };
             match options
-                .run(&client, &store, &fit.docker, progress.as_ref())
+                .run(
+                    &client,
+                    &store,
+                    globals.docker_view(&args.fit),
+                    progress.as_ref(),
+                )
                 .await
             {
-                Ok(mut report) => {
-                    report.check.fit.notes.extend(fit.notes);
-                    output::pull(&report, globals.json)?;
-                }
+                Ok(report) => output::pull(&report, globals.json)?,
                 Err(e) => match e.downcast::<DoesNotFit>() {
                     Ok(refused) => {
-                        let mut report = *refused.report;
-                        report.fit.notes.extend(fit.notes);
+                        let report = *refused.report;
                         output::pull_refused(&report, globals.json)?;
                         eprintln!(
                             "stowage: error: the update does not fit: {}",
