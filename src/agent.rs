@@ -14,7 +14,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
-use crate::commands::pull::DoesNotFit;
+use crate::commands::check::DoesNotFit;
 use crate::fsutil::write_atomic;
 use crate::reference::ImageRef;
 use crate::registry::RegistryClient;

@@ -718,10 +718,10 @@ fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running
         rng ^= rng << 17;
         rng
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut kills = 0;
-    while Instant::now() < deadline {
-        if kills % 2 == 0 {
+    const KILLS: usize = 30;
+    let killing = Instant::now();
+    for kills in 1..=KILLS {
+        if kills % 2 == 1 {
             reset(next() % 3);
         }
         let mut child = device
@@ -741,14 +741,14 @@ fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running
         std::thread::sleep(delay);
         let _ = child.kill();
         let _ = child.wait();
-        kills += 1;
         if kills % 10 == 0 {
             device.ok(&["run", "app"]);
             assert_eq!(app_state(&device.json(&["ps"]), "app")["state"], "running");
         }
     }
     eprintln!(
-        "killed `stowage run` {kills} times in 60 s (a full run from scratch takes {full_run:?})"
+        "killed `stowage run` {KILLS} times in {:?} (a full run from scratch takes {full_run:?})",
+        killing.elapsed()
     );
     device.ok(&["run", "app"]);
     let ps = device.json(&["ps"]);
@@ -756,5 +756,4 @@ fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running
     assert_eq!(state["state"], "running", "{ps}");
     assert_eq!(state["services"].as_array().unwrap().len(), 3, "{ps}");
     device.ok(&["fsck"]);
-    assert!(kills >= 8, "only {kills} kills fitted in 60 s");
 }

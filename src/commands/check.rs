@@ -115,6 +115,38 @@ impl Paths {
     }
 }
 
+/// The update does not fit: the CLI exits with code 100.
+#[derive(Debug, thiserror::Error)]
+#[error("the update does not fit: {}", report.fit.shortfall())]
+pub struct DoesNotFit {
+    pub report: Box<CheckReport>,
+}
+
+/// Plans the update of `apps` and says what it needs, as `stowage check` does.
+pub fn check_update(
+    apps: &[App],
+    store: &Store,
+    paths: &Paths,
+    docker: &DockerView,
+    policy: Policy,
+) -> Result<(UpdatePlan, CheckReport)> {
+    let plan = plan_update(apps, store, paths, docker, policy)?;
+    let report = summarise(apps, &plan, docker);
+    Ok((plan, report))
+}
+
+/// The report back when the update fits; [`DoesNotFit`] carrying it when not.
+pub fn refuse_unless_fits(report: CheckReport) -> Result<CheckReport> {
+    if report.fit.fits {
+        Ok(report)
+    } else {
+        Err(DoesNotFit {
+            report: Box::new(report),
+        }
+        .into())
+    }
+}
+
 /// Plans the update of `apps` against what `store` and Docker hold.
 pub fn plan_update(
     apps: &[App],

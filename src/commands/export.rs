@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::app::{App, LayoutSource, fetch_app};
-use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
-use crate::commands::pull::{DoesNotFit, name_app};
+use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
+use crate::commands::pull::name_app;
 use crate::progress::{Event, Progress};
 use crate::reference::ImageRef;
 use crate::space::Policy;
@@ -160,14 +160,8 @@ pub async fn import(
     for stored in from.apps(&layout)? {
         apps.push(fetch_app(&source, &stored.reference.parse()?, architecture).await?);
     }
-    let plan = plan_update(&apps, store, &Paths::under(store.root()), docker, policy)?;
-    let check = summarise(&apps, &plan, docker);
-    if !plan.fit.fits {
-        return Err(DoesNotFit {
-            report: Box::new(check),
-        }
-        .into());
-    }
+    let (_, check) = check_update(&apps, store, &Paths::under(store.root()), docker, policy)?;
+    let check = refuse_unless_fits(check)?;
     let mut imported_blobs = 0;
     let mut imported_bytes = 0;
     for app in &apps {

@@ -11,7 +11,7 @@
 //!    Docker data root's volume must hold the usage of every layer not held
 //!    plus the engine's temporary copy of the largest archive, and the apps
 //!    directory the extracted bundle. Not fitting stops here with
-//!    [`DoesNotFit`] (exit 100), before anything is written.
+//!    [`DoesNotFit`](crate::commands::check::DoesNotFit) (exit 100), before anything is written.
 //! 3. Extract the verified bundle into `ROOT/apps/<name>` (atomically, see
 //!    `bundle::extract_bundle`) unless the marker there already names this
 //!    app digest; then write the marker.
@@ -35,8 +35,7 @@ use serde::Serialize;
 use crate::Digest;
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::bundle::{BundleLimits, extract_bundle};
-use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
-use crate::commands::pull::DoesNotFit;
+use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::compose::write_image_override;
 use crate::docker::{
     DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
@@ -241,11 +240,11 @@ pub(crate) async fn install_locked(
     // The fit check, when anything is to be written.
     let mut check = None;
     if !to_load.is_empty() || !bundle_current {
-        let info = engine.info().await?;
+        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let docker = DockerView {
             reachable: true,
-            data_root: info.data_root,
-            held: engine.held_layers().await?,
+            data_root: info?.data_root,
+            held: held?,
         };
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
         let mut apps = vec![plan_app];
@@ -253,21 +252,15 @@ pub(crate) async fn install_locked(
             // Only the images count: the bundle is extracted already.
             apps[0].bundle.clear();
         }
-        let plan = plan_update(&apps, store, &Paths::under(root), &docker, options.policy)?;
-        let mut report = summarise(&apps, &plan, &docker);
+        let (_, mut report) =
+            check_update(&apps, store, &Paths::under(root), &docker, options.policy)?;
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
                 dir.display()
             ));
         }
-        if !plan.fit.fits {
-            return Err(DoesNotFit {
-                report: Box::new(report),
-            }
-            .into());
-        }
-        check = Some(report);
+        check = Some(refuse_unless_fits(report)?);
     }
 
     // The bundle.

@@ -17,7 +17,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::app::{App, LayerNeed, fetch_apps};
-use crate::commands::check::{CheckReport, DockerView, Paths, plan_update, summarise};
+use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::format::media;
 use crate::progress::{Event, Progress};
 use crate::reference::ImageRef;
@@ -30,13 +30,6 @@ const RESUME_ATTEMPTS: u32 = 3;
 
 /// How many reservations or metadata blobs are written at once.
 const STORE_WRITES: usize = 8;
-
-/// The update does not fit: the CLI exits with code 100.
-#[derive(Debug, thiserror::Error)]
-#[error("the update does not fit: {}", report.fit.shortfall())]
-pub struct DoesNotFit {
-    pub report: Box<CheckReport>,
-}
 
 pub struct PullOptions {
     pub apps: Vec<ImageRef>,
@@ -72,15 +65,9 @@ impl PullOptions {
             tokio::join!(docker, fetch_apps(client, &self.apps, &self.architecture));
         let apps = apps?;
         let paths = Paths::under(store.root());
-        let plan = plan_update(&apps, store, &paths, &docker, self.policy)?;
-        let mut check = summarise(&apps, &plan, &docker);
+        let (plan, mut check) = check_update(&apps, store, &paths, &docker, self.policy)?;
         check.fit.notes.extend(note);
-        if !plan.fit.fits {
-            return Err(DoesNotFit {
-                report: Box::new(check),
-            }
-            .into());
-        }
+        let check = refuse_unless_fits(check)?;
 
         // Reserve before downloading: every missing layer's declared size.
         // Reservations, then metadata blobs, are written a few at a time:

@@ -12,9 +12,9 @@ use crate::Digest;
 use crate::agent::AgentDevice;
 use crate::app::{LayoutSource, fetch_app};
 use crate::commands::admin;
-use crate::commands::check::{DockerView, Paths, plan_update, summarise};
+use crate::commands::check::{DockerView, Paths, check_update, refuse_unless_fits};
 use crate::commands::install::{self, Device, InstallOptions};
-use crate::commands::pull::{DoesNotFit, PullOptions};
+use crate::commands::pull::PullOptions;
 use crate::commands::run::{self as run_cmd, Selection};
 use crate::compose::Compose;
 use crate::docker::DockerEngine;
@@ -83,21 +83,14 @@ impl DeviceOps for LiveDevice<'_> {
         // store alone (the check still counts Docker and the apps directory).
         if let Some(apps) = self.stored_apps(to).await? {
             let docker = self.docker_view().await;
-            let plan = plan_update(
+            let (_, check) = check_update(
                 &apps,
                 &self.store,
                 &Paths::under(&self.root),
                 &docker,
                 self.policy,
             )?;
-            let check = summarise(&apps, &plan, &docker);
-            if !plan.fit.fits {
-                return Err(DoesNotFit {
-                    report: Box::new(check),
-                }
-                .into());
-            }
-            return Ok(serde_json::to_value(&check)?);
+            return Ok(serde_json::to_value(refuse_unless_fits(check)?)?);
         }
         if let Some(layout) = &self.layout {
             let docker = self.docker_view().await;
@@ -253,15 +246,14 @@ impl AgentDevice for LiveDevice<'_> {
             apps.push(crate::app::fetch_app(self.client, &reference, &self.architecture).await?);
         }
         let docker = self.docker_view().await;
-        let plan = plan_update(
+        let (_, report) = check_update(
             &apps,
             &self.store,
             &Paths::under(&self.root),
             &docker,
             self.policy,
         )?;
-        let report = summarise(&apps, &plan, &docker);
-        Ok((plan.fit.fits, serde_json::to_value(&report)?))
+        Ok((report.fit.fits, serde_json::to_value(&report)?))
     }
 }
 

@@ -11,12 +11,13 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
+use stowage::commands::check::DoesNotFit;
 use stowage::commands::check::{self, DockerView};
 use stowage::commands::export::LayoutRef;
 use stowage::commands::inspect::InspectOptions;
 use stowage::commands::install::{self, Device, InstallOptions};
 use stowage::commands::publish::PublishOptions;
-use stowage::commands::pull::{DoesNotFit, PullOptions};
+use stowage::commands::pull::PullOptions;
 use stowage::commands::run::{self as run_cmd, Selection};
 use stowage::commands::update as update_cmd;
 use stowage::compose::Compose;
@@ -596,8 +597,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             let apps = apps?;
             let paths = check::Paths::under(&globals.root);
-            let plan = check::plan_update(&apps, &store, &paths, &docker, fit.policy)?;
-            let mut report = check::summarise(&apps, &plan, &docker);
+            let (_, mut report) = check::check_update(&apps, &store, &paths, &docker, fit.policy)?;
             report.fit.notes.extend(note);
             output::check(&report, globals.json)?;
             if !report.fit.fits {

@@ -687,7 +687,7 @@ pub fn update_outcome(
         Outcome::Committed => ("committed", 0u8, None),
         Outcome::Unchanged => ("unchanged", 0, None),
         Outcome::RolledBack(e) => ("rolled_back", 1, Some(e)),
-        Outcome::Failed(e) => match e.downcast::<stowage::commands::pull::DoesNotFit>() {
+        Outcome::Failed(e) => match e.downcast::<stowage::commands::check::DoesNotFit>() {
             Ok(refused) => {
                 check(&refused.report, json)?;
                 ("refused", 100, Some(anyhow::anyhow!("{refused}")))
