@@ -9,8 +9,11 @@
 #      same local registry, interleaved, a fresh destination each time
 #      (target: stowage >= 2x faster, peak RSS < 40 MiB); and `stowage check`
 #      on a store of 10,000 blobs (target < 50 ms).
-#   3. install: `stowage install` against `docker pull` of the same images and
-#      `docker load` of a `docker save` archive, into a private dockerd whose
+#   3. install: `stowage install` against `docker pull` of the same images (one
+#      by one and all at once) and `docker load` of a `docker save` archive,
+#      for the pull app and for a "files app" of the machine's own programs,
+#      libraries and data (compressible, as real images are), into a private
+#      dockerd whose
 #      data root is a loop-mounted ext4 volume (so the peak extra disk during a
 #      load is the engine's alone): wall time, peak RSS of the tool, peak growth
 #      of dockerd's RSS, peak extra disk. Skipped for stowage when the binary
@@ -181,9 +184,43 @@ write_app() {
     } >"$dir/docker-compose.yml"
 }
 
-log "building images locally (about 500 MB of data)"
+# make_files_image NAME MIB DIR: an image of the machine's own files from DIR
+# (programs, libraries, data: what real images hold, and as compressible),
+# up to MIB of them.
+make_files_image() {
+    local name=$1 mib=$2 src=$3
+    local ctx=$work/ctx/$name
+    mkdir -p "$ctx/files"
+    python3 - "$src" "$ctx/files" "$mib" <<'PY'
+import os, shutil, sys
+src, dst, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]) << 20
+for top, dirs, files in os.walk(src):
+    dirs.sort()
+    for name in sorted(files):
+        path = os.path.join(top, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        if size > budget:
+            continue
+        target = os.path.join(dst, os.path.relpath(path, src))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(path, target)
+        budget -= size
+        if budget < 4096:
+            sys.exit(0)
+PY
+    printf 'FROM %s\nCOPY files /srv/files\n' "$base" >"$ctx/Dockerfile"
+    docker build -q -t "$REG/bench/$name:1" "$ctx" >/dev/null
+    built_images+=("$REG/bench/$name:1")
+}
+
+log "building images locally (about 700 MB of data)"
 for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
 for svc in a b c; do make_image "pull-$svc" 44 8 400000; done
+make_files_image files-a 60 /usr/lib/x86_64-linux-gnu
+make_files_image files-b 60 /usr/bin
+make_files_image files-c 60 /usr/share
 log "pushing them with skopeo (gzip)"
 for image in "${built_images[@]}"; do
     skopeo copy -q --dest-tls-verify=false "docker-daemon:$image" "docker://$image"
@@ -193,6 +230,7 @@ docker rmi -f "${built_images[@]}" >/dev/null
 built_images=()
 write_app "$work/apps/pubapp" "a=$REG/bench/pub-a:1" "b=$REG/bench/pub-b:1" "c=$REG/bench/pub-c:1"
 write_app "$work/apps/pullapp" "a=$REG/bench/pull-a:1" "b=$REG/bench/pull-b:1" "c=$REG/bench/pull-c:1"
+write_app "$work/apps/filesapp" "a=$REG/bench/files-a:1" "b=$REG/bench/files-b:1" "c=$REG/bench/files-c:1"
 
 export STOWAGE_INSECURE_REGISTRIES=$REG
 # This machine's disk is shared and may be more than 80% full: the benchmark
@@ -294,9 +332,8 @@ done
 log "3. install"
 have_install=0
 if "$STOWAGE" help install >/dev/null 2>&1; then have_install=1; fi
-pull_tags=("$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1")
 docker_forget() {
-    docker -H "$DH" rmi -f "${pull_tags[@]}" >/dev/null 2>&1 || true
+    docker -H "$DH" rmi -f "$@" >/dev/null 2>&1 || true
     docker -H "$DH" image prune -af >/dev/null
     if [ -n "$(docker -H "$DH" images -aq)" ]; then
         log "the private dockerd still holds images"
@@ -306,33 +343,60 @@ docker_forget() {
 docker_pull_all() {
     for tag in "$@"; do docker -H "$DH" pull -q "$tag" >/dev/null || return 1; done
 }
-export -f docker_pull_all
+docker_pull_at_once() {
+    local pids=() tag status=0
+    for tag in "$@"; do
+        docker -H "$DH" pull -q "$tag" >/dev/null &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    return $status
+}
+export -f docker_pull_all docker_pull_at_once
 export DH
-for tag in "${pull_tags[@]}"; do docker -H "$DH" pull -q "$tag" >/dev/null; done
-docker -H "$DH" save -o "$work/app.tar" "${pull_tags[@]}"
-docker_forget
-if [ "$have_install" = 1 ]; then
-    DOCKER_HOST=$DH "$STOWAGE" --root "$work/install-root" pull $fit "$pullref" >/dev/null
-fi
 watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs")
-for i in $(seq "$REPS"); do
+filesref=$("$STOWAGE" publish --dir "$work/apps/filesapp" --cache-dir "$work/cache" \
+    "$REG/bench/filesapp:1" 2>/dev/null | tail -n 1)
+"$STOWAGE" inspect --json "$filesref" >"$work/filesapp.json"
+
+# install_cases SECTION APP_REF IMAGE...: the three ways into the engine.
+install_cases() {
+    local section=$1 ref=$2
+    shift 2
+    local tags=("$@") name=${section//[^a-z]/}
+    for tag in "${tags[@]}"; do docker -H "$DH" pull -q "$tag" >/dev/null; done
+    docker -H "$DH" save -o "$work/$name.tar" "${tags[@]}"
+    docker_forget "${tags[@]}"
     if [ "$have_install" = 1 ]; then
-        rm -rf "$work/install-run"
-        cp -a "$work/install-root" "$work/install-run"
-        settle
-        measure "install: stowage install" "${watch[@]}" -- \
-            env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/install-run" install "$pullref"
-        docker_forget
+        DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-root" pull $fit "$ref" >/dev/null
     fi
-    settle
-    measure "install: docker pull, 3 images one by one" "${watch[@]}" -- \
-        bash -c 'docker_pull_all "$@"' _ "${pull_tags[@]}"
-    docker_forget
-    settle
-    measure "install: docker load of a docker save archive" "${watch[@]}" -- \
-        docker -H "$DH" load -q -i "$work/app.tar"
-    docker_forget
-done
+    for i in $(seq "$REPS"); do
+        if [ "$have_install" = 1 ]; then
+            rm -rf "$work/$name-run"
+            cp -a "$work/$name-root" "$work/$name-run"
+            settle
+            measure "$section: stowage install" "${watch[@]}" -- \
+                env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/$name-run" install "$ref"
+            docker_forget "${tags[@]}"
+        fi
+        settle
+        measure "$section: docker pull, 3 images one by one" "${watch[@]}" -- \
+            bash -c 'docker_pull_all "$@"' _ "${tags[@]}"
+        docker_forget "${tags[@]}"
+        settle
+        measure "$section: docker pull, 3 images at once" "${watch[@]}" -- \
+            bash -c 'docker_pull_at_once "$@"' _ "${tags[@]}"
+        docker_forget "${tags[@]}"
+        settle
+        measure "$section: docker load of a docker save archive" "${watch[@]}" -- \
+            docker -H "$DH" load -q -i "$work/$name.tar"
+        docker_forget "${tags[@]}"
+    done
+    rm -f "$work/$name.tar"
+}
+install_cases install "$pullref" "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
+install_cases "install, files app" "$filesref" \
+    "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
 if [ "$have_install" = 0 ]; then
     log "SKIPPED stowage install: this stowage has no install verb (the Docker baselines were measured)"
 fi
@@ -341,6 +405,7 @@ fi
 python3 "$repo/scripts/bench/report.py" \
     --results "$results" \
     --publish-app "$work/pubapp.json" --pull-app "$work/pullapp.json" \
+    --files-app "$work/filesapp.json" \
     --install "$have_install" \
     --stowage-commit "$(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src || echo '+changes')" \
     >"$work/report.md"

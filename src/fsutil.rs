@@ -53,6 +53,27 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>
     fsync_dir(&dir)
 }
 
+/// Replaces `path` with `bytes` atomically (readers see the old or the new
+/// content, never a mix) but not durably: no fsync, so after a power cut
+/// the file may be the old one or gone. For hints that cost nothing to lose.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = temp_path_beside(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(STATE_FILE_MODE)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// A fresh name beside `path` for a temporary file: unique within this
 /// process (counter) and across processes (pid).
 pub fn temp_path_beside(path: &Path) -> PathBuf {
