@@ -505,7 +505,7 @@ impl DockerEngine {
             {
                 served
             } else {
-                ours.clone()
+                *ours
             }
         });
         let connect = |version: &bollard::ClientVersion| {
