@@ -294,36 +294,86 @@ pub async fn fetch_app(
             None => Ok(None),
         }
     };
-    let (config, bundle, index, meta_bytes, layer_index_bytes) = tokio::try_join!(
-        blob(config_desc.clone(), format::MANIFEST_CAP, "config".into()),
-        blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()),
-        blob(
-            index_desc.clone(),
-            format::MANIFEST_CAP,
-            "bundle index".into()
-        ),
-        optional(meta_desc.clone(), "layers-meta".into()),
-        optional(
-            layer_index_desc.clone(),
-            format!("{architecture} layer index")
-        ),
-    )?;
+    // The services' images are known from the bundle's compose file alone:
+    // their fetches start as soon as the bundle is in, while the app's
+    // other blobs are still on their way.
+    let bundle_and_images = async {
+        let bundle = blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()).await?;
+        let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
+            bundle.as_slice(),
+            &crate::bundle::BundleLimits::default(),
+        )
+        .with_context(|| format!("the bundle of {what}"))?;
+        let compose_text = String::from_utf8(compose_bytes)
+            .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
+        let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
+            .with_context(|| format!("the bundle of {what}"))?;
+        let services = compose.images(&|_| None)?;
+        // Each service's manifest and config, all services at once: on a
+        // device the check's time is mostly these round trips.
+        let fetches = services.into_iter().map(|(service, pinned_image)| {
+            let what = &what;
+            let arch = &arch;
+            async move {
+                let image: ImageRef = pinned_image
+                    .parse()
+                    .with_context(|| format!("service {service} of {what}"))?;
+                if image.digest.is_none() {
+                    bail!("service {service} of {what}: image {image} is not pinned by digest");
+                }
+                let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, arch)
+                    .await
+                    .with_context(|| format!("service {service} of {what}"))?;
+                let config_bytes = client
+                    .get_blob(
+                        &image,
+                        &image_manifest.config.digest,
+                        image_manifest.config.size,
+                        format::MANIFEST_CAP,
+                    )
+                    .await
+                    .with_context(|| format!("the config of image {image} (service {service})"))?;
+                anyhow::Ok((
+                    service,
+                    pinned_image,
+                    image,
+                    manifest_blob,
+                    image_manifest,
+                    config_bytes,
+                ))
+            }
+        });
+        // Every fetch runs to its end; their errors are looked at after the
+        // app's own blobs, in the order a reader expects (see below).
+        let fetched_images = futures_util::future::join_all(fetches).await;
+        anyhow::Ok((bundle, compose_name, fetched_images))
+    };
+    let (app_blobs, bundle_and_images) = tokio::join!(
+        async {
+            tokio::try_join!(
+                blob(config_desc.clone(), format::MANIFEST_CAP, "config".into()),
+                blob(
+                    index_desc.clone(),
+                    format::MANIFEST_CAP,
+                    "bundle index".into()
+                ),
+                optional(meta_desc.clone(), "layers-meta".into()),
+                optional(
+                    layer_index_desc.clone(),
+                    format!("{architecture} layer index")
+                ),
+            )
+        },
+        bundle_and_images,
+    );
+    let (config, index, meta_bytes, layer_index_bytes) = app_blobs?;
+    let (bundle, compose_name, fetched_images) = bundle_and_images?;
     meta_blobs.push(MetaBlob {
         what: "app config".into(),
         descriptor: config_desc,
         bytes: config,
     });
     format::parse_bundle_index(&index)?;
-    let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
-        bundle.as_slice(),
-        &crate::bundle::BundleLimits::default(),
-    )
-    .with_context(|| format!("the bundle of {what}"))?;
-    let compose_text = String::from_utf8(compose_bytes)
-        .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
-    let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
-        .with_context(|| format!("the bundle of {what}"))?;
-    let services = compose.images(&|_| None)?;
     meta_blobs.push(MetaBlob {
         what: "bundle".into(),
         descriptor: bundle_desc,
@@ -359,42 +409,9 @@ pub async fn fetch_app(
         });
     }
 
-    // Each service's manifest and config, all services at once: on a
-    // device the check's time is mostly these round trips.
-    let fetches = services.into_iter().map(|(service, pinned_image)| {
-        let what = &what;
-        let arch = &arch;
-        async move {
-            let image: ImageRef = pinned_image
-                .parse()
-                .with_context(|| format!("service {service} of {what}"))?;
-            if image.digest.is_none() {
-                bail!("service {service} of {what}: image {image} is not pinned by digest");
-            }
-            let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, arch)
-                .await
-                .with_context(|| format!("service {service} of {what}"))?;
-            let config_bytes = client
-                .get_blob(
-                    &image,
-                    &image_manifest.config.digest,
-                    image_manifest.config.size,
-                    format::MANIFEST_CAP,
-                )
-                .await
-                .with_context(|| format!("the config of image {image} (service {service})"))?;
-            anyhow::Ok((
-                service,
-                pinned_image,
-                image,
-                manifest_blob,
-                image_manifest,
-                config_bytes,
-            ))
-        }
-    });
-    let fetched_images = futures_util::future::try_join_all(fetches).await?;
-
+    // An app not published for this architecture is refused as such, before
+    // whatever its images' fetches ran into.
+    let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
     let mut images = Vec::new();
     let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
     for (service, pinned_image, image, manifest_blob, image_manifest, config_bytes) in
