@@ -92,6 +92,20 @@ pub struct App {
     pub images: Vec<ServiceImage>,
     /// The app's layers, de-duplicated by digest.
     pub layers: Vec<LayerNeed>,
+    /// Metadata blobs a plan-only fetch left out (see [`Depth::Plan`]):
+    /// not in memory, but counted by the fit check all the same.
+    pub unfetched: Vec<Descriptor>,
+}
+
+/// How much of an app [`fetch_app_to`] brings into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Everything a pull stores.
+    Everything,
+    /// What the fit check needs: the image configs are left out when the
+    /// layers-meta gives every layer's diff_id (their sizes are in the image
+    /// manifests), which spares a device one round trip to the registry.
+    Plan,
 }
 
 impl App {
@@ -238,20 +252,31 @@ pub async fn fetch_apps(
     client: &impl MetaSource,
     references: &[ImageRef],
     platform: &str,
+    depth: Depth,
 ) -> Result<Vec<App>> {
     futures_util::future::try_join_all(
         references
             .iter()
-            .map(|reference| fetch_app(client, reference, platform)),
+            .map(|reference| fetch_app_to(client, reference, platform, depth)),
     )
     .await
 }
 
-/// Fetches an app's metadata for `architecture`.
+/// Fetches everything of an app's metadata for `architecture`.
 pub async fn fetch_app(
     client: &impl MetaSource,
     reference: &ImageRef,
     platform: &str,
+) -> Result<App> {
+    fetch_app_to(client, reference, platform, Depth::Everything).await
+}
+
+/// Fetches an app's metadata for `architecture`, as deep as `depth` says.
+pub async fn fetch_app_to(
+    client: &impl MetaSource,
+    reference: &ImageRef,
+    platform: &str,
+    depth: Depth,
 ) -> Result<App> {
     let arch = format::Arch::parse(platform);
     let architecture = arch.architecture.as_str();
@@ -298,7 +323,24 @@ pub async fn fetch_app(
     // their fetches start as soon as the bundle is in, while the app's
     // other blobs are still on their way.
     let bundle_and_images = async {
-        let bundle = blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()).await?;
+        let (bundle, meta_bytes) = tokio::try_join!(
+            blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()),
+            optional(meta_desc.clone(), "layers-meta".into()),
+        )?;
+        // For a plan-only fetch: the diff_ids the publisher recorded.
+        let known_diff_ids: BTreeMap<Digest, Digest> = match (&meta_bytes, depth) {
+            (Some(bytes), Depth::Plan) => format::parse_layers_meta(bytes)
+                .ok()
+                .and_then(|mut all| all.remove(architecture))
+                .map(|arch| {
+                    arch.layers
+                        .into_iter()
+                        .filter_map(|(digest, meta)| Some((digest, meta.diff_id?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => BTreeMap::new(),
+        };
         let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
             bundle.as_slice(),
             &crate::bundle::BundleLimits::default(),
@@ -314,6 +356,7 @@ pub async fn fetch_app(
         let fetches = services.into_iter().map(|(service, pinned_image)| {
             let what = &what;
             let arch = &arch;
+            let known_diff_ids = &known_diff_ids;
             async move {
                 let image: ImageRef = pinned_image
                     .parse()
@@ -324,15 +367,27 @@ pub async fn fetch_app(
                 let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, arch)
                     .await
                     .with_context(|| format!("service {service} of {what}"))?;
-                let config_bytes = client
-                    .get_blob(
-                        &image,
-                        &image_manifest.config.digest,
-                        image_manifest.config.size,
-                        format::MANIFEST_CAP,
-                    )
-                    .await
-                    .with_context(|| format!("the config of image {image} (service {service})"))?;
+                let needs_config = depth == Depth::Everything
+                    || !image_manifest
+                        .layers
+                        .iter()
+                        .all(|l| known_diff_ids.contains_key(&l.digest));
+                let config_bytes = if needs_config {
+                    let bytes = client
+                        .get_blob(
+                            &image,
+                            &image_manifest.config.digest,
+                            image_manifest.config.size,
+                            format::MANIFEST_CAP,
+                        )
+                        .await
+                        .with_context(|| {
+                            format!("the config of image {image} (service {service})")
+                        })?;
+                    Some(bytes)
+                } else {
+                    None
+                };
                 anyhow::Ok((
                     service,
                     pinned_image,
@@ -346,7 +401,13 @@ pub async fn fetch_app(
         // Every fetch runs to its end; their errors are looked at after the
         // app's own blobs, in the order a reader expects (see below).
         let fetched_images = futures_util::future::join_all(fetches).await;
-        anyhow::Ok((bundle, compose_name, fetched_images))
+        anyhow::Ok((
+            bundle,
+            meta_bytes,
+            known_diff_ids,
+            compose_name,
+            fetched_images,
+        ))
     };
     let (app_blobs, bundle_and_images) = tokio::join!(
         async {
@@ -357,7 +418,6 @@ pub async fn fetch_app(
                     format::MANIFEST_CAP,
                     "bundle index".into()
                 ),
-                optional(meta_desc.clone(), "layers-meta".into()),
                 optional(
                     layer_index_desc.clone(),
                     format!("{architecture} layer index")
@@ -366,8 +426,8 @@ pub async fn fetch_app(
         },
         bundle_and_images,
     );
-    let (config, index, meta_bytes, layer_index_bytes) = app_blobs?;
-    let (bundle, compose_name, fetched_images) = bundle_and_images?;
+    let (config, index, layer_index_bytes) = app_blobs?;
+    let (bundle, meta_bytes, known_diff_ids, compose_name, fetched_images) = bundle_and_images?;
     meta_blobs.push(MetaBlob {
         what: "app config".into(),
         descriptor: config_desc,
@@ -414,25 +474,37 @@ pub async fn fetch_app(
     let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
     let mut images = Vec::new();
     let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
+    let mut unfetched = Vec::new();
     for (service, pinned_image, image, manifest_blob, image_manifest, config_bytes) in
         fetched_images
     {
-        let config: ImageConfig = format::parse_json(&config_bytes, &format!("config of {image}"))?;
-        if !config.architecture.is_empty() && config.architecture != arch.architecture {
-            bail!(
-                "service {service} of {what}: image {image} is for {}, not {architecture}",
-                config.architecture
-            );
-        }
-        if config.rootfs.diff_ids.len() != image_manifest.layers.len() {
-            bail!(
-                "image {image} (service {service}) has {} layers but its config lists {} diff_ids",
-                image_manifest.layers.len(),
-                config.rootfs.diff_ids.len()
-            );
-        }
+        let diff_ids: Vec<Digest> = match &config_bytes {
+            Some(bytes) => {
+                let config: ImageConfig = format::parse_json(bytes, &format!("config of {image}"))?;
+                if !config.architecture.is_empty() && config.architecture != arch.architecture {
+                    bail!(
+                        "service {service} of {what}: image {image} is for {}, not {architecture}",
+                        config.architecture
+                    );
+                }
+                if config.rootfs.diff_ids.len() != image_manifest.layers.len() {
+                    bail!(
+                        "image {image} (service {service}) has {} layers but its config lists {} diff_ids",
+                        image_manifest.layers.len(),
+                        config.rootfs.diff_ids.len()
+                    );
+                }
+                config.rootfs.diff_ids
+            }
+            // A plan-only fetch: every layer's diff_id is in the layers-meta.
+            None => image_manifest
+                .layers
+                .iter()
+                .filter_map(|l| known_diff_ids.get(&l.digest).cloned())
+                .collect(),
+        };
         let mut image_layers = Vec::new();
-        for (layer, diff_id) in image_manifest.layers.iter().zip(config.rootfs.diff_ids) {
+        for (layer, diff_id) in image_manifest.layers.iter().zip(diff_ids) {
             if !media::is_layer(&layer.media_type) {
                 bail!(
                     "image {image} has layer {} of media type {:?}, which is not an image layer",
@@ -463,11 +535,14 @@ pub async fn fetch_app(
                 });
             image_layers.push((layer.clone(), diff_id));
         }
-        meta_blobs.push(MetaBlob {
-            what: format!("config of {image}"),
-            descriptor: image_manifest.config.clone(),
-            bytes: config_bytes,
-        });
+        match config_bytes {
+            Some(bytes) => meta_blobs.push(MetaBlob {
+                what: format!("config of {image}"),
+                descriptor: image_manifest.config.clone(),
+                bytes,
+            }),
+            None => unfetched.push(image_manifest.config.clone()),
+        }
         images.push(ServiceImage {
             service,
             pinned: pinned_image,
@@ -481,6 +556,7 @@ pub async fn fetch_app(
     // Several services may share blobs: keep each once.
     let mut seen = std::collections::HashSet::new();
     meta_blobs.retain(|b| seen.insert(b.descriptor.digest.clone()));
+    unfetched.retain(|d| seen.insert(d.digest.clone()));
 
     Ok(App {
         name: pinned.short_name().to_string(),
@@ -493,6 +569,7 @@ pub async fn fetch_app(
         meta_blobs,
         images,
         layers: layers.into_values().collect(),
+        unfetched,
     })
 }
 

@@ -181,8 +181,9 @@ pub fn plan_update(
         true
     };
     for app in apps {
-        for blob in &app.meta_blobs {
-            if count_blob(&blob.descriptor.digest, blob.descriptor.size) {
+        let meta = app.meta_blobs.iter().map(|b| &b.descriptor);
+        for descriptor in meta.chain(&app.unfetched) {
+            if count_blob(&descriptor.digest, descriptor.size) {
                 missing_meta += 1;
             }
         }

@@ -600,6 +600,7 @@ fn app_for_plan(
         meta_blobs: Vec::new(),
         images,
         layers: layers.into_values().collect(),
+        unfetched: Vec::new(),
     })
 }
 

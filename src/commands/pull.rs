@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::app::{App, LayerNeed, fetch_apps};
+use crate::app::{App, Depth, LayerNeed, fetch_apps};
 use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::format::media;
 use crate::progress::{Event, Progress};
@@ -61,8 +61,10 @@ impl PullOptions {
         for reference in &self.apps {
             progress.step(format!("fetching metadata of {reference}"));
         }
-        let ((docker, note), apps) =
-            tokio::join!(docker, fetch_apps(client, &self.apps, &self.architecture));
+        let ((docker, note), apps) = tokio::join!(
+            docker,
+            fetch_apps(client, &self.apps, &self.architecture, Depth::Everything)
+        );
         let apps = apps?;
         let paths = Paths::under(store.root());
         let (plan, mut check) = check_update(&apps, store, &paths, &docker, self.policy)?;

@@ -243,7 +243,15 @@ impl AgentDevice for LiveDevice<'_> {
     async fn fits(&self, to: &AppSet) -> Result<(bool, serde_json::Value)> {
         let mut apps = Vec::new();
         for reference in Self::refs(to)? {
-            apps.push(crate::app::fetch_app(self.client, &reference, &self.architecture).await?);
+            apps.push(
+                crate::app::fetch_app_to(
+                    self.client,
+                    &reference,
+                    &self.architecture,
+                    crate::app::Depth::Plan,
+                )
+                .await?,
+            );
         }
         let docker = self.docker_view().await;
         let (_, report) = check_update(

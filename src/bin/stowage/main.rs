@@ -593,7 +593,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // mostly their round trips.
             let ((docker, note), apps) = tokio::join!(
                 globals.docker_view(&args.fit),
-                stowage::app::fetch_apps(&client, &references, &fit.arch)
+                stowage::app::fetch_apps(
+                    &client,
+                    &references,
+                    &fit.arch,
+                    stowage::app::Depth::Plan
+                )
             );
             let apps = apps?;
             let paths = check::Paths::under(&globals.root);
