@@ -597,3 +597,83 @@ async fn the_engine_is_reached_at_the_api_version_it_speaks() {
         docker(&["info", "--format", "{{.Driver}}"])
     );
 }
+
+#[tokio::test]
+async fn the_cached_image_layers_follow_the_engine_as_images_come_and_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let base = format!("{}:1", unique("stowage-cache-base"));
+    build_base(dir.path(), &base, &mut cleanup);
+    let app = format!("{}:1", unique("stowage-cache-app"));
+    build_app(
+        dir.path(),
+        &base,
+        &app,
+        &[("data.bin", random_bytes(100_000))],
+        &mut cleanup,
+    );
+    let diff_ids: Vec<Digest> = docker(&["inspect", "--format", "{{json .RootFS.Layers}}", &app])
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|d| d.trim_matches('"').parse().unwrap())
+        .collect();
+    assert_eq!(diff_ids.len(), 2);
+    let app_id = docker(&["inspect", "--format", "{{.Id}}", &app]);
+    let cache = dir.path().join("docker-layers.json");
+    let cached = || -> BTreeMap<String, Vec<Digest>> {
+        serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap()
+    };
+
+    // A first look inspects every image and keeps what it learnt.
+    let engine = DockerEngine::connect(None)
+        .await
+        .unwrap()
+        .with_layer_cache(cache.clone());
+    let held = engine.held_layers().await.unwrap();
+    assert_eq!(held.held_prefix_len(&diff_ids), 2);
+    assert_eq!(cached().get(&app_id), Some(&diff_ids));
+
+    // A later run, in a new connection, reads the same from the cache.
+    let engine = DockerEngine::connect(None)
+        .await
+        .unwrap()
+        .with_layer_cache(cache.clone());
+    assert_eq!(
+        engine
+            .held_layers()
+            .await
+            .unwrap()
+            .held_prefix_len(&diff_ids),
+        2
+    );
+
+    // The image goes: so do its entry and its top layer (the base stays).
+    docker(&["rmi", &app]);
+    let held = engine.held_layers().await.unwrap();
+    assert_eq!(
+        held.held_prefix_len(&diff_ids),
+        1,
+        "only the base is held now"
+    );
+    assert!(!cached().contains_key(&app_id), "{:?}", cached().keys());
+
+    // A cache file that cannot be read is an empty cache, not an error.
+    std::fs::write(&cache, b"not json").unwrap();
+    let engine = DockerEngine::connect(None)
+        .await
+        .unwrap()
+        .with_layer_cache(cache.clone());
+    assert_eq!(
+        engine
+            .held_layers()
+            .await
+            .unwrap()
+            .held_prefix_len(&diff_ids),
+        1
+    );
+    assert!(
+        cached()
+            .values()
+            .any(|layers| layers.first() == diff_ids.first())
+    );
+}
