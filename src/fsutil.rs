@@ -31,7 +31,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// The temporary file lives in the same directory (so the rename cannot cross
 /// a file system) and is removed again when any step fails.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = parent_dir(path);
+    replace_with(path, bytes, mode, true)?;
+    fsync_dir(&parent_dir(path))
+}
+
+/// Replaces `path` with `bytes` atomically (readers see the old or the new
+/// content, never a mix) but not durably: no fsync, so after a power cut
+/// the file may be the old one or gone. For hints that cost nothing to lose.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_with(path, bytes, STATE_FILE_MODE, false)
+}
+
+/// Writes `bytes` to a temporary file beside `path` (fsynced when `durable`)
+/// and renames it over `path`; the temporary file goes when a step fails.
+fn replace_with(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let tmp = temp_path_beside(path);
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -42,29 +55,9 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>
         file.write_all(bytes)?;
         // The umask may have narrowed the mode at creation; state it exactly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    fsync_dir(&dir)
-}
-
-/// Replaces `path` with `bytes` atomically (readers see the old or the new
-/// content, never a mix) but not durably: no fsync, so after a power cut
-/// the file may be the old one or gone. For hints that cost nothing to lose.
-pub fn write_replacing(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = temp_path_beside(path);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(STATE_FILE_MODE)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
         drop(file);
         fs::rename(&tmp, path)
     })();

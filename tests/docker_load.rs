@@ -623,57 +623,41 @@ async fn the_cached_image_layers_follow_the_engine_as_images_come_and_go() {
     let cached = || -> BTreeMap<String, Vec<Digest>> {
         serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap()
     };
-
-    // A first look inspects every image and keeps what it learnt.
-    let engine = DockerEngine::connect(None)
-        .await
-        .unwrap()
-        .with_layer_cache(cache.clone());
-    let held = engine.held_layers().await.unwrap();
-    assert_eq!(held.held_prefix_len(&diff_ids), 2);
-    assert_eq!(cached().get(&app_id), Some(&diff_ids));
-
-    // A later run, in a new connection, reads the same from the cache.
-    let engine = DockerEngine::connect(None)
-        .await
-        .unwrap()
-        .with_layer_cache(cache.clone());
-    assert_eq!(
-        engine
-            .held_layers()
+    let connect = || async {
+        DockerEngine::connect(None)
             .await
             .unwrap()
-            .held_prefix_len(&diff_ids),
-        2
-    );
+            .with_layer_cache(cache.clone())
+    };
 
-    // The image goes: so do its entry and its top layer (the base stays).
-    docker(&["rmi", &app]);
+    let held_len = |engine: DockerEngine, diff_ids: Vec<Digest>| async move {
+        let held = engine.held_layers().await.unwrap();
+        held.held_prefix_len(&diff_ids)
+    };
+
+    // A first look inspects every image and keeps what it learnt.
+    assert_eq!(held_len(connect().await, diff_ids.clone()).await, 2);
+    assert_eq!(cached().get(&app_id), Some(&diff_ids));
+
+    // A later run reads the cache instead of inspecting: an entry planted
+    // for the image is what it then believes.
+    let planted: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+    let mut edited = cached();
+    edited.insert(app_id.clone(), vec![planted.clone()]);
+    std::fs::write(&cache, serde_json::to_vec(&edited).unwrap()).unwrap();
+    let engine = connect().await;
     let held = engine.held_layers().await.unwrap();
-    assert_eq!(
-        held.held_prefix_len(&diff_ids),
-        1,
-        "only the base is held now"
-    );
+    assert_eq!(held.held_prefix_len(std::slice::from_ref(&planted)), 1);
+
+    // The image goes (and the builder's intermediate images with it): so do
+    // its entry and its top layer; the base stays.
+    docker(&["rmi", &app]);
+    assert_eq!(held_len(engine.clone(), vec![planted]).await, 0);
+    assert_eq!(held_len(engine, diff_ids.clone()).await, 1);
     assert!(!cached().contains_key(&app_id), "{:?}", cached().keys());
 
     // A cache file that cannot be read is an empty cache, not an error.
     std::fs::write(&cache, b"not json").unwrap();
-    let engine = DockerEngine::connect(None)
-        .await
-        .unwrap()
-        .with_layer_cache(cache.clone());
-    assert_eq!(
-        engine
-            .held_layers()
-            .await
-            .unwrap()
-            .held_prefix_len(&diff_ids),
-        1
-    );
-    assert!(
-        cached()
-            .values()
-            .any(|layers| layers.first() == diff_ids.first())
-    );
+    assert_eq!(held_len(connect().await, diff_ids.clone()).await, 1);
+    assert!(cached().values().any(|l| l.first() == diff_ids.first()));
 }
