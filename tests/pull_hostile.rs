@@ -348,3 +348,46 @@ fn lying_manifests_are_refused_before_anything_is_stored() {
     run_ok(device(&root, &host).args(["pull", &app.reference]));
     app.assert_nothing_unverified(&root);
 }
+
+#[test]
+fn a_plain_http_registry_that_sends_a_blob_to_https_storage_is_followed_there() {
+    // The layer lives "in storage" behind HTTPS (a TLS registry holding the
+    // same bytes in the same repository); the plain registry redirects its
+    // GETs there, as registries backed by object stores do.
+    let name = unique("redirect");
+    let app = HostileApp::publish(&name, MIB);
+    let storage = Registry::start_with(RegistryOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let repo = format!("{name}/web");
+    let bytes = app.registry.blob(&app.layer).unwrap();
+    assert_eq!(storage.upload_blob(&repo, &bytes), app.layer.to_string());
+    app.registry
+        .set_blob_behaviour(&app.layer, Behaviour::RedirectTo(storage.url()));
+    let ca = storage.ca_file().unwrap();
+
+    // Without the storage's CA the certificate is refused, by name.
+    let scratch = temp_dir("stowage-redirect-");
+    let root = scratch.path().join("root");
+    let out = app.pull(&root);
+    fails_saying(&out, &[&app.layer.to_string(), "certificate"]);
+    assert!(!app.layer_stored(&root));
+    app.assert_nothing_unverified(&root);
+
+    // With it, the pull follows the redirect through the TLS client.
+    let out = run_output(
+        device(&root, &app.registry.host())
+            .arg("--ca-file")
+            .arg(&ca)
+            .args(["pull", &app.reference]),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(app.layer_stored(&root));
+    assert!(
+        app.layer_gets().iter().any(|(_, status)| *status == 307),
+        "{:?}",
+        app.layer_gets()
+    );
+    app.assert_nothing_unverified(&root);
+}

@@ -112,6 +112,9 @@ pub enum Behaviour {
     /// The body is the content plus a trailing newline (still valid JSON),
     /// while Docker-Content-Digest claims the digest asked for.
     WrongDigest,
+    /// 307 to this base URL plus the request's path, as a registry whose
+    /// blobs live in other storage does (not a lie: the target serves them).
+    RedirectTo(String),
 }
 
 /// One request and what the registry did with it.
@@ -1116,6 +1119,12 @@ fn send_content(
             Some(other) => other.clone(),
         }
     };
+
+    if let Behaviour::RedirectTo(base) = &behaviour {
+        entry.status = 307;
+        let location = vec![("Location".to_string(), format!("{base}{}", request.path))];
+        return write_head(writer, 307, &location, 0, false).is_ok();
+    }
 
     // The content as this answer presents it, and the digest it claims.
     let mut served: Arc<Vec<u8>> = content.bytes.clone();
