@@ -172,9 +172,7 @@ pub fn plan_update(
         }
         // A partial download (and the space preallocated for it) is
         // already taken from the volume: count only the rest.
-        let have = store
-            .partial_bytes(digest)
-            .max(store.partial_allocated_bytes(digest));
+        let have = store.partial_taken_bytes(digest);
         let left = size.saturating_sub(have);
         blob_bytes += store_volume.round_up(left);
         blob_inodes += 1;

@@ -241,6 +241,15 @@ impl Store {
             .unwrap_or(0)
     }
 
+    /// What the ingest of `digest` already takes from its volume: its bytes
+    /// or, when more, the blocks allocated to it (a preallocation). One
+    /// `stat`, for the fit check, which asks this of every missing blob.
+    pub fn partial_taken_bytes(&self, digest: &Digest) -> u64 {
+        fs::metadata(self.ingest_data_path(digest))
+            .map(|m| m.len().max(m.blocks() * 512))
+            .unwrap_or(0)
+    }
+
     /// Deletes the ingest of `digest`; fails with [`StoreError::IngestBusy`]
     /// while another process writes it. Says whether there was one.
     pub fn abort(&self, digest: &Digest) -> Result<bool> {
@@ -514,13 +523,7 @@ impl OpenIngest {
     /// without the three fsyncs a pull would otherwise pay per layer before
     /// its first byte.
     fn record_fresh(&mut self, digest: &Digest, expected: u64) -> Result<()> {
-        let checkpoint = Checkpoint {
-            digest: digest.clone(),
-            expected,
-            offset: 0,
-            sha256_state: hex::encode(self.hasher.serialize().as_slice()),
-        };
-        let bytes = serde_json::to_vec(&checkpoint).unwrap_or_default();
+        let bytes = self.state_bytes(digest, expected);
         write_replacing(&self.state_path, &bytes)
             .map_err(|e| StoreError::io(&self.state_path, e))?;
         self.checkpointed = 0;
@@ -551,14 +554,19 @@ impl OpenIngest {
         self.written_back = self.offset;
     }
 
-    fn checkpoint(&mut self, digest: &Digest, expected: u64) -> Result<()> {
+    /// The state file's content: where the ingest stands and its hash so far.
+    fn state_bytes(&self, digest: &Digest, expected: u64) -> Vec<u8> {
         let checkpoint = Checkpoint {
             digest: digest.clone(),
             expected,
             offset: self.offset,
             sha256_state: hex::encode(self.hasher.serialize().as_slice()),
         };
-        let bytes = serde_json::to_vec(&checkpoint).unwrap_or_default();
+        serde_json::to_vec(&checkpoint).unwrap_or_default()
+    }
+
+    fn checkpoint(&mut self, digest: &Digest, expected: u64) -> Result<()> {
+        let bytes = self.state_bytes(digest, expected);
         self.file
             .sync_data()
             .map_err(|e| StoreError::io(&self.data_path, e))?;
