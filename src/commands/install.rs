@@ -38,7 +38,7 @@ use crate::bundle::{BundleLimits, extract_bundle};
 use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::compose::write_image_override;
 use crate::docker::{
-    DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
+    DockerEngine, HeldLayers, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
 };
 use crate::format::{self, AppManifest, LayerMeta};
 use crate::fsutil::write_atomic;
@@ -239,12 +239,15 @@ pub(crate) async fn install_locked(
 
     // The fit check, when anything is to be written.
     let mut check = None;
+    // What the engine holds, as the check saw it: the loads are scheduled on it.
+    let mut held = HeldLayers::default();
     if !to_load.is_empty() || !bundle_current {
-        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let (info, engine_held) = tokio::join!(engine.info(), engine.held_layers());
+        held = engine_held?;
         let docker = DockerView {
             reachable: true,
             data_root: info?.data_root,
-            held: held?,
+            held: held.clone(),
         };
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
         let mut apps = vec![plan_app];
@@ -357,9 +360,17 @@ pub(crate) async fn install_locked(
         }
         report_images.push(image_report(planned, ImageAction::Tagged));
     }
-    let loaded = load_images(engine, store, &to_load, &meta, &options.load, progress)
-        .await
-        .with_context(|| format!("cannot install {}", app.reference))?;
+    let loaded = load_images(
+        engine,
+        store,
+        &held,
+        &to_load,
+        &meta,
+        &options.load,
+        progress,
+    )
+    .await
+    .with_context(|| format!("cannot install {}", app.reference))?;
     for (planned, loaded) in to_load.iter().zip(loaded) {
         let mut row = image_report(planned, ImageAction::Loaded);
         row.layers_sent = loaded.layers_sent;
@@ -393,6 +404,7 @@ pub(crate) async fn install_locked(
 async fn load_images(
     engine: &DockerEngine,
     store: &Store,
+    held: &HeldLayers,
     images: &[&PlannedImage],
     meta: &BTreeMap<Digest, LayerMeta>,
     options: &LoadOptions,
@@ -404,7 +416,6 @@ async fn load_images(
     if images.is_empty() {
         return Ok(Vec::new());
     }
-    let held = engine.held_layers().await?;
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
     let mut waits_for: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); images.len()];
     for (i, planned) in images.iter().enumerate() {
