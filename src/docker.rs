@@ -283,24 +283,27 @@ struct Ping {
 async fn ping(host: &str) -> Option<Ping> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     const REQUEST: &[u8] = b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n";
-    let mut answer = Vec::new();
-    let exchange = async {
-        if let Some(socket) = host.strip_prefix("unix://") {
-            let mut stream = tokio::net::UnixStream::connect(socket).await?;
-            stream.write_all(REQUEST).await?;
-            stream.take(16 * 1024).read_to_end(&mut answer).await?;
-        } else {
-            let address = host
-                .trim_start_matches("tcp://")
-                .trim_start_matches("http://")
-                .trim_end_matches('/');
-            let mut stream = tokio::net::TcpStream::connect(address).await?;
-            stream.write_all(REQUEST).await?;
-            stream.take(16 * 1024).read_to_end(&mut answer).await?;
+    async fn exchange(
+        mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    ) -> std::io::Result<Vec<u8>> {
+        stream.write_all(REQUEST).await?;
+        let mut answer = Vec::new();
+        stream.take(16 * 1024).read_to_end(&mut answer).await?;
+        Ok(answer)
+    }
+    let answer = async {
+        match host.strip_prefix("unix://") {
+            Some(socket) => exchange(tokio::net::UnixStream::connect(socket).await?).await,
+            None => {
+                let address = host
+                    .trim_start_matches("tcp://")
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/');
+                exchange(tokio::net::TcpStream::connect(address).await?).await
+            }
         }
-        Ok::<_, std::io::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
         .await
         .ok()?
         .ok()?;
