@@ -327,15 +327,16 @@ pub async fn fetch_app_to(
             blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()),
             optional(meta_desc.clone(), "layers-meta".into()),
         )?;
+        // Parsed once here; a parse error is reported below, in reading order.
+        let parsed_meta = meta_bytes.as_deref().map(format::parse_layers_meta);
         // For a plan-only fetch: the diff_ids the publisher recorded.
-        let known_diff_ids: BTreeMap<Digest, Digest> = match (&meta_bytes, depth) {
-            (Some(bytes), Depth::Plan) => format::parse_layers_meta(bytes)
-                .ok()
-                .and_then(|mut all| all.remove(architecture))
+        let known_diff_ids: BTreeMap<Digest, Digest> = match (&parsed_meta, depth) {
+            (Some(Ok(all)), Depth::Plan) => all
+                .get(architecture)
                 .map(|arch| {
                     arch.layers
-                        .into_iter()
-                        .filter_map(|(digest, meta)| Some((digest, meta.diff_id?)))
+                        .iter()
+                        .filter_map(|(digest, meta)| Some((digest.clone(), meta.diff_id.clone()?)))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -404,6 +405,7 @@ pub async fn fetch_app_to(
         anyhow::Ok((
             bundle,
             meta_bytes,
+            parsed_meta,
             known_diff_ids,
             compose_name,
             fetched_images,
@@ -427,7 +429,8 @@ pub async fn fetch_app_to(
         bundle_and_images,
     );
     let (config, index, layer_index_bytes) = app_blobs?;
-    let (bundle, meta_bytes, known_diff_ids, compose_name, fetched_images) = bundle_and_images?;
+    let (bundle, meta_bytes, parsed_meta, known_diff_ids, compose_name, fetched_images) =
+        bundle_and_images?;
     meta_blobs.push(MetaBlob {
         what: "app config".into(),
         descriptor: config_desc,
@@ -446,8 +449,8 @@ pub async fn fetch_app_to(
     });
 
     let mut arch_meta: Option<ArchLayers> = None;
-    if let (Some(meta_desc), Some(bytes)) = (meta_desc, meta_bytes) {
-        let mut all = format::parse_layers_meta(&bytes)?;
+    if let (Some(meta_desc), Some(bytes), Some(parsed)) = (meta_desc, meta_bytes, parsed_meta) {
+        let mut all = parsed?;
         if !all.contains_key(architecture) {
             bail!(
                 "{what} is not published for {architecture} (it has: {})",
