@@ -411,42 +411,64 @@ pub async fn fetch_app_to(
             fetched_images,
         ))
     };
-    let (app_blobs, bundle_and_images) = tokio::join!(
-        async {
-            tokio::try_join!(
-                blob(config_desc.clone(), format::MANIFEST_CAP, "config".into()),
-                blob(
-                    index_desc.clone(),
-                    format::MANIFEST_CAP,
-                    "bundle index".into()
-                ),
-                optional(
-                    layer_index_desc.clone(),
-                    format!("{architecture} layer index")
-                ),
-            )
-        },
-        bundle_and_images,
-    );
-    let (config, index, layer_index_bytes) = app_blobs?;
+    // The app's config, bundle index and layer index say nothing about the
+    // space an update needs: a plan counts them by their descriptors, and
+    // only a pull (which stores and verifies them) asks for their bytes.
+    let app_blobs = async {
+        if depth == Depth::Plan {
+            return Ok(None);
+        }
+        let (config, index, layer_index) = tokio::try_join!(
+            blob(config_desc.clone(), format::MANIFEST_CAP, "config".into()),
+            blob(
+                index_desc.clone(),
+                format::MANIFEST_CAP,
+                "bundle index".into()
+            ),
+            optional(
+                layer_index_desc.clone(),
+                format!("{architecture} layer index")
+            ),
+        )?;
+        anyhow::Ok(Some((config, index, layer_index)))
+    };
+    let (app_blobs, bundle_and_images) = tokio::join!(app_blobs, bundle_and_images);
+    let app_blobs = app_blobs?;
     let (bundle, meta_bytes, parsed_meta, known_diff_ids, compose_name, fetched_images) =
         bundle_and_images?;
-    meta_blobs.push(MetaBlob {
-        what: "app config".into(),
-        descriptor: config_desc,
-        bytes: config,
-    });
-    format::parse_bundle_index(&index)?;
+    let mut unfetched = Vec::new();
+    let mut layer_index_bytes = None;
+    let (config, index) = match app_blobs {
+        Some((config, index, layer_index)) => {
+            layer_index_bytes = layer_index;
+            (Some(config), Some(index))
+        }
+        None => {
+            unfetched.extend([config_desc.clone(), index_desc.clone()]);
+            unfetched.extend(layer_index_desc.clone());
+            (None, None)
+        }
+    };
+    if let Some(bytes) = config {
+        meta_blobs.push(MetaBlob {
+            what: "app config".into(),
+            descriptor: config_desc,
+            bytes,
+        });
+    }
     meta_blobs.push(MetaBlob {
         what: "bundle".into(),
         descriptor: bundle_desc,
         bytes: bundle.clone(),
     });
-    meta_blobs.push(MetaBlob {
-        what: "bundle index".into(),
-        descriptor: index_desc,
-        bytes: index,
-    });
+    if let Some(bytes) = index {
+        format::parse_bundle_index(&bytes)?;
+        meta_blobs.push(MetaBlob {
+            what: "bundle index".into(),
+            descriptor: index_desc,
+            bytes,
+        });
+    }
 
     let mut arch_meta: Option<ArchLayers> = None;
     if let (Some(meta_desc), Some(bytes), Some(parsed)) = (meta_desc, meta_bytes, parsed_meta) {
@@ -477,7 +499,6 @@ pub async fn fetch_app_to(
     let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
     let mut images = Vec::new();
     let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
-    let mut unfetched = Vec::new();
     for (service, pinned_image, image, manifest_blob, image_manifest, config_bytes) in
         fetched_images
     {
