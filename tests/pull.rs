@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use stowage::Digest;
 use stowage::store::Store;
 use support::*;
@@ -321,6 +321,13 @@ fn ls_rm_prune_and_fsck_look_after_the_store() {
     let root = root_dir.path().join("root");
     run_ok(device(&root, &host).args(["pull", &shop, &blog]));
 
+    // A pull leaves nothing a prune would take: the manifests the registry
+    // served, which the apps' compose files pin, are kept beside their OCI
+    // forms.
+    let dry =
+        json_of(run_ok(device(&root, &host).args(["--json", "prune", "--dry-run"])).as_bytes());
+    assert_eq!(dry["removed_blobs"], json!([]), "{dry:#}");
+
     // ls: both apps, fetched, with their sizes.
     let listed = json_of(run_ok(device(&root, &host).args(["--json", "ls"])).as_bytes());
     let rows = listed.as_array().unwrap();
@@ -393,6 +400,10 @@ fn ls_rm_prune_and_fsck_look_after_the_store() {
     assert_fsck_clean(&root, &host);
     let text = run_ok(device(&root, &host).arg("prune"));
     assert!(text.contains("removed 0 blobs"), "{text}");
+    // What the prune left is all the blog needs: nothing to fetch again.
+    let (code, blog_check) = check_json(&root, &host, &blog, 0);
+    assert_eq!(code, 0);
+    assert_eq!(store_volume(&root, &blog_check).blobs, 0, "{blog_check:#}");
 
     // A flipped byte in the blog's largest layer: fsck names it, moves it
     // aside and fails; ls shows the blog partial; a pull fetches it again.

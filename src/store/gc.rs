@@ -1,6 +1,7 @@
 //! What the refs reach, and removing the rest.
 //!
-//! The walk starts at every entry of `index.json` (named or not) and follows,
+//! The walk starts at every entry of `index.json` (named or not), and at the
+//! manifest digest a ref name is pinned by (`repo@sha256:...`), and follows,
 //! in every manifest or index it can read, the descriptors under `config`,
 //! `layers`, `manifests`, `blobs` and `subject`, plus the bundle index named
 //! by the `org.foundries.app.bundle.index.digest` annotation (FORMAT.md). A
@@ -72,11 +73,21 @@ pub(crate) fn walk(
     let index = read_index(&store.index_path())?;
     let mut walk = Walk::default();
     // (digest, media type if known, declared size if known)
-    let mut pending: Vec<(Digest, Option<String>, Option<u64>)> = index
-        .manifests
-        .into_iter()
-        .map(|d| (d.digest, Some(d.media_type), Some(d.size)))
-        .collect();
+    let mut pending: Vec<(Digest, Option<String>, Option<u64>)> = Vec::new();
+    for entry in index.manifests {
+        // An image stored in its OCI form keeps the name it was pinned by,
+        // `repo@sha256:...` of the manifest the registry served: that
+        // manifest is kept too, since the app's compose file names it.
+        if let Some(pinned) = entry
+            .ref_name()
+            .and_then(|name| name.rsplit_once('@'))
+            .and_then(|(_, digest)| digest.parse::<Digest>().ok())
+            .filter(|pinned| *pinned != entry.digest)
+        {
+            pending.push((pinned, None, None));
+        }
+        pending.push((entry.digest, Some(entry.media_type), Some(entry.size)));
+    }
     pending.extend(extra_roots.iter().map(|d| (d.clone(), None, None)));
 
     while let Some((digest, media_type, size)) = pending.pop() {
