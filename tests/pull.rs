@@ -530,3 +530,40 @@ fn an_app_without_the_device_architecture_is_refused_naming_it() {
     let listed = json_of(run_ok(device(&root, &host).args(["--json", "ls"])).as_bytes());
     assert_eq!(listed, Value::Array(vec![]));
 }
+
+#[test]
+fn out_of_range_settings_are_refused_by_name_before_anything_is_fetched() {
+    let dir = temp_dir("stowage-flags-");
+    let root = dir.path().join("root");
+    // Nothing listens on port 1: a command that got past its settings would
+    // fail on the registry instead, with another message.
+    let app = "127.0.0.1:1/nobody/app:1";
+    let usage = |args: &[&str], says: &str| {
+        let out = run_output(stowage().arg("--root").arg(&root).args(args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    usage(&["pull", "--jobs", "0", app], "--jobs");
+    usage(&["pull", "--jobs", "65", app], "--jobs");
+    usage(&["update", "--jobs", "0", app], "--jobs");
+    usage(&["check", "--watermark", "10", app], "--watermark");
+    usage(&["check", "--watermark", "100", app], "--watermark");
+    usage(&["publish", "--jobs", "0", app], "--jobs");
+
+    // The same limits hold in the config file, named as its keys.
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(&config, "jobs = 0\n").unwrap();
+    let out = run_output(
+        stowage()
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(&root)
+            .args(["pull", app]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("jobs = 0 in the config file"), "{stderr}");
+    assert!(blob_files(&root).is_empty());
+}

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::admin;
@@ -37,6 +37,14 @@ const DOES_NOT_FIT: u8 = 100;
 
 /// The file under the root that remembers the layers of Docker's images.
 const DOCKER_LAYER_CACHE: &str = "docker-layers.json";
+/// Downloads at once, by default and at most: each holds a connection and a
+/// file open, and a device's registry link gains nothing from more.
+const DEFAULT_JOBS: usize = 4;
+const JOBS: std::ops::RangeInclusive<usize> = 1..=64;
+
+fn jobs_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=64)
+}
 
 /// The device-side settings of the fit check.
 struct Fit {
@@ -121,8 +129,8 @@ enum Command {
 struct UpdateArgs {
     #[command(flatten)]
     fit: FitArgs,
-    /// Blobs downloaded at once
-    #[arg(long, value_name = "N")]
+    /// Blobs downloaded at once (1-64)
+    #[arg(long, value_name = "N", value_parser = jobs_parser())]
     jobs: Option<usize>,
     /// Seconds the new apps have to be running and healthy
     #[arg(long, default_value_t = 120, value_name = "SECS")]
@@ -254,8 +262,8 @@ struct CheckArgs {
 struct PullArgs {
     #[command(flatten)]
     fit: FitArgs,
-    /// Blobs downloaded at once
-    #[arg(long, value_name = "N")]
+    /// Blobs downloaded at once (1-64)
+    #[arg(long, value_name = "N", value_parser = jobs_parser())]
     jobs: Option<usize>,
     #[arg(value_name = "REF", required = true)]
     apps: Vec<String>,
@@ -308,8 +316,8 @@ struct PublishArgs {
     /// Show what would be pushed, push nothing
     #[arg(long)]
     dry_run: bool,
-    /// Layers downloaded and analysed at once
-    #[arg(long, default_value_t = 4)]
+    /// Layers downloaded and analysed at once (1-64)
+    #[arg(long, default_value_t = DEFAULT_JOBS, value_name = "N", value_parser = jobs_parser())]
     jobs: usize,
     /// Where analysed layers are cached [default: ~/.cache/stowage]
     #[arg(long, value_name = "DIR")]
@@ -378,6 +386,15 @@ impl Globals {
     }
 
     /// The architecture, fit policy and Docker view for a device command.
+    /// Downloads at once: the flag, else the config file's `jobs`, else 4.
+    fn jobs(&self, flag: Option<usize>) -> Result<usize> {
+        match flag.or(self.config.jobs) {
+            None => Ok(DEFAULT_JOBS),
+            Some(n) if JOBS.contains(&n) => Ok(n),
+            Some(n) => bail!("jobs = {n} in the config file: give 1-64 downloads at once"),
+        }
+    }
+
     fn fit(&self, args: &FitArgs) -> Result<Fit> {
         let arch = match args.arch.clone().or_else(|| self.config.arch.clone()) {
             Some(a) => Arch::parse(&a),
@@ -464,7 +481,7 @@ impl Globals {
             client,
             architecture: fit.arch.clone(),
             policy: fit.policy,
-            jobs: jobs.or(self.config.jobs).unwrap_or(4),
+            jobs: self.jobs(jobs)?,
             install: InstallOptions {
                 architecture: fit.arch,
                 policy: fit.policy,
@@ -645,7 +662,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .collect::<Result<_, _>>()?,
                 architecture: fit.arch.clone(),
                 policy: fit.policy,
-                jobs: args.jobs.or(globals.config.jobs).unwrap_or(4),
+                jobs: globals.jobs(args.jobs)?,
             };
             match options
                 .run(
