@@ -2,6 +2,7 @@
 //! refs and the stored blobs, with no network. `ls`, `rm`, `install` and the
 //! prune of Docker images all start here.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -72,15 +73,31 @@ pub fn find_apps(store: &Store, name_or_ref: &str) -> Result<Vec<StoredApp>> {
         .collect())
 }
 
+/// Bytes of an app's stored blobs, each blob counted once however many of
+/// its images share it.
+#[derive(Default)]
+struct StoredBytes {
+    counted: HashSet<Digest>,
+    total: u64,
+}
+
+impl StoredBytes {
+    fn add(&mut self, digest: &Digest, size: u64) {
+        if self.counted.insert(digest.clone()) {
+            self.total += size;
+        }
+    }
+}
+
 /// Reads the app that ref `name` points at, or `None` when the manifest is
 /// an image, not an app.
 pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option<StoredApp>> {
     let mut missing = Vec::new();
-    let mut stored_bytes = 0u64;
-    let mut present = |d: &Digest, missing: &mut Vec<Digest>| -> bool {
+    let mut stored_bytes = StoredBytes::default();
+    let present = |d: &Digest, missing: &mut Vec<Digest>, bytes: &mut StoredBytes| -> bool {
         match store.size(d) {
             Some(n) => {
-                stored_bytes += n;
+                bytes.add(d, n);
                 true
             }
             None => {
@@ -89,7 +106,7 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
             }
         }
     };
-    if !present(digest, &mut missing) {
+    if !present(digest, &mut missing, &mut stored_bytes) {
         return Ok(None);
     }
     let bytes = store.read_capped(digest, format::APP_MANIFEST_CAP)?;
@@ -99,11 +116,14 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
     let reference: ImageRef = ref_name
         .parse()
         .with_context(|| format!("the store's ref {ref_name:?} is not a reference"))?;
+    // The bundle index, named in the bundle's annotations, is the app's too.
+    let bundle_index = manifest.bundle_index(ref_name).ok();
     for d in std::iter::once(&manifest.config)
         .chain(manifest.layers.iter())
         .chain(manifest.manifests.iter())
+        .chain(bundle_index.iter())
     {
-        present(&d.digest, &mut missing);
+        present(&d.digest, &mut missing, &mut stored_bytes);
     }
     let bundle = manifest.bundle().clone();
     let mut compose_file = String::new();
@@ -133,7 +153,7 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
         compose_file,
         images,
         missing,
-        stored_bytes,
+        stored_bytes: stored_bytes.total,
     }))
 }
 
@@ -142,7 +162,7 @@ fn load_image(
     service: String,
     pinned: String,
     missing: &mut Vec<Digest>,
-    stored_bytes: &mut u64,
+    stored_bytes: &mut StoredBytes,
 ) -> Result<StoredImage> {
     let mut image = StoredImage {
         service,
@@ -163,7 +183,15 @@ fn load_image(
         missing.push(desc.digest.clone());
         return Ok(image);
     }
-    *stored_bytes += desc.size;
+    stored_bytes.add(&desc.digest, desc.size);
+    // The manifest the registry served, which the pin names, is kept beside
+    // its OCI form. An app does not need it to install, so its absence
+    // does not make the app partial.
+    if let Some(served) = image.pinned.split('@').nth(1).and_then(|d| d.parse().ok())
+        && let Some(n) = store.size(&served)
+    {
+        stored_bytes.add(&served, n);
+    }
     let manifest: ImageManifest = format::parse_json(
         &store.read_capped(&desc.digest, format::MANIFEST_CAP)?,
         &format!("manifest of {}", image.pinned),
@@ -174,7 +202,7 @@ fn load_image(
         missing.push(config_digest);
         return Ok(image);
     }
-    *stored_bytes += manifest.config.size;
+    stored_bytes.add(&config_digest, manifest.config.size);
     let config: ImageConfig = format::parse_json(
         &store.read_capped(&config_digest, format::MANIFEST_CAP)?,
         &format!("config of {}", image.pinned),
@@ -182,7 +210,7 @@ fn load_image(
     image.config = Some(manifest.config.clone());
     for (layer, diff_id) in manifest.layers.into_iter().zip(config.rootfs.diff_ids) {
         match store.size(&layer.digest) {
-            Some(n) => *stored_bytes += n,
+            Some(n) => stored_bytes.add(&layer.digest, n),
             None => missing.push(layer.digest.clone()),
         }
         image.layers.push((layer, diff_id));

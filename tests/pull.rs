@@ -397,6 +397,14 @@ fn ls_rm_prune_and_fsck_look_after_the_store() {
         assert_eq!(before_rm[hex], *size, "the report gives each blob's size");
     }
     assert_eq!(after.len(), before_rm.len() - doomed.len());
+    // The blog alone is left: its size is every stored blob's, each counted
+    // once though its two images share their base layer.
+    let listed = json_of(run_ok(device(&root, &host).args(["--json", "ls"])).as_bytes());
+    assert_eq!(
+        listed[0]["stored_bytes"].as_u64().unwrap(),
+        after.values().sum::<u64>(),
+        "{listed:#}"
+    );
     assert_fsck_clean(&root, &host);
     let text = run_ok(device(&root, &host).arg("prune"));
     assert!(text.contains("removed 0 blobs"), "{text}");
