@@ -575,3 +575,51 @@ fn out_of_range_settings_are_refused_by_name_before_anything_is_fetched() {
     assert!(stderr.contains("jobs = 0 in the config file"), "{stderr}");
     assert!(blob_files(&root).is_empty());
 }
+
+#[test]
+fn a_result_written_into_a_closed_pipe_ends_quietly_and_a_full_one_fails() {
+    let dir = temp_dir("stowage-pipe-");
+    let root = dir.path().join("root");
+    run_ok(stowage().arg("--root").arg(&root).arg("ls"));
+    // `stowage ls | head -0`: the reader is gone before the table is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = stowage()
+        .arg("--root")
+        .arg(&root)
+        .arg("ls")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A result that cannot be written for another reason is an error.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = stowage()
+        .arg("--root")
+        .arg(&root)
+        .arg("ls")
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot write the result"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

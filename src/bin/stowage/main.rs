@@ -518,6 +518,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
+        Ok(_) if output::stdout_failed() => ExitCode::from(1),
         Ok(code) => code,
         Err(e) => {
             eprintln!("stowage: error: {}", error_text(&e));

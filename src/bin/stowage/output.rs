@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -22,6 +23,35 @@ use stowage::commands::run::{AppStatus, RunReport, StopReport};
 use stowage::progress::{Event, NoProgress, Progress};
 use stowage::store::{FsckReport, PruneReport};
 use stowage::stored::StoredApp;
+
+/// `println!` for results. A reader that went away (`stowage ls | head -1`)
+/// costs the rest of the output, not the command: a pull or a prune piped
+/// into a closed pipe still finishes its work. Other write errors are said
+/// once on stderr.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout_line(format_args!($($arg)*))
+    };
+}
+
+/// Set when a result could not be written for another reason than a closed
+/// pipe: the command then exits 1 (see [`stdout_failed`]).
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+fn write_stdout_line(line: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n"))
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+        && !STDOUT_FAILED.swap(true, Ordering::Relaxed)
+    {
+        eprintln!("stowage: error: cannot write the result to stdout: {e}");
+    }
+}
+
+/// Whether some result was lost to a write error other than a closed pipe.
+pub fn stdout_failed() -> bool {
+    STDOUT_FAILED.load(Ordering::Relaxed)
+}
 
 pub fn progress(json: bool, terminal: bool) -> Box<dyn Progress> {
     if json {
@@ -127,14 +157,14 @@ pub use stowage::space::human_bytes;
 
 pub fn publish(report: &PublishReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for (service, image) in &report.services {
-        println!("service {service}: {image}");
+        out!("service {service}: {image}");
     }
     for (arch, s) in &report.architectures {
-        println!(
+        out!(
             "{arch}: {} layers, download {}, unpacked {}, disk usage {} (4 KiB blocks), {} inodes",
             s.layers,
             human_bytes(s.download_size),
@@ -144,58 +174,61 @@ pub fn publish(report: &PublishReport, json: bool) -> Result<()> {
         );
     }
     if report.dry_run {
-        println!("dry run: nothing pushed; would push:");
+        out!("dry run: nothing pushed; would push:");
         for blob in &report.pushed {
-            println!("  {} {} ({} bytes)", blob.what, blob.digest, blob.size);
+            out!("  {} {} ({} bytes)", blob.what, blob.digest, blob.size);
         }
-        println!("{}", String::from_utf8_lossy(&report.manifest));
+        out!("{}", String::from_utf8_lossy(&report.manifest));
     }
-    println!("{}", report.reference);
+    out!("{}", report.reference);
     Ok(())
 }
 
 pub fn inspect(app: &AppDescription, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(app)?);
+        out!("{}", serde_json::to_string_pretty(app)?);
         return Ok(());
     }
-    println!("app:      {}", app.reference);
-    println!(
+    out!("app:      {}", app.reference);
+    out!(
         "bundle:   {} ({})",
         app.compose_file,
         human_bytes(app.bundle_size)
     );
-    println!("services:");
+    out!("services:");
     for (service, image) in &app.services {
-        println!("  {service:<16} {image}");
+        out!("  {service:<16} {image}");
     }
-    println!("architectures:");
-    println!(
+    out!("architectures:");
+    out!(
         "  {:<8} {:>7} {:>12} {:>12}",
-        "ARCH", "LAYERS", "DOWNLOAD", "DISK USAGE"
+        "ARCH",
+        "LAYERS",
+        "DOWNLOAD",
+        "DISK USAGE"
     );
     for (arch, f) in &app.architectures {
-        println!(
+        out!(
             "  {arch:<8} {:>7} {:>12} {:>12}",
             f.layers,
             human_bytes(f.download_size),
             human_bytes(f.usage)
         );
     }
-    println!("compose file ({}):", app.compose_file);
+    out!("compose file ({}):", app.compose_file);
     for line in app.compose.lines() {
-        println!("  {line}");
+        out!("  {line}");
     }
     Ok(())
 }
 
 pub fn check(report: &CheckReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for app in &report.apps {
-        println!(
+        out!(
             "app {} ({}): {} layers, {} to download ({} layers)",
             app.name,
             app.architecture,
@@ -204,17 +237,24 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
             app.layers_missing
         );
     }
-    println!(
+    out!(
         "policy: keep max({}%, {}) of each volume free",
         100 - report.fit.policy.watermark_pct as u32,
         human_bytes(report.fit.policy.reserve_bytes)
     );
-    println!(
+    out!(
         "{:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>19}  VERDICT",
-        "VOLUME", "BLOCK", "SIZE", "FREE", "RESERVED", "AVAILABLE", "REQUIRED", "INODES REQ/FREE"
+        "VOLUME",
+        "BLOCK",
+        "SIZE",
+        "FREE",
+        "RESERVED",
+        "AVAILABLE",
+        "REQUIRED",
+        "INODES REQ/FREE"
     );
     for (i, v) in report.fit.volumes.iter().enumerate() {
-        println!(
+        out!(
             "{:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>19}  {}",
             format!("#{}", i + 1),
             v.block_size,
@@ -226,21 +266,21 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
             format!("{}/{}", v.inodes_required, v.inodes_free),
             if v.fits { "fits" } else { "DOES NOT FIT" }
         );
-        println!("        paths:    {}", v.paths.join(", "));
+        out!("        paths:    {}", v.paths.join(", "));
         let parts: Vec<String> = v
             .required_parts
             .iter()
             .map(|(part, n)| format!("{} {}", part.label(), human_bytes(*n)))
             .collect();
-        println!("        required: {}", parts.join(" + "));
+        out!("        required: {}", parts.join(" + "));
         if !v.fits {
-            println!("        {}", v.reason);
+            out!("        {}", v.reason);
         }
     }
     for note in &report.fit.notes {
-        println!("note: {note}");
+        out!("note: {note}");
     }
-    println!(
+    out!(
         "{}",
         if report.fit.fits {
             "the update fits"
@@ -266,7 +306,7 @@ pub fn pull(report: &PullReport, json: bool) -> Result<()> {
         print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
         return Ok(());
     }
-    println!(
+    out!(
         "fetched {} blobs ({}); stored: {}",
         report.fetched_blobs,
         human_bytes(report.fetched_bytes),
@@ -290,12 +330,12 @@ pub fn ls(apps: &[StoredApp], json: bool) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<20} {:<9} {:>10}  REFERENCE", "NAME", "STATE", "SIZE");
+    out!("{:<20} {:<9} {:>10}  REFERENCE", "NAME", "STATE", "SIZE");
     for a in apps {
-        println!(
+        out!(
             "{:<20} {:<9} {:>10}  {}",
             a.name,
             if a.is_complete() {
@@ -312,13 +352,13 @@ pub fn ls(apps: &[StoredApp], json: bool) -> Result<()> {
 
 pub fn rm(report: &RmReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for r in &report.forgotten {
-        println!("forgot {r}");
+        out!("forgot {r}");
     }
-    println!("run `stowage prune` to free its blobs");
+    out!("run `stowage prune` to free its blobs");
     Ok(())
 }
 
@@ -342,7 +382,7 @@ pub fn prune(
             "stale_ingest_bytes": report.stale_ingest_bytes,
             "kept_blobs": report.kept,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        out!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     let verb = if report.dry_run {
@@ -351,12 +391,12 @@ pub fn prune(
         "removed"
     };
     for (d, n) in &report.removed {
-        println!("{verb} blob {d} ({})", human_bytes(*n));
+        out!("{verb} blob {d} ({})", human_bytes(*n));
     }
     for (d, n) in &report.stale_ingests_removed {
-        println!("{verb} partial download {d} ({})", human_bytes(*n));
+        out!("{verb} partial download {d} ({})", human_bytes(*n));
     }
-    println!(
+    out!(
         "blob store: {verb} {} blobs ({}) and {} partial downloads ({}); kept {} blobs",
         report.removed.len(),
         human_bytes(report.freed_bytes),
@@ -367,7 +407,7 @@ pub fn prune(
     match docker {
         Some(Ok(d)) => {
             for image in &d.removed {
-                println!(
+                out!(
                     "{verb} image {} {} ({})",
                     image.image_id.short(),
                     image.tags.join(", "),
@@ -375,21 +415,21 @@ pub fn prune(
                 );
             }
             for image in &d.kept_in_use {
-                println!(
+                out!(
                     "kept image {} {}: used by container {}",
                     image.image_id.short(),
                     image.tags.join(", "),
                     image.containers.join(", ")
                 );
             }
-            println!(
+            out!(
                 "docker images: {verb} {} images stowage loaded ({}); kept {} in use by containers",
                 d.removed.len(),
                 human_bytes(d.freed_bytes),
                 d.kept_in_use.len()
             );
         }
-        Some(Err(e)) => println!("docker images: not pruned: {e}"),
+        Some(Err(e)) => out!("docker images: not pruned: {e}"),
         None => {}
     }
     Ok(())
@@ -397,7 +437,7 @@ pub fn prune(
 
 pub fn install(report: &InstallReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for image in &report.images {
@@ -413,13 +453,13 @@ pub fn install(report: &InstallReport, json: bool) -> Result<()> {
             ImageAction::Present => "already in Docker".to_string(),
             ImageAction::Tagged => "already in Docker, tagged".to_string(),
         };
-        println!(
+        out!(
             "{:<24} {}  {what}",
             image.services.join(","),
             image.tags.first().map_or("", String::as_str)
         );
     }
-    println!(
+    out!(
         "installed {} ({}) in {}",
         report.name,
         report.reference,
@@ -430,7 +470,7 @@ pub fn install(report: &InstallReport, json: bool) -> Result<()> {
 
 pub fn run(report: &RunReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for install in &report.installs {
@@ -440,7 +480,7 @@ pub fn run(report: &RunReport, json: bool) -> Result<()> {
             .filter(|i| i.action == ImageAction::Loaded)
             .count();
         if loaded > 0 || install.bundle_extracted {
-            println!(
+            out!(
                 "installed {}: {loaded} images loaded ({} layers sent)",
                 install.name,
                 install.layers_sent()
@@ -448,30 +488,34 @@ pub fn run(report: &RunReport, json: bool) -> Result<()> {
         }
     }
     for name in &report.started {
-        println!("started {name}");
+        out!("started {name}");
     }
     Ok(())
 }
 
 pub fn stop(report: &StopReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for name in &report.stopped {
-        println!("stopped {name}");
+        out!("stopped {name}");
     }
     Ok(())
 }
 
 pub fn ps(apps: &[AppStatus], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(apps)?);
+        out!("{}", serde_json::to_string_pretty(apps)?);
         return Ok(());
     }
-    println!(
+    out!(
         "{:<20} {:<9} {:<16} {:<12} {:<10} CONTAINER",
-        "APP", "APP STATE", "SERVICE", "STATE", "HEALTH"
+        "APP",
+        "APP STATE",
+        "SERVICE",
+        "STATE",
+        "HEALTH"
     );
     for app in apps {
         for service in &app.services {
@@ -479,7 +523,7 @@ pub fn ps(apps: &[AppStatus], json: bool) -> Result<()> {
                 Some(code) if service.state != "running" => format!("{} ({code})", service.state),
                 _ => service.state.clone(),
             };
-            println!(
+            out!(
                 "{:<20} {:<9} {:<16} {:<12} {:<10} {}",
                 app.name,
                 app.state,
@@ -495,12 +539,12 @@ pub fn ps(apps: &[AppStatus], json: bool) -> Result<()> {
 
 pub fn df(report: &DfReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    println!("{:<16} {:>10} {:>7}  DETAIL", "STORE", "SIZE", "ITEMS");
+    out!("{:<16} {:>10} {:>7}  DETAIL", "STORE", "SIZE", "ITEMS");
     for store in &report.stores {
-        println!(
+        out!(
             "{:<16} {:>10} {:>7}  {} ({})",
             store.store,
             human_bytes(store.bytes),
@@ -509,13 +553,17 @@ pub fn df(report: &DfReport, json: bool) -> Result<()> {
             store.path.display()
         );
     }
-    println!();
-    println!(
+    out!("");
+    out!(
         "{:<20} {:<9} {:>10} {:>10} {:>10}  REFERENCE",
-        "APP", "INSTALLED", "STORE", "DOCKER", "DIRECTORY"
+        "APP",
+        "INSTALLED",
+        "STORE",
+        "DOCKER",
+        "DIRECTORY"
     );
     for app in &report.apps {
-        println!(
+        out!(
             "{:<20} {:<9} {:>10} {:>10} {:>10}  {}",
             app.name,
             if app.installed { "yes" } else { "no" },
@@ -525,13 +573,16 @@ pub fn df(report: &DfReport, json: bool) -> Result<()> {
             app.reference
         );
     }
-    println!();
-    println!(
+    out!("");
+    out!(
         "{:>10} {:>10} {:>10} {:>6}  PATHS",
-        "SIZE", "USED", "FREE", "BLOCK"
+        "SIZE",
+        "USED",
+        "FREE",
+        "BLOCK"
     );
     for volume in &report.volumes {
-        println!(
+        out!(
             "{:>10} {:>10} {:>10} {:>6}  {}",
             human_bytes(volume.size),
             human_bytes(volume.used),
@@ -546,7 +597,7 @@ pub fn df(report: &DfReport, json: bool) -> Result<()> {
         );
     }
     for note in &report.notes {
-        println!("note: {note}");
+        out!("note: {note}");
     }
     Ok(())
 }
@@ -564,11 +615,11 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
             "missing_ref_targets": report.missing_ref_targets.iter().map(|(n, d)| serde_json::json!({"ref": n, "digest": d})).collect::<Vec<_>>(),
             "clean": report.is_clean() && installed_clean,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        out!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     for c in &report.corrupt {
-        println!(
+        out!(
             "corrupt blob {}: {} (moved to {})",
             c.digest,
             c.reason,
@@ -576,7 +627,7 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
         );
     }
     for s in &report.moved_aside {
-        println!(
+        out!(
             "moved aside {}: {} (to {})",
             s.path.display(),
             s.reason,
@@ -584,11 +635,11 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
         );
     }
     for (n, d) in &report.missing_ref_targets {
-        println!("ref {n} points at missing {d}: pull the app again");
+        out!("ref {n} points at missing {d}: pull the app again");
     }
     for c in installed {
         if c.repaired {
-            println!(
+            out!(
                 "app {}: restored from the blob store ({} images were missing{})",
                 c.name,
                 c.missing_images.len(),
@@ -599,7 +650,7 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
                 }
             );
         } else if !c.missing_images.is_empty() || c.directory_damaged {
-            println!(
+            out!(
                 "app {}: Docker lacks {}{}; run `stowage fsck --repair`",
                 c.name,
                 if c.missing_images.is_empty() {
@@ -615,11 +666,11 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
             );
         }
         if let Some(e) = &c.error {
-            println!("app {}: cannot be restored: {e}", c.name);
+            out!("app {}: cannot be restored: {e}", c.name);
         }
     }
     if !installed.is_empty() {
-        println!(
+        out!(
             "checked {} installed apps: {}",
             installed.len(),
             if installed_clean {
@@ -629,7 +680,7 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
             }
         );
     }
-    println!(
+    out!(
         "checked {} blobs{}: {}",
         report.checked,
         if report.quick { " (sizes only)" } else { "" },
@@ -708,53 +759,53 @@ pub fn update_outcome(
 
 pub fn status(status: &stowage::agent::AgentStatus, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(status)?);
+        out!("{}", serde_json::to_string_pretty(status)?);
         return Ok(());
     }
-    println!("target:       {}", status.target);
+    out!("target:       {}", status.target);
     if let Some(d) = &status.target_digest {
-        println!("target digest: {d}");
+        out!("target digest: {d}");
     }
-    println!("running:      {}", apps_text(&status.apps));
-    println!("last result:  {}", status.last_result);
+    out!("running:      {}", apps_text(&status.apps));
+    out!("last result:  {}", status.last_result);
     if let Some(e) = &status.last_error {
-        println!("last error:   {e}");
+        out!("last error:   {e}");
     }
     if status.consecutive_failures > 0 {
-        println!("failures in a row: {}", status.consecutive_failures);
+        out!("failures in a row: {}", status.consecutive_failures);
     }
-    println!("next poll in: {} s", status.next_poll_in_secs);
+    out!("next poll in: {} s", status.next_poll_in_secs);
     Ok(())
 }
 
 pub fn device_state(state: &stowage::update::DeviceState, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(state)?);
+        out!("{}", serde_json::to_string_pretty(state)?);
         return Ok(());
     }
-    println!("no agent has run; running: {}", apps_text(&state.running));
-    println!("rollback copy: {}", apps_text(&state.previous));
+    out!("no agent has run; running: {}", apps_text(&state.running));
+    out!("rollback copy: {}", apps_text(&state.previous));
     Ok(())
 }
 
 pub fn target(target: &stowage::target::Target, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(target)?);
+        out!("{}", serde_json::to_string_pretty(target)?);
         return Ok(());
     }
     for (name, reference) in &target.apps {
-        println!("{name:<20} {reference}");
+        out!("{name:<20} {reference}");
     }
-    println!("{}", target.reference);
+    out!("{}", target.reference);
     Ok(())
 }
 
 pub fn export(report: &stowage::commands::export::ExportReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    println!(
+    out!(
         "exported {} ({} blobs, {}) to {}; apply with `stowage update oci:{}`",
         report.apps.join(", "),
         report.blobs,
@@ -770,7 +821,7 @@ pub fn import(report: &stowage::commands::export::ImportReport, json: bool) -> R
         print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
         return Ok(());
     }
-    println!(
+    out!(
         "copied {} blobs ({}); stored: {}",
         report.imported_blobs,
         human_bytes(report.imported_bytes),
