@@ -11,6 +11,9 @@ use crate::Digest;
 pub enum Event {
     /// A step a person would want to see.
     Step { message: String },
+    /// The downloads about to start: how many blobs, and their bytes in all
+    /// (what partial downloads already hold included).
+    Transfer { blobs: usize, bytes: u64 },
     /// A blob transfer begins; `offset` bytes are already there (a resume).
     BlobStarted {
         digest: Digest,

@@ -263,6 +263,25 @@ fn skopeo_reads_every_pulled_image_from_the_store() {
         events.iter().any(|e| e["event"] == "blob_done"),
         "each blob's end is reported: {out}"
     );
+    // The transfer is announced first: as many blobs, and bytes, as end.
+    let transfer = events
+        .iter()
+        .find(|e| e["event"] == "transfer")
+        .unwrap_or_else(|| panic!("no transfer event: {out}"));
+    let done: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "blob_done")
+        .collect();
+    assert_eq!(transfer["blobs"].as_u64(), Some(done.len() as u64), "{out}");
+    assert_eq!(
+        transfer["bytes"].as_u64(),
+        Some(done.iter().map(|e| e["size"].as_u64().unwrap()).sum()),
+        "{out}"
+    );
+    assert_eq!(
+        transfer["bytes"].as_u64(),
+        last["report"]["fetched_bytes"].as_u64()
+    );
 
     let refs = index_refs(&root);
     assert!(refs.contains_key(&reference), "the app is named: {refs:?}");

@@ -130,6 +130,12 @@ impl PullOptions {
         ingests.sort_by_key(|(layer, _)| std::cmp::Reverse(layer.descriptor.size));
         let fetched_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fetched_blobs = ingests.len();
+        if fetched_blobs > 0 {
+            progress.emit(Event::Transfer {
+                blobs: fetched_blobs,
+                bytes: ingests.iter().map(|(l, _)| l.descriptor.size).sum(),
+            });
+        }
         let downloads = futures_util::stream::iter(ingests)
             .map(|(layer, ingest)| {
                 let fetched_bytes = Arc::clone(&fetched_bytes);

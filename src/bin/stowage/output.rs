@@ -90,6 +90,9 @@ impl Progress for PlainSteps {
     fn emit(&self, event: Event) {
         match event {
             Event::Step { message } => eprintln!("{message}"),
+            Event::Transfer { blobs, bytes } => {
+                eprintln!("downloading {blobs} blobs ({})", human_bytes(bytes))
+            }
             Event::BlobDone { digest, size } => {
                 eprintln!("fetched {} ({})", digest.short(), human_bytes(size))
             }
@@ -98,50 +101,96 @@ impl Progress for PlainSteps {
     }
 }
 
-/// indicatif bars on a terminal: one per blob in flight.
+/// indicatif bars on a terminal: one per blob in flight, under a total of
+/// bytes, rate and blobs when the command announced its transfer.
 #[derive(Default)]
 struct Bars {
     multi: MultiProgress,
-    bars: Mutex<HashMap<Digest, ProgressBar>>,
+    state: Mutex<BarsState>,
+}
+
+#[derive(Default)]
+struct BarsState {
+    /// Each blob in flight, with the position its bar was last set to.
+    blobs: HashMap<Digest, (ProgressBar, u64)>,
+    total: Option<ProgressBar>,
+    blobs_done: usize,
+    blobs_total: usize,
+}
+
+impl BarsState {
+    /// Moves a blob's bar, and the total by as much.
+    fn move_blob(&mut self, digest: &Digest, position: u64) {
+        let Some((bar, last)) = self.blobs.get_mut(digest) else {
+            return;
+        };
+        bar.set_position(position);
+        if let Some(total) = &self.total {
+            // A registry that restarts a blob from zero moves it back.
+            total.set_position((total.position() + position).saturating_sub(*last));
+        }
+        *last = position;
+    }
+
+    fn say_blobs(&self) {
+        if let Some(total) = &self.total {
+            total.set_message(format!("blobs {}/{}", self.blobs_done, self.blobs_total));
+        }
+    }
+}
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 impl Progress for Bars {
     fn emit(&self, event: Event) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
         match event {
             Event::Step { message } => {
                 let _ = self.multi.println(message);
+            }
+            Event::Transfer { blobs, bytes } => {
+                let total = self.multi.insert(0, ProgressBar::new(bytes));
+                total.set_style(bar_style(
+                    "total        [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta} {msg}",
+                ));
+                state.total = Some(total);
+                state.blobs_total = blobs;
+                state.say_blobs();
             }
             Event::BlobStarted {
                 digest,
                 size,
                 offset,
             } => {
-                let bar = self.multi.add(ProgressBar::new(size));
-                bar.set_style(
-                    ProgressStyle::with_template(
+                // A resumed blob keeps its bar.
+                if !state.blobs.contains_key(&digest) {
+                    let bar = self.multi.add(ProgressBar::new(size));
+                    bar.set_style(bar_style(
                         "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                );
-                bar.set_prefix(digest.short().to_string());
-                bar.set_position(offset);
-                if let Ok(mut bars) = self.bars.lock() {
-                    bars.insert(digest, bar);
+                    ));
+                    bar.set_prefix(digest.short().to_string());
+                    state.blobs.insert(digest.clone(), (bar, 0));
                 }
+                state.move_blob(&digest, offset);
             }
-            Event::BlobProgress { digest, done, .. } => {
-                if let Ok(bars) = self.bars.lock()
-                    && let Some(bar) = bars.get(&digest)
-                {
-                    bar.set_position(done);
-                }
-            }
-            Event::BlobDone { digest, .. } => {
-                if let Ok(mut bars) = self.bars.lock()
-                    && let Some(bar) = bars.remove(&digest)
-                {
+            Event::BlobProgress { digest, done, .. } => state.move_blob(&digest, done),
+            Event::BlobDone { digest, size } => {
+                state.move_blob(&digest, size);
+                if let Some((bar, _)) = state.blobs.remove(&digest) {
                     bar.finish_and_clear();
+                }
+                state.blobs_done += 1;
+                state.say_blobs();
+                if state.blobs_done == state.blobs_total
+                    && let Some(total) = state.total.take()
+                {
+                    total.finish_and_clear();
                 }
             }
         }
