@@ -600,17 +600,20 @@ fn a_result_written_into_a_closed_pipe_ends_quietly_and_a_full_one_fails() {
     let dir = temp_dir("stowage-pipe-");
     let root = dir.path().join("root");
     run_ok(stowage().arg("--root").arg(&root).arg("ls"));
+    let ls_into = |stdout: Stdio| {
+        stowage()
+            .arg("--root")
+            .arg(&root)
+            .arg("ls")
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
     // `stowage ls | head -0`: the reader is gone before the table is written.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = stowage()
-        .arg("--root")
-        .arg(&root)
-        .arg("ls")
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = ls_into(writer.into());
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -627,14 +630,7 @@ fn a_result_written_into_a_closed_pipe_ends_quietly_and_a_full_one_fails() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let out = stowage()
-        .arg("--root")
-        .arg(&root)
-        .arg("ls")
-        .stdout(full)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = ls_into(full.into());
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot write the result"),
