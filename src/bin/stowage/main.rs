@@ -43,7 +43,7 @@ const DEFAULT_JOBS: usize = 4;
 const JOBS: std::ops::RangeInclusive<usize> = 1..=64;
 
 fn jobs_parser() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::new().range(1..=64)
+    clap::builder::RangedU64ValueParser::new().range(*JOBS.start() as u64..=*JOBS.end() as u64)
 }
 
 /// The device-side settings of the fit check.
