@@ -12,7 +12,7 @@ use crate::Digest;
 use crate::compose_file::ComposeFile;
 use crate::format::{self, AppManifest, Descriptor, ImageConfig, ImageManifest};
 use crate::reference::ImageRef;
-use crate::store::Store;
+use crate::store::{SOURCE_MANIFEST_ANNOTATION, Store};
 
 /// One service image of a stored app.
 #[derive(Debug, Clone, Serialize)]
@@ -184,18 +184,21 @@ fn load_image(
         return Ok(image);
     }
     stored_bytes.add(&desc.digest, desc.size);
-    // The manifest the registry served, which the pin names, is kept beside
-    // its OCI form. An app does not need it to install, so its absence
-    // does not make the app partial.
-    if let Some(served) = image.pinned.split('@').nth(1).and_then(|d| d.parse().ok())
-        && let Some(n) = store.size(&served)
-    {
-        stored_bytes.add(&served, n);
-    }
     let manifest: ImageManifest = format::parse_json(
         &store.read_capped(&desc.digest, format::MANIFEST_CAP)?,
         &format!("manifest of {}", image.pinned),
     )?;
+    // The Docker manifest an OCI form was made from is kept beside it. An
+    // app does not need it to install, so its absence does not make the app
+    // partial.
+    if let Some(served) = manifest
+        .annotations
+        .get(SOURCE_MANIFEST_ANNOTATION)
+        .and_then(|d| d.parse::<Digest>().ok())
+        && let Some(n) = store.size(&served)
+    {
+        stored_bytes.add(&served, n);
+    }
     image.manifest = Some(desc);
     let config_digest = manifest.config.digest.clone();
     if !store.has(&config_digest) {

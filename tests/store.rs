@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use stowage::Digest;
 use stowage::store::{
-    BLOB_MODE, DIR_MODE, LockMode, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Store, StoreError,
+    BLOB_MODE, DIR_MODE, LockMode, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST, SOURCE_MANIFEST_ANNOTATION, Store, StoreError,
 };
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -805,6 +806,44 @@ fn prune_keeps_what_apps_reach_and_a_dry_run_deletes_nothing() {
     // The layer shared with the app stays; the missing layer's partial goes.
     assert!(store.has(&s.image[3]));
     assert!(store.ingests().unwrap().is_empty());
+}
+
+#[test]
+fn prune_keeps_the_docker_manifest_an_oci_form_was_made_from() {
+    let dir = Scratch::new("prune-source");
+    let store = Store::open(dir.path()).unwrap();
+    let (config, config_size) = put_json(&store, &json!({"architecture": "amd64"}));
+    let (layer, layer_size) = put_blob(&store, &content(40, 3000));
+    // The manifest the registry served, which the compose file pins (here
+    // through an index, which is not stored: the device needs one platform).
+    let (served, _) = put_json(
+        &store,
+        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_DOCKER_MANIFEST,
+                "config": desc("application/vnd.docker.container.image.v1+json", &config, config_size),
+                "layers": [desc("application/vnd.docker.image.rootfs.diff.tar.gzip", &layer, layer_size)]}),
+    );
+    let (oci_form, oci_size) = put_json(
+        &store,
+        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+                "config": desc("application/vnd.oci.image.config.v1+json", &config, config_size),
+                "layers": [desc("application/vnd.oci.image.layer.v1.tar+gzip", &layer, layer_size)],
+                "annotations": {SOURCE_MANIFEST_ANNOTATION: served.to_string()}}),
+    );
+    let index_pin = Digest::of(b"an index the device never stored");
+    store
+        .set_ref(
+            &format!("registry.local/shop/web@{index_pin}"),
+            MEDIA_TYPE_OCI_MANIFEST,
+            &oci_form,
+            oci_size,
+        )
+        .unwrap();
+    let _lock = store.lock(LockMode::Exclusive).unwrap();
+    let report = store.prune(false, &HashSet::new()).unwrap();
+    assert!(report.removed.is_empty(), "{:?}", report.removed);
+    for digest in [&served, &oci_form, &config, &layer] {
+        assert!(store.has(digest), "{digest} was pruned");
+    }
 }
 
 #[test]

@@ -305,9 +305,7 @@ fn remove_stale_reserves(root: &std::path::Path) {
     }
 }
 
-/// The annotation of an OCI form that names the Docker manifest it was made
-/// from.
-pub const SOURCE_MANIFEST_ANNOTATION: &str = "org.stowage.source.manifest.digest";
+pub use crate::store::SOURCE_MANIFEST_ANNOTATION;
 
 /// The OCI image manifest equivalent to Docker v2 manifest `bytes`: the same
 /// config and layer blobs under their OCI media types. Deterministic (keys

@@ -1,10 +1,10 @@
 //! What the refs reach, and removing the rest.
 //!
-//! The walk starts at every entry of `index.json` (named or not), and at the
-//! manifest digest a ref name is pinned by (`repo@sha256:...`), and follows,
+//! The walk starts at every entry of `index.json` (named or not) and follows,
 //! in every manifest or index it can read, the descriptors under `config`,
 //! `layers`, `manifests`, `blobs` and `subject`, plus the bundle index named
-//! by the `org.foundries.app.bundle.index.digest` annotation (FORMAT.md). A
+//! by the `org.foundries.app.bundle.index.digest` annotation (FORMAT.md) and
+//! the Docker manifest an OCI form names in `org.stowage.source.manifest.digest`. A
 //! blob that is missing (an app fetched for one architecture only, or a
 //! partial pull) is still counted as reachable and simply not followed.
 //!
@@ -20,7 +20,9 @@ use std::io;
 use serde_json::Value;
 
 use super::ingest::checkpoint_digest;
-use super::layout::{BUNDLE_INDEX_ANNOTATION, is_manifest_media_type, read_index};
+use super::layout::{
+    BUNDLE_INDEX_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, is_manifest_media_type, read_index,
+};
 use super::{JSON_BLOB_CAP, Result, Store, StoreError};
 use crate::Digest;
 use crate::fsutil::{TEMP_PREFIX, fsync_dir};
@@ -73,21 +75,11 @@ pub(crate) fn walk(
     let index = read_index(&store.index_path())?;
     let mut walk = Walk::default();
     // (digest, media type if known, declared size if known)
-    let mut pending: Vec<(Digest, Option<String>, Option<u64>)> = Vec::new();
-    for entry in index.manifests {
-        // An image stored in its OCI form keeps the name it was pinned by,
-        // `repo@sha256:...` of the manifest the registry served: that
-        // manifest is kept too, since the app's compose file names it.
-        if let Some(pinned) = entry
-            .ref_name()
-            .and_then(|name| name.rsplit_once('@'))
-            .and_then(|(_, digest)| digest.parse::<Digest>().ok())
-            .filter(|pinned| *pinned != entry.digest)
-        {
-            pending.push((pinned, None, None));
-        }
-        pending.push((entry.digest, Some(entry.media_type), Some(entry.size)));
-    }
+    let mut pending: Vec<(Digest, Option<String>, Option<u64>)> = index
+        .manifests
+        .into_iter()
+        .map(|d| (d.digest, Some(d.media_type), Some(d.size)))
+        .collect();
     pending.extend(extra_roots.iter().map(|d| (d.clone(), None, None)));
 
     while let Some((digest, media_type, size)) = pending.pop() {
@@ -146,12 +138,7 @@ fn children(doc: &Value, out: &mut Vec<(Digest, Option<String>, Option<u64>)>) {
         else {
             return;
         };
-        if let Some(bundle_index) = desc
-            .get("annotations")
-            .and_then(|a| a.get(BUNDLE_INDEX_ANNOTATION))
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<Digest>().ok())
-        {
+        if let Some(bundle_index) = annotated_digest(desc, BUNDLE_INDEX_ANNOTATION) {
             out.push((bundle_index, Some("application/json".into()), None));
         }
         // Without a media type, the blob's own `mediaType` field decides.
@@ -171,6 +158,16 @@ fn children(doc: &Value, out: &mut Vec<(Digest, Option<String>, Option<u64>)>) {
             list.iter().for_each(&mut push);
         }
     }
+    // Without a media type: the walk peeks at it, and follows it as the
+    // manifest it is.
+    if let Some(source) = annotated_digest(doc, SOURCE_MANIFEST_ANNOTATION) {
+        out.push((source, None, None));
+    }
+}
+
+/// The digest an annotation of `value` (a descriptor or a manifest) names.
+fn annotated_digest(value: &Value, key: &str) -> Option<Digest> {
+    value.get("annotations")?.get(key)?.as_str()?.parse().ok()
 }
 
 impl Store {

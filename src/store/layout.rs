@@ -22,6 +22,10 @@ pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 /// Annotation on an app bundle's layer descriptor naming its bundle index
 /// blob (FORMAT.md); the index is part of the app and must survive a prune.
 pub const BUNDLE_INDEX_ANNOTATION: &str = "org.foundries.app.bundle.index.digest";
+/// Annotation on the OCI form of an image that a registry served as a Docker
+/// manifest, naming that manifest: the digest an app's compose file pins, so
+/// it is kept beside the OCI form and must survive a prune too.
+pub const SOURCE_MANIFEST_ANNOTATION: &str = "org.stowage.source.manifest.digest";
 
 pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -50,7 +50,7 @@ pub use ingest::{Ingest, IngestStatus};
 pub use layout::{
     BUNDLE_INDEX_ANNOTATION, Descriptor, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, REF_NAME_ANNOTATION, RefEntry,
-    is_manifest_media_type, is_valid_ref_name,
+    SOURCE_MANIFEST_ANNOTATION, is_manifest_media_type, is_valid_ref_name,
 };
 pub use lock::{LockMode, StoreLock, flock_with_deadline};
 
