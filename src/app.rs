@@ -102,9 +102,11 @@ pub struct App {
 pub enum Depth {
     /// Everything a pull stores.
     Everything,
-    /// What the fit check needs: the image configs are left out when the
-    /// layers-meta gives every layer's diff_id (their sizes are in the image
-    /// manifests), which spares a device one round trip to the registry.
+    /// What the fit check needs. The app's config, bundle index and layer
+    /// index are left out (their sizes are in the app manifest), and so are
+    /// the image configs when the layers-meta gives every layer's diff_id
+    /// (their sizes are in the image manifests): that spares a device a round
+    /// trip to the registry, and requests the registry answers one by one.
     Plan,
 }
 
@@ -354,50 +356,16 @@ pub async fn fetch_app_to(
         let services = compose.images(&|_| None)?;
         // Each service's manifest and config, all services at once: on a
         // device the check's time is mostly these round trips.
-        let fetches = services.into_iter().map(|(service, pinned_image)| {
-            let what = &what;
-            let arch = &arch;
-            let known_diff_ids = &known_diff_ids;
-            async move {
-                let image: ImageRef = pinned_image
-                    .parse()
-                    .with_context(|| format!("service {service} of {what}"))?;
-                if image.digest.is_none() {
-                    bail!("service {service} of {what}: image {image} is not pinned by digest");
-                }
-                let (manifest_blob, image_manifest) = fetch_image_manifest(client, &image, arch)
-                    .await
-                    .with_context(|| format!("service {service} of {what}"))?;
-                let needs_config = depth == Depth::Everything
-                    || !image_manifest
-                        .layers
-                        .iter()
-                        .all(|l| known_diff_ids.contains_key(&l.digest));
-                let config_bytes = if needs_config {
-                    let bytes = client
-                        .get_blob(
-                            &image,
-                            &image_manifest.config.digest,
-                            image_manifest.config.size,
-                            format::MANIFEST_CAP,
-                        )
-                        .await
-                        .with_context(|| {
-                            format!("the config of image {image} (service {service})")
-                        })?;
-                    Some(bytes)
-                } else {
-                    None
-                };
-                anyhow::Ok((
-                    service,
-                    pinned_image,
-                    image,
-                    manifest_blob,
-                    image_manifest,
-                    config_bytes,
-                ))
-            }
+        let fetches = services.into_iter().map(|(service, pinned)| {
+            fetch_service_image(
+                client,
+                &what,
+                &arch,
+                depth,
+                &known_diff_ids,
+                service,
+                pinned,
+            )
         });
         // Every fetch runs to its end; their errors are looked at after the
         // app's own blobs, in the order a reader expects (see below).
@@ -437,16 +405,12 @@ pub async fn fetch_app_to(
     let (bundle, meta_bytes, parsed_meta, known_diff_ids, compose_name, fetched_images) =
         bundle_and_images?;
     let mut unfetched = Vec::new();
-    let mut layer_index_bytes = None;
-    let (config, index) = match app_blobs {
-        Some((config, index, layer_index)) => {
-            layer_index_bytes = layer_index;
-            (Some(config), Some(index))
-        }
+    let (config, index, layer_index_bytes) = match app_blobs {
+        Some((config, index, layer_index)) => (Some(config), Some(index), layer_index),
         None => {
             unfetched.extend([config_desc.clone(), index_desc.clone()]);
             unfetched.extend(layer_index_desc.clone());
-            (None, None)
+            (None, None, None)
         }
     };
     if let Some(bytes) = config {
@@ -499,8 +463,14 @@ pub async fn fetch_app_to(
     let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
     let mut images = Vec::new();
     let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
-    for (service, pinned_image, image, manifest_blob, image_manifest, config_bytes) in
-        fetched_images
+    for FetchedImage {
+        service,
+        pinned: pinned_image,
+        image,
+        manifest_blob,
+        manifest: image_manifest,
+        config: config_bytes,
+    } in fetched_images
     {
         let diff_ids: Vec<Digest> = match &config_bytes {
             Some(bytes) => {
@@ -594,6 +564,66 @@ pub async fn fetch_app_to(
         images,
         layers: layers.into_values().collect(),
         unfetched,
+    })
+}
+
+/// One service's image as [`fetch_app_to`] fetched it.
+struct FetchedImage {
+    service: String,
+    pinned: String,
+    image: ImageRef,
+    manifest_blob: MetaBlob,
+    manifest: ImageManifest,
+    /// `None` when a plan-only fetch had every diff_id from the layers-meta.
+    config: Option<Vec<u8>>,
+}
+
+/// Fetches the manifest of `service`'s image for `arch` and, unless a plan
+/// has all its diff_ids in `known_diff_ids`, its config.
+async fn fetch_service_image(
+    client: &impl MetaSource,
+    what: &str,
+    arch: &format::Arch,
+    depth: Depth,
+    known_diff_ids: &BTreeMap<Digest, Digest>,
+    service: String,
+    pinned: String,
+) -> Result<FetchedImage> {
+    let image: ImageRef = pinned
+        .parse()
+        .with_context(|| format!("service {service} of {what}"))?;
+    if image.digest.is_none() {
+        bail!("service {service} of {what}: image {image} is not pinned by digest");
+    }
+    let (manifest_blob, manifest) = fetch_image_manifest(client, &image, arch)
+        .await
+        .with_context(|| format!("service {service} of {what}"))?;
+    let needs_config = depth == Depth::Everything
+        || !manifest
+            .layers
+            .iter()
+            .all(|l| known_diff_ids.contains_key(&l.digest));
+    let config = if needs_config {
+        let bytes = client
+            .get_blob(
+                &image,
+                &manifest.config.digest,
+                manifest.config.size,
+                format::MANIFEST_CAP,
+            )
+            .await
+            .with_context(|| format!("the config of image {image} (service {service})"))?;
+        Some(bytes)
+    } else {
+        None
+    };
+    Ok(FetchedImage {
+        service,
+        pinned,
+        image,
+        manifest_blob,
+        manifest,
+        config,
     })
 }
 
