@@ -240,15 +240,14 @@ pub(crate) async fn install_locked(
     // The fit check, when anything is to be written.
     let mut check = None;
     // What the engine holds, as the check saw it: the loads are scheduled on it.
-    let mut held = HeldLayers::default();
+    let mut docker = None;
     if !to_load.is_empty() || !bundle_current {
-        let (info, engine_held) = tokio::join!(engine.info(), engine.held_layers());
-        held = engine_held?;
-        let docker = DockerView {
+        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let docker = docker.insert(DockerView {
             reachable: true,
             data_root: info?.data_root,
-            held: held.clone(),
-        };
+            held: held?,
+        });
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
         let mut apps = vec![plan_app];
         if bundle_current {
@@ -256,7 +255,7 @@ pub(crate) async fn install_locked(
             apps[0].bundle.clear();
         }
         let (_, mut report) =
-            check_update(&apps, store, &Paths::under(root), &docker, options.policy)?;
+            check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -363,7 +362,7 @@ pub(crate) async fn install_locked(
     let loaded = load_images(
         engine,
         store,
-        &held,
+        &docker.map(|d| d.held).unwrap_or_default(),
         &to_load,
         &meta,
         &options.load,
