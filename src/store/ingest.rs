@@ -228,26 +228,25 @@ impl Store {
     /// Bytes already downloaded for `digest` (0 when there is no ingest):
     /// a partial blob needs only the rest.
     pub fn partial_bytes(&self, digest: &Digest) -> u64 {
-        fs::metadata(self.ingest_data_path(digest))
-            .map(|m| m.len())
-            .unwrap_or(0)
+        self.partial_stat(digest, |m| m.len())
     }
 
     /// Disk bytes already allocated to the ingest of `digest`, preallocation
     /// included: what a space check may credit as already taken.
     pub fn partial_allocated_bytes(&self, digest: &Digest) -> u64 {
-        fs::metadata(self.ingest_data_path(digest))
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0)
+        self.partial_stat(digest, |m| m.blocks() * 512)
     }
 
     /// What the ingest of `digest` already takes from its volume: its bytes
     /// or, when more, the blocks allocated to it (a preallocation). One
     /// `stat`, for the fit check, which asks this of every missing blob.
     pub fn partial_taken_bytes(&self, digest: &Digest) -> u64 {
-        fs::metadata(self.ingest_data_path(digest))
-            .map(|m| m.len().max(m.blocks() * 512))
-            .unwrap_or(0)
+        self.partial_stat(digest, |m| m.len().max(m.blocks() * 512))
+    }
+
+    /// `figure` of the ingest file of `digest`'s metadata; 0 without one.
+    fn partial_stat(&self, digest: &Digest, figure: impl Fn(&fs::Metadata) -> u64) -> u64 {
+        fs::metadata(self.ingest_data_path(digest)).map_or(0, |m| figure(&m))
     }
 
     /// Deletes the ingest of `digest`; fails with [`StoreError::IngestBusy`]
