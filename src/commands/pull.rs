@@ -358,6 +358,8 @@ async fn download_layer(
     let digest = layer.descriptor.digest.clone();
     let size = layer.descriptor.size;
     if ingest.is_stored() {
+        // Another pull stored it meanwhile: done, as the transfer counted it.
+        progress.emit(Event::BlobDone { digest, size });
         return Ok(0);
     }
     let mut transferred = 0u64;

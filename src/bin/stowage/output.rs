@@ -77,9 +77,7 @@ impl Progress for JsonLines {
 
 pub fn print_json_line<T: Serialize>(value: &T) {
     if let Ok(line) = serde_json::to_string(value) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        out!("{line}");
     }
 }
 
