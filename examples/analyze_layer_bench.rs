@@ -8,7 +8,7 @@ fn main() {
         .expect("usage: analyze_layer_bench LAYER");
     let file = std::fs::File::open(&path).expect("open");
     let t = std::time::Instant::now();
-    let stats = stowage::layer::analyze_layer(file).expect("analyze");
+    let stats = stowage::app::layer::analyze_layer(file).expect("analyze");
     let secs = t.elapsed().as_secs_f64();
     println!("{stats:?}");
     println!(

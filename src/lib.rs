@@ -1,29 +1,31 @@
 //! stowage: storage-aware over-the-air updates of Docker Compose apps.
 //!
-//! Dependencies point one way: `format` <- `registry`/`store` <- `space` <-
-//! `docker`/`compose` <- `update` <- the CLI. Library code never prints; the
-//! CLI decides how progress and results are shown.
+//! The layers, each a folder, point one way (`docs/architecture.md`):
+//!
+//! - [`fsutil`], [`config`], [`progress`]: leaves every layer may use
+//!   (durable writes and locks; settings; progress events).
+//! - [`oci`]: digests, references, media types, the app's wire format and
+//!   the registry client.
+//! - [`store`]: the device's blob store, an OCI image layout.
+//! - [`app`]: an app as published and as stored: fetching it, its bundle,
+//!   its compose file, the analysis of its layers.
+//! - [`plan`]: volumes and the fit check.
+//! - [`engine`]: Docker and compose: installing, running, cleaning.
+//! - [`update`]: pull, export and import, the update transaction, the agent.
+//! - [`commands`]: one thin verb each, for the CLI in `src/bin/stowage`.
+//!
+//! Library code never prints; the CLI decides how progress and results are
+//! shown.
 
-pub mod agent;
 pub mod app;
-pub mod bundle;
 pub mod commands;
-pub mod compose;
-pub mod compose_file;
 pub mod config;
-pub mod digest;
-pub mod docker;
-pub mod format;
+pub mod engine;
 pub mod fsutil;
-pub mod installed;
-pub mod layer;
+pub mod oci;
+pub mod plan;
 pub mod progress;
-pub mod reference;
-pub mod registry;
-pub mod space;
 pub mod store;
-pub mod stored;
-pub mod target;
 pub mod update;
 
-pub use digest::Digest;
+pub use oci::digest::Digest;

@@ -9,10 +9,11 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use stowage::Digest;
-use stowage::compose::{Compose, ComposeError, ps, write_image_override};
-use stowage::docker::{
-    DockerEngine, DockerError, ImageToLoad, LayerSource, load_temp_bytes, local_tag_for,
+use stowage::engine::compose::{Compose, ComposeError, ps, write_image_override};
+use stowage::engine::docker::{
+    DockerEngine, DockerError, ImageToLoad, LayerSource, layers_to_send, local_tag_for,
 };
+use stowage::plan::held::load_temp_bytes;
 
 fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -419,12 +420,8 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     cleanup.images.push(tag.clone());
 
     // What the space check would plan: the layers to send and their sizes.
-    let to_send = engine
-        .held_layers()
-        .await
-        .unwrap()
-        .layers_to_send(&stored.layers)
-        .to_vec();
+    let held = engine.held_layers().await.unwrap();
+    let to_send = layers_to_send(&held, &stored.layers).to_vec();
     assert_eq!(to_send.len(), 2);
 
     // Watch the engine's import directories while the load runs; keep the

@@ -825,8 +825,8 @@ fn dropping_the_registry_stops_it_listening() {
 /// a real registry would give it, and the errors each lie deserves.
 #[tokio::test]
 async fn stowage_registry_client_reads_and_writes_it_like_a_real_registry() {
-    use stowage::reference::ImageRef;
-    use stowage::registry::{BlobBody, RegistryClient, RegistryError, RegistryOptions};
+    use stowage::oci::reference::ImageRef;
+    use stowage::oci::registry::{BlobBody, RegistryClient, RegistryError, RegistryOptions};
 
     let registry = HostileRegistry::start();
     let client = RegistryClient::new(RegistryOptions {

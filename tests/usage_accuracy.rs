@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stowage::layer::{self, Compression, LayerStats};
+use stowage::app::layer::{self, Compression, LayerStats};
 
 const BLOCK_SIZE: u64 = 4096;
 

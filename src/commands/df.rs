@@ -17,12 +17,12 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::Digest;
-use crate::docker::DockerEngine;
-use crate::format::{self, AppManifest};
-use crate::installed::Installed;
-use crate::space::Volume;
+use crate::app::stored::list_apps;
+use crate::engine::docker::DockerEngine;
+use crate::engine::installed::Installed;
+use crate::oci::format::{self, AppManifest};
+use crate::plan::space::Volume;
 use crate::store::{LockMode, Store};
-use crate::stored::list_apps;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AppUsage {
@@ -208,7 +208,7 @@ pub async fn df(
 /// blocks, from its stored layers-meta (FORMAT.md's fallback without one).
 fn app_docker_bytes(
     store: &Store,
-    app: &crate::stored::StoredApp,
+    app: &crate::app::stored::StoredApp,
     architecture: &str,
     block_size: u64,
 ) -> Result<u64> {

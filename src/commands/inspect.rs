@@ -9,11 +9,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::bundle;
-use crate::compose_file::ComposeFile;
-use crate::format::{self, AppManifest, media};
-use crate::reference::ImageRef;
-use crate::registry::RegistryClient;
+use crate::app::bundle;
+use crate::app::compose_file::ComposeFile;
+use crate::oci::format::{self, AppManifest, media};
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::RegistryClient;
 
 pub struct InspectOptions {
     pub app: ImageRef,

@@ -13,16 +13,16 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::bundle;
-use crate::compose_file::{ComposeFile, read_dotenv};
-use crate::format::{
+use crate::app::bundle;
+use crate::app::compose_file::{ComposeFile, read_dotenv};
+use crate::app::layer;
+use crate::oci::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerIndex,
     LayerMeta, LayersMeta, Platform, media,
 };
-use crate::layer;
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
 use crate::progress::Progress;
-use crate::reference::ImageRef;
-use crate::registry::{BlobBody, RegistryClient, RegistryError};
 
 pub struct PublishOptions {
     /// The app directory (holding the compose file).

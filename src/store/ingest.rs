@@ -29,9 +29,9 @@ use serde::{Deserialize, Serialize};
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest as _, Sha256};
 
-use super::lock::{LockMode, flock_with_deadline};
 use super::{BLOB_MODE, Result, Store, StoreError};
 use crate::Digest;
+use crate::fsutil::lock::{LockMode, flock_with_deadline};
 use crate::fsutil::{fsync_dir, write_atomic, write_replacing};
 
 /// A checkpoint is written after this many new bytes, so that a process

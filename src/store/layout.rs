@@ -45,7 +45,7 @@ pub fn is_manifest_media_type(media_type: &str) -> bool {
 }
 
 /// Descriptors are the wire format's, which keeps unknown fields verbatim.
-pub use crate::format::Descriptor;
+pub use crate::oci::format::Descriptor;
 
 /// A named entry of `index.json`.
 #[derive(Clone, Debug, PartialEq)]

@@ -6,31 +6,17 @@
 //! fetched but not yet referenced. The same primitive locks one ingest file,
 //! so two processes never write the same partial blob.
 //!
-//! `flock` locks belong to an open file description, so every acquisition
-//! opens the file anew: two handles in one process contend like two
-//! processes, and the kernel drops the lock when a holder dies, even by
-//! SIGKILL. Waiting is a poll with a deadline rather than a blocking call, so
-//! a stuck holder turns into a clear error instead of a hang.
+//! The primitive, and what `flock` promises, is [`crate::fsutil::lock`].
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rustix::fs::{FlockOperation, flock};
-use rustix::io::Errno;
+use crate::fsutil::lock::{Locked, lock_file};
 
 use super::StoreError;
 
-/// How the store lock is held.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LockMode {
-    /// Adding to the store: any number of holders at once.
-    Shared,
-    /// Removing from the store: the only holder.
-    Exclusive,
-}
+pub use crate::fsutil::lock::LockMode;
 
 /// A held store lock; dropping it releases the lock.
 #[derive(Debug)]
@@ -54,63 +40,11 @@ pub(crate) fn lock_store(
     mode: LockMode,
     timeout: Duration,
 ) -> Result<StoreLock, StoreError> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| StoreError::io(path, e))?;
-    let got = flock_with_deadline(&file, mode, timeout).map_err(|e| StoreError::io(path, e))?;
-    if !got {
-        return Err(StoreError::Locked {
+    match lock_file(path, mode, timeout).map_err(|e| StoreError::io(path, e))? {
+        Locked::Held(file) => Ok(StoreLock { _file: file, mode }),
+        Locked::Busy(pid) => Err(StoreError::Locked {
             root: root.to_path_buf(),
-            pid: read_pid(&mut file),
-        });
+            pid,
+        }),
     }
-    // Shared holders overwrite each other's pid; any one of them is a fair
-    // answer to "who holds it".
-    let pid = format!("{}\n", std::process::id());
-    let recorded = file
-        .set_len(0)
-        .and_then(|()| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| file.write_all(pid.as_bytes()));
-    recorded.map_err(|e| StoreError::io(path, e))?;
-    Ok(StoreLock { _file: file, mode })
-}
-
-/// Tries to take `mode` on `file` until `timeout` has passed. `Ok(false)`
-/// means someone else still holds it; a zero timeout tries exactly once.
-pub fn flock_with_deadline(
-    file: &File,
-    mode: LockMode,
-    timeout: Duration,
-) -> std::io::Result<bool> {
-    let op = match mode {
-        LockMode::Shared => FlockOperation::NonBlockingLockShared,
-        LockMode::Exclusive => FlockOperation::NonBlockingLockExclusive,
-    };
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        match flock(file, op) {
-            Ok(()) => return Ok(true),
-            Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
-
-fn read_pid(file: &mut File) -> Option<u32> {
-    let mut text = String::new();
-    file.seek(SeekFrom::Start(0)).ok()?;
-    file.take(32).read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
 }

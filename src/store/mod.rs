@@ -52,7 +52,7 @@ pub use layout::{
     MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, REF_NAME_ANNOTATION, RefEntry,
     SOURCE_MANIFEST_ANNOTATION, is_manifest_media_type, is_valid_ref_name,
 };
-pub use lock::{LockMode, StoreLock, flock_with_deadline};
+pub use lock::{LockMode, StoreLock};
 
 /// Mode of every directory the store creates.
 pub const DIR_MODE: u32 = 0o700;
@@ -477,8 +477,12 @@ impl Store {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| StoreError::io(&lock_path, e))?;
-        let got = lock::flock_with_deadline(&lock_file, LockMode::Exclusive, self.lock_timeout)
-            .map_err(|e| StoreError::io(&lock_path, e))?;
+        let got = crate::fsutil::lock::flock_with_deadline(
+            &lock_file,
+            LockMode::Exclusive,
+            self.lock_timeout,
+        )
+        .map_err(|e| StoreError::io(&lock_path, e))?;
         if !got {
             return Err(StoreError::Locked {
                 root: self.root.clone(),

@@ -410,7 +410,7 @@ impl HostileRegistry {
             }
             if let Some(index) = layer
                 .get("annotations")
-                .and_then(|a| a.get(stowage::format::BUNDLE_INDEX_DIGEST))
+                .and_then(|a| a.get(stowage::oci::format::BUNDLE_INDEX_DIGEST))
                 .and_then(|v| v.as_str())
             {
                 let d: Digest = index.parse().map_err(|e| {

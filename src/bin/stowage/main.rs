@@ -10,25 +10,25 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use stowage::commands::admin;
-use stowage::commands::check::DoesNotFit;
-use stowage::commands::check::{self, DockerView};
-use stowage::commands::export::LayoutRef;
+use stowage::app::stored as admin;
 use stowage::commands::inspect::InspectOptions;
-use stowage::commands::install::{self, Device, InstallOptions};
 use stowage::commands::publish::PublishOptions;
-use stowage::commands::pull::PullOptions;
-use stowage::commands::run::{self as run_cmd, Selection};
-use stowage::commands::update as update_cmd;
-use stowage::compose::Compose;
 use stowage::config::{self, ConfigFile, CredentialStore};
-use stowage::docker::{DockerEngine, LoadOptions};
-use stowage::format::Arch;
-use stowage::installed::Installed;
-use stowage::reference::ImageRef;
-use stowage::registry::{RegistryClient, RegistryOptions};
-use stowage::space::Policy;
+use stowage::engine::compose::Compose;
+use stowage::engine::docker::{DockerEngine, LoadOptions};
+use stowage::engine::install::{self, Device, InstallOptions};
+use stowage::engine::installed::Installed;
+use stowage::engine::run::{self as run_cmd, Selection};
+use stowage::oci::format::Arch;
+use stowage::oci::reference::ImageRef;
+use stowage::oci::registry::{RegistryClient, RegistryOptions};
+use stowage::plan::DoesNotFit;
+use stowage::plan::space::Policy;
+use stowage::plan::{self, DockerView};
 use stowage::store::Store;
+use stowage::update::device as update_cmd;
+use stowage::update::export::LayoutRef;
+use stowage::update::pull::PullOptions;
 
 mod output;
 
@@ -427,7 +427,7 @@ impl Globals {
     /// What Docker holds, for the fit check, and a note when it cannot be asked.
     async fn docker_view(&self, args: &FitArgs) -> (DockerView, Option<String>) {
         let engine = self.engine(&args.docker_host).await.ok();
-        DockerView::probe(engine.as_ref()).await
+        stowage::engine::docker::probe_view(engine.as_ref()).await
     }
 
     fn docker_host(&self, flag: &Option<String>) -> Option<String> {
@@ -468,7 +468,8 @@ impl Globals {
     ) -> Result<update_cmd::LiveDevice<'a>> {
         let fit = self.fit(args)?;
         let json = self.json;
-        let events: &'a (dyn Fn(&stowage::update::UpdateEvent) + Send + Sync) = if json {
+        let events: &'a (dyn Fn(&stowage::update::transaction::UpdateEvent) + Send + Sync) = if json
+        {
             &|e| output::print_json_line(e)
         } else {
             &|e| output::update_event(e)
@@ -619,8 +620,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 )
             );
             let apps = apps?;
-            let paths = check::Paths::under(&globals.root);
-            let (_, mut report) = check::check_update(&apps, &store, &paths, &docker, fit.policy)?;
+            let paths = plan::Paths::under(&globals.root);
+            let (_, mut report) = plan::check_update(&apps, &store, &paths, &docker, fit.policy)?;
             report.fit.notes.extend(note);
             output::check(&report, globals.json)?;
             if !report.fit.fits {
@@ -637,7 +638,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
             };
             let from = LayoutRef::parse(one).context("oci:DIR[:NAME] expected")?;
-            match stowage::commands::export::import(
+            match stowage::update::export::import(
                 &store,
                 &from,
                 &fit.arch,
@@ -698,7 +699,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // An installed app is uninstalled first (refused while it has
             // containers), so that prune may then free its images too.
             let state = Installed::load(&globals.root)?;
-            let installed: Vec<String> = stowage::stored::find_apps(&store, &args.app)?
+            let installed: Vec<String> = stowage::app::stored::find_apps(&store, &args.app)?
                 .into_iter()
                 .filter(|a| {
                     state
@@ -726,7 +727,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let report = admin::prune(&globals.store()?, args.dry_run)?;
             let docker = match globals.engine(&args.docker.docker_host).await {
                 Ok(engine) => Some(
-                    admin::prune_docker(&globals.root, &engine, args.dry_run)
+                    stowage::engine::prune::prune_docker(&globals.root, &engine, args.dry_run)
                         .await
                         .map_err(|e| format!("{e:#}")),
                 ),
@@ -867,7 +868,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let Some((dir, apps)) = args.args.split_last() else {
                 anyhow::bail!("name the apps to export, then the directory");
             };
-            let report = stowage::commands::export::export(
+            let report = stowage::update::export::export(
                 &store,
                 apps,
                 std::path::Path::new(dir),
@@ -907,12 +908,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .live_device(&args.fit, &client, progress.as_ref(), args.jobs)
                 .await?;
             device.layout = layout;
-            let options = stowage::update::UpdateOptions {
+            let options = stowage::update::transaction::UpdateOptions {
                 verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
             };
-            let files = stowage::update::StateFiles::under(&globals.root);
-            let _lock = stowage::update::lock_updates(&globals.root)?;
-            let outcome = stowage::update::update(&device, &files, to, &options).await?;
+            let files = stowage::update::transaction::StateFiles::under(&globals.root);
+            let _lock = stowage::update::transaction::lock_updates(&globals.root)?;
+            let outcome =
+                stowage::update::transaction::update(&device, &files, to, &options).await?;
             return output::update_outcome(outcome, globals.json);
         }
         Command::Agent(args) => {
@@ -921,17 +923,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .live_device(&args.fit, &client, progress.as_ref(), None)
                 .await?;
             let interval = parse_duration(&args.interval)?;
-            let options = stowage::agent::AgentOptions {
+            let options = stowage::update::agent::AgentOptions {
                 target: args.target.parse()?,
                 interval,
-                update: stowage::update::UpdateOptions {
+                update: stowage::update::transaction::UpdateOptions {
                     verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
                 },
                 once: args.once,
             };
-            let _lock = stowage::update::lock_updates(&globals.root)?;
+            let _lock = stowage::update::transaction::lock_updates(&globals.root)?;
             let status =
-                stowage::agent::run_agent(&device, &client, &globals.root, &options).await?;
+                stowage::update::agent::run_agent(&device, &client, &globals.root, &options)
+                    .await?;
             output::status(&status, globals.json)?;
             return Ok(match status.last_result.as_str() {
                 "committed" | "unchanged" => ExitCode::SUCCESS,
@@ -939,16 +942,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 _ => ExitCode::from(1),
             });
         }
-        Command::Status => match stowage::agent::read_status(&globals.root)? {
+        Command::Status => match stowage::update::agent::read_status(&globals.root)? {
             Some(mut status) => {
                 // What runs now, even when a `stowage update` ran after the agent.
-                status.apps = stowage::update::StateFiles::under(&globals.root)
+                status.apps = stowage::update::transaction::StateFiles::under(&globals.root)
                     .device()?
                     .running;
                 output::status(&status, globals.json)?
             }
             None => {
-                let state = stowage::update::StateFiles::under(&globals.root).device()?;
+                let state =
+                    stowage::update::transaction::StateFiles::under(&globals.root).device()?;
                 output::device_state(&state, globals.json)?;
             }
         },
@@ -958,12 +962,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .iter()
                 .map(|r| r.parse())
                 .collect::<Result<Vec<ImageRef>, _>>()?;
-            let target = stowage::target::publish_target(&client, &at.parse()?, &refs).await?;
+            let target =
+                stowage::update::target::publish_target(&client, &at.parse()?, &refs).await?;
             output::target(&target, globals.json)?;
         }
         Command::Target(TargetCommand::Show { at }) => {
             let client = globals.registry_client()?;
-            let target = stowage::target::fetch_target(&client, &at.parse()?).await?;
+            let target = stowage::update::target::fetch_target(&client, &at.parse()?).await?;
             output::target(&target, globals.json)?;
         }
         Command::Inspect(args) => {

@@ -12,17 +12,18 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use stowage::Digest;
-use stowage::commands::admin::{DockerPruneReport, RmReport};
-use stowage::commands::check::CheckReport;
+use stowage::app::stored::RmReport;
+use stowage::app::stored::StoredApp;
 use stowage::commands::df::DfReport;
 use stowage::commands::inspect::AppDescription;
-use stowage::commands::install::{ImageAction, InstallReport, InstalledCheck};
 use stowage::commands::publish::PublishReport;
-use stowage::commands::pull::PullReport;
-use stowage::commands::run::{AppStatus, RunReport, StopReport};
+use stowage::engine::install::{ImageAction, InstallReport, InstalledCheck};
+use stowage::engine::prune::DockerPruneReport;
+use stowage::engine::run::{AppStatus, RunReport, StopReport};
+use stowage::plan::CheckReport;
 use stowage::progress::{Event, NoProgress, Progress};
 use stowage::store::{FsckReport, PruneReport};
-use stowage::stored::StoredApp;
+use stowage::update::pull::PullReport;
 
 /// `println!` for results. A reader that went away (`stowage ls | head -1`)
 /// costs the rest of the output, not the command: a pull or a prune piped
@@ -200,7 +201,7 @@ pub fn quiet() -> Box<dyn Progress> {
     Box::new(NoProgress)
 }
 
-pub use stowage::space::human_bytes;
+pub use stowage::plan::space::human_bytes;
 
 pub fn publish(report: &PublishReport, json: bool) -> Result<()> {
     if json {
@@ -740,8 +741,8 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
     Ok(())
 }
 
-pub fn update_event(event: &stowage::update::UpdateEvent) {
-    use stowage::update::UpdateEvent as E;
+pub fn update_event(event: &stowage::update::transaction::UpdateEvent) {
+    use stowage::update::transaction::UpdateEvent as E;
     let line = match event {
         E::Started { from, to } => format!("update: {} -> {}", apps_text(from), apps_text(to)),
         E::Recovering { phase, .. } => {
@@ -764,7 +765,7 @@ pub fn update_event(event: &stowage::update::UpdateEvent) {
     eprintln!("{line}");
 }
 
-fn apps_text(apps: &stowage::update::AppSet) -> String {
+fn apps_text(apps: &stowage::update::transaction::AppSet) -> String {
     if apps.is_empty() {
         return "(no apps)".into();
     }
@@ -777,15 +778,15 @@ fn apps_text(apps: &stowage::update::AppSet) -> String {
 /// The exit code of an update: 0 committed or unchanged, 100 refused for
 /// space, 1 otherwise (rolled back or failed).
 pub fn update_outcome(
-    outcome: stowage::update::Outcome,
+    outcome: stowage::update::transaction::Outcome,
     json: bool,
 ) -> Result<std::process::ExitCode> {
-    use stowage::update::Outcome;
+    use stowage::update::transaction::Outcome;
     let (result, code, error) = match outcome {
         Outcome::Committed => ("committed", 0u8, None),
         Outcome::Unchanged => ("unchanged", 0, None),
         Outcome::RolledBack(e) => ("rolled_back", 1, Some(e)),
-        Outcome::Failed(e) => match e.downcast::<stowage::commands::check::DoesNotFit>() {
+        Outcome::Failed(e) => match e.downcast::<stowage::plan::DoesNotFit>() {
             Ok(refused) => {
                 check(&refused.report, json)?;
                 ("refused", 100, Some(anyhow::anyhow!("{refused}")))
@@ -804,7 +805,7 @@ pub fn update_outcome(
     Ok(std::process::ExitCode::from(code))
 }
 
-pub fn status(status: &stowage::agent::AgentStatus, json: bool) -> Result<()> {
+pub fn status(status: &stowage::update::agent::AgentStatus, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(status)?);
         return Ok(());
@@ -825,7 +826,7 @@ pub fn status(status: &stowage::agent::AgentStatus, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn device_state(state: &stowage::update::DeviceState, json: bool) -> Result<()> {
+pub fn device_state(state: &stowage::update::transaction::DeviceState, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(state)?);
         return Ok(());
@@ -835,7 +836,7 @@ pub fn device_state(state: &stowage::update::DeviceState, json: bool) -> Result<
     Ok(())
 }
 
-pub fn target(target: &stowage::target::Target, json: bool) -> Result<()> {
+pub fn target(target: &stowage::update::target::Target, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(target)?);
         return Ok(());
@@ -847,7 +848,7 @@ pub fn target(target: &stowage::target::Target, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn export(report: &stowage::commands::export::ExportReport, json: bool) -> Result<()> {
+pub fn export(report: &stowage::update::export::ExportReport, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
@@ -863,7 +864,7 @@ pub fn export(report: &stowage::commands::export::ExportReport, json: bool) -> R
     Ok(())
 }
 
-pub fn import(report: &stowage::commands::export::ImportReport, json: bool) -> Result<()> {
+pub fn import(report: &stowage::update::export::ImportReport, json: bool) -> Result<()> {
     if json {
         print_json_line(&serde_json::json!({"event": "pulled", "report": report}));
         return Ok(());

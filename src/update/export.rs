@@ -10,14 +10,14 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::Digest;
+use crate::app::stored::{StoredApp, find_apps, list_apps};
 use crate::app::{App, LayoutSource, fetch_app};
-use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
-use crate::commands::pull::name_app;
+use crate::oci::reference::ImageRef;
+use crate::plan::space::Policy;
+use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::{Event, Progress};
-use crate::reference::ImageRef;
-use crate::space::Policy;
 use crate::store::{LockMode, Store};
-use crate::stored::{StoredApp, find_apps, list_apps};
+use crate::update::pull::name_app;
 
 /// `oci:DIR` or `oci:DIR:NAME`, as the device commands accept it.
 #[derive(Debug, Clone)]

@@ -159,7 +159,7 @@ pub struct LayerStats {
 impl LayerStats {
     /// Predicted disk bytes for [`USAGE_BLOCK_SIZE`] (FORMAT.md's `usage`).
     pub fn usage(&self) -> u64 {
-        crate::format::usage_for_block_size(&self.usage_by_block_size, USAGE_BLOCK_SIZE)
+        crate::oci::format::usage_for_block_size(&self.usage_by_block_size, USAGE_BLOCK_SIZE)
     }
 }
 
@@ -716,7 +716,7 @@ mod tests {
     #[test]
     fn usage_for_an_unlisted_block_size_never_underestimates() {
         let map = BTreeMap::from([(1024, 100), (4096, 200), (16384, 400), (65536, 900)]);
-        use crate::format::{fallback_usage, usage_for_block_size};
+        use crate::oci::format::{fallback_usage, usage_for_block_size};
         assert_eq!(usage_for_block_size(&map, 4096), 200);
         assert_eq!(usage_for_block_size(&map, 2048), 200);
         assert_eq!(usage_for_block_size(&map, 512), 100);

@@ -18,16 +18,14 @@
 //! without a record of it, which prune could then never clean.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{FlockOperation, flock};
-use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
+use crate::fsutil::lock::{LockMode, Locked, lock_file};
 use crate::fsutil::{ensure_dir, write_atomic};
 
 /// How long a command waits for another one changing Docker's side.
@@ -210,30 +208,13 @@ pub fn lock_apps(root: &Path, timeout: Duration) -> Result<AppsLock, InstalledEr
         source,
     };
     ensure_dir(root, 0o700).map_err(|e| io("create", e))?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| io("open", e))?;
     let started = Instant::now();
-    let mut pause = Duration::from_millis(5);
-    loop {
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(AppsLock { _file: file }),
-            Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {}
-            Err(e) => return Err(io("lock", e.into())),
-        }
-        if started.elapsed() >= timeout {
-            return Err(InstalledError::Busy {
-                path,
-                waited: started.elapsed(),
-            });
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(100));
+    match lock_file(&path, LockMode::Exclusive, timeout).map_err(|e| io("lock", e))? {
+        Locked::Held(file) => Ok(AppsLock { _file: file }),
+        Locked::Busy(_) => Err(InstalledError::Busy {
+            path,
+            waited: started.elapsed(),
+        }),
     }
 }
 

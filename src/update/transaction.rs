@@ -141,9 +141,12 @@ pub fn lock_updates(root: &Path) -> Result<UpdateLock> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    let locked =
-        crate::store::flock_with_deadline(&file, crate::store::LockMode::Exclusive, Duration::ZERO)
-            .with_context(|| format!("cannot lock {}", path.display()))?;
+    let locked = crate::fsutil::lock::flock_with_deadline(
+        &file,
+        crate::fsutil::lock::LockMode::Exclusive,
+        Duration::ZERO,
+    )
+    .with_context(|| format!("cannot lock {}", path.display()))?;
     if !locked {
         anyhow::bail!(
             "another stowage update or agent is running on {}",

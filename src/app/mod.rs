@@ -4,19 +4,24 @@
 //! fetched into memory with caps so that the fit check can run before a
 //! single byte is written to the store.
 
+pub mod bundle;
+pub mod compose_file;
+pub mod layer;
+pub mod stored;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::Digest;
-use crate::compose_file::ComposeFile;
-use crate::format::{
+use crate::app::compose_file::ComposeFile;
+use crate::oci::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
     media,
 };
-use crate::reference::ImageRef;
-use crate::registry::{FetchedManifest, RegistryClient};
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::{FetchedManifest, RegistryClient};
 use crate::store::Store;
 
 /// A bundle larger than this is not read into memory by the check.
@@ -130,7 +135,7 @@ impl App {
                 inodes += 1;
                 bytes += match header.entry_type() {
                     tar::EntryType::Directory => block_size,
-                    _ => crate::space::round_up(header.size().unwrap_or(0), block_size),
+                    _ => crate::oci::format::round_up(header.size().unwrap_or(0), block_size),
                 };
             }
         }
@@ -344,9 +349,9 @@ pub async fn fetch_app_to(
                 .unwrap_or_default(),
             _ => BTreeMap::new(),
         };
-        let (compose_name, compose_bytes) = crate::bundle::read_compose_from_bundle(
+        let (compose_name, compose_bytes) = crate::app::bundle::read_compose_from_bundle(
             bundle.as_slice(),
-            &crate::bundle::BundleLimits::default(),
+            &crate::app::bundle::BundleLimits::default(),
         )
         .with_context(|| format!("the bundle of {what}"))?;
         let compose_text = String::from_utf8(compose_bytes)

@@ -120,6 +120,21 @@ impl std::io::Write for DigestWriter {
     }
 }
 
+/// The chain ID of every prefix of a layer stack, as the engine computes it:
+/// the first is the first `diff_id`; each next is
+/// `sha256("<previous chain id> <diff_id>")`.
+pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
+    let mut chains: Vec<Digest> = Vec::with_capacity(diff_ids.len());
+    for diff_id in diff_ids {
+        let chain = match chains.last() {
+            None => diff_id.clone(),
+            Some(parent) => Digest::of(format!("{parent} {diff_id}").as_bytes()),
+        };
+        chains.push(chain);
+    }
+    chains
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +159,18 @@ mod tests {
             Digest::of(b"{}").to_string(),
             "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
         );
+    }
+
+    #[test]
+    fn chain_ids_follow_the_engine_rule() {
+        let a: Digest = "sha256:cb067793a146236fdfeed2b2a02eee8f92a0dd7f8914dd57cc64e121d0f0c925"
+            .parse()
+            .unwrap();
+        let b: Digest = "sha256:917fe972cda50b1d82b8a1ddd7b70efdf727402f9d516eb55e2d0017d313afd8"
+            .parse()
+            .unwrap();
+        let chains = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(chains[0], a);
+        assert_eq!(chains[1], Digest::of(format!("{a} {b}").as_bytes()));
     }
 }

@@ -6,6 +6,8 @@
 //! the call returns the new version survives a power cut (data fsynced, then
 //! renamed, then the directory fsynced so that the rename itself is durable).
 
+pub mod lock;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

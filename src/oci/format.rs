@@ -466,6 +466,13 @@ impl std::fmt::Display for Arch {
     }
 }
 
+pub fn round_up(bytes: u64, block: u64) -> u64 {
+    if block == 0 {
+        return bytes;
+    }
+    bytes.div_ceil(block) * block
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

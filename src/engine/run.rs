@@ -15,11 +15,9 @@
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::commands::install::{
-    Device, InstallOptions, InstallReport, install_locked, resolve_app,
-};
-use crate::compose::{self, Compose};
-use crate::installed::{self, APPS_LOCK_TIMEOUT, Installed};
+use crate::engine::compose::{self, Compose};
+use crate::engine::install::{Device, InstallOptions, InstallReport, install_locked, resolve_app};
+use crate::engine::installed::{self, APPS_LOCK_TIMEOUT, Installed};
 use crate::progress::Progress;
 use crate::store::LockMode;
 

@@ -24,7 +24,7 @@ use reqwest::{Client, RequestBuilder, Response, StatusCode};
 
 use crate::Digest;
 use crate::config::{CredentialStore, Credentials};
-use crate::reference::ImageRef;
+use crate::oci::reference::ImageRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

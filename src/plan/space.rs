@@ -120,12 +120,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-pub fn round_up(bytes: u64, block: u64) -> u64 {
-    if block == 0 {
-        return bytes;
-    }
-    bytes.div_ceil(block) * block
-}
+pub use crate::oci::format::round_up;
 
 fn existing_ancestor(path: &Path) -> PathBuf {
     let mut p = path.to_path_buf();

@@ -11,7 +11,7 @@
 //!    Docker data root's volume must hold the usage of every layer not held
 //!    plus the engine's temporary copy of the largest archive, and the apps
 //!    directory the extracted bundle. Not fitting stops here with
-//!    [`DoesNotFit`](crate::commands::check::DoesNotFit) (exit 100), before anything is written.
+//!    [`DoesNotFit`](crate::plan::DoesNotFit) (exit 100), before anything is written.
 //! 3. Extract the verified bundle into `ROOT/apps/<name>` (atomically, see
 //!    `bundle::extract_bundle`) unless the marker there already names this
 //!    app digest; then write the marker.
@@ -33,22 +33,23 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::Digest;
+use crate::app::bundle::{BundleLimits, extract_bundle};
+use crate::app::stored::{StoredApp, find_apps, load_app};
 use crate::app::{App, LayerNeed, ServiceImage};
-use crate::bundle::{BundleLimits, extract_bundle};
-use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
-use crate::compose::write_image_override;
-use crate::docker::{
-    DockerEngine, HeldLayers, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
+use crate::engine::compose::write_image_override;
+use crate::engine::docker::{
+    DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
 };
-use crate::format::{self, AppManifest, LayerMeta};
-use crate::fsutil::write_atomic;
-use crate::installed::{
+use crate::engine::installed::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, Installed, InstalledApp, InstalledImage, OVERRIDE_FILE,
 };
+use crate::fsutil::write_atomic;
+use crate::oci::format::{self, AppManifest, LayerMeta};
+use crate::plan::held::HeldLayers;
+use crate::plan::space::Policy;
+use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::Progress;
-use crate::space::Policy;
 use crate::store::{LockMode, Store};
-use crate::stored::{StoredApp, find_apps, load_app};
 
 /// Where install works: the root, its store, and the engine.
 #[derive(Clone, Copy)]
@@ -419,7 +420,7 @@ async fn load_images(
     let mut waits_for: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); images.len()];
     for (i, planned) in images.iter().enumerate() {
         let diff_ids: Vec<Digest> = planned.layers.iter().map(|(_, d)| d.clone()).collect();
-        for chain in crate::docker::chain_ids(&diff_ids) {
+        for chain in crate::oci::digest::chain_ids(&diff_ids) {
             if held.chain_ids.contains(&chain) {
                 continue;
             }
@@ -576,7 +577,7 @@ fn app_for_plan(
         let (Some(manifest_desc), Some(config)) = (&image.manifest, &image.config) else {
             bail!("the store lacks the manifest of {}", image.pinned);
         };
-        let image_ref: crate::reference::ImageRef = image
+        let image_ref: crate::oci::reference::ImageRef = image
             .pinned
             .parse()
             .with_context(|| format!("service {} of {}", image.service, app.reference))?;

@@ -13,9 +13,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
-use crate::format::{self, Descriptor, media};
-use crate::reference::ImageRef;
-use crate::registry::RegistryClient;
+use crate::oci::format::{self, Descriptor, media};
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::RegistryClient;
 
 pub const TARGET_ARTIFACT: &str = "application/vnd.stowage.target.v1";
 pub const TARGET_MEDIA_TYPE: &str = "application/vnd.stowage.target.v1+json";

@@ -5,14 +5,14 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::compose_file::ComposeFile;
-use crate::format::{self, AppManifest, Descriptor, ImageConfig, ImageManifest};
-use crate::reference::ImageRef;
-use crate::store::{SOURCE_MANIFEST_ANNOTATION, Store};
+use crate::app::compose_file::ComposeFile;
+use crate::oci::format::{self, AppManifest, Descriptor, ImageConfig, ImageManifest};
+use crate::oci::reference::ImageRef;
+use crate::store::{FsckReport, LockMode, PruneReport, SOURCE_MANIFEST_ANNOTATION, Store};
 
 /// One service image of a stored app.
 #[derive(Debug, Clone, Serialize)]
@@ -130,9 +130,11 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
     let mut images = Vec::new();
     if store.has(&bundle.digest) {
         let file = store.open_blob(&bundle.digest)?;
-        let (name, compose_bytes) =
-            crate::bundle::read_compose_from_bundle(file, &crate::bundle::BundleLimits::default())
-                .with_context(|| format!("the stored bundle of {ref_name}"))?;
+        let (name, compose_bytes) = crate::app::bundle::read_compose_from_bundle(
+            file,
+            &crate::app::bundle::BundleLimits::default(),
+        )
+        .with_context(|| format!("the stored bundle of {ref_name}"))?;
         let compose =
             ComposeFile::parse(Path::new(&name), &String::from_utf8_lossy(&compose_bytes))?;
         compose_file = name;
@@ -219,4 +221,55 @@ fn load_image(
         image.layers.push((layer, diff_id));
     }
     Ok(image)
+}
+
+// The store's housekeeping: each takes the store lock it needs, shared to
+// read, exclusive to delete.
+
+pub fn ls(store: &Store) -> Result<Vec<StoredApp>> {
+    let _lock = store.lock(LockMode::Shared)?;
+    list_apps(store)
+}
+
+#[derive(Debug, Serialize)]
+pub struct RmReport {
+    pub forgotten: Vec<String>,
+}
+
+/// Forgets the apps `name_or_ref` names, and the image refs no other app
+/// still uses. Their blobs go at the next prune.
+pub fn rm(store: &Store, name_or_ref: &str) -> Result<RmReport> {
+    let _lock = store.lock(LockMode::Exclusive)?;
+    let doomed = find_apps(store, name_or_ref)?;
+    if doomed.is_empty() {
+        bail!("no stored app is named {name_or_ref:?} (see `stowage ls`)");
+    }
+    let kept: Vec<StoredApp> = list_apps(store)?
+        .into_iter()
+        .filter(|a| !doomed.iter().any(|d| d.reference == a.reference))
+        .collect();
+    for app in &doomed {
+        store.remove_ref(&app.reference)?;
+        for image in &app.images {
+            let still_used = kept
+                .iter()
+                .any(|k| k.images.iter().any(|i| i.pinned == image.pinned));
+            if !still_used {
+                store.remove_ref(&image.pinned)?;
+            }
+        }
+    }
+    Ok(RmReport {
+        forgotten: doomed.into_iter().map(|a| a.reference).collect(),
+    })
+}
+
+pub fn prune(store: &Store, dry_run: bool) -> Result<PruneReport> {
+    let _lock = store.lock(LockMode::Exclusive)?;
+    Ok(store.prune(dry_run, &Default::default())?)
+}
+
+pub fn fsck(store: &Store, quick: bool) -> Result<FsckReport> {
+    let _lock = store.lock(LockMode::Exclusive)?;
+    Ok(store.fsck(quick)?)
 }

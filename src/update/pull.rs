@@ -17,12 +17,12 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::app::{App, Depth, LayerNeed, fetch_apps};
-use crate::commands::check::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
-use crate::format::media;
+use crate::oci::format::media;
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
+use crate::plan::space::Policy;
+use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::{Event, Progress};
-use crate::reference::ImageRef;
-use crate::registry::{BlobBody, RegistryClient, RegistryError};
-use crate::space::Policy;
 use crate::store::{Ingest, LockMode, Store, StoreError};
 
 /// How many times a layer download is resumed after the connection broke.
@@ -211,7 +211,7 @@ pub fn name_app(store: &Store, app: &App) -> Result<()> {
     }
     store.set_ref(
         &app.ref_name(),
-        crate::format::media::OCI_MANIFEST,
+        crate::oci::format::media::OCI_MANIFEST,
         &app.digest,
         app.meta_blobs[0].descriptor.size,
     )?;

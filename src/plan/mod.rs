@@ -13,6 +13,9 @@
 //!   its load ends);
 //! - the apps directory: the extracted bundle.
 
+pub mod held;
+pub mod space;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -21,8 +24,8 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::app::{App, LayerNeed};
-use crate::docker::{DockerEngine, HeldLayers, IMAGES_AT_ONCE};
-use crate::space::{self, Demand, FitReport, Part, Policy, Volume};
+use crate::plan::held::{HeldLayers, IMAGES_AT_ONCE, load_temp_bytes};
+use crate::plan::space::{Demand, FitReport, Part, Policy, Volume};
 use crate::store::Store;
 
 /// What Docker looks like to the plan.
@@ -35,36 +38,18 @@ pub struct DockerView {
 }
 
 impl DockerView {
-    /// Asks the engine; when it cannot be reached, says so and assumes it
-    /// holds nothing (every layer is counted).
-    pub async fn probe(engine: Option<&DockerEngine>) -> (DockerView, Option<String>) {
-        let unreachable = |why: String| {
-            (
-                DockerView {
-                    reachable: false,
-                    data_root: PathBuf::from("/var/lib/docker"),
-                    held: HeldLayers::default(),
-                },
-                Some(format!(
-                    "Docker is not reachable ({why}): every layer is counted as missing from /var/lib/docker"
-                )),
-            )
-        };
-        let Some(engine) = engine else {
-            return unreachable("no engine connection".into());
-        };
-        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
-        let (info, held) = match (info, held) {
-            (Ok(info), Ok(held)) => (info, held),
-            (Err(e), _) | (_, Err(e)) => return unreachable(e.to_string()),
-        };
+    /// An engine that could not be asked: it is assumed to hold nothing, so
+    /// every layer is counted, and the note says why.
+    pub fn unreachable(why: &str) -> (DockerView, Option<String>) {
         (
             DockerView {
-                reachable: true,
-                data_root: info.data_root,
-                held,
+                reachable: false,
+                data_root: PathBuf::from("/var/lib/docker"),
+                held: HeldLayers::default(),
             },
-            None,
+            Some(format!(
+                "Docker is not reachable ({why}): every layer is counted as missing from /var/lib/docker"
+            )),
         )
     }
 }
@@ -217,8 +202,7 @@ pub fn plan_update(
                     docker_layers.insert(layer.digest.clone(), need);
                 }
             }
-            let temp =
-                crate::docker::load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
+            let temp = load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
             if !sent.is_empty() {
                 archives.push(temp);
             }

@@ -1,5 +1,5 @@
 //! `stowage update` and `stowage agent` on a real device: the update
-//! transaction's steps ([`crate::update::DeviceOps`]) carried out with the
+//! transaction's steps ([`crate::update::transaction::DeviceOps`]) carried out with the
 //! blob store, the Docker Engine and compose.
 
 use std::collections::BTreeSet;
@@ -9,21 +9,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use crate::Digest;
-use crate::agent::AgentDevice;
+use crate::app::stored as admin;
 use crate::app::{LayoutSource, fetch_app};
-use crate::commands::admin;
-use crate::commands::check::{DockerView, Paths, check_update, refuse_unless_fits};
-use crate::commands::install::{self, Device, InstallOptions};
-use crate::commands::pull::PullOptions;
-use crate::commands::run::{self as run_cmd, Selection};
-use crate::compose::Compose;
-use crate::docker::DockerEngine;
+use crate::engine::compose::Compose;
+use crate::engine::docker::DockerEngine;
+use crate::engine::install::{self, Device, InstallOptions};
+use crate::engine::prune as docker_prune;
+use crate::engine::run::{self as run_cmd, Selection};
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::RegistryClient;
+use crate::plan::space::Policy;
+use crate::plan::{DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::Progress;
-use crate::reference::ImageRef;
-use crate::registry::RegistryClient;
-use crate::space::Policy;
 use crate::store::Store;
-use crate::update::{AppSet, DeviceOps, UpdateEvent};
+use crate::update::agent::AgentDevice;
+use crate::update::pull::PullOptions;
+use crate::update::transaction::{AppSet, DeviceOps, UpdateEvent};
 
 /// The device as the update transaction drives it.
 pub struct LiveDevice<'a> {
@@ -38,7 +39,7 @@ pub struct LiveDevice<'a> {
     pub install: InstallOptions,
     pub progress: &'a dyn Progress,
     /// Take the apps from this export instead of their registries.
-    pub layout: Option<crate::commands::export::LayoutRef>,
+    pub layout: Option<crate::update::export::LayoutRef>,
     /// Receives the transaction's events (JSON lines or text).
     pub events: &'a (dyn Fn(&UpdateEvent) + Send + Sync),
 }
@@ -61,7 +62,7 @@ impl LiveDevice<'_> {
         let source = LayoutSource { store: &self.store };
         let mut apps = Vec::new();
         for reference in to.values() {
-            let complete = crate::stored::find_apps(&self.store, reference)?
+            let complete = crate::app::stored::find_apps(&self.store, reference)?
                 .iter()
                 .any(|a| a.is_complete());
             if !complete {
@@ -73,7 +74,9 @@ impl LiveDevice<'_> {
     }
 
     async fn docker_view(&self) -> DockerView {
-        DockerView::probe(Some(&self.engine)).await.0
+        crate::engine::docker::probe_view(Some(&self.engine))
+            .await
+            .0
     }
 }
 
@@ -94,7 +97,7 @@ impl DeviceOps for LiveDevice<'_> {
         }
         if let Some(layout) = &self.layout {
             let docker = self.docker_view().await;
-            let report = crate::commands::export::import(
+            let report = crate::update::export::import(
                 &self.store,
                 layout,
                 &self.architecture,
@@ -204,7 +207,7 @@ impl DeviceOps for LiveDevice<'_> {
     async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value> {
         let keep_refs: BTreeSet<&String> = keep.values().collect();
         let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
-        for app in crate::stored::list_apps(&self.store)? {
+        for app in crate::app::stored::list_apps(&self.store)? {
             if keep_refs.contains(&app.reference) {
                 keep_images.extend(
                     app.images
@@ -217,7 +220,8 @@ impl DeviceOps for LiveDevice<'_> {
         }
         let blobs = admin::prune(&self.store, false)?;
         let docker =
-            admin::prune_docker_keeping(&self.root, &self.engine, false, &keep_images).await?;
+            docker_prune::prune_docker_keeping(&self.root, &self.engine, false, &keep_images)
+                .await?;
         Ok(serde_json::json!({
             "blob_store": {"removed_blobs": blobs.removed.len(), "freed_bytes": blobs.freed_bytes,
                            "stale_ingest_bytes": blobs.stale_ingest_bytes},
@@ -226,7 +230,7 @@ impl DeviceOps for LiveDevice<'_> {
     }
 
     async fn installed(&self) -> Result<AppSet> {
-        let state = crate::installed::Installed::load(&self.root)?;
+        let state = crate::engine::installed::Installed::load(&self.root)?;
         Ok(state
             .apps
             .into_iter()
@@ -277,8 +281,8 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
                 let fetched = client
                     .get_manifest(
                         reference,
-                        &[crate::format::media::OCI_MANIFEST],
-                        crate::format::APP_MANIFEST_CAP,
+                        &[crate::oci::format::media::OCI_MANIFEST],
+                        crate::oci::format::APP_MANIFEST_CAP,
                     )
                     .await?;
                 reference.pinned(&fetched.digest)

@@ -14,12 +14,14 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
-use crate::commands::check::DoesNotFit;
 use crate::fsutil::write_atomic;
-use crate::reference::ImageRef;
-use crate::registry::RegistryClient;
-use crate::target::fetch_target;
-use crate::update::{self, AppSet, DeviceOps, Outcome, StateFiles, UpdateEvent, UpdateOptions};
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::RegistryClient;
+use crate::plan::DoesNotFit;
+use crate::update::target::fetch_target;
+use crate::update::transaction::{
+    self, AppSet, DeviceOps, Outcome, StateFiles, UpdateEvent, UpdateOptions,
+};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -87,7 +89,7 @@ pub async fn run_agent(
 ) -> Result<AgentStatus> {
     let files = StateFiles::under(root);
     // An interrupted update is finished or rolled back before anything else.
-    update::recover(device, &files, &options.update).await?;
+    transaction::recover(device, &files, &options.update).await?;
     let mut status = read_status(root)?.unwrap_or_default();
     status.target = options.target.to_string();
     loop {
@@ -140,7 +142,8 @@ async fn poll_once(
         device,
         check: std::sync::Mutex::new(None),
     };
-    let outcome = update::update(&recording, files, target.apps.clone(), &options.update).await;
+    let outcome =
+        transaction::update(&recording, files, target.apps.clone(), &options.update).await;
     if let Some(check) = recording
         .check
         .into_inner()

@@ -23,7 +23,7 @@
 //! archive's files (every layer sent, as sent: uncompressed here) on top of the
 //! applied layers; [`load_temp_bytes`] computes it for the space check.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -40,7 +40,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::Digest;
-use crate::digest::DigestWriter;
+use crate::oci::digest::DigestWriter;
+use crate::plan::DockerView;
+use crate::plan::held::{HeldLayers, IMAGES_AT_ONCE};
 
 /// Where the engine listens when neither `DOCKER_HOST` nor an explicit host is given.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -183,12 +185,6 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
-/// Images loaded at once by default. The engine writes each archive to a
-/// temporary directory and then applies its layers one by one, on about one
-/// core; two loads keep a small device's cores busy, and each more adds a
-/// temporary copy to the disk's peak. The fit check counts this many copies.
-pub const IMAGES_AT_ONCE: usize = 2;
-
 /// How a load spends the machine.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -212,61 +208,11 @@ impl Default for LoadOptions {
     }
 }
 
-/// The layers the engine holds.
-///
-/// Docker stores a layer under its *chain ID* (the digest of the layer
-/// together with every layer beneath it), not under its `diff_id` alone. So a
-/// layer with a held `diff_id` saves nothing when it sits on a different base:
-/// it counts as held only when an image holding the same chain prefix exists.
-/// Use [`HeldLayers::held_prefix_len`] to know how many leading layers of an
-/// image the engine will not need; `diff_ids` is the looser set, for reports.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HeldLayers {
-    pub diff_ids: HashSet<Digest>,
-    pub chain_ids: HashSet<Digest>,
-}
-
-impl HeldLayers {
-    /// How many leading layers of an image with these `diff_ids` the engine
-    /// holds as a chain (all of them when the image is fully present).
-    pub fn held_prefix_len(&self, diff_ids: &[Digest]) -> usize {
-        chain_ids(diff_ids)
-            .iter()
-            .take_while(|chain| self.chain_ids.contains(chain))
-            .count()
-    }
-
-    /// How many layers of an image a load must send.
-    pub fn layers_to_load(&self, diff_ids: &[Digest]) -> usize {
-        diff_ids.len() - self.held_prefix_len(diff_ids)
-    }
-
-    /// The layers of an image a load will send: all but the held prefix.
-    /// Their `tar_size`s are what [`load_temp_bytes`] needs.
-    pub fn layers_to_send<'a>(&self, layers: &'a [LayerSource]) -> &'a [LayerSource] {
-        let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
-        &layers[self.held_prefix_len(&diff_ids)..]
-    }
-
-    fn add_image(&mut self, diff_ids: &[Digest]) {
-        self.diff_ids.extend(diff_ids.iter().cloned());
-        self.chain_ids.extend(chain_ids(diff_ids));
-    }
-}
-
-/// The chain ID of every prefix of a layer stack, as the engine computes it:
-/// the first is the first `diff_id`; each next is
-/// `sha256("<previous chain id> <diff_id>")`.
-pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
-    let mut chains: Vec<Digest> = Vec::with_capacity(diff_ids.len());
-    for diff_id in diff_ids {
-        let chain = match chains.last() {
-            None => diff_id.clone(),
-            Some(parent) => Digest::of(format!("{parent} {diff_id}").as_bytes()),
-        };
-        chains.push(chain);
-    }
-    chains
+/// The layers of an image a load will send: all but the held prefix.
+/// Their `tar_size`s are what [`crate::plan::held::load_temp_bytes`] needs.
+pub fn layers_to_send<'a>(held: &HeldLayers, layers: &'a [LayerSource]) -> &'a [LayerSource] {
+    let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    &layers[held.held_prefix_len(&diff_ids)..]
 }
 
 /// What the engine's `GET /_ping` says about itself.
@@ -447,26 +393,24 @@ fn validate_tag_reference(reference: &str) -> Result<(), String> {
     validate_repository_name(name)
 }
 
-/// The extra disk the engine's temporary copy of a load takes, in bytes, when
-/// the archive carries layer files of these sizes (as sent: uncompressed tar
-/// sizes for stowage) and a config of `config_len` bytes, on a file system
-/// with `block_size` blocks. It is on the data root's volume, and lasts until
-/// every layer of the load is applied.
-///
-/// Measured on dockerd 20.10 (overlay2 on ext4): the engine's
-/// `tmp/docker-import-*` directory holds `manifest.json`, the config, and one
-/// directory with a `layer.tar` per layer sent, exactly the archive's files.
-pub fn load_temp_bytes(sent_layer_sizes: &[u64], config_len: u64, block_size: u64) -> u64 {
-    let block_size = block_size.max(1);
-    let round = |n: u64| n.div_ceil(block_size) * block_size;
-    // The import directory itself, manifest.json (a few hundred bytes) and the config.
-    let fixed = block_size + round(1024) + round(config_len);
-    // Each layer sent: its directory and its layer.tar.
-    fixed
-        + sent_layer_sizes
-            .iter()
-            .map(|size| block_size + round(*size))
-            .sum::<u64>()
+/// What Docker looks like to the plan, asked of `engine`; when it cannot be
+/// reached, the view says so and counts every layer.
+pub async fn probe_view(engine: Option<&DockerEngine>) -> (DockerView, Option<String>) {
+    let Some(engine) = engine else {
+        return DockerView::unreachable("no engine connection");
+    };
+    let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+    match (info, held) {
+        (Ok(info), Ok(held)) => (
+            DockerView {
+                reachable: true,
+                data_root: info.data_root,
+                held,
+            },
+            None,
+        ),
+        (Err(e), _) | (_, Err(e)) => DockerView::unreachable(&e.to_string()),
+    }
 }
 
 impl DockerEngine {
@@ -1517,31 +1461,6 @@ mod tests {
     }
 
     #[test]
-    fn chain_ids_follow_the_engine_rule() {
-        let a: Digest = "sha256:cb067793a146236fdfeed2b2a02eee8f92a0dd7f8914dd57cc64e121d0f0c925"
-            .parse()
-            .unwrap();
-        let b: Digest = "sha256:917fe972cda50b1d82b8a1ddd7b70efdf727402f9d516eb55e2d0017d313afd8"
-            .parse()
-            .unwrap();
-        let chains = chain_ids(&[a.clone(), b.clone()]);
-        assert_eq!(chains[0], a);
-        assert_eq!(chains[1], Digest::of(format!("{a} {b}").as_bytes()));
-    }
-
-    #[test]
-    fn a_held_layer_on_another_base_is_not_held() {
-        let mut held = HeldLayers::default();
-        held.add_image(&[digest(1), digest(2), digest(3)]);
-        assert_eq!(held.held_prefix_len(&[digest(1), digest(2), digest(9)]), 2);
-        assert_eq!(held.layers_to_load(&[digest(1), digest(2), digest(9)]), 1);
-        // Layer 2 is held, but only on top of layer 1.
-        assert!(held.diff_ids.contains(&digest(2)));
-        assert_eq!(held.held_prefix_len(&[digest(2), digest(3)]), 0);
-        assert_eq!(held.held_prefix_len(&[digest(1), digest(2), digest(3)]), 3);
-    }
-
-    #[test]
     fn local_tag_keeps_the_repository_and_the_whole_digest() {
         let hex = "a".repeat(64);
         assert_eq!(
@@ -1575,15 +1494,6 @@ mod tests {
         assert!(validate_tag_reference("a/b:").is_err());
         assert!(validate_tag_reference(&format!("a:{}", "x".repeat(129))).is_err());
         assert!(validate_tag_reference("a@sha256:00:x").is_err());
-    }
-
-    #[test]
-    fn temp_copy_counts_every_file_of_the_archive_in_blocks() {
-        // Two layers of 1 byte and 5000 bytes, a 300-byte config, 4 KiB blocks:
-        // import dir + manifest + config + 2 x (dir + layer.tar).
-        let bytes = load_temp_bytes(&[1, 5000], 300, 4096);
-        assert_eq!(bytes, 4096 + 4096 + 4096 + (4096 + 4096) + (4096 + 8192));
-        assert_eq!(load_temp_bytes(&[], 300, 4096), 3 * 4096);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! the `com.docker.compose.project` label, which both versions set.
 //!
 //! Digest-pinned images (`REGISTRY/REPO@sha256:...`) cannot be recorded by
-//! `docker load`; stowage loads them as [`crate::docker::local_tag_for`] and
+//! `docker load`; stowage loads them as [`crate::engine::docker::local_tag_for`] and
 //! starts the project with an override file ([`image_override`]) that points
 //! each service at that tag. The bundled compose file stays untouched, so it
 //! still matches the bundle index.
@@ -23,7 +23,7 @@ use std::process::Stdio;
 use bollard::query_parameters::ListContainersOptionsBuilder;
 use serde::Deserialize;
 
-use crate::docker::{DockerEngine, DockerError, is_not_found};
+use crate::engine::docker::{DockerEngine, DockerError, is_not_found};
 
 /// The label compose (v1 and v2) puts on every container of a project.
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
