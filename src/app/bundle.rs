@@ -27,8 +27,8 @@ use crate::Digest;
 /// The file listing paths to leave out of the bundle (gitignore syntax).
 pub const IGNORE_FILE: &str = ".composeappignores";
 
-/// Compose file names a device accepts, in the order it looks for them.
-pub const COMPOSE_FILE_NAMES: [&str; 3] = ["docker-compose.yml", "compose.yml", "compose.yaml"];
+/// The one list of compose file names, shared with publish.
+pub use crate::app::compose_file::COMPOSE_FILE_NAMES;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -1086,6 +1086,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, BundleError::NoComposeInBundle), "{err}");
+    }
+
+    #[test]
+    fn every_name_publish_accepts_is_a_compose_file_on_the_device() {
+        for name in COMPOSE_FILE_NAMES {
+            let bytes = Hostile::new().file(name, b"services: {}").finish();
+            let compose = read_compose_from_bundle(&bytes[..], &BundleLimits::default())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(compose.0, *name);
+        }
     }
 
     #[test]
