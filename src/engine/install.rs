@@ -33,7 +33,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::app::bundle::{BundleLimits, extract_bundle};
+use crate::app::bundle::{BundleLimits, STAGING_PREFIX, extract_bundle};
 use crate::app::stored::{StoredApp, find_apps, load_app};
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::engine::compose::write_image_override;
@@ -43,7 +43,8 @@ use crate::engine::docker::{
 use crate::engine::installed::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, Installed, InstalledApp, InstalledImage, OVERRIDE_FILE,
 };
-use crate::fsutil::write_atomic;
+use crate::fsutil::STATE_FILE_MODE;
+use crate::fsutil::beneath::Dir;
 use crate::oci::format::{self, AppManifest, LayerMeta};
 use crate::plan::held::HeldLayers;
 use crate::plan::space::Policy;
@@ -235,8 +236,7 @@ pub(crate) async fn install_locked(
             }
         }
     }
-    let bundle_current = std::fs::read_to_string(dir.join(BUNDLE_MARKER))
-        .is_ok_and(|m| m.trim() == app.digest.to_string());
+    let bundle_current = read_marker(&dir).is_some_and(|m| m.trim() == app.digest.to_string());
 
     // The fit check, when anything is to be written.
     let mut check = None;
@@ -282,7 +282,7 @@ pub(crate) async fn install_locked(
             .with_context(|| format!("cannot create {}", apps_dir.display()))?;
         // Another version's directory may be there (an update): extract
         // beside it, then swap, so a refused bundle changes nothing.
-        let incoming = apps_dir.join(format!(".incoming-{}", app.name));
+        let incoming = apps_dir.join(format!("{INCOMING_PREFIX}{}", app.name));
         if incoming.exists() {
             std::fs::remove_dir_all(&incoming)
                 .with_context(|| format!("cannot remove {}", incoming.display()))?;
@@ -298,11 +298,15 @@ pub(crate) async fn install_locked(
             .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
         crate::fsutil::fsync_dir(&apps_dir)
             .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
-        write_atomic(
-            &dir.join(BUNDLE_MARKER),
-            format!("{}\n", app.digest).as_bytes(),
-        )
-        .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
+        Dir::open(&dir)
+            .and_then(|d| {
+                d.write_atomic(
+                    BUNDLE_MARKER,
+                    format!("{}\n", app.digest).as_bytes(),
+                    STATE_FILE_MODE,
+                )
+            })
+            .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
     }
 
     // Record before loading: see the `installed` module.
@@ -615,15 +619,40 @@ fn app_for_plan(
     })
 }
 
-/// Removes what killed extractions left in the apps directory (the caller
-/// holds the apps lock, so no extraction is running).
+/// An app's bundle is extracted as `.incoming-NAME` in the apps directory,
+/// then swapped into place.
+const INCOMING_PREFIX: &str = ".incoming-";
+
+/// The bundle marker of an app directory, read without following a link.
+fn read_marker(dir: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut marker = String::new();
+    Dir::open(dir)
+        .and_then(|d| d.open_file(BUNDLE_MARKER))
+        .and_then(|f| f.take(4096).read_to_string(&mut marker))
+        .ok()?;
+    Some(marker)
+}
+
+/// Removes what killed extractions left in the apps directory: staging
+/// directories and bundles extracted but not swapped into place (the caller
+/// holds the apps lock, so no extraction is running). App names never
+/// start with a dot, so nothing else matches.
 fn remove_stale_extractions(apps_dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(apps_dir) else {
         return Ok(());
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(".extract-") {
-            std::fs::remove_dir_all(entry.path()).with_context(|| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(STAGING_PREFIX) || name.starts_with(INCOMING_PREFIX) {
+            let path = entry.path();
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| {
                 format!(
                     "cannot remove the interrupted extraction {}",
                     entry.path().display()
@@ -692,14 +721,13 @@ pub async fn verify_installed(
                 check.missing_images.push(image.tag.clone());
             }
         }
-        let marker = std::fs::read_to_string(installed_app.dir.join(BUNDLE_MARKER));
-        check.directory_damaged = !marker
-            .is_ok_and(|m| m.trim() == installed_app.digest.to_string())
-            || !installed_app.dir.join(OVERRIDE_FILE).is_file()
-            || !installed_app
-                .dir
-                .join(&installed_app.compose_file)
-                .is_file();
+        let is_file = |name: &str| {
+            std::fs::symlink_metadata(installed_app.dir.join(name)).is_ok_and(|m| m.is_file())
+        };
+        check.directory_damaged = !read_marker(&installed_app.dir)
+            .is_some_and(|m| m.trim() == installed_app.digest.to_string())
+            || !is_file(OVERRIDE_FILE)
+            || !is_file(&installed_app.compose_file);
         if repair && (!check.missing_images.is_empty() || check.directory_damaged) {
             let stored = match load_app(
                 device.store,

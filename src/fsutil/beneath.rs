@@ -154,6 +154,22 @@ impl Dir {
         }
     }
 
+    /// The target of the symlink `rel`, as its text.
+    pub fn read_link(&self, rel: &str) -> io::Result<String> {
+        let (parent, name) = self.parent_of(rel)?;
+        let target = rustix::fs::readlinkat(&parent.fd, name, Vec::new())
+            .map_err(|e| with_path(e.into(), &self.path.join(rel)))?;
+        target.into_string().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the link's target is not UTF-8",
+                    self.path.join(rel).display()
+                ),
+            )
+        })
+    }
+
     /// Sets the mode of this directory.
     pub fn set_mode(&self, mode: u32) -> io::Result<()> {
         rustix::fs::fchmod(&self.fd, Mode::from_raw_mode(mode))
