@@ -259,3 +259,19 @@ fn du(path: &Path) -> u64 {
     }
     bytes
 }
+
+/// `stowage df`'s settings.
+pub struct DfOptions {
+    pub arch: Option<String>,
+    pub docker_host: Option<String>,
+}
+
+impl DfOptions {
+    /// Docker's figures are left out, with a note, when it cannot be reached.
+    pub async fn run(self, ctx: &super::Context) -> Result<DfReport> {
+        let store = ctx.store()?;
+        let engine = ctx.engine(self.docker_host.as_deref()).await.ok();
+        let arch = ctx.arch(self.arch.as_deref())?;
+        df(&ctx.root, &store, engine.as_ref(), &arch).await
+    }
+}
