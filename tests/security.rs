@@ -303,7 +303,7 @@ fn deep_link() -> (Vec<Entry>, String) {
         .map(|i| format!("d{i}"))
         .collect::<Vec<_>>()
         .join("/");
-    let up = vec![".."; 12].join("/");
+    let up = [".."; 12].join("/");
     (
         vec![directory(&deep), symlink(&format!("{deep}/l"), &up)],
         format!("{deep}/l"),

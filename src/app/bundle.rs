@@ -1254,7 +1254,7 @@ mod tests {
     fn deep_link(h: &mut Hostile) -> String {
         let deep: Vec<String> = (0..12).map(|i| format!("d{i}")).collect();
         let deep = deep.join("/");
-        let up = vec![".."; 12].join("/");
+        let up = [".."; 12].join("/");
         h.raw(tar::EntryType::Directory, &format!("{deep}/"), "", b"")
             .raw(tar::EntryType::Symlink, &format!("{deep}/l"), &up, b"");
         format!("{deep}/l")
@@ -1297,7 +1297,7 @@ mod tests {
             .raw(
                 tar::EntryType::Symlink,
                 &format!("{deep}/l"),
-                &vec![".."; 12].join("/"),
+                &[".."; 12].join("/"),
                 b"",
             )
             .finish();

@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
@@ -38,7 +39,8 @@ use crate::app::stored::{StoredApp, find_apps, load_app};
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::engine::compose::write_image_override;
 use crate::engine::docker::{
-    DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
+    Allowance, DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, SpaceGuard,
+    local_tag_for,
 };
 use crate::engine::installed::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, Installed, InstalledApp, InstalledImage, OVERRIDE_FILE,
@@ -48,7 +50,7 @@ use crate::fsutil::beneath::Dir;
 use crate::oci::format::{self, AppManifest, LayerMeta};
 use crate::plan::held::HeldLayers;
 use crate::plan::space::Policy;
-use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
+use crate::plan::{CheckReport, DockerView, Paths, UpdatePlan, check_update, refuse_unless_fits};
 use crate::progress::Progress;
 use crate::store::{LockMode, Store};
 
@@ -187,7 +189,9 @@ pub(crate) async fn install_locked(
         &store.read_capped(&app.digest, format::APP_MANIFEST_CAP)?,
         &format!("stored app {}", app.reference),
     )?;
-    let meta = layers_meta(store, &manifest, &options.architecture)?;
+    let mut meta = layers_meta(store, &manifest, &options.architecture)?;
+    // What stowage measured of a layer before beats what was declared.
+    meta.extend(store.layer_facts());
 
     // Group services by image: several may run the same one.
     let mut images: BTreeMap<Digest, PlannedImage> = BTreeMap::new();
@@ -242,6 +246,8 @@ pub(crate) async fn install_locked(
     let mut check = None;
     // What the engine holds, as the check saw it: the loads are scheduled on it.
     let mut docker = None;
+    // What the check counted: the loads are held to it.
+    let mut guard = None;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let docker = docker.insert(DockerView {
@@ -255,8 +261,9 @@ pub(crate) async fn install_locked(
             // Only the images count: the bundle is extracted already.
             apps[0].bundle.clear();
         }
-        let (_, mut report) =
+        let (plan, mut report) =
             check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
+        guard = Some(space_guard(&plan, &docker.data_root));
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -364,17 +371,24 @@ pub(crate) async fn install_locked(
         }
         report_images.push(image_report(planned, ImageAction::Tagged));
     }
+    let load_options = LoadOptions {
+        guard: guard.clone(),
+        ..options.load.clone()
+    };
     let loaded = load_images(
         engine,
         store,
         &docker.map(|d| d.held).unwrap_or_default(),
         &to_load,
         &meta,
-        &options.load,
+        &load_options,
         progress,
     )
-    .await
-    .with_context(|| format!("cannot install {}", app.reference))?;
+    .await;
+    if let Some(guard) = &guard {
+        record_facts(store, guard);
+    }
+    let loaded = loaded.with_context(|| format!("cannot install {}", app.reference))?;
     for (planned, loaded) in to_load.iter().zip(loaded) {
         let mut row = image_report(planned, ImageAction::Loaded);
         row.layers_sent = loaded.layers_sent;
@@ -398,6 +412,62 @@ pub(crate) async fn install_locked(
         images: report_images,
         check,
     })
+}
+
+/// Holds the loads to what `plan` counted on Docker's volume at `data_root`.
+fn space_guard(plan: &UpdatePlan, data_root: &Path) -> Arc<SpaceGuard> {
+    let allowances = plan
+        .docker_counts
+        .iter()
+        .map(|(blob, count)| {
+            (
+                count.diff_id.clone(),
+                (
+                    blob.clone(),
+                    Allowance {
+                        usage: count.usage,
+                        inodes: count.inodes,
+                        tar_size: count.tar_size,
+                    },
+                ),
+            )
+        })
+        .collect();
+    Arc::new(SpaceGuard::new(
+        data_root.to_path_buf(),
+        plan.docker_block_size,
+        allowances,
+        plan.docker_room.0,
+        plan.docker_room.1,
+    ))
+}
+
+/// Keeps what the loads measured of each layer with its blob, for the next
+/// plans; a failure to write them costs only precision, so it is logged.
+fn record_facts(store: &Store, guard: &SpaceGuard) {
+    let facts = guard
+        .measured()
+        .into_iter()
+        .map(|(diff_id, m)| {
+            let meta = LayerMeta {
+                size: m.file_bytes,
+                usage: format::usage_for_block_size(
+                    &m.usage_by_block_size,
+                    crate::app::layer::USAGE_BLOCK_SIZE,
+                ),
+                archive_size: store.size(&m.blob).unwrap_or(0),
+                diff_id: Some(diff_id),
+                tar_size: Some(m.tar_size),
+                entries: Some(m.entries),
+                inodes: Some(m.inodes),
+                usage_by_block_size: Some(m.usage_by_block_size),
+            };
+            (m.blob, meta)
+        })
+        .collect();
+    if let Err(e) = store.record_layer_facts(facts) {
+        tracing::warn!("cannot keep the measured layer figures: {e}");
+    }
 }
 
 /// Loads `images` into the engine, [`LoadOptions::images`] at a time (the
@@ -724,8 +794,8 @@ pub async fn verify_installed(
         let is_file = |name: &str| {
             std::fs::symlink_metadata(installed_app.dir.join(name)).is_ok_and(|m| m.is_file())
         };
-        check.directory_damaged = !read_marker(&installed_app.dir)
-            .is_some_and(|m| m.trim() == installed_app.digest.to_string())
+        check.directory_damaged = read_marker(&installed_app.dir)
+            .is_none_or(|m| m.trim() != installed_app.digest.to_string())
             || !is_file(OVERRIDE_FILE)
             || !is_file(&installed_app.compose_file);
         if repair && (!check.missing_images.is_empty() || check.directory_damaged) {

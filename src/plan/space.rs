@@ -244,9 +244,10 @@ pub fn plan(
         if !entry.1.paths.contains(&path) {
             entry.1.paths.push(path);
         }
-        *entry.1.required_parts.entry(demand.part).or_default() += demand.bytes;
-        entry.1.required += demand.bytes;
-        entry.1.inodes_required += demand.inodes;
+        let part = entry.1.required_parts.entry(demand.part).or_default();
+        *part = part.saturating_add(demand.bytes);
+        entry.1.required = entry.1.required.saturating_add(demand.bytes);
+        entry.1.inodes_required = entry.1.inodes_required.saturating_add(demand.inodes);
     }
     let mut volumes = Vec::new();
     for (_, (_, mut report)) in by_dev {

@@ -28,6 +28,7 @@
 //! (pull, install) and [`LockMode::Exclusive`] while removing (prune, rm,
 //! fsck). Ingests lock themselves per blob.
 
+mod facts;
 mod fsck;
 mod gc;
 mod ingest;
@@ -44,6 +45,7 @@ use std::time::Duration;
 use crate::Digest;
 use crate::fsutil::{self, ensure_dir, fsync_dir, write_atomic};
 
+pub use facts::FACTS_FILE;
 pub use fsck::{CorruptBlob, FsckReport, StrayFile};
 pub use gc::PruneReport;
 pub use ingest::{Ingest, IngestStatus};
