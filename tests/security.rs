@@ -483,3 +483,368 @@ fn send_kill(child: &mut std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+// ---- Lying layers-meta ----
+
+/// Hashes what is written through it (the diff_id of a tar being gzip'd).
+struct Hashing<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A layer's gzip'd blob and its diff_id, made by streaming: `zeros` is
+/// one file of that many zero bytes, `empty_files` that many empty files.
+fn crafted_layer(zeros: u64, empty_files: usize) -> (Vec<u8>, String) {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(Hashing {
+        inner: gz,
+        hasher: <sha2::Sha256 as sha2::Digest>::new(),
+    });
+    let header = |size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        h
+    };
+    if zeros > 0 {
+        tar.append_data(
+            &mut header(zeros),
+            "zeros.bin",
+            std::io::Read::take(std::io::repeat(0), zeros),
+        )
+        .unwrap();
+    }
+    for i in 0..empty_files {
+        tar.append_data(&mut header(0), format!("e/{i}"), std::io::empty())
+            .unwrap();
+    }
+    let hashing = tar.into_inner().unwrap();
+    let diff_id = format!(
+        "sha256:{}",
+        hex::encode(sha2::Digest::finalize(hashing.hasher))
+    );
+    (hashing.inner.finish().unwrap(), diff_id)
+}
+
+/// Pushes an image of these layers as `HOST/REPO:1` (Docker v2 manifest).
+fn push_crafted_image(registry: &Registry, repo: &str, layers: &[(Vec<u8>, String)]) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Cmd": ["sleep", "3600"]},
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()},
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = registry.upload_blob(repo, &config);
+    let layer_descriptors: Vec<Value> = layers
+        .iter()
+        .map(|(blob, _)| {
+            serde_json::json!({
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "size": blob.len(),
+                "digest": registry.upload_blob(repo, blob),
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": config.len(),
+            "digest": config_digest,
+        },
+        "layers": layer_descriptors,
+    });
+    registry.put_manifest(
+        repo,
+        "1",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+}
+
+/// An app of one crafted image, published honestly; its layers-meta is
+/// then rewritten by each case.
+struct MetaApp<'a> {
+    registry: &'a Registry,
+    repo: String,
+    manifest: Value,
+    media_type: String,
+    /// The honest layers-meta.
+    meta: Value,
+    /// The image's layer blob digests.
+    layers: Vec<String>,
+}
+
+impl<'a> MetaApp<'a> {
+    /// Publishes `HOST/NAME/APP:honest`, its image `HOST/NAME/APP-svc:1`.
+    fn publish(
+        registry: &'a Registry,
+        name: &str,
+        app: &str,
+        layers: &[(Vec<u8>, String)],
+    ) -> MetaApp<'a> {
+        let host = registry.host();
+        let image_repo = format!("{name}/{app}-svc");
+        push_crafted_image(registry, &image_repo, layers);
+        let dir = temp_dir("security-meta-app-");
+        write_app(
+            dir.path(),
+            &format!(
+                "services:\n  svc:\n    image: {host}/{image_repo}:1\n    network_mode: none\n"
+            ),
+        );
+        let cache = temp_dir("security-meta-cache-");
+        run_ok(
+            stowage()
+                .arg("publish")
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--cache-dir")
+                .arg(cache.path())
+                .args(["--insecure-registry", &host])
+                .arg(format!("{host}/{name}/{app}:honest")),
+        );
+        let repo = format!("{name}/{app}");
+        let (bytes, media_type) = registry.get_manifest(&repo, "honest");
+        let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+        let meta_digest = manifest["layers"][1]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let meta: Value = serde_json::from_slice(&registry.get_blob(&repo, &meta_digest)).unwrap();
+        let layers = layers.iter().map(|(blob, _)| sha256_digest(blob)).collect();
+        MetaApp {
+            registry,
+            repo,
+            manifest,
+            media_type,
+            meta,
+            layers,
+        }
+    }
+
+    /// Pushes the app with its layers-meta changed by `lie` (given each
+    /// architecture's `layers` map); returns its reference by digest.
+    fn lying(&self, tag: &str, lie: impl Fn(&mut serde_json::Map<String, Value>)) -> String {
+        let mut meta = self.meta.clone();
+        for (_, arch) in meta.as_object_mut().unwrap() {
+            lie(arch["layers"].as_object_mut().unwrap());
+        }
+        let bytes = serde_json::to_vec(&meta).unwrap();
+        let digest = self.registry.upload_blob(&self.repo, &bytes);
+        let mut manifest = self.manifest.clone();
+        manifest["layers"][1]["digest"] = Value::String(digest);
+        manifest["layers"][1]["size"] = Value::from(bytes.len());
+        let digest = self.registry.put_manifest(
+            &self.repo,
+            tag,
+            &self.media_type,
+            &serde_json::to_vec(&manifest).unwrap(),
+        );
+        format!("{}/{}@{digest}", self.registry.host(), self.repo)
+    }
+}
+
+/// The lowest free bytes (`f_bavail`) and free inodes of a volume, sampled
+/// on a thread until [`Sampler::finish`]: what a test asserts is the
+/// minimum it saw, not when it saw it.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64, u64)>>,
+}
+
+impl Sampler {
+    fn start(path: &Path) -> Sampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = path.to_path_buf();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut bytes, mut inodes, mut samples) = (u64::MAX, u64::MAX, 0);
+            loop {
+                let stats = fs_stats(&path);
+                bytes = bytes.min(stats.available_bytes());
+                inodes = inodes.min(stats.inodes_free);
+                samples += 1;
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return (bytes, inodes, samples);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        Sampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The lowest free bytes and inodes seen.
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (bytes, inodes, samples) = self.thread.take().unwrap().join().unwrap();
+        assert!(samples > 1, "the sampler ran");
+        (bytes, inodes)
+    }
+}
+
+#[test]
+fn layers_meta_that_lies_cannot_fill_dockers_volume() {
+    const MIB: u64 = 1 << 20;
+    let registry = Registry::start();
+    let host = registry.host();
+    let name = unique("sec-meta");
+    // One big file of zeros: a tiny download, 400 MiB on disk.
+    let big = MetaApp::publish(&registry, &name, "big", &[crafted_layer(400 * MIB, 0)]);
+    // 40,000 empty files: no blocks, but inodes; and a small layer.
+    let many = MetaApp::publish(
+        &registry,
+        &name,
+        "many",
+        &[crafted_layer(0, 40_000), crafted_layer(4096, 0)],
+    );
+    let zeros = big.layers[0].clone();
+    let (files, small) = (many.layers[0].clone(), many.layers[1].clone());
+
+    // Docker's volume: 1 GiB with 30,000 inodes, of which the policy keeps
+    // 200 MiB free: it holds the 400 MiB archive Docker copies while it
+    // loads, or the unpacked layer, not both.
+    let volume = LoopVolume::with_options(1024, 4096, Some(30_000));
+    let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
+    let total = volume.stats().total_bytes();
+    let reserve = (200 * MIB).max(total / 100);
+    let work = temp_dir("security-meta-");
+    let mut roots = 0;
+    let mut fresh_root = || {
+        roots += 1;
+        work.path().join(format!("root{roots}"))
+    };
+    let stowage_in = |root: &Path, args: &[&str]| {
+        let mut cmd = stowage_on(root, &host, args);
+        cmd.env("DOCKER_HOST", dockerd.host())
+            .env_remove("STOWAGE_ROOT");
+        cmd
+    };
+    let images = || {
+        run_ok(dockerd.docker().args(["images", "-q"]))
+            .lines()
+            .count()
+    };
+
+    let set = |layers: &mut serde_json::Map<String, Value>, digest: &str, key: &str, v: u64| {
+        let layer = layers[digest].as_object_mut().unwrap();
+        layer.insert(key.into(), Value::from(v));
+        if key == "usage" {
+            layer.insert(
+                "usage_by_block_size".into(),
+                serde_json::json!({"1024": v, "4096": v, "16384": v, "65536": v}),
+            );
+        }
+    };
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "usage",
+            big.lying("usage", |l| set(l, &zeros, "usage", 4096)),
+            vec![&zeros, "bytes"],
+        ),
+        (
+            "missing",
+            big.lying("missing", |l| {
+                l.remove(&zeros);
+            }),
+            vec![&zeros, "bytes"],
+        ),
+        (
+            "inodes",
+            many.lying("inodes", |l| set(l, &files, "inodes", 1)),
+            vec![&files, "inodes"],
+        ),
+    ];
+    for (case, reference, said) in cases {
+        let root = fresh_root();
+        run_ok(&mut stowage_in(&root, &["pull", &reference]));
+        // The check believes it fits.
+        run_ok(&mut stowage_in(
+            &root,
+            &["check", "--reserve", "200M", &reference],
+        ));
+        let sampler = Sampler::start(volume.path());
+        let out = run_output(&mut stowage_in(
+            &root,
+            &["install", "--reserve", "200M", &reference],
+        ));
+        let (lowest, lowest_inodes) = sampler.finish();
+        refused_saying(&out, &said);
+        assert!(
+            lowest >= reserve,
+            "{case}: Docker's volume fell to {lowest} bytes free, below the reserve of {reserve}"
+        );
+        assert!(
+            lowest_inodes > 10_000,
+            "{case}: {lowest_inodes} inodes left"
+        );
+        assert_eq!(images(), 0, "{case}: nothing loaded");
+        let ingest: Vec<_> = std::fs::read_dir(root.join("ingest"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(ingest.is_empty(), "{case}: {ingest:?}");
+        let apps: Vec<String> = std::fs::read_dir(root.join("apps"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            apps.iter().all(|a| a == "big" || a == "many"),
+            "{case}: {apps:?}"
+        );
+
+        // What install measured is kept with the blob: the check now
+        // counts the truth, and says it does not fit.
+        let out = run_output(&mut stowage_in(
+            &root,
+            &["check", "--reserve", "200M", &reference],
+        ));
+        assert_eq!(out.status.code(), Some(100), "{case}: {}", say(&out));
+    }
+
+    // Figures so large that their sum wraps round: refused by the check,
+    // naming the layer, before anything is downloaded.
+    let huge = 1u64 << 63;
+    let reference = many.lying("wrap", |l| {
+        for digest in [&files, &small] {
+            for key in ["usage", "tar_size", "inodes", "size"] {
+                set(l, digest, key, huge);
+            }
+        }
+    });
+    let root = fresh_root();
+    let out = run_output(&mut stowage_in(&root, &["pull", &reference]));
+    assert_eq!(out.status.code(), Some(100), "{}", say(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&files) && stderr.contains("more than the whole volume"),
+        "{stderr}"
+    );
+    assert!(!root.join("store/blobs/sha256").join(&files[7..]).exists());
+    assert_eq!(images(), 0);
+}
