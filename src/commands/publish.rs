@@ -18,8 +18,9 @@ use crate::app::compose_file::{ComposeFile, read_dotenv};
 use crate::app::layer;
 use crate::oci::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerIndex,
-    LayerMeta, LayersMeta, Platform, media,
+    LayerMeta, LayersMeta, Platform,
 };
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
 use crate::progress::Progress;
@@ -138,7 +139,7 @@ impl PublishOptions {
                     layers,
                 },
             );
-            layer_indexes.push((arch.clone(), format::to_json(&index)));
+            layer_indexes.push((arch.clone(), format::to_json(&index)?));
         }
 
         let pinned: BTreeMap<String, String> = resolved
@@ -160,8 +161,8 @@ impl PublishOptions {
         };
         let bundle = bundle::create_bundle(&self.app_dir, &compose_name, &pinned_compose)
             .with_context(|| format!("cannot bundle {}", self.app_dir.display()))?;
-        let bundle_index = bundle::index_json(&bundle.index);
-        let meta_bytes = format::to_json(&meta);
+        let bundle_index = bundle::index_json(&bundle.index)?;
+        let meta_bytes = format::to_json(&meta)?;
 
         let mut bundle_desc = Descriptor::new(
             media::BUNDLE,
@@ -201,7 +202,7 @@ impl PublishOptions {
             manifests,
             annotations: BTreeMap::from([(format::APP_ANNOTATION.into(), "v1".into())]),
         };
-        let mut manifest_bytes = manifest.to_bytes();
+        let mut manifest_bytes = manifest.to_bytes()?;
         format::check_cap(
             "the app manifest",
             manifest_bytes.len() as u64,
@@ -255,7 +256,7 @@ impl PublishOptions {
                         "the registry refuses the optional `manifests` list of layer indexes; pushing the app manifest without it".into(),
                     );
                     manifest.manifests.clear();
-                    manifest_bytes = manifest.to_bytes();
+                    manifest_bytes = manifest.to_bytes()?;
                     layer_indexes_referenced = false;
                     client
                         .push_manifest(&self.target, media::OCI_MANIFEST, &manifest_bytes)
@@ -526,11 +527,12 @@ impl LayerCache {
 
     fn put(&self, digest: &Digest, meta: &LayerMeta) {
         // A cache entry that cannot be written only costs a re-analysis.
+        let Ok(bytes) = format::to_json(meta) else {
+            return;
+        };
         let _ = std::fs::create_dir_all(&self.dir);
-        let _ = crate::fsutil::write_atomic(
-            &self.dir.join(format!("{}.json", digest.hex())),
-            &format::to_json(meta),
-        );
+        let _ =
+            crate::fsutil::write_atomic(&self.dir.join(format!("{}.json", digest.hex())), &bytes);
     }
 }
 

@@ -44,14 +44,11 @@ use std::time::Duration;
 use crate::Digest;
 use crate::fsutil::{self, ensure_dir, fsync_dir, write_atomic};
 
+use crate::oci::format::REF_NAME;
 pub use fsck::{CorruptBlob, FsckReport, StrayFile};
 pub use gc::PruneReport;
 pub use ingest::{Ingest, IngestStatus};
-pub use layout::{
-    BUNDLE_INDEX_ANNOTATION, Descriptor, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
-    MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, REF_NAME_ANNOTATION, RefEntry,
-    SOURCE_MANIFEST_ANNOTATION, is_manifest_media_type, is_valid_ref_name,
-};
+pub use layout::{Descriptor, RefEntry, is_valid_ref_name};
 pub use lock::{LockMode, StoreLock};
 
 /// Mode of every directory the store creates.
@@ -216,7 +213,10 @@ impl Store {
             &store.layout_dir.join(layout::OCI_LAYOUT_FILE),
             &layout::oci_layout_bytes(),
         )?;
-        store.create_if_missing(&store.index_path(), &layout::ImageIndex::empty().to_bytes())?;
+        let empty = layout::ImageIndex::empty()
+            .to_bytes()
+            .map_err(|e| StoreError::io(&store.index_path(), io::Error::other(e)))?;
+        store.create_if_missing(&store.index_path(), &empty)?;
         Ok(store)
     }
 
@@ -439,7 +439,7 @@ impl Store {
         }
         descriptor
             .annotations
-            .insert(REF_NAME_ANNOTATION.to_string(), name.to_string());
+            .insert(REF_NAME.to_string(), name.to_string());
         self.update_index(|index| {
             match index
                 .manifests
@@ -492,7 +492,10 @@ impl Store {
         let path = self.index_path();
         let mut index = layout::read_index(&path)?;
         if change(&mut index) {
-            write_atomic(&path, &index.to_bytes()).map_err(|e| StoreError::io(&path, e))?;
+            let bytes = index
+                .to_bytes()
+                .map_err(|e| StoreError::io(&path, io::Error::other(e)))?;
+            write_atomic(&path, &bytes).map_err(|e| StoreError::io(&path, e))?;
         }
         drop(lock_file);
         Ok(())

@@ -289,7 +289,7 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
                 let fetched = client
                     .get_manifest(
                         reference,
-                        &[crate::oci::format::media::OCI_MANIFEST],
+                        &[crate::oci::media::OCI_MANIFEST],
                         crate::oci::format::APP_MANIFEST_CAP,
                     )
                     .await?;

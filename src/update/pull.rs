@@ -17,7 +17,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::app::{App, Depth, LayerNeed, fetch_apps};
-use crate::oci::format::media;
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
 use crate::plan::space::Policy;
@@ -211,7 +211,7 @@ pub fn name_app(store: &Store, app: &App) -> Result<()> {
     }
     store.set_ref(
         &app.ref_name(),
-        crate::oci::format::media::OCI_MANIFEST,
+        crate::oci::media::OCI_MANIFEST,
         &app.digest,
         app.meta_blobs[0].descriptor.size,
     )?;
@@ -305,7 +305,7 @@ fn remove_stale_reserves(root: &std::path::Path) {
     }
 }
 
-pub use crate::store::SOURCE_MANIFEST_ANNOTATION;
+use crate::oci::format::SOURCE_MANIFEST_ANNOTATION;
 
 /// The OCI image manifest equivalent to Docker v2 manifest `bytes`: the same
 /// config and layer blobs under their OCI media types. Deterministic (keys
