@@ -28,6 +28,7 @@
 //! (pull, install) and [`LockMode::Exclusive`] while removing (prune, rm,
 //! fsck). Ingests lock themselves per blob.
 
+pub mod copy;
 mod fsck;
 mod gc;
 mod ingest;
@@ -353,32 +354,6 @@ impl Store {
             return Err(StoreError::io(&self.blob_path(digest), e));
         }
         fsync_dir(&self.blobs_dir).map_err(|e| StoreError::io(&self.blobs_dir, e))
-    }
-
-    /// Copies a local file into the store as blob `digest`, verified like a
-    /// download (resuming a partial copy if one exists).
-    pub fn import_file(&self, path: &Path, digest: &Digest) -> Result<()> {
-        let mut source = File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let size = source
-            .metadata()
-            .map_err(|e| StoreError::io(path, e))?
-            .len();
-        let mut ingest = self.ingest(digest, size)?;
-        if ingest.offset() < size {
-            io::Seek::seek(&mut source, io::SeekFrom::Start(ingest.offset()))
-                .map_err(|e| StoreError::io(path, e))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = match source.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(StoreError::io(path, e)),
-                };
-                ingest.write_all(&buf[..n])?;
-            }
-        }
-        ingest.commit()
     }
 
     // ---- Refs -------------------------------------------------------------
