@@ -75,7 +75,7 @@ pub async fn df(
     engine: Option<&DockerEngine>,
     architecture: &str,
 ) -> Result<DfReport> {
-    let _lock = store.lock(LockMode::Shared)?;
+    let _lock = store.lock_async(LockMode::Shared).await?;
     let state = Installed::load(root)?;
     let apps_dir = root.join("apps");
     let mut notes = Vec::new();

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use super::{Context, FitOptions};
+use super::{Context, FitOptions, blocking};
 use crate::app::stored::fsck;
 use crate::engine::install::{InstalledCheck, verify_installed};
 use crate::engine::installed::Installed;
@@ -35,7 +35,10 @@ impl FsckOptions {
         } else {
             ctx.store()?
         };
-        let report = fsck(&store, self.quick)?;
+        let report = {
+            let (store, quick) = (store.clone(), self.quick);
+            blocking(move || fsck(&store, quick)).await?
+        };
         let state = Installed::load(&ctx.root)?;
         if state.apps.is_empty() {
             return Ok(FsckBoth {

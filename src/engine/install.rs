@@ -115,8 +115,8 @@ pub async fn install(
     options: &InstallOptions,
     progress: &dyn Progress,
 ) -> Result<InstallReport> {
-    let _store_lock = device.store.lock(LockMode::Shared)?;
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = installed::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
     let app = resolve_app(device.store, &state, name_or_ref)?;
     install_locked(device, &mut state, &app, options, progress).await
@@ -665,8 +665,8 @@ pub async fn verify_installed(
     options: &InstallOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<InstalledCheck>> {
-    let _store_lock = device.store.lock(LockMode::Shared)?;
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = installed::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
     let mut checks = Vec::new();
     let apps: Vec<(String, InstalledApp)> = state

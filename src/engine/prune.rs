@@ -61,7 +61,7 @@ pub async fn prune_docker_keeping(
     dry_run: bool,
     keep: &BTreeSet<Digest>,
 ) -> Result<DockerPruneReport> {
-    let _apps_lock = installed::lock_apps(root, APPS_LOCK_TIMEOUT)?;
+    let _apps_lock = installed::lock_apps_async(root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(root)?;
     let mut referenced = state.referenced_images();
     referenced.extend(keep.iter().cloned());

@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::{Ingest, StoreError};
 use crate::Digest;
+use crate::fsutil::blocking;
 use crate::progress::{Event, Progress};
 
 /// A blob's bytes as a source streams them.
@@ -201,16 +202,6 @@ async fn write_body(
     }
 }
 
-/// Runs blocking store work off the async runtime's workers.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
 /// A blob in a file, such as another store's blob on an export medium. The
 /// file must hold exactly the size the descriptor declares: a file of
 /// another size is refused before a byte is written.
@@ -316,7 +307,9 @@ mod tests {
             whole: false,
             offsets: Vec::new(),
         };
-        let sent = copy_blob(ingest, &mut source, 2, &NoProgress).await.unwrap();
+        let sent = copy_blob(ingest, &mut source, 2, &NoProgress)
+            .await
+            .unwrap();
         assert_eq!(source.offsets, vec![0, 100_000, 200_000]);
         assert_eq!(sent, blob.len() as u64);
         assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), blob);
@@ -336,7 +329,9 @@ mod tests {
             whole: true,
             offsets: Vec::new(),
         };
-        copy_blob(ingest, &mut source, 1, &NoProgress).await.unwrap();
+        copy_blob(ingest, &mut source, 1, &NoProgress)
+            .await
+            .unwrap();
         assert_eq!(source.offsets, vec![0, 100_000]);
         assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), blob);
     }

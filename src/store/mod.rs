@@ -263,6 +263,13 @@ impl Store {
         lock::lock_store(&self.root.join("lock"), &self.root, mode, timeout)
     }
 
+    /// [`Store::lock`] for async code: the wait happens on a blocking
+    /// thread, never on a runtime worker.
+    pub async fn lock_async(&self, mode: LockMode) -> Result<StoreLock> {
+        let store = self.clone();
+        crate::fsutil::blocking(move || store.lock(mode)).await
+    }
+
     // ---- Reading ----------------------------------------------------------
 
     /// Where the blob `digest` lives once committed.

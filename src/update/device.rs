@@ -207,20 +207,26 @@ impl DeviceOps for LiveDevice<'_> {
     /// Forgets stored apps outside `keep`, then prunes the blob store and the
     /// images stowage loaded, keeping the images of every app in `keep`.
     async fn prune(&self, keep: &AppSet) -> Result<PruneSummary> {
-        let keep_refs: BTreeSet<&String> = keep.values().collect();
-        let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
-        for app in crate::app::stored::list_apps(&self.store)? {
-            if keep_refs.contains(&app.reference) {
-                keep_images.extend(
-                    app.images
-                        .iter()
-                        .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
-                );
-            } else {
-                admin::rm(&self.store, &app.reference)?;
+        let keep_refs: BTreeSet<String> = keep.values().cloned().collect();
+        let store = self.store.clone();
+        // Store walks, lock waits and deletions: blocking file work.
+        let (keep_images, blobs) = crate::fsutil::blocking(move || {
+            let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
+            for app in crate::app::stored::list_apps(&store)? {
+                if keep_refs.contains(&app.reference) {
+                    keep_images.extend(
+                        app.images
+                            .iter()
+                            .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
+                    );
+                } else {
+                    admin::rm(&store, &app.reference)?;
+                }
             }
-        }
-        let blobs = admin::prune(&self.store, false)?;
+            let blobs = admin::prune(&store, false)?;
+            anyhow::Ok((keep_images, blobs))
+        })
+        .await?;
         let docker =
             docker_prune::prune_docker_keeping(&self.root, &self.engine, false, &keep_images)
                 .await?;

@@ -12,11 +12,12 @@ use serde::Serialize;
 use crate::Digest;
 use crate::app::stored::{StoredApp, find_apps, list_apps};
 use crate::app::{App, LayoutSource, fetch_app};
+use crate::fsutil::blocking;
 use crate::oci::reference::ImageRef;
 use crate::plan::space::Policy;
 use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::{NoProgress, Progress};
-use crate::store::copy::{FileSource, blocking, copy_blob};
+use crate::store::copy::{FileSource, copy_blob};
 use crate::store::{LockMode, Store};
 use crate::update::pull::name_app;
 
@@ -100,7 +101,7 @@ pub async fn export(
     architecture: &str,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    let _lock = store.lock(LockMode::Shared)?;
+    let _lock = store.lock_async(LockMode::Shared).await?;
     let out = Store::open(dir)
         .with_context(|| format!("cannot create the export at {}", dir.display()))?;
     let source = LayoutSource { store };
@@ -160,7 +161,7 @@ async fn copy_file(
             if !ingest.is_stored() {
                 ingest.preallocate()?;
             }
-            Ok(ingest)
+            Ok::<_, crate::store::StoreError>(ingest)
         })
         .await?
     };
@@ -191,7 +192,7 @@ pub async fn import(
     docker: &DockerView,
     progress: &dyn Progress,
 ) -> Result<ImportReport> {
-    let _lock = store.lock(LockMode::Shared)?;
+    let _lock = store.lock_async(LockMode::Shared).await?;
     let layout = from.open()?;
     let source = LayoutSource { store: &layout };
     let mut apps = Vec::new();

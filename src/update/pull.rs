@@ -58,7 +58,7 @@ impl PullOptions {
         docker: impl Future<Output = (DockerView, Option<String>)>,
         progress: &dyn Progress,
     ) -> Result<PullReport> {
-        let _lock = store.lock(LockMode::Shared)?;
+        let _lock = store.lock_async(LockMode::Shared).await?;
         for reference in &self.apps {
             progress.step(format!("fetching metadata of {reference}"));
         }

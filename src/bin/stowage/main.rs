@@ -154,7 +154,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ls => {
-            output::ls(&ls::run(&ctx)?, json)?;
+            output::ls(&ls::run(&ctx).await?, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Rm(args) => {
