@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
+use tokio::io::AsyncReadExt as _;
 
 use crate::Digest;
 use crate::app::bundle;
@@ -555,7 +556,7 @@ async fn analyse_layer(
         "analysing layer {} ({} bytes)",
         layer.digest, layer.size
     ));
-    let BlobBody::Full(mut response) = client
+    let BlobBody::Full(response) = client
         .fetch_blob(image, &layer.digest, layer.size, 0)
         .await?
     else {
@@ -565,44 +566,17 @@ async fn analyse_layer(
             layer.digest
         );
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
-    let analysis =
-        tokio::task::spawn_blocking(move || layer::analyze_layer(ChannelReader::new(rx)));
-    let mut received = 0u64;
-    let mut send_error = None;
-    loop {
-        let chunk = match response.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => {
-                send_error = Some(anyhow!(
-                    "the download of layer {} from {} broke off: {e}",
-                    layer.digest,
-                    image.registry
-                ));
-                break;
-            }
-        };
-        received += chunk.len() as u64;
-        if received > layer.size {
-            send_error = Some(anyhow!(
-                "registry {} sent more than the {} bytes declared for layer {}",
-                image.registry,
-                layer.size,
-                layer.digest
-            ));
-            break;
-        }
-        // The analysis gave up (its error is reported below).
-        if tx.send(chunk).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let stats = analysis.await.context("the layer analysis thread failed")?;
-    if let Some(e) = send_error {
-        return Err(e);
-    }
+    // The analysis reads the body on a blocking thread through the bridge;
+    // one byte past the declared size is enough to refuse a longer blob.
+    let body = tokio_util::io::StreamReader::new(
+        response
+            .bytes_stream()
+            .map(|chunk| chunk.map_err(std::io::Error::other)),
+    );
+    let reader = tokio_util::io::SyncIoBridge::new(body.take(layer.size + 1));
+    let stats = tokio::task::spawn_blocking(move || layer::analyze_layer(reader))
+        .await
+        .context("the layer analysis thread failed")?;
     let stats = stats.with_context(|| format!("layer {} of image {image}", layer.digest))?;
     if stats.archive_digest != layer.digest || stats.archive_size != layer.size {
         bail!(
@@ -626,34 +600,4 @@ async fn analyse_layer(
     };
     cache.put(&layer.digest, &meta);
     Ok(meta)
-}
-
-/// A `Read` over chunks arriving on a channel.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-    current: bytes::Bytes,
-}
-
-impl ChannelReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> ChannelReader {
-        ChannelReader {
-            rx,
-            current: bytes::Bytes::new(),
-        }
-    }
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
-    }
 }
