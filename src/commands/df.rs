@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::Digest;
 use crate::app::stored::list_apps;
 use crate::engine::docker::DockerEngine;
-use crate::engine::installed::Installed;
+use crate::engine::record::Installed;
 use crate::oci::format::{self, AppManifest};
 use crate::plan::space::Volume;
 use crate::store::{LockMode, Store};

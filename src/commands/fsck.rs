@@ -7,7 +7,7 @@ use anyhow::Result;
 use super::{Context, FitOptions, blocking};
 use crate::app::stored::fsck;
 use crate::engine::install::{InstalledCheck, verify_installed};
-use crate::engine::installed::Installed;
+use crate::engine::record::Installed;
 use crate::progress::Progress;
 use crate::store::{FsckReport, Store};
 

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::{Context, blocking};
 use crate::app::stored::{RmReport, find_apps, rm};
-use crate::engine::installed::Installed;
+use crate::engine::record::Installed;
 use crate::engine::run::uninstall;
 
 pub struct RmOptions {

@@ -244,7 +244,7 @@ impl DeviceOps for LiveDevice<'_> {
     }
 
     async fn installed(&self) -> Result<AppSet> {
-        let state = crate::engine::installed::Installed::load(&self.root)?;
+        let state = crate::engine::record::Installed::load(&self.root)?;
         Ok(state
             .apps
             .into_iter()
