@@ -28,6 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::lock::{LockMode, Locked, lock_file};
 use crate::fsutil::write_atomic;
 use crate::plan::{CheckReport, DoesNotFit};
 
@@ -136,24 +137,16 @@ pub fn lock_updates(root: &Path) -> Result<UpdateLock> {
     crate::fsutil::ensure_dir(&dir, 0o700)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("update.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    let locked = crate::fsutil::lock::flock_with_deadline(
-        &file,
-        crate::fsutil::lock::LockMode::Exclusive,
-        Duration::ZERO,
-    )
-    .with_context(|| format!("cannot lock {}", path.display()))?;
-    if !locked {
-        anyhow::bail!(
-            "another stowage update or agent is running on {}",
+    let locked = lock_file(&path, LockMode::Exclusive, Duration::ZERO)
+        .with_context(|| format!("cannot lock {}", path.display()))?;
+    let file = match locked {
+        Locked::Held(file) => file,
+        Locked::Busy(pid) => anyhow::bail!(
+            "another stowage update or agent{} is running on {}",
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
             root.display()
-        );
-    }
+        ),
+    };
     Ok(UpdateLock { _file: file })
 }
 
