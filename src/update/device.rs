@@ -75,6 +75,14 @@ impl LiveDevice<'_> {
         Ok(Some(apps))
     }
 
+    /// The fit check of `apps` on this device, as Docker holds it now.
+    async fn check(&self, apps: &[crate::app::App]) -> Result<CheckReport> {
+        let docker = self.docker_view().await;
+        let paths = Paths::under(&self.root);
+        let (_, report) = check_update(apps, &self.store, &paths, &docker, self.policy)?;
+        Ok(report)
+    }
+
     async fn docker_view(&self) -> DockerView {
         crate::engine::docker::probe_view(Some(&self.engine))
             .await
@@ -87,15 +95,7 @@ impl DeviceOps for LiveDevice<'_> {
         // Apps already whole in the store need no network: plan from the
         // store alone (the check still counts Docker and the apps directory).
         if let Some(apps) = self.stored_apps(to).await? {
-            let docker = self.docker_view().await;
-            let (_, check) = check_update(
-                &apps,
-                &self.store,
-                &Paths::under(&self.root),
-                &docker,
-                self.policy,
-            )?;
-            return refuse_unless_fits(check);
+            return refuse_unless_fits(self.check(&apps).await?);
         }
         if let Some(layout) = &self.layout {
             let docker = self.docker_view().await;
@@ -271,15 +271,7 @@ impl AgentDevice for LiveDevice<'_> {
                 .await?,
             );
         }
-        let docker = self.docker_view().await;
-        let (_, report) = check_update(
-            &apps,
-            &self.store,
-            &Paths::under(&self.root),
-            &docker,
-            self.policy,
-        )?;
-        Ok(report)
+        self.check(&apps).await
     }
 }
 

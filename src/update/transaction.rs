@@ -518,6 +518,8 @@ mod tests {
     #[derive(Default)]
     struct FakeDevice {
         fail_at: Option<&'static str>,
+        /// The pull is refused for space.
+        refuse: bool,
         log: Mutex<Vec<String>>,
         running: Mutex<AppSet>,
     }
@@ -535,6 +537,12 @@ mod tests {
     impl DeviceOps for FakeDevice {
         async fn pull(&self, _to: &AppSet) -> Result<CheckReport> {
             self.step("pull")?;
+            if self.refuse {
+                return Err(DoesNotFit {
+                    report: Box::new(CheckReport::default()),
+                }
+                .into());
+            }
             Ok(CheckReport::default())
         }
         async fn install(&self, reference: &str) -> Result<()> {
@@ -642,6 +650,26 @@ mod tests {
             set(&[("shop", "v2")])
         );
         assert!(files.journal().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pull_refused_for_space_is_a_refusal_exiting_100_that_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v1")]));
+        let device = FakeDevice {
+            refuse: true,
+            ..Default::default()
+        };
+        let outcome = update(&device, &files, set(&[("shop", "v2")]), &options())
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Refused(_)), "{outcome:?}");
+        assert_eq!(outcome.exit_code(), 100);
+        let log = device.log.lock().unwrap().clone();
+        assert!(!log.iter().any(|l| l.starts_with("stop")), "{log:?}");
+        assert!(files.journal().unwrap().is_none());
+        assert_eq!(files.device().unwrap().running, set(&[("shop", "v1")]));
     }
 
     #[tokio::test]
