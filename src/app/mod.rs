@@ -6,7 +6,9 @@
 
 pub mod bundle;
 pub mod compose_file;
+pub mod inspect;
 pub mod layer;
+pub mod publish;
 pub mod stored;
 
 use std::collections::BTreeMap;
