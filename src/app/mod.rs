@@ -6,7 +6,9 @@
 
 pub mod bundle;
 pub mod compose_file;
+pub mod inspect;
 pub mod layer;
+pub mod publish;
 pub mod stored;
 
 use std::collections::BTreeMap;
@@ -18,8 +20,8 @@ use crate::Digest;
 use crate::app::compose_file::ComposeFile;
 use crate::oci::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
-    media,
 };
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::{FetchedManifest, RegistryClient};
 use crate::store::Store;

@@ -4,10 +4,10 @@
 
 use anyhow::Result;
 
-use super::{Context, FitOptions};
+use super::{Context, FitOptions, blocking};
 use crate::app::stored::fsck;
 use crate::engine::install::{InstalledCheck, verify_installed};
-use crate::engine::installed::Installed;
+use crate::engine::record::Installed;
 use crate::progress::Progress;
 use crate::store::{FsckReport, Store};
 
@@ -35,7 +35,10 @@ impl FsckOptions {
         } else {
             ctx.store()?
         };
-        let report = fsck(&store, self.quick)?;
+        let report = {
+            let (store, quick) = (store.clone(), self.quick);
+            blocking(move || fsck(&store, quick)).await?
+        };
         let state = Installed::load(&ctx.root)?;
         if state.apps.is_empty() {
             return Ok(FsckBoth {

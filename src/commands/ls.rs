@@ -2,9 +2,10 @@
 
 use anyhow::Result;
 
-use super::Context;
+use super::{Context, blocking};
 use crate::app::stored::{StoredApp, ls};
 
-pub fn run(ctx: &Context) -> Result<Vec<StoredApp>> {
-    ls(&ctx.store()?)
+pub async fn run(ctx: &Context) -> Result<Vec<StoredApp>> {
+    let store = ctx.store()?;
+    blocking(move || ls(&store)).await
 }

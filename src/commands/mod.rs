@@ -251,6 +251,8 @@ impl Context {
     }
 }
 
+pub use crate::fsutil::blocking;
+
 /// Parses references given on the command line.
 pub fn parse_refs(refs: &[String]) -> Result<Vec<ImageRef>> {
     Ok(refs

@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 
-use super::Context;
+use super::{Context, blocking};
 use crate::app::stored::prune;
 use crate::engine::prune::{DockerPruneReport, prune_docker};
 use crate::store::PruneReport;
@@ -23,7 +23,9 @@ pub struct PruneBoth {
 
 impl PruneOptions {
     pub async fn run(self, ctx: &Context) -> Result<PruneBoth> {
-        let blobs = prune(&ctx.store()?, self.dry_run)?;
+        let store = ctx.store()?;
+        let dry_run = self.dry_run;
+        let blobs = blocking(move || prune(&store, dry_run)).await?;
         let docker = match ctx.engine(self.docker_host.as_deref()).await {
             Ok(engine) => prune_docker(&ctx.root, &engine, self.dry_run)
                 .await

@@ -4,9 +4,9 @@
 
 use anyhow::Result;
 
-use super::Context;
+use super::{Context, blocking};
 use crate::app::stored::{RmReport, find_apps, rm};
-use crate::engine::installed::Installed;
+use crate::engine::record::Installed;
 use crate::engine::run::uninstall;
 
 pub struct RmOptions {
@@ -34,6 +34,6 @@ impl RmOptions {
                 uninstall(ctx.device(&store, &engine), name).await?;
             }
         }
-        rm(&store, &self.app)
+        blocking(move || rm(&store, &self.app)).await
     }
 }

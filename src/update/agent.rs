@@ -300,4 +300,22 @@ mod tests {
             Duration::from_secs(7200)
         );
     }
+
+    #[test]
+    fn the_last_result_keeps_its_names_and_gives_the_exit_code() {
+        for (result, name, code) in [
+            (AgentResult::Committed, "committed", 0),
+            (AgentResult::Unchanged, "unchanged", 0),
+            (AgentResult::RolledBack, "rolled_back", 1),
+            (AgentResult::Failed, "failed", 1),
+            (AgentResult::Refused, "refused", 100),
+            (AgentResult::WaitingForSpace, "waiting_for_space", 100),
+        ] {
+            assert_eq!(serde_json::to_value(result).unwrap(), name);
+            assert_eq!(result.as_str(), name);
+            assert_eq!(result.exit_code(), code);
+            let back: AgentResult = serde_json::from_value(name.into()).unwrap();
+            assert_eq!(back, result);
+        }
+    }
 }

@@ -75,6 +75,14 @@ impl LiveDevice<'_> {
         Ok(Some(apps))
     }
 
+    /// The fit check of `apps` on this device, as Docker holds it now.
+    async fn check(&self, apps: &[crate::app::App]) -> Result<CheckReport> {
+        let docker = self.docker_view().await;
+        let paths = Paths::under(&self.root);
+        let (_, report) = check_update(apps, &self.store, &paths, &docker, self.policy)?;
+        Ok(report)
+    }
+
     async fn docker_view(&self) -> DockerView {
         crate::engine::docker::probe_view(Some(&self.engine))
             .await
@@ -87,15 +95,7 @@ impl DeviceOps for LiveDevice<'_> {
         // Apps already whole in the store need no network: plan from the
         // store alone (the check still counts Docker and the apps directory).
         if let Some(apps) = self.stored_apps(to).await? {
-            let docker = self.docker_view().await;
-            let (_, check) = check_update(
-                &apps,
-                &self.store,
-                &Paths::under(&self.root),
-                &docker,
-                self.policy,
-            )?;
-            return refuse_unless_fits(check);
+            return refuse_unless_fits(self.check(&apps).await?);
         }
         if let Some(layout) = &self.layout {
             let docker = self.docker_view().await;
@@ -207,20 +207,26 @@ impl DeviceOps for LiveDevice<'_> {
     /// Forgets stored apps outside `keep`, then prunes the blob store and the
     /// images stowage loaded, keeping the images of every app in `keep`.
     async fn prune(&self, keep: &AppSet) -> Result<PruneSummary> {
-        let keep_refs: BTreeSet<&String> = keep.values().collect();
-        let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
-        for app in crate::app::stored::list_apps(&self.store)? {
-            if keep_refs.contains(&app.reference) {
-                keep_images.extend(
-                    app.images
-                        .iter()
-                        .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
-                );
-            } else {
-                admin::rm(&self.store, &app.reference)?;
+        let keep_refs: BTreeSet<String> = keep.values().cloned().collect();
+        let store = self.store.clone();
+        // Store walks, lock waits and deletions: blocking file work.
+        let (keep_images, blobs) = crate::fsutil::blocking(move || {
+            let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
+            for app in crate::app::stored::list_apps(&store)? {
+                if keep_refs.contains(&app.reference) {
+                    keep_images.extend(
+                        app.images
+                            .iter()
+                            .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
+                    );
+                } else {
+                    admin::rm(&store, &app.reference)?;
+                }
             }
-        }
-        let blobs = admin::prune(&self.store, false)?;
+            let blobs = admin::prune(&store, false)?;
+            anyhow::Ok((keep_images, blobs))
+        })
+        .await?;
         let docker =
             docker_prune::prune_docker_keeping(&self.root, &self.engine, false, &keep_images)
                 .await?;
@@ -238,7 +244,7 @@ impl DeviceOps for LiveDevice<'_> {
     }
 
     async fn installed(&self) -> Result<AppSet> {
-        let state = crate::engine::installed::Installed::load(&self.root)?;
+        let state = crate::engine::record::Installed::load(&self.root)?;
         Ok(state
             .apps
             .into_iter()
@@ -265,15 +271,7 @@ impl AgentDevice for LiveDevice<'_> {
                 .await?,
             );
         }
-        let docker = self.docker_view().await;
-        let (_, report) = check_update(
-            &apps,
-            &self.store,
-            &Paths::under(&self.root),
-            &docker,
-            self.policy,
-        )?;
-        Ok(report)
+        self.check(&apps).await
     }
 }
 
@@ -289,7 +287,7 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
                 let fetched = client
                     .get_manifest(
                         reference,
-                        &[crate::oci::format::media::OCI_MANIFEST],
+                        &[crate::oci::media::OCI_MANIFEST],
                         crate::oci::format::APP_MANIFEST_CAP,
                     )
                     .await?;

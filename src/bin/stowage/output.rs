@@ -12,11 +12,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use stowage::Digest;
+use stowage::app::inspect::AppDescription;
+use stowage::app::publish::PublishReport;
 use stowage::app::stored::RmReport;
 use stowage::app::stored::StoredApp;
 use stowage::commands::df::DfReport;
-use stowage::commands::inspect::AppDescription;
-use stowage::commands::publish::PublishReport;
 use stowage::engine::install::{ImageAction, InstallReport, InstalledCheck};
 use stowage::engine::prune::DockerPruneReport;
 use stowage::engine::run::{AppStatus, RunReport, StopReport};
