@@ -848,3 +848,141 @@ fn layers_meta_that_lies_cannot_fill_dockers_volume() {
     assert!(!root.join("store/blobs/sha256").join(&files[7..]).exists());
     assert_eq!(images(), 0);
 }
+
+// ---- A crafted offline medium ----
+
+/// Runs `cmd`, killing it if it has not ended within `limit` (a medium
+/// that makes stowage wait forever must fail the test, not hang it).
+fn run_within(cmd: &mut Command, limit: std::time::Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{cmd:?} still ran after {limit:?}: {}", say(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_crafted_medium_is_refused_without_filling_the_store_or_touching_the_medium() {
+    // Bytes that do not compress, so that the layer has a real size.
+    let app = Template::publish("sec-medium", &[]);
+    let host = app.host();
+    let work = temp_dir("security-medium-");
+    let online = work.path().join("online");
+    run_ok(&mut stowage_on(&online, &host, &["pull", &app.good()]));
+    let medium = work.path().join("usb");
+    run_ok(&mut stowage_on(
+        &online,
+        &host,
+        &["export", &app.good(), medium.to_str().unwrap()],
+    ));
+    let blobs = medium.join("store/blobs/sha256");
+    // The largest blob: the image's layer.
+    let (layer, layer_size) = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.path(), e.metadata().unwrap().len()))
+        .max_by_key(|(_, size)| *size)
+        .unwrap();
+    let original = std::fs::read(&layer).unwrap();
+
+    // A device whose store is on a 64 MiB volume.
+    let volume = LoopVolume::new(64);
+    let reserve = volume.stats().total_bytes() / 100;
+    let mut roots = 0;
+    let mut pull = |what: &str| {
+        roots += 1;
+        let root = volume.path().join(format!("root{roots}"));
+        let sampler = Sampler::start(volume.path());
+        let out = run_within(
+            &mut stowage_on(
+                &root,
+                &host,
+                &["pull", &format!("oci:{}", medium.display())],
+            ),
+            std::time::Duration::from_secs(120),
+        );
+        let (lowest, _) = sampler.finish();
+        assert!(
+            lowest >= reserve,
+            "{what}: the store's volume fell to {lowest} bytes free"
+        );
+        let ingest: Vec<_> = std::fs::read_dir(root.join("ingest"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(ingest.is_empty(), "{what}: left in ingest/: {ingest:?}");
+        (root, out)
+    };
+
+    // The layer replaced by a sparse file of 3 GiB: refused before a byte
+    // is written, nothing preallocated left behind.
+    std::fs::remove_file(&layer).unwrap();
+    std::fs::File::create(&layer)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+    let (_, out) = pull("sparse");
+    refused_saying(&out, &["descriptor says", &layer_size.to_string()]);
+
+    // The layer as a fifo: refused, not waited on.
+    std::fs::remove_file(&layer).unwrap();
+    let fifo = std::ffi::CString::new(layer.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let (_, out) = pull("fifo");
+    let blob = format!("sha256:{}", layer.file_name().unwrap().to_string_lossy());
+    refused_saying(&out, &[&blob, "not a regular file"]);
+
+    // The layer as a link to a file of the right content elsewhere, and
+    // the blob directory as a link: refused.
+    std::fs::remove_file(&layer).unwrap();
+    let elsewhere = work.path().join("elsewhere");
+    std::fs::write(&elsewhere, &original).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &layer).unwrap();
+    let (_, out) = pull("blob link");
+    refused_saying(&out, &[&blob, "not a regular file"]);
+    std::fs::remove_file(&layer).unwrap();
+    std::fs::write(&layer, &original).unwrap();
+
+    // Directories stowage would have made on the medium, as links to a
+    // directory of someone else's: the medium is opened read-only, so
+    // they are neither followed nor changed, and the pull works.
+    let victim = plant_victims(work.path());
+    let before = snapshot(&victim);
+    for name in ["corrupt", "ingest"] {
+        let _ = std::fs::remove_dir_all(medium.join(name));
+        std::os::unix::fs::symlink(victim.join("dir"), medium.join(name)).unwrap();
+    }
+    let medium_before = snapshot(&medium);
+    let (root, out) = pull("links beside the layout");
+    assert!(out.status.success(), "{}", say(&out));
+    assert!(
+        std::fs::read_dir(root.join("store/blobs/sha256"))
+            .unwrap()
+            .count()
+            > 0
+    );
+    assert_eq!(
+        snapshot(&victim),
+        before,
+        "nothing outside the medium changed"
+    );
+    assert_eq!(snapshot(&medium), medium_before, "the medium is unchanged");
+
+    // A link inside the layout itself is refused.
+    let moved = work.path().join("moved-blobs");
+    std::fs::rename(&blobs, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &blobs).unwrap();
+    let (_, out) = pull("layout link");
+    refused_saying(&out, &["symlink"]);
+}
