@@ -10,6 +10,10 @@
 //! [`AppCleanup`].
 
 mod common;
+#[path = "common/hostile.rs"]
+mod hostile;
+#[path = "pull_support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -985,4 +989,99 @@ fn a_crafted_medium_is_refused_without_filling_the_store_or_touching_the_medium(
     std::os::unix::fs::symlink(&moved, &blobs).unwrap();
     let (_, out) = pull("layout link");
     refused_saying(&out, &["symlink"]);
+}
+
+// ---- A slow registry ----
+
+#[test]
+fn a_slow_registry_cannot_stall_the_device() {
+    use hostile::{Behaviour, HostileRegistry};
+    let registry = HostileRegistry::start();
+    let host = registry.host();
+    let name = unique("sec-slow");
+    let reference = support::publish_app(&host, &name, "v1", &[("web", 1 << 20)]);
+    let app_manifest: stowage::Digest = reference.rsplit('@').next().unwrap().parse().unwrap();
+    let web = registry.tag(&format!("{name}/web"), "1").unwrap();
+    let (_, bytes) = registry.manifest(&format!("{name}/web"), &web).unwrap();
+    let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    let (layer, _) = support::image_layers_in(&manifest).last().cloned().unwrap();
+    let layer: stowage::Digest = layer.parse().unwrap();
+    let work = temp_dir("security-slow-");
+    // Limits short enough for a test; a hang guard of its own.
+    let device = |root: &Path, args: &[&str]| {
+        let mut cmd = support::device(root, &host);
+        cmd.env("STOWAGE_REGISTRY_TIMEOUT", "1")
+            .env("STOWAGE_MIN_TRANSFER_RATE", "1M")
+            .env("STOWAGE_TRANSFER_WINDOW", "0.3")
+            .args(args);
+        cmd
+    };
+    let guard = std::time::Duration::from_secs(90);
+
+    // The app manifest dribbles out at 20 bytes a second: the check gives
+    // up on it, naming the registry and the manifest.
+    registry.set_manifest_behaviour(&app_manifest, Behaviour::Slow(20));
+    let root = work.path().join("check");
+    let out = run_within(&mut device(&root, &["check", &reference]), guard);
+    refused_saying(&out, &[&host, "did not answer", "manifest"]);
+    registry.set_manifest_behaviour(&app_manifest, Behaviour::Honest);
+
+    // The layer comes at 20 kB/s, under the 1 MB/s asked for: the pull
+    // stops, keeps what arrived for later, and says why.
+    registry.set_blob_behaviour(&layer, Behaviour::Slow(20_000));
+    let root = work.path().join("pull");
+    let out = run_within(&mut device(&root, &["pull", &reference]), guard);
+    refused_saying(&out, &[&layer.to_string(), "under the minimum"]);
+    assert!(!support::blob_files(&root).contains_key(layer.hex()));
+    let partial = support::ingest_files(&root)
+        .into_iter()
+        .find(|f| f.file_name().is_some_and(|n| n == layer.hex()))
+        .expect("the partial download is kept");
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    // Once the registry is fast again, the next pull resumes it.
+    registry.set_blob_behaviour(&layer, Behaviour::Honest);
+    registry.clear_requests();
+    run_ok(&mut device(&root, &["pull", &reference]));
+    assert!(support::blob_files(&root).contains_key(layer.hex()));
+    let resumed = registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.digest.as_ref() == Some(&layer))
+        .map(|r| r.range)
+        .collect::<Vec<_>>();
+    if kept > 0 {
+        assert_eq!(resumed, vec![Some(format!("bytes={kept}-"))]);
+    }
+    support::assert_fsck_clean(&root, &host);
+
+    // The agent's cycle has a deadline of its own: a pull slow enough to
+    // pass the minimum rate still cannot hold a cycle for ever.
+    let target = format!("{host}/{name}/target:prod");
+    run_ok(
+        stowage()
+            .args(["--insecure-registry", &host, "target", "publish", &target])
+            .arg(&reference),
+    );
+    registry.set_blob_behaviour(&layer, Behaviour::Slow(40_000));
+    let root = work.path().join("agent");
+    let mut agent = support::device(&root, &host);
+    agent.env("STOWAGE_MIN_TRANSFER_RATE", "1K").args([
+        "agent",
+        "--target",
+        &target,
+        "--once",
+        "--cycle-timeout",
+        "2s",
+        "--interval",
+        "1s",
+    ]);
+    let out = run_within(&mut agent, guard);
+    assert_ne!(out.status.code(), Some(0), "{}", say(&out));
+    let status: Value = serde_json::from_str(&run_ok(
+        support::device(&root, &host).args(["--json", "status"]),
+    ))
+    .unwrap();
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("cycle deadline"), "{status}");
+    assert!(!support::blob_files(&root).contains_key(layer.hex()));
 }

@@ -15,6 +15,8 @@ pub struct AgentOptions {
     pub interval: Duration,
     pub verify_timeout: Duration,
     pub once: bool,
+    /// How long one poll may spend on the registry (see the agent).
+    pub cycle_timeout: Duration,
     pub fit: FitOptions,
 }
 
@@ -38,6 +40,7 @@ impl AgentOptions {
                 verify_timeout: self.verify_timeout,
             },
             once: self.once,
+            cycle_deadline: self.cycle_timeout,
         };
         let _lock = lock_updates(&ctx.root)?;
         run_agent(&device, &client, &ctx.root, &options).await

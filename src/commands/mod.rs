@@ -103,6 +103,7 @@ impl Context {
             insecure,
             ca_files,
             credentials: CredentialStore::from_docker_config()?,
+            deadlines: config.deadlines().map_err(anyhow::Error::msg)?,
         };
         Ok(Context {
             root,

@@ -137,6 +137,10 @@ pub struct AgentArgs {
     /// Poll once and exit (the exit code says how it went)
     #[arg(long)]
     pub once: bool,
+    /// How long one poll may spend fetching, checking and pulling the
+    /// target before it gives up (what it downloaded is kept), e.g. 1h
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub cycle_timeout: String,
 }
 
 #[derive(Subcommand)]
