@@ -13,7 +13,9 @@
 #![allow(dead_code, unused_imports)]
 
 mod apps;
+pub mod device;
 mod dockerd;
+pub mod hostile;
 mod images;
 mod registry;
 mod volumes;

@@ -8,22 +8,16 @@
 //! The app is published straight to the hostile registry (which is honest
 //! while it is published), so every blob a pull fetches comes from it.
 
-mod common;
-#[path = "common/hostile.rs"]
-mod hostile;
-#[path = "pull_support/mod.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
 
-use common::*;
-use hostile::{Behaviour, HostileRegistry};
+use crate::common::device::*;
+use crate::common::hostile::{Behaviour, HostileRegistry};
+use crate::common::*;
 use serde_json::Value;
 use stowage::Digest;
 use stowage::store::Store;
-use support::*;
 
 const MIB: usize = 1024 * 1024;
 

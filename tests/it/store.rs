@@ -121,7 +121,7 @@ fn start_child(role: &str, root: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_process_entry",
+            "store::child_process_entry",
             "--nocapture",
             "--test-threads=1",
         ])

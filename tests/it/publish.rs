@@ -1,12 +1,10 @@
 //! `stowage publish` and `stowage inspect` against the real registry, dockerd
 //! and skopeo.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Two images sharing a busybox base, pushed to `registry`; returns their

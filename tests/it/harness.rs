@@ -1,9 +1,7 @@
 //! The harness proves itself: each service and helper every other test relies on is
 //! exercised for real here, so that a broken harness fails in one obvious place.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
 const BUSYBOX: &str = "stowage-test/busybox:harness";

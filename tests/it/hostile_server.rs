@@ -1,15 +1,12 @@
 //! The hostile registry used by the pull tests does what each behaviour says,
 //! as seen by `curl`: statuses, headers, byte counts, and its own log.
 
-#[path = "common/hostile.rs"]
-mod hostile;
-
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use hostile::{Behaviour, HostileRegistry};
+use crate::common::hostile::{Behaviour, HostileRegistry};
 use stowage::Digest;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -1,11 +1,9 @@
 //! `stowage update`: the whole update as one transaction, against the real
 //! registry, dockerd and docker-compose.
 
-mod common;
-
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn events(out: &Output) -> Vec<Value> {

@@ -1,12 +1,10 @@
 //! `stowage agent`: a device follows a target published with `stowage target
 //! publish`, against the real registry, dockerd and docker-compose.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A two-service app: `web` from `web_image` (with `web_extra` compose

@@ -4,22 +4,16 @@
 //! that every moment of a download can be hit; the store must end complete
 //! and verified, and no blob may be fetched twice in full.
 
-mod common;
-#[path = "common/hostile.rs"]
-mod hostile;
-#[path = "pull_support/mod.rs"]
-mod support;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use hostile::{Behaviour, HostileRegistry};
+use crate::common::device::*;
+use crate::common::hostile::{Behaviour, HostileRegistry};
+use crate::common::*;
 use rand::RngExt;
 use serde_json::Value;
 use stowage::Digest;
-use support::*;
 
 const MIB: usize = 1024 * 1024;
 

@@ -4,13 +4,11 @@
 //! Every app is pulled while the registry runs, then the registry is stopped:
 //! everything after works from the blob store alone.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Local images built on the default dockerd for a test, removed at the end.

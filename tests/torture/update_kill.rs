@@ -15,15 +15,13 @@
 //! seed is printed;
 //! `STOWAGE_KILL_SEED=N` replays a run.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A seeded, reproducible RNG (SplitMix64).
