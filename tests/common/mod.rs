@@ -14,19 +14,24 @@
 
 mod apps;
 pub mod device;
+pub mod docker_device;
 mod dockerd;
 pub mod hostile;
 mod images;
 mod registry;
+mod sandbox;
+pub mod seed;
 mod volumes;
 
 pub use apps::{AppCleanup, publish_compose_app, running_images, say, stowage_on};
 pub use dockerd::{PrivateDockerd, ensure_dockerd};
 pub use images::{
-    build_image, busybox_image, many_files_image, push_image, push_multiarch, remove_image,
-    skopeo_inspect_raw,
+    LocalImage, build_from_context, build_image, busybox_image, many_files_image, push_image,
+    push_multiarch, remove_image, skopeo_inspect_raw, tag_image,
 };
 pub use registry::{HttpResponse, Registry, RegistryOptions, write_docker_config};
+pub use sandbox::sandbox;
+pub use seed::{Rng, noise, seed_of, test_seed};
 pub use volumes::{FsStats, LoopVolume, TmpfsVolume, fs_stats};
 
 use std::io::Write;
@@ -35,7 +40,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The `stowage` binary built for this test run.
+/// The `stowage` binary built for this test run, kept off the machine's own
+/// settings and state (see [`sandbox`]): an empty config file of its own
+/// (never `/etc/stowage/config.toml`), an empty Docker config, a fresh cache
+/// directory and, unless the test gives `--root`, a fresh root.
 ///
 /// The machine's own disk is shared with everything else on it (CI machines
 /// have been seen with 53 to 80 GB free of 252 GB, under the default 80 %
@@ -43,8 +51,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// fill it up to 99 %; tests of the policy pass `--watermark` themselves, on
 /// volumes of their own.
 pub fn stowage() -> Command {
+    stowage_with_config(&sandbox().empty_config())
+}
+
+/// Like [`stowage`], with `--config config` (a test's own config file).
+pub fn stowage_with_config(config: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
-    cmd.env("STOWAGE_WATERMARK", "99");
+    sandbox().isolate(&mut cmd);
+    cmd.env("STOWAGE_WATERMARK", "99")
+        .arg("--config")
+        .arg(config);
     cmd
 }
 

@@ -11,9 +11,9 @@ use serde_json::Value;
 /// names in the registry.
 fn push_two_images(registry: &Registry, name: &str) -> (String, String) {
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base_image = busybox_image(&base);
     let web_local = format!("{name}-web:1");
-    build_image(
+    let _web_local_image = build_image(
         &web_local,
         &base,
         &[("index.html", b"<h1>hello</h1>".to_vec())],
@@ -464,7 +464,7 @@ fn authenticated_registry_uses_docker_config_credentials() {
     });
     let name = unique("auth");
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base_image = busybox_image(&base);
     let image = format!("{}/{name}/base:1", registry.host());
     push_image(&base, &image);
     let app = temp_dir("app-");
@@ -521,7 +521,7 @@ fn https_registry_is_trusted_through_the_ca_file() {
     let ca = registry.ca_file().expect("a TLS registry has a CA file");
     let name = unique("tls");
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base_image = busybox_image(&base);
     let image = format!("{}/{name}/base:1", registry.host());
     push_image(&base, &image);
     let app = temp_dir("app-");
@@ -545,11 +545,8 @@ fn https_registry_is_trusted_through_the_ca_file() {
         format!("ca_file = {:?}\n", ca.display().to_string()),
     )
     .unwrap();
-    let mut cmd = stowage();
-    cmd.args(["publish", "--dir"])
-        .arg(app.path())
-        .arg("--config")
-        .arg(&config);
+    let mut cmd = stowage_with_config(&config);
+    cmd.args(["publish", "--dir"]).arg(app.path());
     cmd.arg(format!("{}/{name}/app:v2", registry.host()));
     assert!(last_line(&run_ok(&mut cmd)).contains("@sha256:"));
 
@@ -592,12 +589,12 @@ fn predicted_usage_matches_a_real_docker_pull_within_two_percent() {
     let registry = Registry::start();
     let name = unique("usage");
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let base_image = busybox_image(&base);
     let local = format!("{name}-files:1");
-    many_files_image(&local, &base, 1200, 7);
+    let local_image = many_files_image(&local, &base, 1200, 7);
     let image = format!("{}/{name}/files:1", registry.host());
     push_image(&local, &image);
-    remove_image(&local);
+    drop(local_image);
     let app = temp_dir("app-");
     write_app(
         app.path(),
@@ -637,5 +634,5 @@ fn predicted_usage_matches_a_real_docker_pull_within_two_percent() {
     );
     assert!(error <= 0.02, "predicted {predicted}, grew {grown}");
     drop(dockerd);
-    remove_image(&base);
+    drop(base_image);
 }

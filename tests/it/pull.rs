@@ -578,9 +578,7 @@ fn out_of_range_settings_are_refused_by_name_before_anything_is_fetched() {
     let config = dir.path().join("stowage.toml");
     std::fs::write(&config, "jobs = 0\n").unwrap();
     let out = run_output(
-        stowage()
-            .arg("--config")
-            .arg(&config)
+        stowage_with_config(&config)
             .arg("--root")
             .arg(&root)
             .args(["pull", app]),

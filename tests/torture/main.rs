@@ -7,5 +7,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod install_kill;
 mod pull_kill;
 mod update_kill;

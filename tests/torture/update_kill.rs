@@ -164,12 +164,12 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
     // Every service of each version has an image of its own, so the running
     // images say exactly which version each container belongs to.
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_local_image = busybox_image(&base_local);
     let mut pushed = BTreeMap::new();
     for service in ["web", "db"] {
         for v in ["1", "2"] {
             let local = format!("{name}-{service}:{v}");
-            build_image(
+            let local_image = build_image(
                 &local,
                 &base_local,
                 &[(
@@ -180,7 +180,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
             );
             let remote = format!("{host}/{name}/{service}:{v}");
             let digest = push_image(&local, &remote);
-            remove_image(&local);
+            drop(local_image);
             let hex = digest.trim_start_matches("sha256:").to_string();
             pushed.insert(
                 (service, v),
@@ -191,7 +191,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
             );
         }
     }
-    remove_image(&base_local);
+    drop(base_local_image);
     let publish = |label: &'static str, v: &str, web_command: &str| {
         let (web, web_tag) = pushed[&("web", v)].clone();
         let (db, db_tag) = pushed[&("db", v)].clone();
