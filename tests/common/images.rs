@@ -66,8 +66,9 @@ const BUSYBOX_APPLETS: &[&str] = &[
 ];
 
 /// The busybox rootfs as an uncompressed tar: `/bin/busybox`, applet symlinks, and the
-/// few files and directories a container expects.
-fn busybox_rootfs_tar() -> Vec<u8> {
+/// few files and directories a container expects; and `/marker` holding `marker` when
+/// given (which makes the layer, and so the image, one of a kind).
+fn busybox_rootfs_tar(marker: Option<&str>) -> Vec<u8> {
     let busybox = std::fs::read("/bin/busybox")
         .unwrap_or_else(|e| panic!("read /bin/busybox (install busybox-static): {e}"));
     let mut tar = tar::Builder::new(Vec::new());
@@ -109,7 +110,7 @@ fn busybox_rootfs_tar() -> Vec<u8> {
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
         ("etc/hostname", "stowage-test\n"),
     ];
-    for (path, text) in files {
+    for (path, text) in files.into_iter().chain(marker.map(|m| ("marker", m))) {
         let mut h = header(tar::EntryType::Regular, 0o644, text.len() as u64);
         tar.append_data(&mut h, path, text.as_bytes())
             .expect("tar file");
@@ -127,6 +128,14 @@ pub struct LocalImage {
 }
 
 impl LocalImage {
+    /// Takes charge of `tag`, put on the default dockerd by something else
+    /// (a load, a `docker tag`): it is removed when the guard drops.
+    pub fn adopt(tag: &str) -> LocalImage {
+        LocalImage {
+            tag: tag.to_string(),
+        }
+    }
+
     pub fn tag(&self) -> &str {
         &self.tag
     }
@@ -139,8 +148,19 @@ impl Drop for LocalImage {
 }
 
 /// Imports the busybox rootfs as image `tag` (CMD `sleep 3600`) into the default dockerd.
-/// Give every test its own tag: the guard removes it.
+/// Give every test its own tag: the guard removes it. Every such image has the same
+/// layer; see [`busybox_image_of_its_own`] for one no other image shares.
 pub fn busybox_image(tag: &str) -> LocalImage {
+    import_busybox(tag, None)
+}
+
+/// Like [`busybox_image`], with a `/marker` file naming `tag`: a base layer that no
+/// other test's image has, for tests that count which layers the engine holds.
+pub fn busybox_image_of_its_own(tag: &str) -> LocalImage {
+    import_busybox(tag, Some(tag))
+}
+
+fn import_busybox(tag: &str, marker: Option<&str>) -> LocalImage {
     ensure_dockerd();
     run_ok_with_stdin(
         Command::new("docker").args([
@@ -152,7 +172,7 @@ pub fn busybox_image(tag: &str) -> LocalImage {
             "-",
             tag,
         ]),
-        &busybox_rootfs_tar(),
+        &busybox_rootfs_tar(marker),
     );
     LocalImage {
         tag: tag.to_string(),

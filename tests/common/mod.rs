@@ -26,8 +26,8 @@ mod volumes;
 pub use apps::{AppCleanup, publish_compose_app, running_images, say, stowage_on};
 pub use dockerd::{PrivateDockerd, ensure_dockerd};
 pub use images::{
-    LocalImage, build_from_context, build_image, busybox_image, many_files_image, push_image,
-    push_multiarch, remove_image, skopeo_inspect_raw, tag_image,
+    LocalImage, build_from_context, build_image, busybox_image, busybox_image_of_its_own,
+    many_files_image, push_image, push_multiarch, remove_image, skopeo_inspect_raw, tag_image,
 };
 pub use registry::{HttpResponse, Registry, RegistryOptions, write_docker_config};
 pub use sandbox::sandbox;

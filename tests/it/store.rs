@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::common::{TmpfsVolume, busybox_image, run_ok, unique, wait_until};
 
 use serde_json::{Value, json};
 use stowage::Digest;
@@ -99,8 +101,9 @@ fn child_process_entry() {
         "hold-exclusive-lock" => {
             let _lock = store.lock(LockMode::Exclusive).unwrap();
             println!("LOCKED");
-            // Hold the lock until the parent kills us.
-            std::thread::sleep(Duration::from_secs(60));
+            // Hold the lock until the parent kills us (or, should it die
+            // first, until our stdin closes).
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
         }
         "crash-mid-download" => {
             let blob = content(7, 3_000_000);
@@ -127,7 +130,7 @@ fn start_child(role: &str, root: &Path) -> std::process::Child {
         ])
         .env(CHILD_ROLE, role)
         .env("STOWAGE_STORE_TEST_ROOT", root)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -350,36 +353,6 @@ fn a_registry_that_answers_200_to_a_range_request_starts_the_blob_over() {
 
 // ---- Space -------------------------------------------------------------------
 
-/// A size-limited tmpfs, unmounted when dropped.
-struct SmallVolume {
-    mount_point: Scratch,
-}
-
-impl SmallVolume {
-    fn new(size: &str) -> SmallVolume {
-        let mount_point = Scratch::new("tmpfs");
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(mount_point.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a tmpfs needs root");
-        SmallVolume { mount_point }
-    }
-}
-
-impl Drop for SmallVolume {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.mount_point.path()).status();
-    }
-}
-
 #[test]
 fn preallocation_reserves_the_declared_size_without_growing_the_file() {
     let dir = Scratch::new("prealloc");
@@ -399,8 +372,8 @@ fn preallocation_reserves_the_declared_size_without_growing_the_file() {
 
 #[test]
 fn a_volume_too_small_fails_at_preallocation_naming_the_path() {
-    let volume = SmallVolume::new("1m");
-    let store = Store::open(&volume.mount_point.path().join("root")).unwrap();
+    let volume = TmpfsVolume::new(1);
+    let store = Store::open(&volume.path().join("root")).unwrap();
     let digest = Digest::of(b"a blob of four mebibytes, declared");
 
     let mut ingest = store.ingest(&digest, 4 << 20).unwrap();
@@ -417,8 +390,8 @@ fn a_volume_too_small_fails_at_preallocation_naming_the_path() {
 
 #[test]
 fn a_volume_that_fills_up_mid_write_leaves_a_consistent_partial_blob() {
-    let volume = SmallVolume::new("1m");
-    let store = Store::open(&volume.mount_point.path().join("root")).unwrap();
+    let volume = TmpfsVolume::new(1);
+    let store = Store::open(&volume.path().join("root")).unwrap();
     let blob = content(11, 2 << 20);
     let digest = Digest::of(&blob);
 
@@ -451,11 +424,9 @@ fn a_store_locked_by_another_process_is_refused_naming_its_pid() {
         .any(|line| line.contains("LOCKED"));
     assert!(locked, "the child never took the lock");
 
-    let started = Instant::now();
     let err = store
         .lock_with_timeout(LockMode::Shared, Duration::from_millis(300))
         .unwrap_err();
-    assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(
         matches!(err, StoreError::Locked { pid: Some(p), .. } if p == child.id()),
         "{err}"
@@ -536,13 +507,26 @@ fn two_writers_of_one_blob_take_turns_and_the_second_finds_it_stored() {
         Err(StoreError::IngestBusy { .. })
     ));
 
+    // A patient second writer waits for the first: it is seen holding the
+    // ingest file open (to take its lock) and not done, before the first
+    // commits; then it finds the blob stored and writes nothing.
+    let ingest_file = first.ingest_dir().join(digest.hex());
     let waiting = std::thread::spawn(move || {
         let ingest = second.ingest(&digest, size).unwrap();
         let stored = ingest.is_stored();
         ingest.commit().unwrap();
         stored
     });
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wait_until(Duration::from_secs(60), || open_descriptors_of(
+            &ingest_file
+        ) == 2),
+        "the second writer never opened the ingest the first one holds"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the second writer went on while the first held the ingest"
+    );
     ingest.write_all(&blob[200_000..]).unwrap();
     ingest.commit().unwrap();
     assert!(
@@ -554,6 +538,15 @@ fn two_writers_of_one_blob_take_turns_and_the_second_finds_it_stored() {
         blob
     );
     assert!(first.ingests().unwrap().is_empty());
+}
+
+/// How many file descriptors of this process are open on `path`.
+fn open_descriptors_of(path: &Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        .count()
 }
 
 #[test]
@@ -964,10 +957,12 @@ fn a_broken_index_is_refused_with_the_remedy_and_fsck_repairs_it() {
     assert!(store.has(&kept));
 }
 
-// ---- Performance -------------------------------------------------------------
+// ---- Scale -------------------------------------------------------------------
 
+/// How fast lookups are is measured by `scripts/bench.sh` (check on a store
+/// of 10,000 blobs); here, that a store that large answers every one right.
 #[test]
-fn lookups_in_a_store_of_ten_thousand_blobs_take_a_single_stat() {
+fn a_store_of_ten_thousand_blobs_finds_each_by_digest_and_lists_them_all() {
     let dir = Scratch::new("tenk");
     let store = Store::open(dir.path()).unwrap();
     let mut digests = Vec::new();
@@ -979,73 +974,24 @@ fn lookups_in_a_store_of_ten_thousand_blobs_take_a_single_stat() {
         digests.push(digest);
     }
 
-    let started = Instant::now();
-    let present = digests[..1000].iter().filter(|d| store.has(d)).count();
-    let has_time = started.elapsed();
-    let started = Instant::now();
-    let listed = store.list().unwrap().len();
-    let list_time = started.elapsed();
-    eprintln!("1,000 has(): {has_time:?}; list() of 10,000 blobs: {list_time:?}");
-    assert_eq!((present, listed), (1000, 10_000));
-    assert!(
-        has_time < Duration::from_millis(50),
-        "has() is slow: {has_time:?}"
-    );
-    assert!(
-        list_time < Duration::from_millis(500),
-        "list() is slow: {list_time:?}"
-    );
+    assert!(digests.iter().all(|d| store.has(d)));
+    assert!(digests.iter().all(|d| store.size(d) == Some(4)));
+    assert!(!store.has(&Digest::of(b"not among them")));
+    let listed: HashSet<Digest> = store.list().unwrap().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(listed, digests.into_iter().collect());
 }
 
 // ---- Interoperability --------------------------------------------------------
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A local busybox image, removed from Docker when dropped.
-struct TestImage(String);
-
-impl TestImage {
-    fn build(dir: &Path) -> TestImage {
-        let rootfs = dir.join("rootfs");
-        fs::create_dir_all(rootfs.join("bin")).unwrap();
-        fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-        let name = format!(
-            "stowage-store-test-{}-{}:v1",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run(Command::new("sh").arg("-c").arg(format!(
-            "tar -C '{}' -c . | docker import - {name}",
-            rootfs.display()
-        )));
-        TestImage(name)
-    }
-}
-
-impl Drop for TestImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rmi", &self.0]).output();
-    }
-}
-
 #[test]
 fn an_image_stored_through_the_api_is_read_by_skopeo() {
     let dir = Scratch::new("skopeo");
-    let image = TestImage::build(dir.path());
+    let image = busybox_image(&format!("stowage-store-test/{}:v1", unique("skopeo")));
     let exported = dir.path().join("exported");
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--quiet",
-        &format!("docker-daemon:{}", image.0),
+        &format!("docker-daemon:{}", image.tag()),
         &format!("oci:{}:img", exported.display()),
     ]));
 
@@ -1088,13 +1034,15 @@ fn an_image_stored_through_the_api_is_read_by_skopeo() {
         .unwrap();
 
     let store_ref = format!("oci:{}:busybox", store.layout_dir().display());
-    let inspected: Value =
-        serde_json::from_str(&run(Command::new("skopeo").args(["inspect", &store_ref]))).unwrap();
+    let inspected: Value = serde_json::from_str(&run_ok(
+        Command::new("skopeo").args(["inspect", &store_ref]),
+    ))
+    .unwrap();
     assert_eq!(inspected["Digest"], manifest_digest.to_string());
     assert_eq!(inspected["Layers"].as_array().unwrap().len(), 1);
 
     let out = dir.path().join("out");
-    run(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "--quiet",
         &store_ref,

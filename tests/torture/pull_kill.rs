@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use crate::common::device::*;
 use crate::common::hostile::{Behaviour, HostileRegistry};
 use crate::common::*;
-use rand::RngExt;
 use serde_json::Value;
 use stowage::Digest;
 
@@ -59,18 +58,16 @@ impl SlowApp {
             .unwrap()
     }
 
-    /// Waits until the registry has stopped writing to connections a
-    /// killed pull left behind (a dead socket takes a moment to refuse).
+    /// Waits until the registry has finished every answer, those to a
+    /// killed pull included (it notices a dead socket at its next write),
+    /// and returns what it sent per layer.
     fn settle(&self) -> Vec<u64> {
-        let mut last = self.sent();
-        loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let now = self.sent();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
+        assert!(
+            self.registry.wait_until_idle(Duration::from_secs(60)),
+            "the registry still writes to a killed pull after a minute: {:?}",
+            self.registry.requests().last()
+        );
+        self.sent()
     }
 
     fn sent(&self) -> Vec<u64> {
@@ -219,7 +216,7 @@ fn pulls_killed_at_random_moments_end_in_a_complete_verified_store_with_nothing_
     let scratch = temp_dir("stowage-kill-");
     let root = scratch.path().join("root");
 
-    let mut rng = rand::rng();
+    let mut rng = Rng::new(test_seed());
     // Per layer: the runs killed while it was being downloaded.
     let mut interrupted = vec![0u64; app.layers.len()];
     let started = Instant::now();
@@ -227,7 +224,7 @@ fn pulls_killed_at_random_moments_end_in_a_complete_verified_store_with_nothing_
     while kills < KILLS {
         let before = app.sent();
         let mut pull = app.start_pull(&root);
-        std::thread::sleep(Duration::from_millis(rng.random_range(200..1000)));
+        std::thread::sleep(Duration::from_millis(rng.range(200..1000)));
         if pull.try_wait().unwrap().is_some() {
             break; // finished before the kill: nothing left to interrupt
         }

@@ -12,8 +12,7 @@
 //! alternate between v1 -> v2, v2 -> v1, and v1|v2 -> v3 whose service exits
 //! at once (so the kill may land in its rollback); a quarter of the time
 //! the recovering agent is killed as well before it is started again. The RNG
-//! seed is printed;
-//! `STOWAGE_KILL_SEED=N` replays a run.
+//! seed is printed; `STOWAGE_TEST_SEED=N` replays a run.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -23,23 +22,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use serde_json::Value;
-
-/// A seeded, reproducible RNG (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// One version of the app: its pinned reference and the local image tag
 /// each of its services runs.
@@ -141,23 +123,14 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
     let name = unique("kill");
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
-    let seed = std::env::var("STOWAGE_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("STOWAGE_KILL_SEED={seed}");
+    let seed = test_seed();
     let budget = Duration::from_secs(
         std::env::var("STOWAGE_KILL_BUDGET_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(180),
     );
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     // `sleep` as PID 1 ignores SIGTERM: a short grace period keeps a stop
     // from taking compose's default 10 s (an update stops two services).
