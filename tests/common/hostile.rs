@@ -347,6 +347,18 @@ impl HostileRegistry {
         }
     }
 
+    /// The registry once every answer in progress is finished: a client that
+    /// has read a whole answer can be done before the registry has counted
+    /// and logged it, so read counts and the log through this after a client
+    /// ends (`registry.idle().bytes_sent_for(&digest)`). Panics after a minute.
+    pub fn idle(&self) -> &HostileRegistry {
+        assert!(
+            self.wait_until_idle(Duration::from_secs(60)),
+            "the registry is still answering after a minute"
+        );
+        self
+    }
+
     /// Copies `repo`'s manifest `reference` (tag or digest) and everything it
     /// names from the registry at `source_host` (plain HTTP). Returns the
     /// root manifest's digest.

@@ -123,7 +123,7 @@ fn an_honest_registry_serves_a_blob_whole_from_an_offset_and_by_head() {
     let other_repo = curl(&registry, &blob_path("apps/other", &digest), &[]);
     assert_eq!(other_repo.status, 404);
 
-    let log = registry.requests();
+    let log = registry.idle().requests();
     let summary: Vec<(&str, u16, Option<&str>, u64)> = log
         .iter()
         .map(|r| {
@@ -150,7 +150,7 @@ fn an_honest_registry_serves_a_blob_whole_from_an_offset_and_by_head() {
     assert_eq!(log[1].path, path);
     assert_eq!(log[1].digest.as_ref(), Some(&digest));
     assert_eq!(log[6].digest, None, "a 404 is about no content");
-    assert_eq!(registry.bytes_sent_for(&digest), 1000 + 600 + 10);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 1000 + 600 + 10);
 }
 
 #[test]
@@ -217,7 +217,7 @@ fn manifests_are_served_by_tag_and_by_digest_with_their_media_type() {
         404
     );
 
-    let log = registry.requests();
+    let log = registry.idle().requests();
     assert_eq!(
         log[0].digest.as_ref(),
         Some(&digest),
@@ -225,7 +225,7 @@ fn manifests_are_served_by_tag_and_by_digest_with_their_media_type() {
     );
     assert_eq!(log[0].accept.as_deref(), Some(OCI_MANIFEST));
     assert_eq!(
-        registry.bytes_sent_for(&digest),
+        registry.idle().bytes_sent_for(&digest),
         2 * manifest.len() as u64,
         "two GETs, HEADs send no body"
     );
@@ -251,7 +251,7 @@ fn send_more_sends_extra_bytes_that_content_length_counts() {
     assert_eq!(rest.header("Content-Range"), Some("bytes 500-999/1000"));
     assert_eq!(rest.body.len(), 517);
     assert_eq!(rest.body[..500], blob[500..]);
-    assert_eq!(registry.bytes_sent_for(&digest), 1017 + 517);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 1017 + 517);
 }
 
 #[test]
@@ -269,12 +269,12 @@ fn send_fewer_closes_the_connection_short_every_time() {
         assert_eq!(cut.header("Content-Length"), Some("1000"));
         assert_eq!(cut.body, blob[..300]);
     }
-    let log = registry.requests();
+    let log = registry.idle().requests();
     assert!(
         log.iter()
             .all(|r| r.content_length == 1000 && r.bytes_sent == 300)
     );
-    assert_eq!(registry.bytes_sent_for(&digest), 600);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 600);
 }
 
 #[test]
@@ -366,7 +366,7 @@ fn drop_after_cuts_the_first_attempt_and_a_resume_then_completes() {
     joined.extend_from_slice(&resumed.body);
     assert_eq!(joined, blob);
     assert_eq!(
-        registry.bytes_sent_for(&digest),
+        registry.idle().bytes_sent_for(&digest),
         1000,
         "the blob went over the wire exactly once"
     );
@@ -386,7 +386,12 @@ fn slow_paces_the_body_in_slices_and_honest_sends_it_at_once() {
     registry.set_blob_behaviour(&digest, Behaviour::Slow(10_000));
     assert_eq!(curl(&registry, &path, &[]).body, blob);
     // 10,000 bytes a second go out in slices of a twentieth: 500 bytes.
-    let writes: Vec<u64> = registry.requests().iter().map(|r| r.body_writes).collect();
+    let writes: Vec<u64> = registry
+        .idle()
+        .requests()
+        .iter()
+        .map(|r| r.body_writes)
+        .collect();
     assert_eq!(writes, [1, 4]);
 }
 
@@ -448,7 +453,7 @@ fn huge_manifest_is_padded_to_the_size_asked() {
         got.header("Docker-Content-Digest"),
         Some(Digest::of(&got.body).to_string().as_str())
     );
-    assert_eq!(registry.bytes_sent_for(&digest), 10 << 20);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 10 << 20);
 }
 
 #[test]
