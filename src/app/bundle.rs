@@ -211,9 +211,8 @@ pub fn create_bundle(
 }
 
 /// The bundle index as FORMAT.md has it: compact JSON, keys sorted.
-pub fn index_json(index: &BTreeMap<String, Digest>) -> Vec<u8> {
-    // A map of strings to digests always serialises.
-    serde_json::to_vec(index).unwrap_or_default()
+pub fn index_json(index: &BTreeMap<String, Digest>) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(index)
 }
 
 enum Kind {
@@ -892,7 +891,7 @@ mod tests {
             Digest::of(b"port=80\n")
         );
         assert_eq!(bundle.index.len(), 4, "only regular files are indexed");
-        let json = String::from_utf8(index_json(&bundle.index)).unwrap();
+        let json = String::from_utf8(index_json(&bundle.index).unwrap()).unwrap();
         assert!(
             json.starts_with("{\"config/nested/app.conf\":\"sha256:"),
             "{json}"

@@ -18,8 +18,8 @@ use crate::Digest;
 use crate::app::compose_file::ComposeFile;
 use crate::oci::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
-    media,
 };
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::{FetchedManifest, RegistryClient};
 use crate::store::Store;

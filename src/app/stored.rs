@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::app::compose_file::ComposeFile;
+use crate::oci::format::SOURCE_MANIFEST_ANNOTATION;
 use crate::oci::format::{self, AppManifest, Descriptor, ImageConfig, ImageManifest};
 use crate::oci::reference::ImageRef;
-use crate::store::{FsckReport, LockMode, PruneReport, SOURCE_MANIFEST_ANNOTATION, Store};
+use crate::store::{FsckReport, LockMode, PruneReport, Store};
 
 /// One service image of a stored app.
 #[derive(Debug, Clone, Serialize)]
@@ -50,7 +51,7 @@ impl StoredApp {
 pub fn list_apps(store: &Store) -> Result<Vec<StoredApp>> {
     let mut apps = Vec::new();
     for entry in store.refs()? {
-        if entry.descriptor.media_type != format::media::OCI_MANIFEST {
+        if entry.descriptor.media_type != crate::oci::media::OCI_MANIFEST {
             continue;
         }
         if let Some(app) = load_app(store, &entry.name, &entry.descriptor.digest)? {

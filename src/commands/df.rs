@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::Digest;
 use crate::app::stored::list_apps;
 use crate::engine::docker::DockerEngine;
-use crate::engine::installed::Installed;
+use crate::engine::record::Installed;
 use crate::oci::format::{self, AppManifest};
 use crate::plan::space::Volume;
 use crate::store::{LockMode, Store};
@@ -75,7 +75,7 @@ pub async fn df(
     engine: Option<&DockerEngine>,
     architecture: &str,
 ) -> Result<DfReport> {
-    let _lock = store.lock(LockMode::Shared)?;
+    let _lock = store.lock_async(LockMode::Shared).await?;
     let state = Installed::load(root)?;
     let apps_dir = root.join("apps");
     let mut notes = Vec::new();
@@ -258,4 +258,20 @@ fn du(path: &Path) -> u64 {
         }
     }
     bytes
+}
+
+/// `stowage df`'s settings.
+pub struct DfOptions {
+    pub arch: Option<String>,
+    pub docker_host: Option<String>,
+}
+
+impl DfOptions {
+    /// Docker's figures are left out, with a note, when it cannot be reached.
+    pub async fn run(self, ctx: &super::Context) -> Result<DfReport> {
+        let store = ctx.store()?;
+        let engine = ctx.engine(self.docker_host.as_deref()).await.ok();
+        let arch = ctx.arch(self.arch.as_deref())?;
+        df(&ctx.root, &store, engine.as_ref(), &arch).await
+    }
 }

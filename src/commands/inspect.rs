@@ -11,7 +11,8 @@ use serde::Serialize;
 use crate::Digest;
 use crate::app::bundle;
 use crate::app::compose_file::ComposeFile;
-use crate::oci::format::{self, AppManifest, media};
+use crate::oci::format::{self, AppManifest};
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 

@@ -1,7 +1,272 @@
-//! One module per verb. Each command is an options struct or a function with
-//! a `run`-like entry point; the CLI only parses flags into it, and tests
-//! call it directly. Commands never import each other.
+//! One module per verb, each an options struct with a `run` that takes the
+//! [`Context`] and returns a typed report; the CLI parses flags into the
+//! options, calls `run` and renders the report. Commands never import each
+//! other: what they share is the context below, built once from the global
+//! flags, the environment and the config file.
 
+pub mod agent;
+pub mod check;
 pub mod df;
+pub mod export;
+pub mod fsck;
 pub mod inspect;
+pub mod install;
+pub mod ls;
+pub mod prune;
+pub mod ps;
 pub mod publish;
+pub mod pull;
+pub mod rm;
+pub mod run;
+pub mod status;
+pub mod stop;
+pub mod target;
+pub mod update;
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::config::{self, ConfigFile, CredentialStore};
+use crate::engine::compose::Compose;
+use crate::engine::docker::{DockerEngine, LoadOptions, probe_view};
+use crate::engine::install::{Device, InstallOptions};
+use crate::oci::format::Arch;
+use crate::oci::reference::ImageRef;
+use crate::oci::registry::{RegistryClient, RegistryOptions};
+use crate::plan::DockerView;
+use crate::plan::space::Policy;
+use crate::progress::Progress;
+use crate::store::Store;
+use crate::update::device::LiveDevice;
+use crate::update::transaction::UpdateEvent;
+
+/// The file under the root that remembers the layers of Docker's images.
+const DOCKER_LAYER_CACHE: &str = "docker-layers.json";
+
+/// Downloads at once, by default: each holds a connection and a file open,
+/// and a device's registry link gains nothing from more.
+pub const DEFAULT_JOBS: usize = 4;
+/// Downloads at once that `--jobs` and the config file's `jobs` accept.
+pub const JOBS: RangeInclusive<usize> = 1..=64;
+
+/// The global settings, as the CLI read them (flags and environment).
+#[derive(Debug, Clone, Default)]
+pub struct GlobalOptions {
+    pub root: Option<PathBuf>,
+    pub insecure_registries: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+}
+
+/// The device-side settings of a command that plans or touches Docker.
+#[derive(Debug, Clone, Default)]
+pub struct FitOptions {
+    pub watermark: Option<u8>,
+    pub reserve: Option<String>,
+    pub arch: Option<String>,
+    pub docker_host: Option<String>,
+}
+
+/// The fit check's settings, resolved.
+#[derive(Debug, Clone)]
+pub struct Fit {
+    pub arch: String,
+    pub policy: Policy,
+}
+
+/// Settings every command shares, from flags, environment and config file.
+pub struct Context {
+    pub root: PathBuf,
+    pub config: ConfigFile,
+    pub registry: RegistryOptions,
+}
+
+impl Context {
+    pub fn resolve(options: &GlobalOptions) -> Result<Context> {
+        let config = ConfigFile::load(options.config.as_deref())?;
+        let root = options
+            .root
+            .clone()
+            .or_else(|| config.root.clone())
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_ROOT));
+        let mut insecure = options.insecure_registries.clone();
+        insecure.extend(config.insecure_registries.iter().cloned());
+        let ca_files = options
+            .ca_file
+            .clone()
+            .or_else(|| config.ca_file.clone())
+            .into_iter()
+            .collect();
+        let registry = RegistryOptions {
+            insecure,
+            ca_files,
+            credentials: CredentialStore::from_docker_config()?,
+        };
+        Ok(Context {
+            root,
+            config,
+            registry,
+        })
+    }
+
+    pub fn store(&self) -> Result<Store> {
+        Store::open(&self.root)
+            .with_context(|| format!("cannot open the store at {}", self.root.display()))
+    }
+
+    pub fn registry_client(&self) -> Result<RegistryClient> {
+        Ok(RegistryClient::new(self.registry.clone())?)
+    }
+
+    /// Downloads at once: the flag, else the config file's `jobs`, else 4.
+    pub fn jobs(&self, flag: Option<usize>) -> Result<usize> {
+        match flag.or(self.config.jobs) {
+            None => Ok(DEFAULT_JOBS),
+            Some(n) if JOBS.contains(&n) => Ok(n),
+            Some(n) => bail!("jobs = {n} in the config file: give 1-64 downloads at once"),
+        }
+    }
+
+    /// The device architecture: the flag, else the config file's, else the kernel's.
+    pub fn arch(&self, flag: Option<&str>) -> Result<String> {
+        let arch = match flag
+            .map(str::to_string)
+            .or_else(|| self.config.arch.clone())
+        {
+            Some(a) => Arch::parse(&a),
+            None => {
+                Arch::detect().context("cannot tell this machine's architecture; give --arch")?
+            }
+        };
+        Ok(arch.to_string())
+    }
+
+    /// The architecture and the fit policy (watermark: the flag or
+    /// `STOWAGE_WATERMARK`, else the config file's, else 80).
+    pub fn fit(&self, options: &FitOptions) -> Result<Fit> {
+        let arch = self.arch(options.arch.as_deref())?;
+        let watermark = options.watermark.or(self.config.watermark).unwrap_or(80);
+        let reserve = match options
+            .reserve
+            .clone()
+            .or_else(|| self.config.reserve.clone())
+        {
+            Some(r) => config::parse_size(&r)
+                .map_err(anyhow::Error::msg)
+                .context("--reserve")?,
+            None => 0,
+        };
+        Ok(Fit {
+            arch,
+            policy: Policy::new(watermark, reserve)?,
+        })
+    }
+
+    fn docker_host(&self, flag: Option<&str>) -> Option<String> {
+        flag.map(str::to_string)
+            .or_else(|| self.config.docker_host.clone())
+    }
+
+    /// The engine at the flag's host, else the config file's, else
+    /// `DOCKER_HOST` or the local socket.
+    pub async fn engine(&self, docker_host: Option<&str>) -> Result<DockerEngine> {
+        Ok(
+            DockerEngine::connect(self.docker_host(docker_host).as_deref())
+                .await?
+                .with_layer_cache(self.root.join(DOCKER_LAYER_CACHE)),
+        )
+    }
+
+    /// What Docker holds, for the fit check, and a note when it cannot be asked.
+    pub async fn docker_view(&self, docker_host: Option<&str>) -> (DockerView, Option<String>) {
+        let engine = self.engine(docker_host).await.ok();
+        probe_view(engine.as_ref()).await
+    }
+
+    pub async fn compose(&self, docker_host: Option<&str>) -> Result<Compose> {
+        let compose = Compose::detect().await?;
+        Ok(match self.docker_host(docker_host) {
+            Some(host) => compose.with_docker_host(&host),
+            None => compose,
+        })
+    }
+
+    /// What install needs from the fit settings.
+    pub fn install_options(&self, options: &FitOptions) -> Result<InstallOptions> {
+        let fit = self.fit(options)?;
+        Ok(InstallOptions {
+            architecture: fit.arch,
+            policy: fit.policy,
+            load: LoadOptions::default(),
+        })
+    }
+
+    /// The device as install, run and stop see it.
+    pub fn device<'a>(&'a self, store: &'a Store, engine: &'a DockerEngine) -> Device<'a> {
+        Device {
+            root: &self.root,
+            store,
+            engine,
+        }
+    }
+
+    /// The device as the update transaction drives it.
+    pub async fn live_device<'a>(
+        &self,
+        fit: &FitOptions,
+        client: &'a RegistryClient,
+        progress: &'a dyn Progress,
+        jobs: Option<usize>,
+        events: &'a (dyn Fn(&UpdateEvent) + Send + Sync),
+    ) -> Result<LiveDevice<'a>> {
+        let install = self.install_options(fit)?;
+        Ok(LiveDevice {
+            root: self.root.clone(),
+            store: self.store()?,
+            engine: self.engine(fit.docker_host.as_deref()).await?,
+            compose: self.compose(fit.docker_host.as_deref()).await?,
+            client,
+            architecture: install.architecture.clone(),
+            policy: install.policy,
+            jobs: self.jobs(jobs)?,
+            install,
+            progress,
+            layout: None,
+            events,
+        })
+    }
+
+    /// Where analysed layers are cached: the flag, else the config file's
+    /// `cache_dir`, else `$XDG_CACHE_HOME/stowage`, `~/.cache/stowage`, or
+    /// `/var/cache/stowage` without a home.
+    pub fn cache_dir(&self, flag: Option<PathBuf>) -> PathBuf {
+        flag.or_else(|| self.config.cache_dir.clone())
+            .unwrap_or_else(default_cache_dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+pub use crate::fsutil::blocking;
+
+/// Parses references given on the command line.
+pub fn parse_refs(refs: &[String]) -> Result<Vec<ImageRef>> {
+    Ok(refs
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<ImageRef>, _>>()?)
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("stowage");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/stowage"),
+        None => PathBuf::from("/var/cache/stowage"),
+    }
+}

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
+use tokio::io::AsyncReadExt as _;
 
 use crate::Digest;
 use crate::app::bundle;
@@ -18,8 +19,9 @@ use crate::app::compose_file::{ComposeFile, read_dotenv};
 use crate::app::layer;
 use crate::oci::format::{
     self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerIndex,
-    LayerMeta, LayersMeta, Platform, media,
+    LayerMeta, LayersMeta, Platform,
 };
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
 use crate::progress::Progress;
@@ -138,7 +140,7 @@ impl PublishOptions {
                     layers,
                 },
             );
-            layer_indexes.push((arch.clone(), format::to_json(&index)));
+            layer_indexes.push((arch.clone(), format::to_json(&index)?));
         }
 
         let pinned: BTreeMap<String, String> = resolved
@@ -160,8 +162,8 @@ impl PublishOptions {
         };
         let bundle = bundle::create_bundle(&self.app_dir, &compose_name, &pinned_compose)
             .with_context(|| format!("cannot bundle {}", self.app_dir.display()))?;
-        let bundle_index = bundle::index_json(&bundle.index);
-        let meta_bytes = format::to_json(&meta);
+        let bundle_index = bundle::index_json(&bundle.index)?;
+        let meta_bytes = format::to_json(&meta)?;
 
         let mut bundle_desc = Descriptor::new(
             media::BUNDLE,
@@ -201,7 +203,7 @@ impl PublishOptions {
             manifests,
             annotations: BTreeMap::from([(format::APP_ANNOTATION.into(), "v1".into())]),
         };
-        let mut manifest_bytes = manifest.to_bytes();
+        let mut manifest_bytes = manifest.to_bytes()?;
         format::check_cap(
             "the app manifest",
             manifest_bytes.len() as u64,
@@ -255,7 +257,7 @@ impl PublishOptions {
                         "the registry refuses the optional `manifests` list of layer indexes; pushing the app manifest without it".into(),
                     );
                     manifest.manifests.clear();
-                    manifest_bytes = manifest.to_bytes();
+                    manifest_bytes = manifest.to_bytes()?;
                     layer_indexes_referenced = false;
                     client
                         .push_manifest(&self.target, media::OCI_MANIFEST, &manifest_bytes)
@@ -526,11 +528,12 @@ impl LayerCache {
 
     fn put(&self, digest: &Digest, meta: &LayerMeta) {
         // A cache entry that cannot be written only costs a re-analysis.
+        let Ok(bytes) = format::to_json(meta) else {
+            return;
+        };
         let _ = std::fs::create_dir_all(&self.dir);
-        let _ = crate::fsutil::write_atomic(
-            &self.dir.join(format!("{}.json", digest.hex())),
-            &format::to_json(meta),
-        );
+        let _ =
+            crate::fsutil::write_atomic(&self.dir.join(format!("{}.json", digest.hex())), &bytes);
     }
 }
 
@@ -553,7 +556,7 @@ async fn analyse_layer(
         "analysing layer {} ({} bytes)",
         layer.digest, layer.size
     ));
-    let BlobBody::Full(mut response) = client
+    let BlobBody::Full(response) = client
         .fetch_blob(image, &layer.digest, layer.size, 0)
         .await?
     else {
@@ -563,44 +566,17 @@ async fn analyse_layer(
             layer.digest
         );
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
-    let analysis =
-        tokio::task::spawn_blocking(move || layer::analyze_layer(ChannelReader::new(rx)));
-    let mut received = 0u64;
-    let mut send_error = None;
-    loop {
-        let chunk = match response.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => {
-                send_error = Some(anyhow!(
-                    "the download of layer {} from {} broke off: {e}",
-                    layer.digest,
-                    image.registry
-                ));
-                break;
-            }
-        };
-        received += chunk.len() as u64;
-        if received > layer.size {
-            send_error = Some(anyhow!(
-                "registry {} sent more than the {} bytes declared for layer {}",
-                image.registry,
-                layer.size,
-                layer.digest
-            ));
-            break;
-        }
-        // The analysis gave up (its error is reported below).
-        if tx.send(chunk).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let stats = analysis.await.context("the layer analysis thread failed")?;
-    if let Some(e) = send_error {
-        return Err(e);
-    }
+    // The analysis reads the body on a blocking thread through the bridge;
+    // one byte past the declared size is enough to refuse a longer blob.
+    let body = tokio_util::io::StreamReader::new(
+        response
+            .bytes_stream()
+            .map(|chunk| chunk.map_err(std::io::Error::other)),
+    );
+    let reader = tokio_util::io::SyncIoBridge::new(body.take(layer.size + 1));
+    let stats = tokio::task::spawn_blocking(move || layer::analyze_layer(reader))
+        .await
+        .context("the layer analysis thread failed")?;
     let stats = stats.with_context(|| format!("layer {} of image {image}", layer.digest))?;
     if stats.archive_digest != layer.digest || stats.archive_size != layer.size {
         bail!(
@@ -624,34 +600,4 @@ async fn analyse_layer(
     };
     cache.put(&layer.digest, &meta);
     Ok(meta)
-}
-
-/// A `Read` over chunks arriving on a channel.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-    current: bytes::Bytes,
-}
-
-impl ChannelReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> ChannelReader {
-        ChannelReader {
-            rx,
-            current: bytes::Bytes::new(),
-        }
-    }
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
-    }
 }

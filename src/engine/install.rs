@@ -16,7 +16,7 @@
 //!    `bundle::extract_bundle`) unless the marker there already names this
 //!    app digest; then write the marker.
 //! 4. Record the app and the images stowage is about to load in
-//!    `ROOT/state/installed.json` (before loading: see `installed`).
+//!    `ROOT/state/installed.json` (before loading: see `record`).
 //! 5. Load each missing image, streaming its stored layers uncompressed and
 //!    leaving out the chains the engine holds, under a local tag
 //!    (`docker::local_tag_for`); tag present images that lack that tag.
@@ -40,7 +40,7 @@ use crate::engine::compose::write_image_override;
 use crate::engine::docker::{
     DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
 };
-use crate::engine::installed::{
+use crate::engine::record::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, Installed, InstalledApp, InstalledImage, OVERRIDE_FILE,
 };
 use crate::fsutil::write_atomic;
@@ -115,8 +115,8 @@ pub async fn install(
     options: &InstallOptions,
     progress: &dyn Progress,
 ) -> Result<InstallReport> {
-    let _store_lock = device.store.lock(LockMode::Shared)?;
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
     let app = resolve_app(device.store, &state, name_or_ref)?;
     install_locked(device, &mut state, &app, options, progress).await
@@ -179,7 +179,7 @@ pub(crate) async fn install_locked(
             app.reference
         );
     }
-    let dir = installed::app_dir(root, &app.name)?;
+    let dir = record::app_dir(root, &app.name)?;
     let apps_dir = root.join("apps");
     remove_stale_extractions(&apps_dir)?;
     let manifest = AppManifest::parse(
@@ -305,7 +305,7 @@ pub(crate) async fn install_locked(
         .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
     }
 
-    // Record before loading: see the `installed` module.
+    // Record before loading: see the `record` module.
     state.apps.insert(
         app.name.clone(),
         InstalledApp {
@@ -665,8 +665,8 @@ pub async fn verify_installed(
     options: &InstallOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<InstalledCheck>> {
-    let _store_lock = device.store.lock(LockMode::Shared)?;
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
     let mut checks = Vec::new();
     let apps: Vec<(String, InstalledApp)> = state

@@ -1,12 +1,12 @@
 //! The Docker side of the device: the engine's client and the image archives
 //! stowage streams into it (`docker`), compose (`compose`), the record of what
-//! stowage installed (`installed`), installing an app from the blob store
+//! stowage installed (`record`), installing an app from the blob store
 //! (`install`), running and stopping apps (`run`), and cleaning Docker's side
 //! (`prune`).
 
 pub mod compose;
 pub mod docker;
 pub mod install;
-pub mod installed;
 pub mod prune;
+pub mod record;
 pub mod run;

@@ -1,5 +1,5 @@
 //! The Docker side of prune ([`prune_docker`]): it takes the apps lock (see
-//! `installed`), and removes only images stowage loaded that no installed app
+//! `record`), and removes only images stowage loaded that no installed app
 //! references and no container uses.
 
 use std::collections::BTreeSet;
@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::engine::docker::DockerEngine;
-use crate::engine::installed::{self, APPS_LOCK_TIMEOUT, Installed};
+use crate::engine::record::{self, APPS_LOCK_TIMEOUT, Installed};
 
 /// An image the Docker side of prune removed or would remove.
 #[derive(Debug, Clone, Serialize)]
@@ -61,7 +61,7 @@ pub async fn prune_docker_keeping(
     dry_run: bool,
     keep: &BTreeSet<Digest>,
 ) -> Result<DockerPruneReport> {
-    let _apps_lock = installed::lock_apps(root, APPS_LOCK_TIMEOUT)?;
+    let _apps_lock = record::lock_apps_async(root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(root)?;
     let mut referenced = state.referenced_images();
     referenced.extend(keep.iter().cloned());

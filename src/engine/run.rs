@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::engine::compose::{self, Compose};
 use crate::engine::install::{Device, InstallOptions, InstallReport, install_locked, resolve_app};
-use crate::engine::installed::{self, APPS_LOCK_TIMEOUT, Installed};
+use crate::engine::record::{self, APPS_LOCK_TIMEOUT, Installed};
 use crate::progress::Progress;
 use crate::store::LockMode;
 
@@ -42,8 +42,8 @@ pub async fn run(
     options: &InstallOptions,
     progress: &dyn Progress,
 ) -> Result<RunReport> {
-    let _store_lock = device.store.lock(LockMode::Shared)?;
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
     let names: Vec<String> = match selection {
         Selection::Named(names) => names.clone(),
@@ -91,7 +91,7 @@ pub async fn stop(
     selection: &Selection,
     progress: &dyn Progress,
 ) -> Result<StopReport> {
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let state = Installed::load(device.root)?;
     let names: Vec<String> = match selection {
         Selection::Named(names) => names.clone(),
@@ -188,7 +188,7 @@ pub async fn ps(device: Device<'_>) -> Result<Vec<AppStatus>> {
 /// that prune may remove the images stowage loaded for it. Refused while
 /// any of its containers exists. Returns whether it was installed.
 pub async fn uninstall(device: Device<'_>, name: &str) -> Result<bool> {
-    let _apps_lock = installed::lock_apps(device.root, APPS_LOCK_TIMEOUT)?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
     let Some(record) = state.apps.get(name).cloned() else {
         return Ok(false);

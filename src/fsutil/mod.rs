@@ -130,6 +130,17 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Runs blocking file work (walks, hashing, fsyncs, lock waits) on a
+/// blocking thread of the async runtime, never on one of its workers.
+pub async fn blocking<T: Send + 'static, E: Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

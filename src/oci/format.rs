@@ -11,45 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
-
-pub mod media {
-    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-    pub const DOCKER_MANIFEST_LIST: &str =
-        "application/vnd.docker.distribution.manifest.list.v2+json";
-    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-    pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-    pub const EMPTY: &str = "application/vnd.oci.empty.v1+json";
-    pub const APP_ARTIFACT: &str = "application/vnd.fio+compose-app";
-    pub const BUNDLE: &str = "application/octet-stream";
-    pub const LAYERS_META: &str = "application/json";
-    pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-    pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-    pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-
-    /// Manifest media types a registry may answer for an image reference.
-    pub const IMAGE_MANIFESTS: &[&str] = &[
-        OCI_INDEX,
-        DOCKER_MANIFEST_LIST,
-        OCI_MANIFEST,
-        DOCKER_MANIFEST,
-    ];
-
-    pub fn is_index(media_type: &str) -> bool {
-        media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
-    }
-
-    pub fn is_image_manifest(media_type: &str) -> bool {
-        media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST
-    }
-
-    pub fn is_layer(media_type: &str) -> bool {
-        media_type.starts_with("application/vnd.oci.image.layer.")
-            || media_type.starts_with("application/vnd.docker.image.rootfs.diff.tar")
-    }
-}
+use crate::oci::media;
 
 /// The annotation that marks a manifest as a compose app.
 pub const APP_ANNOTATION: &str = "compose-app";
@@ -60,6 +22,10 @@ pub const BUNDLE_INDEX_SIZE: &str = "org.foundries.app.bundle.index.size";
 pub const LAYER_INDEX_ANNOTATION: &str = "compose-app-layers";
 /// The OCI image layout annotation naming a ref in `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// Annotation on the OCI form of an image that a registry served as a Docker
+/// manifest, naming that manifest: the digest an app's compose file pins, so
+/// it is kept beside the OCI form and must survive a prune too.
+pub const SOURCE_MANIFEST_ANNOTATION: &str = "org.stowage.source.manifest.digest";
 
 /// Readers cap the app manifest at 50 KiB (FORMAT.md).
 pub const APP_MANIFEST_CAP: u64 = 50 * 1024;
@@ -174,7 +140,7 @@ impl AppManifest {
         Ok(manifest)
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
         to_json(self)
     }
 
@@ -341,14 +307,52 @@ pub struct ImageManifest {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// An image index or Docker manifest list.
+/// An image index or Docker manifest list; also the store's `index.json`.
+/// Fields stowage does not know are kept verbatim, so that an entry written
+/// by another tool survives a rewrite.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageIndex {
     pub schema_version: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    #[serde(default)]
     pub manifests: Vec<Descriptor>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ImageIndex {
+    /// An OCI index naming nothing.
+    pub fn empty() -> ImageIndex {
+        ImageIndex {
+            schema_version: 2,
+            media_type: Some(media::OCI_INDEX.to_string()),
+            manifests: Vec::new(),
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// Parses an index of schema version 2; the error is a reason to show
+    /// after the file's name.
+    pub fn parse(bytes: &[u8]) -> Result<ImageIndex, String> {
+        let index: ImageIndex = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if index.schema_version != 2 {
+            return Err(format!(
+                "schemaVersion is {}, expected 2",
+                index.schema_version
+            ));
+        }
+        Ok(index)
+    }
+
+    /// Pretty JSON with a final newline. An error, never empty bytes, when
+    /// it cannot be serialised: an empty file must never replace an index.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut bytes = serde_json::to_vec_pretty(self)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
 }
 
 /// The parts of an image config stowage reads.
@@ -391,9 +395,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
 }
 
 /// Compact JSON with the field order of the structs: the exact bytes pushed.
-pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising plain data structs with string keys cannot fail.
-    serde_json::to_vec(value).unwrap_or_default()
+/// An error, never empty bytes, when a value cannot be serialised.
+pub fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(value)
 }
 
 /// The architecture a device runs, as a registry platform names it.
@@ -495,7 +499,7 @@ mod tests {
         );
         let digests: Vec<_> = index.layers.iter().map(|l| l.digest.clone()).collect();
         assert_eq!(digests, vec![d('a'), d('b')]);
-        let json = String::from_utf8(to_json(&index)).unwrap();
+        let json = String::from_utf8(to_json(&index).unwrap()).unwrap();
         assert!(json.starts_with(r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","platform":{"architecture":"arm64"}"#), "{json}");
     }
 
@@ -516,7 +520,7 @@ mod tests {
                 (16384, 16384),
             ])),
         };
-        let json = String::from_utf8(to_json(&meta)).unwrap();
+        let json = String::from_utf8(to_json(&meta).unwrap()).unwrap();
         assert!(
             json.contains(
                 r#""usage_by_block_size":{"1024":1024,"4096":4096,"16384":16384,"65536":65536}"#

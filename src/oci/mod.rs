@@ -4,5 +4,6 @@
 
 pub mod digest;
 pub mod format;
+pub mod media;
 pub mod reference;
 pub mod registry;

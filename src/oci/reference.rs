@@ -59,6 +59,19 @@ impl ImageRef {
         format!("{}/{}", self.registry, self.repository)
     }
 
+    /// The name as Docker shows it: Docker Hub's host, and its `library/`
+    /// prefix for official images, left out (`nginx`, `team/app`,
+    /// `registry.local:5000/app`). The engine reports tags in this form.
+    pub fn familiar_name(&self) -> String {
+        if self.registry != DOCKER_HUB {
+            return self.name();
+        }
+        match self.repository.strip_prefix("library/") {
+            Some(official) if !official.contains('/') => official.to_string(),
+            _ => self.repository.clone(),
+        }
+    }
+
     /// The last path component of the repository: an app's default name.
     pub fn short_name(&self) -> &str {
         self.repository
@@ -98,6 +111,7 @@ impl FromStr for ImageRef {
         if let Some(tag) = &tag
             && (tag.is_empty()
                 || tag.len() > 128
+                || tag.starts_with(['.', '-'])
                 || !tag
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
@@ -112,6 +126,15 @@ impl FromStr for ImageRef {
             }
             _ => (DOCKER_HUB.to_string(), name.to_string()),
         };
+        let (host, port) = registry.split_once(':').unwrap_or((&registry, ""));
+        if host.is_empty()
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+            || !port.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(bad("the registry is not a HOST[:PORT]"));
+        }
         let repository = if registry == DOCKER_HUB && !repository.contains('/') {
             format!("library/{repository}")
         } else {
@@ -123,7 +146,11 @@ impl FromStr for ImageRef {
                     ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
                 })
                 && !c.starts_with(['.', '_', '-'])
+                && !c.ends_with(['.', '_', '-'])
         };
+        if repository.len() > 255 {
+            return Err(bad("the repository name is longer than 255 characters"));
+        }
         if !repository.split('/').all(valid_component) {
             return Err(bad(
                 "the repository must be lowercase letters, digits and . _ - separated by /",
@@ -183,6 +210,29 @@ mod tests {
             "reg.io/x@sha256:zz",
             "reg.io/x:",
             "reg.io/../x",
+        ] {
+            assert!(bad.parse::<ImageRef>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_familiar_name_is_the_one_the_engine_reports() {
+        let name = |s: &str| s.parse::<ImageRef>().unwrap().familiar_name();
+        assert_eq!(name("nginx:1"), "nginx");
+        assert_eq!(name("docker.io/library/nginx:1"), "nginx");
+        assert_eq!(name("team/app:1"), "team/app");
+        assert_eq!(name("registry.local:5000/app:1"), "registry.local:5000/app");
+        assert_eq!(name("localhost/library/app:1"), "localhost/library/app");
+    }
+
+    #[test]
+    fn names_the_engine_would_refuse_are_refused() {
+        for bad in [
+            "Registry.local/App:1",
+            "reg_istry.local/app:1",
+            "registry.local:50x0/app:1",
+            "registry.local/app-:1",
+            "registry.local/app:-tag",
         ] {
             assert!(bad.parse::<ImageRef>().is_err(), "{bad:?} was accepted");
         }

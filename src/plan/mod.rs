@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Digest;
 use crate::app::{App, LayerNeed};
@@ -66,7 +66,7 @@ pub struct UpdatePlan {
     pub fit: FitReport,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppSummary {
     pub name: String,
     pub reference: String,
@@ -76,7 +76,7 @@ pub struct AppSummary {
     pub download_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckReport {
     pub apps: Vec<AppSummary>,
     pub docker_reachable: bool,
@@ -105,6 +105,11 @@ impl Paths {
 #[error("the update does not fit: {}", report.fit.shortfall())]
 pub struct DoesNotFit {
     pub report: Box<CheckReport>,
+}
+
+impl DoesNotFit {
+    /// The exit code of a command refused for space.
+    pub const EXIT_CODE: u8 = 100;
 }
 
 /// Plans the update of `apps` and says what it needs, as `stowage check` does.

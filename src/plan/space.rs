@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpaceError {
@@ -25,7 +25,7 @@ pub enum SpaceError {
 }
 
 /// How much of each volume an update may use.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// An update may fill a volume up to this percentage.
     pub watermark_pct: u8,
@@ -135,7 +135,7 @@ fn existing_ancestor(path: &Path) -> PathBuf {
 }
 
 /// What an update writes where, by the role of each path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Part {
     /// Blobs still to download into the store.
@@ -169,7 +169,7 @@ pub struct Demand {
 }
 
 /// One volume's figures in the fit report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeReport {
     /// The paths involved on this volume, with their roles.
     pub paths: Vec<String>,
@@ -190,7 +190,7 @@ pub struct VolumeReport {
 }
 
 /// The verdict on a whole update.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FitReport {
     pub fits: bool,
     pub policy: Policy,

@@ -80,10 +80,13 @@ impl Store {
             &oci_layout_bytes(),
             &mut report,
         )?;
+        let empty_index = ImageIndex::empty()
+            .to_bytes()
+            .map_err(|e| StoreError::io(&self.index_path(), std::io::Error::other(e)))?;
         self.repair_layout_file(
             &self.index_path(),
             |b| ImageIndex::parse(b).map(|_| ()),
-            &ImageIndex::empty().to_bytes(),
+            &empty_index,
             &mut report,
         )?;
         report.leftovers_removed = self.remove_leftovers()?;

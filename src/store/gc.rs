@@ -20,12 +20,12 @@ use std::io;
 use serde_json::Value;
 
 use super::ingest::checkpoint_digest;
-use super::layout::{
-    BUNDLE_INDEX_ANNOTATION, SOURCE_MANIFEST_ANNOTATION, is_manifest_media_type, read_index,
-};
+use super::layout::read_index;
 use super::{JSON_BLOB_CAP, Result, Store, StoreError};
 use crate::Digest;
 use crate::fsutil::{TEMP_PREFIX, fsync_dir};
+use crate::oci::format::{BUNDLE_INDEX_DIGEST, SOURCE_MANIFEST_ANNOTATION};
+use crate::oci::media;
 
 /// What a prune removed (or, in a dry run, would remove).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub(crate) fn walk(
             continue;
         }
         let worth_reading = match &media_type {
-            Some(mt) => is_manifest_media_type(mt),
+            Some(mt) => media::is_manifest(mt),
             // Unknown: peek only at what could be a manifest.
             None => store.size(&digest).is_some_and(|s| s <= JSON_BLOB_CAP),
         };
@@ -119,7 +119,7 @@ pub(crate) fn walk(
             && !doc
                 .get("mediaType")
                 .and_then(Value::as_str)
-                .is_some_and(is_manifest_media_type)
+                .is_some_and(media::is_manifest)
         {
             continue;
         }
@@ -138,7 +138,7 @@ fn children(doc: &Value, out: &mut Vec<(Digest, Option<String>, Option<u64>)>) {
         else {
             return;
         };
-        if let Some(bundle_index) = annotated_digest(desc, BUNDLE_INDEX_ANNOTATION) {
+        if let Some(bundle_index) = annotated_digest(desc, BUNDLE_INDEX_DIGEST) {
             out.push((bundle_index, Some("application/json".into()), None));
         }
         // Without a media type, the blob's own `mediaType` field decides.

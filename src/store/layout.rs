@@ -10,39 +10,11 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::Deserialize;
 
 pub const OCI_LAYOUT_FILE: &str = "oci-layout";
 pub const INDEX_FILE: &str = "index.json";
 pub const OCI_LAYOUT_VERSION: &str = "1.0.0";
-
-/// The annotation that names an `index.json` entry.
-pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
-/// Annotation on an app bundle's layer descriptor naming its bundle index
-/// blob (FORMAT.md); the index is part of the app and must survive a prune.
-pub const BUNDLE_INDEX_ANNOTATION: &str = "org.foundries.app.bundle.index.digest";
-/// Annotation on the OCI form of an image that a registry served as a Docker
-/// manifest, naming that manifest: the digest an app's compose file pins, so
-/// it is kept beside the OCI form and must survive a prune too.
-pub const SOURCE_MANIFEST_ANNOTATION: &str = "org.stowage.source.manifest.digest";
-
-pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MEDIA_TYPE_DOCKER_LIST: &str =
-    "application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// Media types whose blobs are JSON documents pointing at other blobs.
-pub fn is_manifest_media_type(media_type: &str) -> bool {
-    matches!(
-        media_type,
-        MEDIA_TYPE_OCI_INDEX
-            | MEDIA_TYPE_OCI_MANIFEST
-            | MEDIA_TYPE_DOCKER_MANIFEST
-            | MEDIA_TYPE_DOCKER_LIST
-    )
-}
 
 /// Descriptors are the wire format's, which keeps unknown fields verbatim.
 pub use crate::oci::format::Descriptor;
@@ -54,48 +26,8 @@ pub struct RefEntry {
     pub descriptor: Descriptor,
 }
 
-/// `index.json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct ImageIndex {
-    #[serde(rename = "schemaVersion")]
-    pub schema_version: u32,
-    #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    #[serde(default)]
-    pub manifests: Vec<Descriptor>,
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-impl ImageIndex {
-    pub fn empty() -> ImageIndex {
-        ImageIndex {
-            schema_version: 2,
-            media_type: Some(MEDIA_TYPE_OCI_INDEX.to_string()),
-            manifests: Vec::new(),
-            extra: Map::new(),
-        }
-    }
-
-    /// Parses `index.json`; the error is a reason to show after the path.
-    pub fn parse(bytes: &[u8]) -> Result<ImageIndex, String> {
-        let index: ImageIndex = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if index.schema_version != 2 {
-            return Err(format!(
-                "schemaVersion is {}, expected 2",
-                index.schema_version
-            ));
-        }
-        Ok(index)
-    }
-
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // Serializing plain data into memory cannot fail.
-        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        bytes.push(b'\n');
-        bytes
-    }
-}
+/// `index.json` is an OCI image index.
+pub(crate) use crate::oci::format::ImageIndex;
 
 /// Checks the `oci-layout` marker file's content.
 pub(crate) fn check_oci_layout(bytes: &[u8]) -> Result<(), String> {
@@ -177,7 +109,7 @@ mod tests {
              "size":2,"platform":{"architecture":"arm64","os":"linux"},
              "annotations":{"org.opencontainers.image.ref.name":"x"}}]}"#;
         let index = ImageIndex::parse(text.as_bytes()).unwrap();
-        let again: Value = serde_json::from_slice(&index.to_bytes()).unwrap();
+        let again: serde_json::Value = serde_json::from_slice(&index.to_bytes().unwrap()).unwrap();
         assert_eq!(again["annotations"]["k"], "v");
         assert_eq!(again["manifests"][0]["platform"]["architecture"], "arm64");
         assert_eq!(index.manifests[0].ref_name(), Some("x"));

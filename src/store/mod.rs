@@ -28,6 +28,7 @@
 //! (pull, install) and [`LockMode::Exclusive`] while removing (prune, rm,
 //! fsck). Ingests lock themselves per blob.
 
+pub mod copy;
 mod fsck;
 mod gc;
 mod ingest;
@@ -44,14 +45,11 @@ use std::time::Duration;
 use crate::Digest;
 use crate::fsutil::{self, ensure_dir, fsync_dir, write_atomic};
 
+use crate::oci::format::REF_NAME;
 pub use fsck::{CorruptBlob, FsckReport, StrayFile};
 pub use gc::PruneReport;
 pub use ingest::{Ingest, IngestStatus};
-pub use layout::{
-    BUNDLE_INDEX_ANNOTATION, Descriptor, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
-    MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, REF_NAME_ANNOTATION, RefEntry,
-    SOURCE_MANIFEST_ANNOTATION, is_manifest_media_type, is_valid_ref_name,
-};
+pub use layout::{Descriptor, RefEntry, is_valid_ref_name};
 pub use lock::{LockMode, StoreLock};
 
 /// Mode of every directory the store creates.
@@ -216,7 +214,10 @@ impl Store {
             &store.layout_dir.join(layout::OCI_LAYOUT_FILE),
             &layout::oci_layout_bytes(),
         )?;
-        store.create_if_missing(&store.index_path(), &layout::ImageIndex::empty().to_bytes())?;
+        let empty = layout::ImageIndex::empty()
+            .to_bytes()
+            .map_err(|e| StoreError::io(&store.index_path(), io::Error::other(e)))?;
+        store.create_if_missing(&store.index_path(), &empty)?;
         Ok(store)
     }
 
@@ -260,6 +261,13 @@ impl Store {
 
     pub fn lock_with_timeout(&self, mode: LockMode, timeout: Duration) -> Result<StoreLock> {
         lock::lock_store(&self.root.join("lock"), &self.root, mode, timeout)
+    }
+
+    /// [`Store::lock`] for async code: the wait happens on a blocking
+    /// thread, never on a runtime worker.
+    pub async fn lock_async(&self, mode: LockMode) -> Result<StoreLock> {
+        let store = self.clone();
+        crate::fsutil::blocking(move || store.lock(mode)).await
     }
 
     // ---- Reading ----------------------------------------------------------
@@ -355,32 +363,6 @@ impl Store {
         fsync_dir(&self.blobs_dir).map_err(|e| StoreError::io(&self.blobs_dir, e))
     }
 
-    /// Copies a local file into the store as blob `digest`, verified like a
-    /// download (resuming a partial copy if one exists).
-    pub fn import_file(&self, path: &Path, digest: &Digest) -> Result<()> {
-        let mut source = File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let size = source
-            .metadata()
-            .map_err(|e| StoreError::io(path, e))?
-            .len();
-        let mut ingest = self.ingest(digest, size)?;
-        if ingest.offset() < size {
-            io::Seek::seek(&mut source, io::SeekFrom::Start(ingest.offset()))
-                .map_err(|e| StoreError::io(path, e))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = match source.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(StoreError::io(path, e)),
-                };
-                ingest.write_all(&buf[..n])?;
-            }
-        }
-        ingest.commit()
-    }
-
     // ---- Refs -------------------------------------------------------------
 
     /// Every named entry of `index.json`, in file order.
@@ -439,7 +421,7 @@ impl Store {
         }
         descriptor
             .annotations
-            .insert(REF_NAME_ANNOTATION.to_string(), name.to_string());
+            .insert(REF_NAME.to_string(), name.to_string());
         self.update_index(|index| {
             match index
                 .manifests
@@ -492,7 +474,10 @@ impl Store {
         let path = self.index_path();
         let mut index = layout::read_index(&path)?;
         if change(&mut index) {
-            write_atomic(&path, &index.to_bytes()).map_err(|e| StoreError::io(&path, e))?;
+            let bytes = index
+                .to_bytes()
+                .map_err(|e| StoreError::io(&path, io::Error::other(e)))?;
+            write_atomic(&path, &bytes).map_err(|e| StoreError::io(&path, e))?;
         }
         drop(lock_file);
         Ok(())

@@ -17,10 +17,10 @@ use crate::Digest;
 use crate::fsutil::write_atomic;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
-use crate::plan::DoesNotFit;
+use crate::plan::{CheckReport, DoesNotFit};
 use crate::update::target::fetch_target;
 use crate::update::transaction::{
-    self, AppSet, DeviceOps, Outcome, StateFiles, UpdateEvent, UpdateOptions,
+    self, AppSet, DeviceOps, Outcome, PruneSummary, StateFiles, UpdateEvent, UpdateOptions,
 };
 
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
@@ -33,16 +33,62 @@ pub struct AgentStatus {
     /// The target digest last applied successfully.
     pub applied_digest: Option<Digest>,
     pub apps: AppSet,
-    /// committed, unchanged, rolled_back, failed, refused, waiting_for_space
-    pub last_result: String,
+    pub last_result: AgentResult,
     pub last_error: Option<String>,
     /// The last fit check's figures, when there was one.
-    pub last_check: Option<serde_json::Value>,
+    pub last_check: Option<CheckReport>,
     /// The target digest refused for space, retried only once it fits.
     pub refused_digest: Option<Digest>,
     pub consecutive_failures: u32,
     pub updated_at: u64,
     pub next_poll_in_secs: u64,
+}
+
+/// How the agent's last poll ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentResult {
+    /// The target was applied.
+    Committed,
+    /// The device already ran the target.
+    #[default]
+    Unchanged,
+    RolledBack,
+    Failed,
+    /// The target does not fit; it is retried once the check says it fits.
+    Refused,
+    /// Still refused for space at a later poll; nothing was downloaded.
+    WaitingForSpace,
+}
+
+impl AgentResult {
+    /// As the status file and `stowage status` name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentResult::Committed => "committed",
+            AgentResult::Unchanged => "unchanged",
+            AgentResult::RolledBack => "rolled_back",
+            AgentResult::Failed => "failed",
+            AgentResult::Refused => "refused",
+            AgentResult::WaitingForSpace => "waiting_for_space",
+        }
+    }
+
+    /// `stowage agent --once`'s exit code: 0 applied or unchanged, 100 refused
+    /// for space, 1 otherwise.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            AgentResult::Committed | AgentResult::Unchanged => 0,
+            AgentResult::Refused | AgentResult::WaitingForSpace => DoesNotFit::EXIT_CODE,
+            AgentResult::RolledBack | AgentResult::Failed => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for AgentResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 pub fn status_path(root: &Path) -> PathBuf {
@@ -70,7 +116,7 @@ fn write_status(root: &Path, status: &AgentStatus) -> Result<()> {
 #[allow(async_fn_in_trait)]
 pub trait AgentDevice: DeviceOps {
     /// The fit check alone: does an update to `to` fit now?
-    async fn fits(&self, to: &AppSet) -> Result<(bool, serde_json::Value)>;
+    async fn fits(&self, to: &AppSet) -> Result<CheckReport>;
 }
 
 pub struct AgentOptions {
@@ -117,24 +163,26 @@ async fn poll_once(
 ) -> Duration {
     let target = match fetch_target(client, &options.target).await {
         Ok(t) => t,
-        Err(e) => return failed(status, "failed", e, options.interval),
+        Err(e) => return failed(status, AgentResult::Failed, e, options.interval),
     };
     status.target_digest = Some(target.digest.clone());
     let running = files.device().map(|s| s.running).unwrap_or_default();
     if status.applied_digest.as_ref() == Some(&target.digest) && running == target.apps {
-        status.last_result = "unchanged".into();
+        status.last_result = AgentResult::Unchanged;
         status.consecutive_failures = 0;
         return options.interval;
     }
     if status.refused_digest.as_ref() == Some(&target.digest) {
         match device.fits(&target.apps).await {
-            Ok((true, _)) => tracing::info!("target {} fits now: applying it", target.reference),
-            Ok((false, check)) => {
-                status.last_result = "waiting_for_space".into();
+            Ok(check) if check.fit.fits => {
+                tracing::info!("target {} fits now: applying it", target.reference)
+            }
+            Ok(check) => {
+                status.last_result = AgentResult::WaitingForSpace;
                 status.last_check = Some(check);
                 return options.interval;
             }
-            Err(e) => return failed(status, "failed", e, options.interval),
+            Err(e) => return failed(status, AgentResult::Failed, e, options.interval),
         }
     }
     tracing::info!("applying target {}", target.reference);
@@ -153,41 +201,40 @@ async fn poll_once(
     }
     match outcome {
         Ok(Outcome::Committed) | Ok(Outcome::Unchanged) => {
-            status.last_result = "committed".into();
+            status.last_result = AgentResult::Committed;
             status.last_error = None;
             status.applied_digest = Some(target.digest);
             status.refused_digest = None;
             status.consecutive_failures = 0;
             options.interval
         }
-        Ok(Outcome::RolledBack(e)) => failed(status, "rolled_back", e, options.interval),
-        Ok(Outcome::Failed(e)) => match e.downcast::<DoesNotFit>() {
-            Ok(refused) => {
-                tracing::warn!(
-                    "target {} does not fit: {}",
-                    target.reference,
-                    refused.report.fit.shortfall()
-                );
-                status.last_result = "refused".into();
-                status.last_error = Some(refused.to_string());
-                status.last_check = serde_json::to_value(&refused.report).ok();
-                status.refused_digest = Some(target.digest);
-                options.interval
-            }
-            Err(e) => failed(status, "failed", e, options.interval),
-        },
-        Err(e) => failed(status, "failed", e, options.interval),
+        Ok(Outcome::RolledBack(e)) => failed(status, AgentResult::RolledBack, e, options.interval),
+        Ok(Outcome::Refused(report)) => {
+            let refused = DoesNotFit { report };
+            tracing::warn!(
+                "target {} does not fit: {}",
+                target.reference,
+                refused.report.fit.shortfall()
+            );
+            status.last_result = AgentResult::Refused;
+            status.last_error = Some(refused.to_string());
+            status.last_check = Some(*refused.report);
+            status.refused_digest = Some(target.digest);
+            options.interval
+        }
+        Ok(Outcome::Failed(e)) => failed(status, AgentResult::Failed, e, options.interval),
+        Err(e) => failed(status, AgentResult::Failed, e, options.interval),
     }
 }
 
 /// The device, keeping the figures of the update's fit check for the status.
 struct RecordingCheck<'a, D> {
     device: &'a D,
-    check: std::sync::Mutex<Option<serde_json::Value>>,
+    check: std::sync::Mutex<Option<CheckReport>>,
 }
 
 impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
-    async fn pull(&self, to: &AppSet) -> Result<serde_json::Value> {
+    async fn pull(&self, to: &AppSet) -> Result<CheckReport> {
         self.device.pull(to).await
     }
     async fn install(&self, reference: &str) -> Result<()> {
@@ -202,7 +249,7 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     async fn verify(&self, name: &str, timeout: Duration) -> Result<()> {
         self.device.verify(name, timeout).await
     }
-    async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value> {
+    async fn prune(&self, keep: &AppSet) -> Result<PruneSummary> {
         self.device.prune(keep).await
     }
     async fn installed(&self) -> Result<AppSet> {
@@ -210,7 +257,7 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     }
     fn event(&self, event: UpdateEvent) {
         if let UpdateEvent::Check { report } = &event {
-            *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+            *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some((**report).clone());
         }
         self.device.event(event);
     }
@@ -218,12 +265,12 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
 
 fn failed(
     status: &mut AgentStatus,
-    result: &str,
+    result: AgentResult,
     e: anyhow::Error,
     interval: Duration,
 ) -> Duration {
     tracing::error!("{result}: {e:#}");
-    status.last_result = result.to_string();
+    status.last_result = result;
     status.last_error = Some(format!("{e:#}"));
     status.consecutive_failures += 1;
     backoff(interval, status.consecutive_failures)

@@ -19,12 +19,14 @@ use crate::engine::run::{self as run_cmd, Selection};
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 use crate::plan::space::Policy;
-use crate::plan::{DockerView, Paths, check_update, refuse_unless_fits};
+use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::update::agent::AgentDevice;
 use crate::update::pull::PullOptions;
-use crate::update::transaction::{AppSet, DeviceOps, UpdateEvent};
+use crate::update::transaction::{
+    AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent,
+};
 
 /// The device as the update transaction drives it.
 pub struct LiveDevice<'a> {
@@ -81,7 +83,7 @@ impl LiveDevice<'_> {
 }
 
 impl DeviceOps for LiveDevice<'_> {
-    async fn pull(&self, to: &AppSet) -> Result<serde_json::Value> {
+    async fn pull(&self, to: &AppSet) -> Result<CheckReport> {
         // Apps already whole in the store need no network: plan from the
         // store alone (the check still counts Docker and the apps directory).
         if let Some(apps) = self.stored_apps(to).await? {
@@ -93,7 +95,7 @@ impl DeviceOps for LiveDevice<'_> {
                 &docker,
                 self.policy,
             )?;
-            return Ok(serde_json::to_value(refuse_unless_fits(check)?)?);
+            return refuse_unless_fits(check);
         }
         if let Some(layout) = &self.layout {
             let docker = self.docker_view().await;
@@ -106,7 +108,7 @@ impl DeviceOps for LiveDevice<'_> {
                 self.progress,
             )
             .await?;
-            return Ok(serde_json::to_value(&report.check)?);
+            return Ok(report.check);
         }
         let options = PullOptions {
             apps: Self::refs(to)?,
@@ -118,7 +120,7 @@ impl DeviceOps for LiveDevice<'_> {
         let report = options
             .run(self.client, &self.store, docker, self.progress)
             .await?;
-        Ok(serde_json::to_value(&report.check)?)
+        Ok(report.check)
     }
 
     async fn install(&self, reference: &str) -> Result<()> {
@@ -204,33 +206,45 @@ impl DeviceOps for LiveDevice<'_> {
 
     /// Forgets stored apps outside `keep`, then prunes the blob store and the
     /// images stowage loaded, keeping the images of every app in `keep`.
-    async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value> {
-        let keep_refs: BTreeSet<&String> = keep.values().collect();
-        let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
-        for app in crate::app::stored::list_apps(&self.store)? {
-            if keep_refs.contains(&app.reference) {
-                keep_images.extend(
-                    app.images
-                        .iter()
-                        .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
-                );
-            } else {
-                admin::rm(&self.store, &app.reference)?;
+    async fn prune(&self, keep: &AppSet) -> Result<PruneSummary> {
+        let keep_refs: BTreeSet<String> = keep.values().cloned().collect();
+        let store = self.store.clone();
+        // Store walks, lock waits and deletions: blocking file work.
+        let (keep_images, blobs) = crate::fsutil::blocking(move || {
+            let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
+            for app in crate::app::stored::list_apps(&store)? {
+                if keep_refs.contains(&app.reference) {
+                    keep_images.extend(
+                        app.images
+                            .iter()
+                            .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
+                    );
+                } else {
+                    admin::rm(&store, &app.reference)?;
+                }
             }
-        }
-        let blobs = admin::prune(&self.store, false)?;
+            let blobs = admin::prune(&store, false)?;
+            anyhow::Ok((keep_images, blobs))
+        })
+        .await?;
         let docker =
             docker_prune::prune_docker_keeping(&self.root, &self.engine, false, &keep_images)
                 .await?;
-        Ok(serde_json::json!({
-            "blob_store": {"removed_blobs": blobs.removed.len(), "freed_bytes": blobs.freed_bytes,
-                           "stale_ingest_bytes": blobs.stale_ingest_bytes},
-            "docker": {"removed_images": docker.removed.len(), "freed_bytes": docker.freed_bytes},
-        }))
+        Ok(PruneSummary {
+            blob_store: BlobsPruned {
+                removed_blobs: blobs.removed.len(),
+                freed_bytes: blobs.freed_bytes,
+                stale_ingest_bytes: blobs.stale_ingest_bytes,
+            },
+            docker: ImagesPruned {
+                removed_images: docker.removed.len(),
+                freed_bytes: docker.freed_bytes,
+            },
+        })
     }
 
     async fn installed(&self) -> Result<AppSet> {
-        let state = crate::engine::installed::Installed::load(&self.root)?;
+        let state = crate::engine::record::Installed::load(&self.root)?;
         Ok(state
             .apps
             .into_iter()
@@ -244,7 +258,7 @@ impl DeviceOps for LiveDevice<'_> {
 }
 
 impl AgentDevice for LiveDevice<'_> {
-    async fn fits(&self, to: &AppSet) -> Result<(bool, serde_json::Value)> {
+    async fn fits(&self, to: &AppSet) -> Result<CheckReport> {
         let mut apps = Vec::new();
         for reference in Self::refs(to)? {
             apps.push(
@@ -265,7 +279,7 @@ impl AgentDevice for LiveDevice<'_> {
             &docker,
             self.policy,
         )?;
-        Ok((report.fit.fits, serde_json::to_value(&report)?))
+        Ok(report)
     }
 }
 
@@ -281,7 +295,7 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
                 let fetched = client
                     .get_manifest(
                         reference,
-                        &[crate::oci::format::media::OCI_MANIFEST],
+                        &[crate::oci::media::OCI_MANIFEST],
                         crate::oci::format::APP_MANIFEST_CAP,
                     )
                     .await?;

@@ -12,12 +12,17 @@ use serde::Serialize;
 use crate::Digest;
 use crate::app::stored::{StoredApp, find_apps, list_apps};
 use crate::app::{App, LayoutSource, fetch_app};
+use crate::fsutil::blocking;
 use crate::oci::reference::ImageRef;
 use crate::plan::space::Policy;
 use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
-use crate::progress::{Event, Progress};
+use crate::progress::{NoProgress, Progress};
+use crate::store::copy::{FileSource, copy_blob};
 use crate::store::{LockMode, Store};
 use crate::update::pull::name_app;
+
+/// A file on local media either copies or fails; a retry reads it again once.
+const FILE_COPY_ATTEMPTS: u32 = 1;
 
 /// `oci:DIR` or `oci:DIR:NAME`, as the device commands accept it.
 #[derive(Debug, Clone)]
@@ -96,7 +101,7 @@ pub async fn export(
     architecture: &str,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    let _lock = store.lock(LockMode::Shared)?;
+    let _lock = store.lock_async(LockMode::Shared).await?;
     let out = Store::open(dir)
         .with_context(|| format!("cannot create the export at {}", dir.display()))?;
     let source = LayoutSource { store };
@@ -113,11 +118,13 @@ pub async fn export(
         };
         let reference: ImageRef = app.reference.parse()?;
         let app = fetch_app(&source, &reference, architecture).await?;
-        for digest in blobs_of(&app) {
+        for (digest, size) in blobs_of(&app) {
             if !out.has(&digest) {
-                out.import_file(&store.blob_path(&digest), &digest)?;
+                copy_file(&out, store.blob_path(&digest), &digest, size, &NoProgress)
+                    .await
+                    .with_context(|| format!("cannot export blob {digest}"))?;
                 report.blobs += 1;
-                report.bytes += out.size(&digest).unwrap_or(0);
+                report.bytes += size;
             }
         }
         name_app(&out, &app)?;
@@ -127,12 +134,44 @@ pub async fn export(
     Ok(report)
 }
 
-fn blobs_of(app: &App) -> Vec<Digest> {
+/// Every blob of `app`, with the size its descriptor declares.
+fn blobs_of(app: &App) -> Vec<(Digest, u64)> {
     app.meta_blobs
         .iter()
-        .map(|b| b.descriptor.digest.clone())
-        .chain(app.layers.iter().map(|l| l.descriptor.digest.clone()))
+        .map(|b| &b.descriptor)
+        .chain(app.layers.iter().map(|l| &l.descriptor))
+        .map(|d| (d.digest.clone(), d.size))
         .collect()
+}
+
+/// Copies the file at `path` into `store` as blob `digest` of `size` bytes
+/// (its descriptor's), resuming a partial copy, preallocated and verified.
+async fn copy_file(
+    store: &Store,
+    path: std::path::PathBuf,
+    digest: &Digest,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let ingest = {
+        let store = store.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let mut ingest = store.ingest(&digest, size)?;
+            if !ingest.is_stored() {
+                ingest.preallocate()?;
+            }
+            Ok::<_, crate::store::StoreError>(ingest)
+        })
+        .await?
+    };
+    let mut source = FileSource {
+        path,
+        digest: digest.clone(),
+        size,
+    };
+    copy_blob(ingest, &mut source, FILE_COPY_ATTEMPTS, progress).await?;
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -153,7 +192,7 @@ pub async fn import(
     docker: &DockerView,
     progress: &dyn Progress,
 ) -> Result<ImportReport> {
-    let _lock = store.lock(LockMode::Shared)?;
+    let _lock = store.lock_async(LockMode::Shared).await?;
     let layout = from.open()?;
     let source = LayoutSource { store: &layout };
     let mut apps = Vec::new();
@@ -165,21 +204,15 @@ pub async fn import(
     let mut imported_blobs = 0;
     let mut imported_bytes = 0;
     for app in &apps {
-        for digest in blobs_of(app) {
+        for (digest, size) in blobs_of(app) {
             if store.has(&digest) {
                 continue;
             }
-            let size = layout.size(&digest).unwrap_or(0);
-            progress.emit(Event::BlobStarted {
-                digest: digest.clone(),
-                size,
-                offset: 0,
-            });
-            let path = layout.blob_path(&digest);
-            tokio::task::block_in_place(|| store.import_file(&path, &digest)).with_context(
-                || format!("cannot copy blob {digest} from {}", from.dir.display()),
-            )?;
-            progress.emit(Event::BlobDone { digest, size });
+            copy_file(store, layout.blob_path(&digest), &digest, size, progress)
+                .await
+                .with_context(|| {
+                    format!("cannot copy blob {digest} from {}", from.dir.display())
+                })?;
             imported_blobs += 1;
             imported_bytes += size;
         }

@@ -17,12 +17,13 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::app::{App, Depth, LayerNeed, fetch_apps};
-use crate::oci::format::media;
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
 use crate::plan::space::Policy;
 use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::{Event, Progress};
+use crate::store::copy::{BlobSource, Body, CopyError, Opened, SourceError, copy_blob};
 use crate::store::{Ingest, LockMode, Store, StoreError};
 
 /// How many times a layer download is resumed after the connection broke.
@@ -57,7 +58,7 @@ impl PullOptions {
         docker: impl Future<Output = (DockerView, Option<String>)>,
         progress: &dyn Progress,
     ) -> Result<PullReport> {
-        let _lock = store.lock(LockMode::Shared)?;
+        let _lock = store.lock_async(LockMode::Shared).await?;
         for reference in &self.apps {
             progress.step(format!("fetching metadata of {reference}"));
         }
@@ -211,7 +212,7 @@ pub fn name_app(store: &Store, app: &App) -> Result<()> {
     }
     store.set_ref(
         &app.ref_name(),
-        crate::oci::format::media::OCI_MANIFEST,
+        crate::oci::media::OCI_MANIFEST,
         &app.digest,
         app.meta_blobs[0].descriptor.size,
     )?;
@@ -305,7 +306,7 @@ fn remove_stale_reserves(root: &std::path::Path) {
     }
 }
 
-pub use crate::store::SOURCE_MANIFEST_ANNOTATION;
+use crate::oci::format::SOURCE_MANIFEST_ANNOTATION;
 
 /// The OCI image manifest equivalent to Docker v2 manifest `bytes`: the same
 /// config and layer blobs under their OCI media types. Deterministic (keys
@@ -347,143 +348,71 @@ pub fn oci_form(bytes: &[u8], source: &crate::Digest) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec(&oci)?)
 }
 
-/// Downloads one layer into its ingest, resuming after broken connections,
-/// and commits it. Returns the bytes transferred.
+/// Downloads one layer into its ingest with the store's resume-and-commit
+/// loop. Returns the bytes transferred.
 async fn download_layer(
     client: &RegistryClient,
     layer: &LayerNeed,
-    mut ingest: Ingest,
+    ingest: Ingest,
     progress: &dyn Progress,
 ) -> Result<u64> {
-    let digest = layer.descriptor.digest.clone();
-    let size = layer.descriptor.size;
-    if ingest.is_stored() {
-        // Another pull stored it meanwhile: done, as the transfer counted it.
-        progress.emit(Event::BlobDone { digest, size });
-        return Ok(0);
-    }
-    let mut transferred = 0u64;
-    let mut attempt = 0;
-    // A complete ingest left by a run that died before committing needs no
-    // request: the commit below verifies it.
-    while ingest.offset() < size {
-        let offset = ingest.offset();
-        progress.emit(Event::BlobStarted {
-            digest: digest.clone(),
-            size,
-            offset,
-        });
-        match fetch_into(client, layer, &mut ingest, offset, progress).await {
-            Ok(n) => {
-                transferred += n;
-                break;
-            }
-            Err(Failure::Transient(e, n)) if attempt < RESUME_ATTEMPTS => {
-                transferred += n;
-                attempt += 1;
-                tracing::warn!(
-                    "download of layer {digest} broke off ({e:#}); resuming (attempt {attempt})"
-                );
-            }
-            Err(Failure::Transient(e, _)) | Err(Failure::Fatal(e)) => return Err(e),
-        }
-    }
-    let commit = tokio::task::block_in_place(|| ingest.commit());
-    commit.map_err(|e| match e {
-        StoreError::DigestMismatch { .. }
-        | StoreError::SizeMismatch { .. }
-        | StoreError::Incomplete { .. } => {
-            anyhow!(
-                "registry {} sent a corrupt layer: {e}",
-                layer.source.registry
-            )
-        }
-        other => other.into(),
-    })?;
-    progress.emit(Event::BlobDone { digest, size });
-    Ok(transferred)
-}
-
-enum Failure {
-    /// Worth resuming: the connection broke. Carries the bytes received.
-    Transient(anyhow::Error, u64),
-    /// Not worth retrying: the registry lied or the disk refused.
-    Fatal(anyhow::Error),
-}
-
-async fn fetch_into(
-    client: &RegistryClient,
-    layer: &LayerNeed,
-    ingest: &mut Ingest,
-    offset: u64,
-    progress: &dyn Progress,
-) -> Result<u64, Failure> {
+    let mut source = RegistrySource { client, layer };
+    let registry = &layer.source.registry;
     let digest = &layer.descriptor.digest;
     let size = layer.descriptor.size;
-    let body = client
-        .fetch_blob(&layer.source, digest, size, offset)
+    copy_blob(ingest, &mut source, RESUME_ATTEMPTS, progress)
         .await
         .map_err(|e| match e {
-            RegistryError::Unreachable { .. } => Failure::Transient(e.into(), 0),
-            other => Failure::Fatal(other.into()),
-        })?;
-    let mut response = match body {
-        BlobBody::Partial(r) => r,
-        BlobBody::Full(r) => {
-            if offset > 0 {
-                // The registry ignored the Range: start again from zero,
-                // never append a whole blob to a prefix.
-                tokio::task::block_in_place(|| ingest.restart())
-                    .map_err(|e| Failure::Fatal(e.into()))?;
-            }
-            r
-        }
-    };
-    let mut received = 0u64;
-    let mut since_report = 0u64;
-    loop {
-        let chunk = match response.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => {
-                return Err(Failure::Transient(
-                    anyhow!(
-                        "the download of layer {digest} from {} broke off: {e}",
-                        layer.source.registry
-                    ),
-                    received,
-                ));
-            }
-        };
-        tokio::task::block_in_place(|| ingest.write_all(&chunk)).map_err(|e| match e {
-            StoreError::BeyondDeclaredSize { .. } => Failure::Fatal(anyhow!(
-                "registry {} sent more than the {size} bytes declared for layer {digest}; the blob was refused",
-                layer.source.registry
-            )),
-            other => Failure::Fatal(other.into()),
-        })?;
-        received += chunk.len() as u64;
-        since_report += chunk.len() as u64;
-        if since_report >= 1 << 20 {
-            since_report = 0;
-            progress.emit(Event::BlobProgress {
-                digest: digest.clone(),
-                done: ingest.offset(),
-                size,
-            });
-        }
-    }
-    if ingest.offset() < size {
-        return Err(Failure::Transient(
-            anyhow!(
-                "registry {} ended layer {digest} after {} of {size} bytes",
-                layer.source.registry,
-                ingest.offset()
+            CopyError::Store(
+                e @ (StoreError::DigestMismatch { .. }
+                | StoreError::SizeMismatch { .. }
+                | StoreError::Incomplete { .. }),
+            ) => anyhow!("registry {registry} sent a corrupt layer: {e}"),
+            CopyError::Store(StoreError::BeyondDeclaredSize { .. }) => anyhow!(
+                "registry {registry} sent more than the {size} bytes declared for layer {digest}; the blob was refused"
             ),
-            received,
-        ));
+            other => other.into(),
+        })
+}
+
+/// A layer as its registry serves it, from an offset with a Range request.
+struct RegistrySource<'a> {
+    client: &'a RegistryClient,
+    layer: &'a LayerNeed,
+}
+
+impl BlobSource for RegistrySource<'_> {
+    async fn open(&mut self, offset: u64) -> Result<Opened, SourceError> {
+        let layer = self.layer;
+        let body = self
+            .client
+            .fetch_blob(
+                &layer.source,
+                &layer.descriptor.digest,
+                layer.descriptor.size,
+                offset,
+            )
+            .await
+            .map_err(|e| match e {
+                RegistryError::Unreachable { .. } => SourceError::Transient(e.into()),
+                other => SourceError::Fatal(other.into()),
+            })?;
+        let stream = |r: reqwest::Response| -> Body {
+            Box::pin(
+                r.bytes_stream()
+                    .map(|chunk| chunk.map_err(std::io::Error::other)),
+            )
+        };
+        Ok(match body {
+            BlobBody::Partial(r) => Opened::At(stream(r)),
+            // The registry ignored the Range: the ingest starts again from zero.
+            BlobBody::Full(r) => Opened::FromStart(stream(r)),
+        })
     }
-    Ok(received)
+
+    fn name(&self) -> String {
+        format!("registry {}", self.layer.source.registry)
+    }
 }
 
 /// Checks that every reference names an app (not an image) before anything.

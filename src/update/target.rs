@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
-use crate::oci::format::{self, Descriptor, media};
+use crate::oci::format::{self, Descriptor};
+use crate::oci::media;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 
@@ -62,7 +63,7 @@ pub async fn publish_target(
         format::AppManifest::parse(&fetched.bytes, &app.to_string())?;
         pinned.push(app.pinned(&fetched.digest).to_string());
     }
-    let content = format::to_json(&TargetContent { apps: pinned });
+    let content = format::to_json(&TargetContent { apps: pinned })?;
     let layer = Descriptor::of(TARGET_MEDIA_TYPE, &content);
     let config = Descriptor::of(media::EMPTY, format::EMPTY_CONFIG);
     client
@@ -76,7 +77,7 @@ pub async fn publish_target(
         config,
         layers: vec![layer],
         annotations: BTreeMap::from([(TARGET_ANNOTATION.to_string(), "v1".to_string())]),
-    });
+    })?;
     client
         .push_manifest(at, media::OCI_MANIFEST, &manifest)
         .await?;

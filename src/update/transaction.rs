@@ -29,6 +29,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
+use crate::plan::{CheckReport, DoesNotFit};
 
 /// Where the transaction is; every value is written before the step starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -174,8 +175,9 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 /// transaction's every failure point.
 #[allow(async_fn_in_trait)]
 pub trait DeviceOps {
-    /// Fetches the apps; `Err` downcasting to `DoesNotFit` means refused.
-    async fn pull(&self, to: &AppSet) -> Result<serde_json::Value>;
+    /// Fetches the apps, returning the fit check's report; an `Err` that is
+    /// a [`DoesNotFit`] means the update was refused for space.
+    async fn pull(&self, to: &AppSet) -> Result<CheckReport>;
     /// Loads images and extracts the bundle of one app, without starting it.
     async fn install(&self, reference: &str) -> Result<()>;
     async fn start(&self, name: &str, reference: &str) -> Result<()>;
@@ -186,7 +188,7 @@ pub trait DeviceOps {
     /// with `stowage run`): what an update replaces when there is no state.
     async fn installed(&self) -> Result<AppSet>;
     /// Removes from both stores what `keep` does not need.
-    async fn prune(&self, keep: &AppSet) -> Result<serde_json::Value>;
+    async fn prune(&self, keep: &AppSet) -> Result<PruneSummary>;
     fn event(&self, event: UpdateEvent);
 }
 
@@ -204,7 +206,7 @@ pub enum UpdateEvent {
         to: AppSet,
     },
     Check {
-        report: serde_json::Value,
+        report: Box<CheckReport>,
     },
     Installed {
         app: String,
@@ -228,11 +230,31 @@ pub enum UpdateEvent {
         error: String,
     },
     Pruned {
-        report: serde_json::Value,
+        report: PruneSummary,
     },
     NothingToDo {
         running: AppSet,
     },
+}
+
+/// What the update's prune removed from both stores.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneSummary {
+    pub blob_store: BlobsPruned,
+    pub docker: ImagesPruned,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobsPruned {
+    pub removed_blobs: usize,
+    pub freed_bytes: u64,
+    pub stale_ingest_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagesPruned {
+    pub removed_images: usize,
+    pub freed_bytes: u64,
 }
 
 /// The outcome of an update.
@@ -241,8 +263,22 @@ pub enum Outcome {
     Committed,
     Unchanged,
     RolledBack(anyhow::Error),
+    /// Refused for space before anything was downloaded or touched.
+    Refused(Box<CheckReport>),
     /// Failed before anything running was touched.
     Failed(anyhow::Error),
+}
+
+impl Outcome {
+    /// The command's exit code: 0 committed or unchanged, 100 refused for
+    /// space, 1 rolled back or failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Committed | Outcome::Unchanged => 0,
+            Outcome::Refused(_) => DoesNotFit::EXIT_CODE,
+            Outcome::RolledBack(_) | Outcome::Failed(_) => 1,
+        }
+    }
 }
 
 pub struct UpdateOptions {
@@ -283,7 +319,9 @@ pub async fn update(
     // Up to here a failure leaves what runs untouched.
     let prepared = async {
         let check = device.pull(&to).await?;
-        device.event(UpdateEvent::Check { report: check });
+        device.event(UpdateEvent::Check {
+            report: Box::new(check),
+        });
         journal.phase = Phase::Installing;
         files.write_journal(&journal)?;
         for (name, reference) in &to {
@@ -302,7 +340,10 @@ pub async fn update(
         files.clear_journal()?;
         let keep = union(&state.running, &state.previous);
         prune_quietly(device, &union(&keep, &to)).await;
-        return Ok(Outcome::Failed(e));
+        return Ok(match e.downcast::<DoesNotFit>() {
+            Ok(refused) => Outcome::Refused(refused.report),
+            Err(e) => Outcome::Failed(e),
+        });
     }
 
     let switched = switch(device, files, &mut journal, options).await;
@@ -499,9 +540,9 @@ mod tests {
     }
 
     impl DeviceOps for FakeDevice {
-        async fn pull(&self, _to: &AppSet) -> Result<serde_json::Value> {
+        async fn pull(&self, _to: &AppSet) -> Result<CheckReport> {
             self.step("pull")?;
-            Ok(serde_json::Value::Null)
+            Ok(CheckReport::default())
         }
         async fn install(&self, reference: &str) -> Result<()> {
             self.step(&format!("install {reference}"))
@@ -529,8 +570,8 @@ mod tests {
                 .unwrap_or_default();
             self.step(&format!("verify {reference}"))
         }
-        async fn prune(&self, _keep: &AppSet) -> Result<serde_json::Value> {
-            Ok(serde_json::Value::Null)
+        async fn prune(&self, _keep: &AppSet) -> Result<PruneSummary> {
+            Ok(PruneSummary::default())
         }
         async fn installed(&self) -> Result<AppSet> {
             Ok(self.running.lock().unwrap().clone())

@@ -16,10 +16,9 @@ use crate::common::{TmpfsVolume, busybox_image, run_ok, unique, wait_until};
 
 use serde_json::{Value, json};
 use stowage::Digest;
-use stowage::store::{
-    BLOB_MODE, DIR_MODE, LockMode, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX,
-    MEDIA_TYPE_OCI_MANIFEST, SOURCE_MANIFEST_ANNOTATION, Store, StoreError,
-};
+use stowage::oci::format::SOURCE_MANIFEST_ANNOTATION;
+use stowage::oci::media;
+use stowage::store::{BLOB_MODE, DIR_MODE, LockMode, Store, StoreError};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -470,11 +469,11 @@ fn a_prune_cannot_start_while_a_pull_holds_the_store() {
     // The pull names what it fetched, then lets go; the prune keeps it.
     let (manifest, size) = put_json(
         &puller,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
                 "config": desc("application/vnd.oci.empty.v1+json", &layer, 3000), "layers": []}),
     );
     puller
-        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &manifest, size)
+        .set_ref("app", media::OCI_MANIFEST, &manifest, size)
         .unwrap();
     drop(pull_lock);
     drop(_other_pull);
@@ -562,18 +561,13 @@ fn apps_named_at_the_same_time_by_two_pulls_are_both_kept() {
             std::thread::spawn(move || {
                 let (digest, size) = put_json(
                     &store,
-                    &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+                    &json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX,
                             "manifests": [], "annotations": {"n": i.to_string()}}),
                 );
                 barrier.wait();
                 for round in 0..5 {
                     store
-                        .set_ref(
-                            &format!("app{i}:r{round}"),
-                            MEDIA_TYPE_OCI_INDEX,
-                            &digest,
-                            size,
-                        )
+                        .set_ref(&format!("app{i}:r{round}"), media::OCI_INDEX, &digest, size)
                         .unwrap();
                 }
             })
@@ -593,27 +587,23 @@ fn refs_name_only_stored_manifests_and_can_be_replaced_and_removed() {
     let missing = Digest::of(b"not here");
 
     let err = store
-        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &missing, 8)
+        .set_ref("app", media::OCI_MANIFEST, &missing, 8)
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
     let err = store
-        .set_ref("../escape", MEDIA_TYPE_OCI_MANIFEST, &v1, s1)
+        .set_ref("../escape", media::OCI_MANIFEST, &v1, s1)
         .unwrap_err();
     assert!(matches!(err, StoreError::InvalidRefName { .. }), "{err}");
     let err = store
-        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v1, s1 + 1)
+        .set_ref("app", media::OCI_MANIFEST, &v1, s1 + 1)
         .unwrap_err();
     assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
 
+    store.set_ref("app", media::OCI_MANIFEST, &v1, s1).unwrap();
     store
-        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v1, s1)
+        .set_ref("other", media::OCI_MANIFEST, &v1, s1)
         .unwrap();
-    store
-        .set_ref("other", MEDIA_TYPE_OCI_MANIFEST, &v1, s1)
-        .unwrap();
-    store
-        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &v2, s2)
-        .unwrap();
+    store.set_ref("app", media::OCI_MANIFEST, &v2, s2).unwrap();
     let refs = store.refs().unwrap();
     assert_eq!(refs.len(), 2);
     assert_eq!(refs[0].name, "app");
@@ -656,14 +646,14 @@ fn populated_store() -> PopulatedStore {
     let layer2 = Digest::of(&content(21, 5000));
     let (manifest, m_size) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
                 "config": desc("application/vnd.oci.image.config.v1+json", &config, config_size),
                 "layers": [desc(layer_type, &layer1, l1), desc(layer_type, &layer2, 5000)]}),
     );
     let (index, i_size) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
-                "manifests": [desc(MEDIA_TYPE_OCI_MANIFEST, &manifest, m_size)]}),
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX,
+                "manifests": [desc(media::OCI_MANIFEST, &manifest, m_size)]}),
     );
 
     // An app: bundle (+ its bundle index), layers-meta, and a layer index.
@@ -673,7 +663,7 @@ fn populated_store() -> PopulatedStore {
     let absent_arm_layer = Digest::of(b"arm64 layer, never fetched");
     let (layer_index, li_size) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX,
                 "layers": [desc(layer_type, &layer1, l1), desc(layer_type, &absent_arm_layer, 9)],
                 "annotations": {"compose-app-layers": "v1"}}),
     );
@@ -687,25 +677,25 @@ fn populated_store() -> PopulatedStore {
     store.put_bytes(&empty, b"{}").unwrap();
     let (app, app_size) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
                 "artifactType": "application/vnd.fio+compose-app",
                 "config": desc("application/vnd.oci.empty.v1+json", &empty, 2),
                 "layers": [bundle_desc, meta_desc],
-                "manifests": [desc(MEDIA_TYPE_OCI_INDEX, &layer_index, li_size)],
+                "manifests": [desc(media::OCI_INDEX, &layer_index, li_size)],
                 "annotations": {"compose-app": "v1"}}),
     );
     store
-        .set_ref("app", MEDIA_TYPE_OCI_MANIFEST, &app, app_size)
+        .set_ref("app", media::OCI_MANIFEST, &app, app_size)
         .unwrap();
     store
-        .set_ref("image", MEDIA_TYPE_OCI_INDEX, &index, i_size)
+        .set_ref("image", media::OCI_INDEX, &index, i_size)
         .unwrap();
 
     // A previous version kept for rollback, reachable only as an extra root.
     let (extra_root_config, xc_size) = put_json(&store, &json!({"architecture": "arm64"}));
     let (extra_root, _) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
                 "config": desc("application/vnd.oci.image.config.v1+json", &extra_root_config, xc_size),
                 "layers": []}),
     );
@@ -811,13 +801,13 @@ fn prune_keeps_the_docker_manifest_an_oci_form_was_made_from() {
     // through an index, which is not stored: the device needs one platform).
     let (served, _) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_DOCKER_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": media::DOCKER_MANIFEST,
                 "config": desc("application/vnd.docker.container.image.v1+json", &config, config_size),
                 "layers": [desc("application/vnd.docker.image.rootfs.diff.tar.gzip", &layer, layer_size)]}),
     );
     let (oci_form, oci_size) = put_json(
         &store,
-        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
                 "config": desc("application/vnd.oci.image.config.v1+json", &config, config_size),
                 "layers": [desc("application/vnd.oci.image.layer.v1.tar+gzip", &layer, layer_size)],
                 "annotations": {SOURCE_MANIFEST_ANNOTATION: served.to_string()}}),
@@ -826,7 +816,7 @@ fn prune_keeps_the_docker_manifest_an_oci_form_was_made_from() {
     store
         .set_ref(
             &format!("registry.local/shop/web@{index_pin}"),
-            MEDIA_TYPE_OCI_MANIFEST,
+            media::OCI_MANIFEST,
             &oci_form,
             oci_size,
         )
@@ -1010,7 +1000,9 @@ fn an_image_stored_through_the_api_is_read_by_skopeo() {
         .unwrap()
         .parse()
         .unwrap();
-    store.import_file(&exported_blob(&config), &config).unwrap();
+    store
+        .put_bytes(&config, &fs::read(exported_blob(&config)).unwrap())
+        .unwrap();
     for layer in manifest["layers"].as_array().unwrap() {
         let digest: Digest = layer["digest"].as_str().unwrap().parse().unwrap();
         let size = layer["size"].as_u64().unwrap();
@@ -1023,7 +1015,7 @@ fn an_image_stored_through_the_api_is_read_by_skopeo() {
         ingest.commit().unwrap();
     }
     store.put_bytes(&manifest_digest, &manifest_bytes).unwrap();
-    let media_type = top["mediaType"].as_str().unwrap_or(MEDIA_TYPE_OCI_MANIFEST);
+    let media_type = top["mediaType"].as_str().unwrap_or(media::OCI_MANIFEST);
     store
         .set_ref(
             "busybox",

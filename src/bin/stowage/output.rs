@@ -757,7 +757,13 @@ pub fn update_event(event: &stowage::update::transaction::UpdateEvent) {
         E::RolledBack { running, error } => {
             format!("ROLLED BACK to {}: {error}", apps_text(running))
         }
-        E::Pruned { report } => format!("pruned: {report}"),
+        E::Pruned { report } => format!(
+            "pruned: {} blobs ({}), {} images ({})",
+            report.blob_store.removed_blobs,
+            human_bytes(report.blob_store.freed_bytes),
+            report.docker.removed_images,
+            human_bytes(report.docker.freed_bytes)
+        ),
         E::NothingToDo { running } => {
             format!("nothing to do: already running {}", apps_text(running))
         }
@@ -782,17 +788,17 @@ pub fn update_outcome(
     json: bool,
 ) -> Result<std::process::ExitCode> {
     use stowage::update::transaction::Outcome;
-    let (result, code, error) = match outcome {
-        Outcome::Committed => ("committed", 0u8, None),
-        Outcome::Unchanged => ("unchanged", 0, None),
-        Outcome::RolledBack(e) => ("rolled_back", 1, Some(e)),
-        Outcome::Failed(e) => match e.downcast::<stowage::plan::DoesNotFit>() {
-            Ok(refused) => {
-                check(&refused.report, json)?;
-                ("refused", 100, Some(anyhow::anyhow!("{refused}")))
-            }
-            Err(e) => ("failed", 1, Some(e)),
-        },
+    let code = outcome.exit_code();
+    let (result, error) = match outcome {
+        Outcome::Committed => ("committed", None),
+        Outcome::Unchanged => ("unchanged", None),
+        Outcome::RolledBack(e) => ("rolled_back", Some(e)),
+        Outcome::Refused(report) => {
+            check(&report, json)?;
+            let refused = stowage::plan::DoesNotFit { report };
+            ("refused", Some(anyhow::anyhow!("{refused}")))
+        }
+        Outcome::Failed(e) => ("failed", Some(e)),
     };
     let message = error.map(|e| format!("{e:#}"));
     if json {

@@ -23,11 +23,8 @@
 //! archive's files (every layer sent, as sent: uncompressed here) on top of the
 //! applied layers; [`load_temp_bytes`] computes it for the space check.
 
-use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -35,14 +32,21 @@ use bollard::query_parameters::{
     ImportImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
     RemoveImageOptionsBuilder,
 };
-use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::Digest;
-use crate::oci::digest::DigestWriter;
 use crate::plan::DockerView;
-use crate::plan::held::{HeldLayers, IMAGES_AT_ONCE};
+use crate::plan::held::HeldLayers;
+
+mod archive;
+mod tags;
+
+pub use archive::{ImageToLoad, LayerSource, LoadOptions, layers_to_send};
+pub use tags::local_tag_for;
+use tags::validate_tag_reference;
+
+use archive::{ArchiveError, image_name, stream_archive, validate_image};
 
 /// Where the engine listens when neither `DOCKER_HOST` nor an explicit host is given.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -50,9 +54,6 @@ pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// Requests other than a load answer quickly; a load may apply gigabytes.
 const API_TIMEOUT: Duration = Duration::from_secs(120);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-
-/// Size of the pieces a layer is read and sent in.
-const CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -150,30 +151,6 @@ pub struct ImageSummary {
     pub repo_tags: Vec<String>,
 }
 
-/// An image to load, as the blob store holds it.
-#[derive(Debug, Clone)]
-pub struct ImageToLoad {
-    pub config: Vec<u8>,
-    pub config_digest: Digest,
-    /// `name:tag` references to give it (digest references cannot be loaded;
-    /// see [`local_tag_for`]).
-    pub repo_tags: Vec<String>,
-    /// In the order of the config's `rootfs.diff_ids`.
-    pub layers: Vec<LayerSource>,
-}
-
-/// One layer blob on disk.
-#[derive(Debug, Clone)]
-pub struct LayerSource {
-    pub diff_id: Digest,
-    pub blob_path: PathBuf,
-    /// Decides how the blob is unpacked: `...gzip`, `...zstd` or a plain `...tar`.
-    pub media_type: String,
-    /// Bytes of the uncompressed tar, when known (stowage's layers-meta has it).
-    /// When unknown the blob is inflated twice: once to count, once to send.
-    pub tar_size: Option<u64>,
-}
-
 /// What a load did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadReport {
@@ -185,73 +162,79 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
-/// How a load spends the machine.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Images loaded at once (independent ones: images that share a layer
-    /// the engine lacks are loaded one after the other).
-    pub images: usize,
-    /// Layers inflated at once, each on its own thread, ahead of the one being sent.
-    pub jobs: usize,
-    /// Bytes each layer's worker may buffer ahead of the sender.
-    pub buffer_bytes: usize,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        LoadOptions {
-            images: IMAGES_AT_ONCE,
-            jobs: cores.clamp(1, 4),
-            buffer_bytes: 4 * 1024 * 1024,
-        }
-    }
-}
-
-/// The layers of an image a load will send: all but the held prefix.
-/// Their `tar_size`s are what [`crate::plan::held::load_temp_bytes`] needs.
-pub fn layers_to_send<'a>(held: &HeldLayers, layers: &'a [LayerSource]) -> &'a [LayerSource] {
-    let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
-    &layers[held.held_prefix_len(&diff_ids)..]
-}
-
 /// What the engine's `GET /_ping` says about itself.
 struct Ping {
     api_version: Option<bollard::ClientVersion>,
     server: Option<String>,
 }
 
-/// Pings the engine at `host` (`unix://` or `tcp://`/`http://`) with one
-/// plain HTTP/1.0 request and reads the `Api-Version` and `Server` headers,
-/// as the docker CLI negotiates: the engine answers a ping at once, while
-/// `GET /version` (bollard's way) costs it about 10 ms of work, which a fit
-/// check pays on every run. `None` when there is no usable answer.
-async fn ping(host: &str) -> Option<Ping> {
+/// One `GET path` to the engine at `host` (`unix://`, or `tcp://`/`http://`)
+/// in plain HTTP/1.0, so the answer is neither chunked nor kept alive, read
+/// up to `cap` bytes within `timeout`. This is the one exchange stowage
+/// writes by hand beside bollard, for the two answers bollard cannot give:
+/// the ping's headers (the API version, without bollard's `GET /version`)
+/// and `GET /system/df` in the engines' older dialect.
+async fn http10_get(
+    host: &str,
+    path: &str,
+    cap: u64,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    const REQUEST: &[u8] = b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n";
     async fn exchange(
         mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        request: &[u8],
+        cap: u64,
     ) -> std::io::Result<Vec<u8>> {
-        stream.write_all(REQUEST).await?;
+        stream.write_all(request).await?;
         let mut answer = Vec::new();
-        stream.take(16 * 1024).read_to_end(&mut answer).await?;
+        stream.take(cap).read_to_end(&mut answer).await?;
         Ok(answer)
     }
+    let request = format!("GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n");
     let answer = async {
         match host.strip_prefix("unix://") {
-            Some(socket) => exchange(tokio::net::UnixStream::connect(socket).await?).await,
+            Some(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                exchange(stream, request.as_bytes(), cap).await
+            }
             None => {
                 let address = host
                     .trim_start_matches("tcp://")
                     .trim_start_matches("http://")
                     .trim_end_matches('/');
-                exchange(tokio::net::TcpStream::connect(address).await?).await
+                let stream = tokio::net::TcpStream::connect(address).await?;
+                exchange(stream, request.as_bytes(), cap).await
             }
         }
     };
-    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+    tokio::time::timeout(timeout, answer)
         .await
-        .ok()?
+        .map_err(|_| "no answer within the timeout".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// The body of a 200 answer, or what the status line said instead.
+fn body_of_200(answer: &[u8]) -> Result<&[u8], String> {
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer has no HTTP header end")?;
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.starts_with("HTTP/1.") || status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("it answered {status_line:?}"));
+    }
+    Ok(&answer[split + 4..])
+}
+
+/// Pings the engine and reads the `Api-Version` and `Server` headers, as the
+/// docker CLI negotiates: the engine answers a ping at once, while
+/// `GET /version` (bollard's way) costs it about 10 ms of work, which a fit
+/// check pays on every run. `None` when there is no usable answer.
+async fn ping(host: &str) -> Option<Ping> {
+    let answer = http10_get(host, "/_ping", 16 * 1024, Duration::from_secs(10))
+        .await
         .ok()?;
     parse_ping(&String::from_utf8_lossy(&answer))
 }
@@ -287,110 +270,6 @@ fn parse_ping(answer: &str) -> Option<Ping> {
         }
     }
     Some(ping)
-}
-
-/// The local `name:tag` under which stowage loads the image a compose file
-/// pins as `NAME@sha256:<hex>`: `NAME:stowage-sha256-<hex>` (79-character tag,
-/// within Docker's 128).
-///
-/// Why: `docker load` only creates `name:tag` references, and an unpatched
-/// engine has no way to record `NAME@sha256:...` without pulling from a
-/// registry, so compose would try to pull a digest-pinned image. stowage
-/// therefore loads each image under this tag and starts the app with an
-/// override file that maps every service to it (see `compose`). The tag keeps
-/// the repository name, so `docker images` says what the image is, and it
-/// carries the whole pinned digest, so the mapping is exact and a tag
-/// starting with `stowage-` marks an image stowage loaded.
-pub fn local_tag_for(pinned: &str) -> Result<String, DockerError> {
-    let invalid = |reason: &str| DockerError::InvalidReference {
-        reference: pinned.to_string(),
-        reason: reason.to_string(),
-    };
-    let (named, digest) = pinned
-        .split_once('@')
-        .ok_or_else(|| invalid("it is not pinned by digest (NAME@sha256:...)"))?;
-    let digest: Digest = digest
-        .parse()
-        .map_err(|_| invalid("its digest is not sha256: followed by 64 lowercase hex digits"))?;
-    // A pinned reference may keep its tag (`repo:v1@sha256:...`); the digest wins.
-    let name = strip_tag(named);
-    validate_repository_name(name).map_err(|reason| invalid(&reason))?;
-    Ok(format!("{name}:stowage-sha256-{}", digest.hex()))
-}
-
-/// `name` without a `:tag` (a `:` before the last `/` is a registry port).
-fn strip_tag(named: &str) -> &str {
-    let last_component = named.rfind('/').map_or(0, |slash| slash + 1);
-    match named[last_component..].rfind(':') {
-        Some(colon) => &named[..last_component + colon],
-        None => named,
-    }
-}
-
-/// Checks a repository name the way the engine will: an optional registry
-/// host (with port) and lowercase path components.
-fn validate_repository_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the repository name is empty".into());
-    }
-    if name.len() > 255 {
-        return Err("the repository name is longer than 255 characters".into());
-    }
-    let mut components: Vec<&str> = name.split('/').collect();
-    let first = components[0];
-    let has_registry = components.len() > 1
-        && (first.contains('.') || first.contains(':') || first == "localhost");
-    if has_registry {
-        let (host, port) = first.split_once(':').unwrap_or((first, ""));
-        let host_ok = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-        let port_ok = port.bytes().all(|b| b.is_ascii_digit());
-        if !host_ok || !port_ok {
-            return Err(format!("{first:?} is not a registry host"));
-        }
-        components.remove(0);
-    }
-    for component in components {
-        let ok = !component.is_empty()
-            && component
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
-            && component.as_bytes()[0].is_ascii_alphanumeric()
-            && component.as_bytes()[component.len() - 1].is_ascii_alphanumeric();
-        if !ok {
-            return Err(format!(
-                "path component {component:?} must be lowercase letters, digits and separators"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a `name:tag` reference that `docker load` accepts.
-fn validate_tag_reference(reference: &str) -> Result<(), String> {
-    if reference.contains('@') {
-        return Err("docker load cannot create digest references; use a name:tag".into());
-    }
-    let last_component = reference.rfind('/').map_or(0, |slash| slash + 1);
-    let colon = reference[last_component..]
-        .rfind(':')
-        .ok_or_else(|| "it has no :tag".to_string())?;
-    let (name, tag) = (
-        &reference[..last_component + colon],
-        &reference[last_component + colon + 1..],
-    );
-    let tag_ok = !tag.is_empty()
-        && tag.len() <= 128
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && (tag.as_bytes()[0].is_ascii_alphanumeric() || tag.as_bytes()[0] == b'_');
-    if !tag_ok {
-        return Err(format!("tag {tag:?} is not a valid Docker tag"));
-    }
-    validate_repository_name(name)
 }
 
 /// What Docker looks like to the plan, asked of `engine`; when it cannot be
@@ -750,44 +629,22 @@ impl DockerEngine {
     ///
     /// bollard models only the newest answer of `GET /system/df`, so this
     /// reads it directly and understands both the 1.41 form (`LayersSize`,
-    /// `Images`) and the newer one (`ImageUsage`). Over TCP, where that raw
-    /// read is not done, the figures come from the image list instead (the
-    /// total then counts shared layers once per image).
+    /// `Images`) and the newer one (`ImageUsage`), over a unix socket or TCP.
     pub async fn image_disk_usage(&self) -> Result<ImageDiskUsage, DockerError> {
-        if let Some(socket) = self.host.strip_prefix("unix://") {
-            let version = self.client.client_version();
-            let path = format!(
-                "/v{}.{}/system/df",
-                version.major_version, version.minor_version
-            );
-            let body =
-                raw_get_unix(socket, &path)
-                    .await
-                    .map_err(|reason| DockerError::BadAnswer {
-                        host: self.host.clone(),
-                        action: format!("GET {path}"),
-                        reason,
-                    })?;
-            return parse_system_df(&body).map_err(|reason| DockerError::BadAnswer {
-                host: self.host.clone(),
-                action: format!("GET {path}"),
-                reason,
-            });
-        }
-        let images = self.list_images().await?;
-        Ok(ImageDiskUsage {
-            total_bytes: images.iter().map(|i| i.size).sum(),
-            images: images
-                .into_iter()
-                .map(|i| ImageUsage {
-                    id: i.id,
-                    repo_tags: i.repo_tags,
-                    size: i.size,
-                    shared_size: None,
-                    containers: None,
-                })
-                .collect(),
-        })
+        let version = self.client.client_version();
+        let path = format!(
+            "/v{}.{}/system/df",
+            version.major_version, version.minor_version
+        );
+        let bad = |reason| DockerError::BadAnswer {
+            host: self.host.clone(),
+            action: format!("GET {path}"),
+            reason,
+        };
+        let answer = http10_get(&self.host, &path, 64 * 1024 * 1024, API_TIMEOUT)
+            .await
+            .map_err(bad)?;
+        parse_system_df(body_of_200(&answer).map_err(bad)?).map_err(bad)
     }
 
     /// Loads one image, with default [`LoadOptions`].
@@ -825,25 +682,7 @@ impl DockerEngine {
     ) -> Result<LoadReport, DockerError> {
         let started = Instant::now();
         let name = image_name(image);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-        let producer = {
-            let image = image.clone();
-            let options = options.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut sink = ChannelSink { tx, sent: 0 };
-                let result = write_archive(&image, skip, &options, &mut sink);
-                if let Err(ArchiveError::Layer(e)) = &result {
-                    // Breaks the request body so the engine discards the partial archive.
-                    let _ = sink
-                        .tx
-                        .blocking_send(Err(std::io::Error::other(e.to_string())));
-                }
-                result.map(|()| sink.sent)
-            })
-        };
-        let body = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
+        let (body, producer) = stream_archive(image, skip, options);
         let client = self.client.clone().with_timeout(LOAD_TIMEOUT);
         let mut responses = client.import_image_stream(
             ImportImageOptionsBuilder::default().quiet(true).build(),
@@ -985,35 +824,6 @@ fn parse_system_df(body: &[u8]) -> Result<ImageDiskUsage, String> {
     })
 }
 
-/// `GET path` over a unix socket with HTTP/1.0, so the answer is neither
-/// chunked nor kept alive; returns the body of a 200.
-async fn raw_get_unix(socket: &str, path: &str) -> Result<Vec<u8>, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("cannot connect to {socket}: {e}"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(API_TIMEOUT, stream.read_to_end(&mut answer))
-        .await
-        .map_err(|_| "no answer within the timeout".to_string())?
-        .map_err(|e| e.to_string())?;
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer has no HTTP header end")?;
-    let status_line = String::from_utf8_lossy(&answer[..split]);
-    let status_line = status_line.lines().next().unwrap_or_default().to_string();
-    if status_line.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("it answered {status_line:?}"));
-    }
-    Ok(answer[split + 4..].to_vec())
-}
-
 fn container_name(names: Option<&[String]>, id: Option<&str>) -> String {
     names
         .and_then(|names| names.first())
@@ -1048,403 +858,9 @@ pub(crate) fn is_not_found(error: &bollard::errors::Error) -> bool {
     )
 }
 
-fn image_name(image: &ImageToLoad) -> String {
-    image
-        .repo_tags
-        .first()
-        .cloned()
-        .unwrap_or_else(|| image.config_digest.to_string())
-}
-
-/// Refuses, before anything is sent, an image the engine would refuse or
-/// that does not match what the caller claims.
-fn validate_image(image: &ImageToLoad) -> Result<(), DockerError> {
-    let name = image_name(image);
-    let invalid = |reason: String| DockerError::InvalidImage {
-        image: name.clone(),
-        reason,
-    };
-    let actual = Digest::of(&image.config);
-    if actual != image.config_digest {
-        return Err(invalid(format!(
-            "its config hashes to {actual}, not {}",
-            image.config_digest
-        )));
-    }
-    #[derive(Deserialize)]
-    struct Config {
-        rootfs: RootFs,
-    }
-    #[derive(Deserialize)]
-    struct RootFs {
-        diff_ids: Vec<Digest>,
-    }
-    let config: Config = serde_json::from_slice(&image.config)
-        .map_err(|e| invalid(format!("its config is not an image config: {e}")))?;
-    let given: Vec<&Digest> = image.layers.iter().map(|l| &l.diff_id).collect();
-    if config.rootfs.diff_ids.iter().collect::<Vec<_>>() != given {
-        return Err(invalid(format!(
-            "its config lists {} layer diff_ids that differ from the {} layers given",
-            config.rootfs.diff_ids.len(),
-            given.len()
-        )));
-    }
-    for tag in &image.repo_tags {
-        validate_tag_reference(tag).map_err(|reason| invalid(format!("tag {tag:?}: {reason}")))?;
-    }
-    for layer in &image.layers {
-        Decompression::for_media_type(&layer.media_type).ok_or_else(|| {
-            DockerError::UnsupportedMediaType {
-                diff_id: layer.diff_id.clone(),
-                media_type: layer.media_type.clone(),
-            }
-        })?;
-    }
-    Ok(())
-}
-
-// ---- The archive, built on the fly ----
-
-enum ArchiveError {
-    /// The engine stopped reading (it refused the archive or went away).
-    Closed,
-    /// A layer could not be read or failed its checks.
-    Layer(DockerError),
-}
-
-struct ChannelSink {
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    sent: u64,
-}
-
-impl ChannelSink {
-    fn send(&mut self, bytes: Bytes) -> Result<(), ArchiveError> {
-        self.sent += bytes.len() as u64;
-        self.tx
-            .blocking_send(Ok(bytes))
-            .map_err(|_| ArchiveError::Closed)
-    }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct ManifestItem<'a> {
-    config: String,
-    repo_tags: &'a [String],
-    layers: Vec<String>,
-}
-
-use serde::Serialize;
-
-fn tar_header(path: &str, size: u64, directory: bool) -> [u8; 512] {
-    let mut header = tar::Header::new_ustar();
-    // Paths here are at most 64 hex digits plus "/layer.tar": they always fit.
-    let _ = header.set_path(path);
-    header.set_size(size);
-    header.set_mode(if directory { 0o755 } else { 0o644 });
-    header.set_entry_type(if directory {
-        tar::EntryType::Directory
-    } else {
-        tar::EntryType::Regular
-    });
-    header.set_mtime(0);
-    header.set_cksum();
-    let mut block = [0u8; 512];
-    block.copy_from_slice(header.as_bytes());
-    block
-}
-
-fn padding(size: u64) -> usize {
-    ((512 - size % 512) % 512) as usize
-}
-
-fn write_file_entry(sink: &mut ChannelSink, path: &str, bytes: &[u8]) -> Result<(), ArchiveError> {
-    let mut entry = Vec::with_capacity(512 + bytes.len() + 512);
-    entry.extend_from_slice(&tar_header(path, bytes.len() as u64, false));
-    entry.extend_from_slice(bytes);
-    entry.resize(entry.len() + padding(bytes.len() as u64), 0);
-    sink.send(Bytes::from(entry))
-}
-
-/// Writes `manifest.json`, the config, then `<diff_id hex>/layer.tar` for
-/// every layer after the first `skip`, in order. The manifest still lists the
-/// skipped layers: the engine finds their chain and never opens their files.
-fn write_archive(
-    image: &ImageToLoad,
-    skip: usize,
-    options: &LoadOptions,
-    sink: &mut ChannelSink,
-) -> Result<(), ArchiveError> {
-    let config_name = format!("{}.json", image.config_digest.hex());
-    let manifest = [ManifestItem {
-        config: config_name.clone(),
-        repo_tags: &image.repo_tags,
-        layers: image
-            .layers
-            .iter()
-            .map(|l| format!("{}/layer.tar", l.diff_id.hex()))
-            .collect(),
-    }];
-    let manifest = serde_json::to_vec(&manifest).map_err(|e| {
-        ArchiveError::Layer(DockerError::InvalidImage {
-            image: image_name(image),
-            reason: e.to_string(),
-        })
-    })?;
-    write_file_entry(sink, "manifest.json", &manifest)?;
-    write_file_entry(sink, &config_name, &image.config)?;
-
-    let mut inflaters = Inflaters::new(image.layers[skip..].to_vec(), options);
-    while let Some((layer, pieces)) = inflaters.next() {
-        let hex = layer.diff_id.hex().to_string();
-        sink.send(Bytes::copy_from_slice(&tar_header(
-            &format!("{hex}/"),
-            0,
-            true,
-        )))?;
-        let size = match pieces.recv() {
-            Ok(Piece::Size(size)) => size,
-            Ok(Piece::Failed(e)) => return Err(ArchiveError::Layer(e)),
-            _ => return Err(inflater_vanished(&layer)),
-        };
-        sink.send(Bytes::copy_from_slice(&tar_header(
-            &format!("{hex}/layer.tar"),
-            size,
-            false,
-        )))?;
-        loop {
-            match pieces.recv() {
-                Ok(Piece::Data(bytes)) => sink.send(bytes)?,
-                Ok(Piece::Done) => break,
-                Ok(Piece::Failed(e)) => return Err(ArchiveError::Layer(e)),
-                Ok(Piece::Size(_)) | Err(_) => return Err(inflater_vanished(&layer)),
-            }
-        }
-        let pad = padding(size);
-        if pad > 0 {
-            sink.send(Bytes::from(vec![0u8; pad]))?;
-        }
-    }
-    // The end of a tar: two zero blocks.
-    sink.send(Bytes::from(vec![0u8; 1024]))
-}
-
-fn inflater_vanished(layer: &LayerSource) -> ArchiveError {
-    ArchiveError::Layer(DockerError::LayerRead {
-        diff_id: layer.diff_id.clone(),
-        path: layer.blob_path.clone(),
-        source: std::io::Error::other("the thread inflating it stopped unexpectedly"),
-    })
-}
-
-enum Piece {
-    Size(u64),
-    Data(Bytes),
-    Done,
-    Failed(DockerError),
-}
-
-/// Inflates up to `jobs` layers at once, each on its own thread, each into a
-/// bounded buffer; the archive writer takes them in order.
-struct Inflaters {
-    pending: VecDeque<LayerSource>,
-    running: VecDeque<(LayerSource, mpsc::Receiver<Piece>)>,
-    jobs: usize,
-    buffer_chunks: usize,
-}
-
-impl Inflaters {
-    fn new(layers: Vec<LayerSource>, options: &LoadOptions) -> Inflaters {
-        let mut inflaters = Inflaters {
-            pending: layers.into(),
-            running: VecDeque::new(),
-            jobs: options.jobs.max(1),
-            buffer_chunks: (options.buffer_bytes / CHUNK).max(1),
-        };
-        inflaters.fill();
-        inflaters
-    }
-
-    fn fill(&mut self) {
-        while self.running.len() < self.jobs {
-            let Some(layer) = self.pending.pop_front() else {
-                return;
-            };
-            let (tx, rx) = mpsc::sync_channel(self.buffer_chunks);
-            let work = layer.clone();
-            std::thread::spawn(move || inflate_layer(&work, &tx));
-            self.running.push_back((layer, rx));
-        }
-    }
-
-    fn next(&mut self) -> Option<(LayerSource, mpsc::Receiver<Piece>)> {
-        let next = self.running.pop_front();
-        self.fill();
-        next
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decompression {
-    Gzip,
-    Zstd,
-    None,
-}
-
-impl Decompression {
-    fn for_media_type(media_type: &str) -> Option<Decompression> {
-        if media_type.ends_with("gzip") {
-            Some(Decompression::Gzip)
-        } else if media_type.ends_with("zstd") {
-            Some(Decompression::Zstd)
-        } else if media_type.ends_with(".tar") {
-            Some(Decompression::None)
-        } else {
-            None
-        }
-    }
-}
-
-fn open_layer(layer: &LayerSource) -> Result<Box<dyn Read>, DockerError> {
-    let read_error = |source| DockerError::LayerRead {
-        diff_id: layer.diff_id.clone(),
-        path: layer.blob_path.clone(),
-        source,
-    };
-    let file = BufReader::with_capacity(CHUNK, File::open(&layer.blob_path).map_err(read_error)?);
-    Ok(
-        match Decompression::for_media_type(&layer.media_type).ok_or_else(|| {
-            DockerError::UnsupportedMediaType {
-                diff_id: layer.diff_id.clone(),
-                media_type: layer.media_type.clone(),
-            }
-        })? {
-            Decompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
-            Decompression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(read_error)?)
-            }
-            Decompression::None => Box::new(file),
-        },
-    )
-}
-
-/// Reads the layer's uncompressed bytes, hashing them, and hands them on.
-/// Returns the size and digest of everything read.
-fn read_layer(
-    layer: &LayerSource,
-    limit: Option<u64>,
-    mut forward: impl FnMut(Bytes) -> bool,
-) -> Result<Option<(u64, Digest)>, DockerError> {
-    let read_error = |source| DockerError::LayerRead {
-        diff_id: layer.diff_id.clone(),
-        path: layer.blob_path.clone(),
-        source,
-    };
-    let mut reader = open_layer(layer)?;
-    let mut hasher = DigestWriter::new();
-    loop {
-        let mut buffer = vec![0u8; CHUNK];
-        let mut filled = 0;
-        // Fill whole chunks: decoders return small reads.
-        while filled < CHUNK {
-            let n = match reader.read(&mut buffer[filled..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(read_error(e)),
-            };
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            break;
-        }
-        buffer.truncate(filled);
-        hasher.update(&buffer);
-        if let Some(limit) = limit
-            && hasher.len() > limit
-        {
-            return Err(DockerError::LayerSizeMismatch {
-                diff_id: layer.diff_id.clone(),
-                path: layer.blob_path.clone(),
-                expected: limit,
-                actual: hasher.len(),
-            });
-        }
-        if !forward(Bytes::from(buffer)) {
-            return Ok(None);
-        }
-    }
-    let size = hasher.len();
-    Ok(Some((size, hasher.finish())))
-}
-
-fn check_layer(
-    layer: &LayerSource,
-    expected_size: Option<u64>,
-    size: u64,
-    digest: Digest,
-) -> Result<(), DockerError> {
-    if let Some(expected) = expected_size
-        && size != expected
-    {
-        return Err(DockerError::LayerSizeMismatch {
-            diff_id: layer.diff_id.clone(),
-            path: layer.blob_path.clone(),
-            expected,
-            actual: size,
-        });
-    }
-    if digest != layer.diff_id {
-        return Err(DockerError::LayerDigestMismatch {
-            diff_id: layer.diff_id.clone(),
-            path: layer.blob_path.clone(),
-            actual: digest,
-        });
-    }
-    Ok(())
-}
-
-fn inflate_layer(layer: &LayerSource, tx: &mpsc::SyncSender<Piece>) {
-    let result = (|| -> Result<bool, DockerError> {
-        let size = match layer.tar_size {
-            Some(size) => size,
-            None => {
-                // A tar entry needs its size up front: count by inflating once.
-                let Some((size, digest)) = read_layer(layer, None, |_| true)? else {
-                    return Ok(false);
-                };
-                check_layer(layer, None, size, digest)?;
-                size
-            }
-        };
-        if tx.send(Piece::Size(size)).is_err() {
-            return Ok(false);
-        }
-        let Some((read, digest)) = read_layer(layer, Some(size), |bytes| {
-            tx.send(Piece::Data(bytes)).is_ok()
-        })?
-        else {
-            return Ok(false);
-        };
-        check_layer(layer, Some(size), read, digest)?;
-        Ok(true)
-    })();
-    let _ = match result {
-        Ok(true) => tx.send(Piece::Done),
-        Ok(false) => Ok(()),
-        Err(e) => tx.send(Piece::Failed(e)),
-    };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn digest(n: u8) -> Digest {
-        Digest::of(&[n])
-    }
 
     #[test]
     fn a_ping_answer_gives_the_api_version_and_the_server() {
@@ -1458,63 +874,6 @@ mod tests {
         assert!(parse_ping("HTTP/1.0 404 Not Found\r\n\r\n").is_none());
         assert!(parse_ping("SSH-2.0-OpenSSH_9.2\r\n").is_none());
         assert!(parse_ping("HTTP/1.0 200 OK\r\nApi-Version: one\r\n\r\n").is_none());
-    }
-
-    #[test]
-    fn local_tag_keeps_the_repository_and_the_whole_digest() {
-        let hex = "a".repeat(64);
-        assert_eq!(
-            local_tag_for(&format!("registry.local:5000/team/app@sha256:{hex}")).unwrap(),
-            format!("registry.local:5000/team/app:stowage-sha256-{hex}")
-        );
-        assert_eq!(
-            local_tag_for(&format!("registry.local:5000/app:v3@sha256:{hex}")).unwrap(),
-            format!("registry.local:5000/app:stowage-sha256-{hex}")
-        );
-        let tag = local_tag_for(&format!("app@sha256:{hex}")).unwrap();
-        assert!(validate_tag_reference(&tag).is_ok());
-    }
-
-    #[test]
-    fn local_tag_refuses_what_is_not_pinned() {
-        for bad in [
-            "registry.local/app:v3",
-            "registry.local/app@sha256:abc",
-            "Registry.local/App@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-            "@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-        ] {
-            assert!(local_tag_for(bad).is_err(), "{bad:?} was accepted");
-        }
-    }
-
-    #[test]
-    fn tag_references_are_checked_like_the_engine() {
-        assert!(validate_tag_reference("localhost:5000/a/b:v1").is_ok());
-        assert!(validate_tag_reference("localhost:5000/a/b").is_err());
-        assert!(validate_tag_reference("a/b:").is_err());
-        assert!(validate_tag_reference(&format!("a:{}", "x".repeat(129))).is_err());
-        assert!(validate_tag_reference("a@sha256:00:x").is_err());
-    }
-
-    #[test]
-    fn media_types_pick_the_decompressor() {
-        use Decompression::*;
-        for (media_type, expected) in [
-            (
-                "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                Some(Gzip),
-            ),
-            ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Gzip)),
-            ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Zstd)),
-            ("application/vnd.oci.image.layer.v1.tar", Some(None)),
-            ("application/vnd.oci.image.layer.v1.tar+bzip2", Option::None),
-        ] {
-            assert_eq!(
-                Decompression::for_media_type(media_type),
-                expected,
-                "{media_type}"
-            );
-        }
     }
 
     #[test]
@@ -1535,86 +894,5 @@ mod tests {
         assert_eq!(usage.total_bytes, 5);
         assert!(usage.images[0].repo_tags.is_empty());
         assert!(parse_system_df(b"{}").is_err());
-    }
-
-    fn layer_file(dir: &Path, name: &str, bytes: &[u8], media_type: &str) -> LayerSource {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        LayerSource {
-            diff_id: digest(0),
-            blob_path: path,
-            media_type: media_type.to_string(),
-            tar_size: None,
-        }
-    }
-
-    #[test]
-    fn a_gzip_layer_is_inflated_and_verified_against_its_diff_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &plain).unwrap();
-        let mut layer = layer_file(
-            dir.path(),
-            "l.gz",
-            &gz.finish().unwrap(),
-            "application/vnd.oci.image.layer.v1.tar+gzip",
-        );
-        layer.diff_id = Digest::of(&plain);
-
-        let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, &tx);
-        let mut received = Vec::new();
-        let mut size = 0;
-        for piece in rx.try_iter() {
-            match piece {
-                Piece::Size(s) => size = s,
-                Piece::Data(b) => received.extend_from_slice(&b),
-                Piece::Done => break,
-                Piece::Failed(e) => panic!("{e}"),
-            }
-        }
-        assert_eq!(size, plain.len() as u64);
-        assert_eq!(received, plain);
-
-        // The same blob claimed as another diff_id fails, naming both digests.
-        layer.diff_id = digest(7);
-        let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, &tx);
-        let failure = rx.try_iter().find_map(|p| match p {
-            Piece::Failed(e) => Some(e),
-            _ => Option::None,
-        });
-        assert!(matches!(
-            failure,
-            Some(DockerError::LayerDigestMismatch { .. })
-        ));
-    }
-
-    #[test]
-    fn a_declared_tar_size_that_is_wrong_fails_the_layer() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = vec![5u8; 10_000];
-        let mut zst = zstd::stream::encode_all(&plain[..], 1).unwrap();
-        let mut layer = layer_file(
-            dir.path(),
-            "l.zst",
-            &std::mem::take(&mut zst),
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-        );
-        layer.diff_id = Digest::of(&plain);
-        for wrong in [9_999u64, 10_001] {
-            layer.tar_size = Some(wrong);
-            let (tx, rx) = mpsc::sync_channel(100);
-            inflate_layer(&layer, &tx);
-            let failure = rx.try_iter().find_map(|p| match p {
-                Piece::Failed(e) => Some(e),
-                _ => Option::None,
-            });
-            assert!(
-                matches!(failure, Some(DockerError::LayerSizeMismatch { expected, .. }) if expected == wrong),
-                "declared {wrong}"
-            );
-        }
     }
 }

@@ -199,6 +199,13 @@ pub struct AppsLock {
     _file: File,
 }
 
+/// [`lock_apps`] for async code: the wait happens on a blocking thread,
+/// never on a runtime worker.
+pub async fn lock_apps_async(root: &Path, timeout: Duration) -> Result<AppsLock, InstalledError> {
+    let root = root.to_path_buf();
+    crate::fsutil::blocking(move || lock_apps(&root, timeout)).await
+}
+
 /// Takes the apps lock exclusively, waiting up to `timeout`.
 pub fn lock_apps(root: &Path, timeout: Duration) -> Result<AppsLock, InstalledError> {
     let path = root.join("apps.lock");

@@ -1,0 +1,341 @@
+//! The command line's flags, parsed in one place: each verb's arguments and
+//! their conversion into the library's command options (`stowage::commands`).
+//! Environment variables are clap `env` arguments, so `--help` shows them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use stowage::commands::{FitOptions, GlobalOptions, JOBS};
+use stowage::engine::run::Selection;
+
+/// Downloads at once, by default.
+const DEFAULT_JOBS: usize = stowage::commands::DEFAULT_JOBS;
+
+pub fn jobs_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(*JOBS.start() as u64..=*JOBS.end() as u64)
+}
+
+#[derive(Parser)]
+#[command(
+    name = "stowage",
+    version,
+    about = "Storage-aware over-the-air updates of Docker Compose apps",
+    long_about = "stowage publishes Docker Compose apps to OCI registries with the layer \
+metadata a device needs, and on the device refuses before downloading any byte an update \
+that does not fit, then pulls, installs, runs and prunes it without ever filling the disk."
+)]
+pub struct Cli {
+    /// Where stowage keeps its blob store and apps [default: /var/lib/stowage]
+    #[arg(long, global = true, value_name = "DIR", env = "STOWAGE_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Talk plain HTTP to this registry (repeatable; the variable is comma separated)
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        value_name = "HOST[:PORT]",
+        env = "STOWAGE_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registry: Vec<String>,
+    /// Trust the CA certificates in this PEM file for HTTPS registries
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Config file whose keys mirror these flags [default: /etc/stowage/config.toml]
+    #[arg(long, global = true, value_name = "FILE", env = "STOWAGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output: one JSON document, or JSON lines for progress
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More detail in logs (-v, -vv)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Publish a compose project as an app: pin images, analyse layers, push
+    Publish(PublishArgs),
+    /// Show an app in a registry: services, images, download size, disk usage
+    Inspect(InspectArgs),
+    /// Plan an update and say, per volume, whether it fits (exit 100 when not)
+    Check(CheckArgs),
+    /// Check, then download the apps' missing blobs into the store
+    Pull(PullArgs),
+    /// List the apps in the store
+    Ls,
+    /// Forget an app (its blobs go at the next prune)
+    Rm(RmArgs),
+    /// Remove every blob and partial download no stored app needs
+    Prune(PruneArgs),
+    /// Verify every stored blob and every installed app (--repair reloads lost images)
+    Fsck(FsckArgs),
+    /// Load a stored app's images into Docker and extract its bundle (no network)
+    Install(InstallArgs),
+    /// Install when needed, then start apps with compose (up -d --remove-orphans)
+    Run(RunArgs),
+    /// Stop apps (compose down); their images stay
+    Stop(StopArgs),
+    /// Show each installed app's services and their state
+    Ps(DockerArgs),
+    /// Disk used per app and per store, and free space per volume
+    Df(DfArgs),
+    /// Take the device to exactly these apps in one transaction, rolling back on failure
+    Update(UpdateArgs),
+    /// Poll a target and apply it with the update transaction (a daemon)
+    Agent(AgentArgs),
+    /// Show what the agent last did
+    Status,
+    /// Write stored apps and all their blobs into DIR for an offline update (oci:DIR)
+    Export(ExportArgs),
+    /// Targets: the set of apps a device should run
+    #[command(subcommand)]
+    Target(TargetCommand),
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Blobs downloaded at once (1-64)
+    #[arg(long, value_name = "N", value_parser = jobs_parser())]
+    pub jobs: Option<usize>,
+    /// Seconds the new apps have to be running and healthy
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub verify_timeout: u64,
+    /// Every app the device should run (REGISTRY/REPO:TAG or @sha256:...); running apps not named are stopped
+    #[arg(value_name = "REF", required = true)]
+    pub apps: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The device architecture [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
+    /// Stored apps (names, references or digests), then the directory to
+    /// write (a stowage store; apply it with `stowage update oci:DIR`)
+    #[arg(value_name = "NAME|REF... DIR", required = true, num_args = 2..)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// The target to follow: REGISTRY/REPO:TAG
+    #[arg(long, value_name = "REF")]
+    pub target: String,
+    /// Time between polls, e.g. 30s, 5m, 1h
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub interval: String,
+    /// Seconds the new apps have to be running and healthy
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub verify_timeout: u64,
+    /// Poll once and exit (the exit code says how it went)
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Subcommand)]
+pub enum TargetCommand {
+    /// Publish a target naming the apps (pinned by digest) at REGISTRY/REPO:TAG
+    Publish {
+        #[arg(value_name = "REGISTRY/REPO:TAG")]
+        at: String,
+        #[arg(value_name = "APP_REF", required = true)]
+        apps: Vec<String>,
+    },
+    /// Show a target's apps
+    Show {
+        #[arg(value_name = "REF")]
+        at: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct DockerArgs {
+    /// The Docker engine [default: DOCKER_HOST or the local socket]
+    #[arg(long, value_name = "URL")]
+    pub docker_host: Option<String>,
+}
+
+#[derive(Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// A stored app: its name, reference or digest
+    #[arg(value_name = "NAME|REF")]
+    pub app: String,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Every installed app
+    #[arg(long, conflicts_with = "apps")]
+    pub all: bool,
+    /// Stored apps: names, references or digests
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    pub apps: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub docker: DockerArgs,
+    /// Every installed app
+    #[arg(long, conflicts_with = "apps")]
+    pub all: bool,
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    pub apps: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct DfArgs {
+    #[command(flatten)]
+    pub docker: DockerArgs,
+    /// The device architecture [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct FitArgs {
+    /// An update may fill each volume up to this percentage (20-99) [default: 80]
+    #[arg(
+        long,
+        value_name = "PCT",
+        env = "STOWAGE_WATERMARK",
+        value_parser = clap::value_parser!(u8).range(20..=99)
+    )]
+    pub watermark: Option<u8>,
+    /// Bytes always kept free on each volume, e.g. 512M [default: 0]
+    #[arg(long, value_name = "SIZE")]
+    pub reserve: Option<String>,
+    /// The device architecture (amd64, arm64, arm/v7) [default: from the kernel]
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
+    /// The Docker engine to ask what it holds [default: DOCKER_HOST or the local socket]
+    #[arg(long, value_name = "URL")]
+    pub docker_host: Option<String>,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// The apps: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "REF", required = true)]
+    pub apps: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Blobs downloaded at once (1-64)
+    #[arg(long, value_name = "N", value_parser = jobs_parser())]
+    pub jobs: Option<usize>,
+    #[arg(value_name = "REF", required = true)]
+    pub apps: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub docker: DockerArgs,
+    /// An app name (all its versions), reference or digest
+    #[arg(value_name = "NAME|REF")]
+    pub app: String,
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    /// Say what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub docker: DockerArgs,
+}
+
+#[derive(Args)]
+pub struct FsckArgs {
+    /// Check sizes only, do not hash
+    #[arg(long)]
+    pub quick: bool,
+    /// Reload from the blob store the images of installed apps that Docker lost
+    #[arg(long)]
+    pub repair: bool,
+    #[command(flatten)]
+    pub fit: FitArgs,
+}
+
+#[derive(Args)]
+pub struct PublishArgs {
+    /// The compose file (default: docker-compose.yml, compose.yml or compose.yaml in the app directory)
+    #[arg(short = 'f', long = "file", value_name = "COMPOSE_FILE")]
+    pub file: Option<PathBuf>,
+    /// The app directory
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Architectures to publish, comma separated (default: all that every image provides)
+    #[arg(long, value_delimiter = ',', value_name = "ARCH,...")]
+    pub arch: Vec<String>,
+    /// A YAML or JSON map of image name to digest, used instead of asking registries
+    #[arg(long, value_name = "FILE")]
+    pub pinned_images: Option<PathBuf>,
+    /// Show what would be pushed, push nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Layers downloaded and analysed at once (1-64)
+    #[arg(long, default_value_t = DEFAULT_JOBS, value_name = "N", value_parser = jobs_parser())]
+    pub jobs: usize,
+    /// Where analysed layers are cached [default: ~/.cache/stowage]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Where to push the app
+    #[arg(value_name = "REGISTRY/REPO:TAG")]
+    pub target: String,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The app: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "REF")]
+    pub app: String,
+}
+
+impl Cli {
+    pub fn globals(&self) -> GlobalOptions {
+        GlobalOptions {
+            root: self.root.clone(),
+            insecure_registries: self.insecure_registry.clone(),
+            ca_file: self.ca_file.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl From<FitArgs> for FitOptions {
+    fn from(args: FitArgs) -> FitOptions {
+        FitOptions {
+            watermark: args.watermark,
+            reserve: args.reserve,
+            arch: args.arch,
+            docker_host: args.docker_host,
+        }
+    }
+}
+
+/// `--all`, or the apps named.
+pub fn selection(all: bool, apps: Vec<String>) -> Selection {
+    if all {
+        Selection::All
+    } else {
+        Selection::Named(apps)
+    }
+}

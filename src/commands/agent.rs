@@ -1,0 +1,45 @@
+//! `stowage agent --target REF [--interval D] [--once]`: poll a target and
+//! apply it with the update transaction (see [`crate::update::agent`]).
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{Context, FitOptions};
+use crate::progress::Progress;
+use crate::update::agent::{AgentOptions as Agent, AgentStatus, run_agent};
+use crate::update::transaction::{UpdateEvent, UpdateOptions, lock_updates};
+
+pub struct AgentOptions {
+    pub target: String,
+    pub interval: Duration,
+    pub verify_timeout: Duration,
+    pub once: bool,
+    pub fit: FitOptions,
+}
+
+impl AgentOptions {
+    /// Runs until killed, or after one poll with `once`; the status says how
+    /// the last poll went (its `last_result` gives the exit code).
+    pub async fn run(
+        self,
+        ctx: &Context,
+        progress: &dyn Progress,
+        events: &(dyn Fn(&UpdateEvent) + Send + Sync),
+    ) -> Result<AgentStatus> {
+        let client = ctx.registry_client()?;
+        let device = ctx
+            .live_device(&self.fit, &client, progress, None, events)
+            .await?;
+        let options = Agent {
+            target: self.target.parse()?,
+            interval: self.interval,
+            update: UpdateOptions {
+                verify_timeout: self.verify_timeout,
+            },
+            once: self.once,
+        };
+        let _lock = lock_updates(&ctx.root)?;
+        run_agent(&device, &client, &ctx.root, &options).await
+    }
+}

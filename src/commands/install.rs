@@ -1,0 +1,23 @@
+//! `stowage install NAME|REF`: load a stored app's images into Docker and
+//! extract its bundle, with no network. Refused for space: the error is a
+//! [`crate::plan::DoesNotFit`].
+
+use anyhow::Result;
+
+use super::{Context, FitOptions};
+use crate::engine::install::{InstallReport, install};
+use crate::progress::Progress;
+
+pub struct InstallOptions {
+    pub app: String,
+    pub fit: FitOptions,
+}
+
+impl InstallOptions {
+    pub async fn run(self, ctx: &Context, progress: &dyn Progress) -> Result<InstallReport> {
+        let store = ctx.store()?;
+        let engine = ctx.engine(self.fit.docker_host.as_deref()).await?;
+        let options = ctx.install_options(&self.fit)?;
+        install(ctx.device(&store, &engine), &self.app, &options, progress).await
+    }
+}
