@@ -57,9 +57,11 @@ impl Sandbox {
     }
 
     /// Points `cmd`'s home, caches, Docker config and stowage settings at
-    /// this sandbox, removing the environment's `STOWAGE_*` settings.
+    /// this sandbox, removing the environment's `STOWAGE_*` settings (the
+    /// command's `--config` wins over `STOWAGE_CONFIG` anyway).
     pub fn isolate(&self, cmd: &mut Command) {
         for var in [
+            "STOWAGE_CONFIG",
             "STOWAGE_ROOT",
             "STOWAGE_INSECURE_REGISTRIES",
             "STOWAGE_WATERMARK",
