@@ -37,6 +37,7 @@ pub use volumes::{FsStats, LoopVolume, TmpfsVolume, fs_stats};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -66,6 +67,8 @@ pub fn stowage_with_config(config: &Path) -> Command {
 
 /// A name no other test (in this process or another) uses at the same time: lowercase,
 /// valid as a repository path component, an image tag, a compose project and app name.
+/// It carries the run's mark (`STOWAGE_TEST_RUN`, set by `.ci/run`), so that whatever
+/// a run leaves on the machine can be told from another's.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -85,10 +88,29 @@ pub fn unique(prefix: &str) -> String {
         })
         .collect();
     format!(
-        "{prefix}-{:x}-{n}-{:x}",
+        "{prefix}-{}{:x}-{n}-{:x}",
+        run_mark(),
         std::process::id(),
         (nanos >> 10) & 0xffff
     )
+}
+
+/// `STOWAGE_TEST_RUN` (up to 8 lowercase letters and digits) and a dash, or nothing.
+fn run_mark() -> &'static str {
+    static MARK: OnceLock<String> = OnceLock::new();
+    MARK.get_or_init(|| {
+        let mark: String = std::env::var("STOWAGE_TEST_RUN")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            .take(8)
+            .collect();
+        if mark.is_empty() {
+            mark
+        } else {
+            format!("{mark}-")
+        }
+    })
 }
 
 /// `sha256:<hex>` of `bytes`, the form registries use.
