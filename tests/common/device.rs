@@ -1,7 +1,7 @@
-//! What the device-side tests (`pull.rs`, `pull_hostile.rs`, `pull_kill.rs`)
-//! share: an app built from locally made images and published with
-//! `stowage publish`, a `stowage` command aimed at one device root, and
-//! looks into the store's files. Included with `#[path]` beside `mod common;`.
+//! What the device-side tests (`it::pull`, `it::pull_hostile`,
+//! `torture::pull_kill`) share: an app built from locally made images and
+//! published with `stowage publish`, a `stowage` command aimed at one device
+//! root, and looks into the store's files.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

@@ -1,4 +1,6 @@
-//! The shared test harness: every integration test file uses it with `mod common;`.
+//! The one test harness of the two test binaries, `tests/it` (the main suite, a module
+//! per area) and `tests/torture` (kill loops, run as a CI step of its own); each
+//! includes it as `#[path = "../common/mod.rs"] mod common;`.
 //!
 //! It starts REAL services on loopback (a `docker-registry` per test, a private
 //! `dockerd` when a test needs its own data root), builds test images locally (no
@@ -9,7 +11,9 @@
 //! across test binaries (unique names, temp dirs, free ports); every service it starts is
 //! stopped by pid and every mount undone when its handle drops. A helper that cannot do
 //! its job panics with the command, its exit status and its stderr, so a failing test
-//! says why.
+//! says why. Every `stowage` it starts is kept off the machine's own settings and state
+//! ([`sandbox`]); every image it makes is a guard that removes it ([`LocalImage`]); a
+//! randomised test takes its seed from [`test_seed`], which prints it for a replay.
 #![allow(dead_code, unused_imports)]
 
 mod apps;

@@ -8,44 +8,16 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crate::common::{TmpfsVolume, busybox_image, run_ok, unique, wait_until};
+use crate::common::{TmpfsVolume, busybox_image, run_ok, temp_dir, unique, wait_until};
 
 use serde_json::{Value, json};
 use stowage::Digest;
 use stowage::oci::format::SOURCE_MANIFEST_ANNOTATION;
 use stowage::oci::media;
 use stowage::store::{BLOB_MODE, DIR_MODE, LockMode, Store, StoreError};
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A directory removed when the test ends, whatever its outcome.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "stowage-store-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Deterministic, non-repeating test content.
 fn content(seed: u64, len: usize) -> Vec<u8> {
@@ -140,7 +112,7 @@ fn start_child(role: &str, root: &Path) -> std::process::Child {
 
 #[test]
 fn a_new_store_is_an_oci_layout_with_private_directories() {
-    let dir = Scratch::new("layout");
+    let dir = temp_dir("stowage-store-layout-");
     let root = dir.path().join("root");
     let store = Store::open(&root).unwrap();
 
@@ -172,7 +144,7 @@ fn a_new_store_is_an_oci_layout_with_private_directories() {
 
 #[test]
 fn committed_blobs_are_read_only_and_read_back_by_digest() {
-    let dir = Scratch::new("readonly");
+    let dir = temp_dir("stowage-store-readonly-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(1, 10_000);
     let (digest, size) = put_blob(&store, &blob);
@@ -200,7 +172,7 @@ fn committed_blobs_are_read_only_and_read_back_by_digest() {
 
 #[test]
 fn a_download_killed_midway_is_invisible_then_resumes_where_it_stopped() {
-    let dir = Scratch::new("crash");
+    let dir = temp_dir("stowage-store-crash-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(7, 3_000_000);
     let digest = Digest::of(&blob);
@@ -236,7 +208,7 @@ fn a_download_killed_midway_is_invisible_then_resumes_where_it_stopped() {
 
 #[test]
 fn a_write_beyond_the_declared_size_is_refused_whole() {
-    let dir = Scratch::new("beyond");
+    let dir = temp_dir("stowage-store-beyond-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(2, 1000);
     let digest = Digest::of(&blob);
@@ -274,7 +246,7 @@ fn a_write_beyond_the_declared_size_is_refused_whole() {
 
 #[test]
 fn wrong_bytes_are_rejected_and_nothing_is_committed() {
-    let dir = Scratch::new("wrong");
+    let dir = temp_dir("stowage-store-wrong-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(5, 5000);
     let digest = Digest::of(&blob);
@@ -301,7 +273,7 @@ fn wrong_bytes_are_rejected_and_nothing_is_committed() {
 
 #[test]
 fn an_incomplete_download_cannot_be_committed_but_is_kept_for_resume() {
-    let dir = Scratch::new("incomplete");
+    let dir = temp_dir("stowage-store-incomplete-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(8, 4000);
     let digest = Digest::of(&blob);
@@ -331,7 +303,7 @@ fn an_incomplete_download_cannot_be_committed_but_is_kept_for_resume() {
 
 #[test]
 fn a_registry_that_answers_200_to_a_range_request_starts_the_blob_over() {
-    let dir = Scratch::new("restart");
+    let dir = temp_dir("stowage-store-restart-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(9, 9000);
     let digest = Digest::of(&blob);
@@ -354,7 +326,7 @@ fn a_registry_that_answers_200_to_a_range_request_starts_the_blob_over() {
 
 #[test]
 fn preallocation_reserves_the_declared_size_without_growing_the_file() {
-    let dir = Scratch::new("prealloc");
+    let dir = temp_dir("stowage-store-prealloc-");
     let store = Store::open(dir.path()).unwrap();
     let blob = content(10, 8 << 20);
     let digest = Digest::of(&blob);
@@ -413,7 +385,7 @@ fn a_volume_that_fills_up_mid_write_leaves_a_consistent_partial_blob() {
 
 #[test]
 fn a_store_locked_by_another_process_is_refused_naming_its_pid() {
-    let dir = Scratch::new("lock");
+    let dir = temp_dir("stowage-store-lock-");
     let store = Store::open(dir.path()).unwrap();
     let mut child = start_child("hold-exclusive-lock", dir.path());
     let stdout = BufReader::new(child.stdout.take().unwrap());
@@ -451,7 +423,7 @@ fn a_store_locked_by_another_process_is_refused_naming_its_pid() {
 
 #[test]
 fn a_prune_cannot_start_while_a_pull_holds_the_store() {
-    let dir = Scratch::new("pullprune");
+    let dir = temp_dir("stowage-store-pullprune-");
     let puller = Store::open(dir.path()).unwrap();
     let pruner = Store::open(dir.path()).unwrap();
 
@@ -485,7 +457,7 @@ fn a_prune_cannot_start_while_a_pull_holds_the_store() {
 
 #[test]
 fn two_writers_of_one_blob_take_turns_and_the_second_finds_it_stored() {
-    let dir = Scratch::new("twowriters");
+    let dir = temp_dir("stowage-store-twowriters-");
     let first = Store::open(dir.path()).unwrap();
     let second = Store::open(dir.path()).unwrap();
     let blob = content(13, 500_000);
@@ -550,7 +522,7 @@ fn open_descriptors_of(path: &Path) -> usize {
 
 #[test]
 fn apps_named_at_the_same_time_by_two_pulls_are_both_kept() {
-    let dir = Scratch::new("refs");
+    let dir = temp_dir("stowage-store-refs-");
     let store = Store::open(dir.path()).unwrap();
     let threads = 8;
     let barrier = Arc::new(Barrier::new(threads));
@@ -580,7 +552,7 @@ fn apps_named_at_the_same_time_by_two_pulls_are_both_kept() {
 
 #[test]
 fn refs_name_only_stored_manifests_and_can_be_replaced_and_removed() {
-    let dir = Scratch::new("refnames");
+    let dir = temp_dir("stowage-store-refnames-");
     let store = Store::open(dir.path()).unwrap();
     let (v1, s1) = put_json(&store, &json!({"schemaVersion": 2, "v": 1}));
     let (v2, s2) = put_json(&store, &json!({"schemaVersion": 2, "v": 2}));
@@ -624,7 +596,7 @@ fn refs_name_only_stored_manifests_and_can_be_replaced_and_removed() {
 /// the other architecture's layer is missing), one image index, and garbage.
 struct PopulatedStore {
     store: Store,
-    _dir: Scratch,
+    _dir: tempfile::TempDir,
     app: Vec<Digest>,
     image: Vec<Digest>,
     image_config: Digest,
@@ -636,7 +608,7 @@ struct PopulatedStore {
 }
 
 fn populated_store() -> PopulatedStore {
-    let dir = Scratch::new("prune");
+    let dir = temp_dir("stowage-store-prune-");
     let store = Store::open(dir.path()).unwrap();
     let layer_type = "application/vnd.oci.image.layer.v1.tar+gzip";
 
@@ -793,7 +765,7 @@ fn prune_keeps_what_apps_reach_and_a_dry_run_deletes_nothing() {
 
 #[test]
 fn prune_keeps_the_docker_manifest_an_oci_form_was_made_from() {
-    let dir = Scratch::new("prune-source");
+    let dir = temp_dir("stowage-store-prune-source-");
     let store = Store::open(dir.path()).unwrap();
     let (config, config_size) = put_json(&store, &json!({"architecture": "amd64"}));
     let (layer, layer_size) = put_blob(&store, &content(40, 3000));
@@ -923,7 +895,7 @@ fn fsck_moves_a_corrupt_manifest_aside_and_reports_the_ref_it_broke() {
 
 #[test]
 fn a_broken_index_is_refused_with_the_remedy_and_fsck_repairs_it() {
-    let dir = Scratch::new("brokenindex");
+    let dir = temp_dir("stowage-store-brokenindex-");
     let store = Store::open(dir.path()).unwrap();
     let (kept, _) = put_blob(&store, b"a blob");
     let index = dir.path().join("store/index.json");
@@ -953,7 +925,7 @@ fn a_broken_index_is_refused_with_the_remedy_and_fsck_repairs_it() {
 /// of 10,000 blobs); here, that a store that large answers every one right.
 #[test]
 fn a_store_of_ten_thousand_blobs_finds_each_by_digest_and_lists_them_all() {
-    let dir = Scratch::new("tenk");
+    let dir = temp_dir("stowage-store-tenk-");
     let store = Store::open(dir.path()).unwrap();
     let mut digests = Vec::new();
     for i in 0..10_000u32 {
@@ -975,7 +947,7 @@ fn a_store_of_ten_thousand_blobs_finds_each_by_digest_and_lists_them_all() {
 
 #[test]
 fn an_image_stored_through_the_api_is_read_by_skopeo() {
-    let dir = Scratch::new("skopeo");
+    let dir = temp_dir("stowage-store-skopeo-");
     let image = busybox_image(&format!("stowage-store-test/{}:v1", unique("skopeo")));
     let exported = dir.path().join("exported");
     run_ok(Command::new("skopeo").args([
