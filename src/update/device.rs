@@ -15,7 +15,7 @@ use crate::engine::compose::Compose;
 use crate::engine::docker::DockerEngine;
 use crate::engine::install::{self, Device, InstallOptions};
 use crate::engine::prune as docker_prune;
-use crate::engine::run::{self as run_cmd, Selection};
+use crate::engine::run::{self as run_cmd, AppStatus, Selection};
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 use crate::plan::space::Policy;
@@ -24,6 +24,7 @@ use crate::progress::Progress;
 use crate::store::Store;
 use crate::update::agent::AgentDevice;
 use crate::update::pull::PullOptions;
+use crate::update::reconcile::Supervised;
 use crate::update::transaction::{
     AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent,
 };
@@ -254,6 +255,24 @@ impl DeviceOps for LiveDevice<'_> {
 
     fn event(&self, event: UpdateEvent) {
         (self.events)(&event);
+    }
+}
+
+impl Supervised for LiveDevice<'_> {
+    async fn status(&self) -> Result<Vec<AppStatus>> {
+        run_cmd::ps(self.device()).await
+    }
+
+    async fn restart(&self, _name: &str, reference: &str) -> Result<()> {
+        run_cmd::run(
+            self.device(),
+            &self.compose,
+            &Selection::Named(vec![reference.to_string()]),
+            &self.install,
+            self.progress,
+        )
+        .await?;
+        Ok(())
     }
 }
 
