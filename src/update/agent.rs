@@ -283,6 +283,9 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     async fn installed(&self) -> Result<AppSet> {
         self.device.installed().await
     }
+    async fn sync(&self) -> Result<()> {
+        self.device.sync().await
+    }
     fn event(&self, event: UpdateEvent) {
         if let UpdateEvent::Check { report } = &event {
             *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some((**report).clone());

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::Digest;
 use crate::app::stored as admin;
@@ -251,6 +251,22 @@ impl DeviceOps for LiveDevice<'_> {
             .into_iter()
             .map(|(name, app)| (name, app.reference))
             .collect())
+    }
+
+    /// `syncfs` of Docker's data root and of the stowage root: the engine
+    /// does not fsync the layer files it applies.
+    async fn sync(&self) -> Result<()> {
+        let data_root = self.engine.info().await?.data_root;
+        let root = self.root.clone();
+        crate::fsutil::blocking(move || {
+            for path in [&data_root, &root] {
+                crate::fsutil::syncfs(path).with_context(|| {
+                    format!("cannot flush the file system of {}", path.display())
+                })?;
+            }
+            anyhow::Ok(())
+        })
+        .await
     }
 
     fn event(&self, event: UpdateEvent) {
