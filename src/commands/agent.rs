@@ -15,6 +15,7 @@ pub struct AgentOptions {
     pub interval: Duration,
     pub verify_timeout: Duration,
     pub once: bool,
+    pub restart_limit: u32,
     pub fit: FitOptions,
 }
 
@@ -38,6 +39,7 @@ impl AgentOptions {
                 verify_timeout: self.verify_timeout,
             },
             once: self.once,
+            restart_limit: self.restart_limit,
         };
         let _lock = lock_updates(&ctx.root)?;
         run_agent(&device, &client, &ctx.root, &options).await

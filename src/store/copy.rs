@@ -293,20 +293,30 @@ mod tests {
         (0..300_000u32).map(|i| (i % 251) as u8).collect()
     }
 
-    #[tokio::test]
-    async fn a_copy_that_breaks_off_resumes_at_the_offset_and_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+    /// A fresh store in `dir`, the test blob and an ingest for it.
+    fn setup(dir: &std::path::Path) -> (Store, Vec<u8>, Digest, Ingest) {
+        let store = Store::open(dir).unwrap();
         let blob = blob();
         let digest = Digest::of(&blob);
         let ingest = store.ingest(&digest, blob.len() as u64).unwrap();
-        let mut source = Flaky {
-            blob: blob.clone(),
-            breaks: 2,
-            cut: 100_000,
-            whole: false,
+        (store, blob, digest, ingest)
+    }
+
+    fn flaky(blob: &[u8], breaks: u32, cut: usize, whole: bool) -> Flaky {
+        Flaky {
+            blob: blob.to_vec(),
+            breaks,
+            cut,
+            whole,
             offsets: Vec::new(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_breaks_off_resumes_at_the_offset_and_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blob, digest, ingest) = setup(dir.path());
+        let mut source = flaky(&blob, 2, 100_000, false);
         let sent = copy_blob(ingest, &mut source, 2, &NoProgress)
             .await
             .unwrap();
@@ -318,17 +328,8 @@ mod tests {
     #[tokio::test]
     async fn a_source_that_cannot_resume_restarts_the_ingest_instead_of_appending() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let blob = blob();
-        let digest = Digest::of(&blob);
-        let ingest = store.ingest(&digest, blob.len() as u64).unwrap();
-        let mut source = Flaky {
-            blob: blob.clone(),
-            breaks: 1,
-            cut: 100_000,
-            whole: true,
-            offsets: Vec::new(),
-        };
+        let (store, blob, digest, ingest) = setup(dir.path());
+        let mut source = flaky(&blob, 1, 100_000, true);
         copy_blob(ingest, &mut source, 1, &NoProgress)
             .await
             .unwrap();
@@ -339,17 +340,8 @@ mod tests {
     #[tokio::test]
     async fn a_source_that_keeps_breaking_fails_with_its_reason_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let blob = blob();
-        let digest = Digest::of(&blob);
-        let ingest = store.ingest(&digest, blob.len() as u64).unwrap();
-        let mut source = Flaky {
-            blob,
-            breaks: 5,
-            cut: 1_000,
-            whole: false,
-            offsets: Vec::new(),
-        };
+        let (store, blob, digest, ingest) = setup(dir.path());
+        let mut source = flaky(&blob, 5, 1_000, false);
         let err = copy_blob(ingest, &mut source, 2, &NoProgress)
             .await
             .unwrap_err();
@@ -362,15 +354,12 @@ mod tests {
     #[tokio::test]
     async fn a_file_of_another_size_than_its_descriptor_is_refused_before_writing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("root")).unwrap();
-        let blob = blob();
-        let digest = Digest::of(&blob);
+        let (store, blob, digest, ingest) = setup(&dir.path().join("root"));
         let path = dir.path().join("medium-blob");
         // Longer than declared, as a crafted medium would make it.
         let mut longer = blob.clone();
         longer.extend_from_slice(&[0; 4096]);
         std::fs::write(&path, &longer).unwrap();
-        let ingest = store.ingest(&digest, blob.len() as u64).unwrap();
         let mut source = FileSource {
             path,
             digest: digest.clone(),

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::Digest;
 use crate::app::stored as admin;
@@ -15,7 +15,7 @@ use crate::engine::compose::Compose;
 use crate::engine::docker::DockerEngine;
 use crate::engine::install::{self, Device, InstallOptions};
 use crate::engine::prune as docker_prune;
-use crate::engine::run::{self as run_cmd, Selection};
+use crate::engine::run::{self as run_cmd, AppStatus, Selection};
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 use crate::plan::space::Policy;
@@ -24,6 +24,7 @@ use crate::progress::Progress;
 use crate::store::Store;
 use crate::update::agent::AgentDevice;
 use crate::update::pull::PullOptions;
+use crate::update::reconcile::Supervised;
 use crate::update::transaction::{
     AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent,
 };
@@ -75,6 +76,14 @@ impl LiveDevice<'_> {
         Ok(Some(apps))
     }
 
+    /// The fit check of `apps` on this device, as Docker holds it now.
+    async fn check(&self, apps: &[crate::app::App]) -> Result<CheckReport> {
+        let docker = self.docker_view().await;
+        let paths = Paths::under(&self.root);
+        let (_, report) = check_update(apps, &self.store, &paths, &docker, self.policy)?;
+        Ok(report)
+    }
+
     async fn docker_view(&self) -> DockerView {
         crate::engine::docker::probe_view(Some(&self.engine))
             .await
@@ -87,15 +96,7 @@ impl DeviceOps for LiveDevice<'_> {
         // Apps already whole in the store need no network: plan from the
         // store alone (the check still counts Docker and the apps directory).
         if let Some(apps) = self.stored_apps(to).await? {
-            let docker = self.docker_view().await;
-            let (_, check) = check_update(
-                &apps,
-                &self.store,
-                &Paths::under(&self.root),
-                &docker,
-                self.policy,
-            )?;
-            return refuse_unless_fits(check);
+            return refuse_unless_fits(self.check(&apps).await?);
         }
         if let Some(layout) = &self.layout {
             let docker = self.docker_view().await;
@@ -252,8 +253,42 @@ impl DeviceOps for LiveDevice<'_> {
             .collect())
     }
 
+    /// `syncfs` of Docker's data root and of the stowage root: the engine
+    /// does not fsync the layer files it applies.
+    async fn sync(&self) -> Result<()> {
+        let data_root = self.engine.info().await?.data_root;
+        let root = self.root.clone();
+        crate::fsutil::blocking(move || {
+            for path in [&data_root, &root] {
+                crate::fsutil::syncfs(path).with_context(|| {
+                    format!("cannot flush the file system of {}", path.display())
+                })?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+    }
+
     fn event(&self, event: UpdateEvent) {
         (self.events)(&event);
+    }
+}
+
+impl Supervised for LiveDevice<'_> {
+    async fn status(&self) -> Result<Vec<AppStatus>> {
+        run_cmd::ps(self.device()).await
+    }
+
+    async fn restart(&self, _name: &str, reference: &str) -> Result<()> {
+        run_cmd::run(
+            self.device(),
+            &self.compose,
+            &Selection::Named(vec![reference.to_string()]),
+            &self.install,
+            self.progress,
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -271,15 +306,7 @@ impl AgentDevice for LiveDevice<'_> {
                 .await?,
             );
         }
-        let docker = self.docker_view().await;
-        let (_, report) = check_update(
-            &apps,
-            &self.store,
-            &Paths::under(&self.root),
-            &docker,
-            self.policy,
-        )?;
-        Ok(report)
+        self.check(&apps).await
     }
 }
 

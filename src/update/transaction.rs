@@ -28,6 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::lock::{LockMode, Locked, lock_file};
 use crate::fsutil::write_atomic;
 use crate::plan::{CheckReport, DoesNotFit};
 
@@ -136,24 +137,16 @@ pub fn lock_updates(root: &Path) -> Result<UpdateLock> {
     crate::fsutil::ensure_dir(&dir, 0o700)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("update.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    let locked = crate::fsutil::lock::flock_with_deadline(
-        &file,
-        crate::fsutil::lock::LockMode::Exclusive,
-        Duration::ZERO,
-    )
-    .with_context(|| format!("cannot lock {}", path.display()))?;
-    if !locked {
-        anyhow::bail!(
-            "another stowage update or agent is running on {}",
+    let locked = lock_file(&path, LockMode::Exclusive, Duration::ZERO)
+        .with_context(|| format!("cannot lock {}", path.display()))?;
+    let file = match locked {
+        Locked::Held(file) => file,
+        Locked::Busy(pid) => anyhow::bail!(
+            "another stowage update or agent{} is running on {}",
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
             root.display()
-        );
-    }
+        ),
+    };
     Ok(UpdateLock { _file: file })
 }
 
@@ -189,6 +182,9 @@ pub trait DeviceOps {
     async fn installed(&self) -> Result<AppSet>;
     /// Removes from both stores what `keep` does not need.
     async fn prune(&self, keep: &AppSet) -> Result<PruneSummary>;
+    /// Makes what the new apps run on durable (Docker's layers, the
+    /// extracted bundles) before the commit points at it.
+    async fn sync(&self) -> Result<()>;
     fn event(&self, event: UpdateEvent);
 }
 
@@ -353,6 +349,8 @@ pub async fn update(
                 running: to.clone(),
                 previous: changed(&state.running, &to),
             };
+            // A committed state must never point at layers still in the page cache.
+            device.sync().await?;
             files.write_device(&new_state)?;
             files.clear_journal()?;
             device.event(UpdateEvent::Committed { running: to });
@@ -525,6 +523,8 @@ mod tests {
     #[derive(Default)]
     struct FakeDevice {
         fail_at: Option<&'static str>,
+        /// The pull is refused for space.
+        refuse: bool,
         log: Mutex<Vec<String>>,
         running: Mutex<AppSet>,
     }
@@ -542,6 +542,12 @@ mod tests {
     impl DeviceOps for FakeDevice {
         async fn pull(&self, _to: &AppSet) -> Result<CheckReport> {
             self.step("pull")?;
+            if self.refuse {
+                return Err(DoesNotFit {
+                    report: Box::new(CheckReport::default()),
+                }
+                .into());
+            }
             Ok(CheckReport::default())
         }
         async fn install(&self, reference: &str) -> Result<()> {
@@ -575,6 +581,9 @@ mod tests {
         }
         async fn installed(&self) -> Result<AppSet> {
             Ok(self.running.lock().unwrap().clone())
+        }
+        async fn sync(&self) -> Result<()> {
+            self.step("sync")
         }
         fn event(&self, _event: UpdateEvent) {}
     }
@@ -625,6 +634,10 @@ mod tests {
         let install = log.iter().position(|l| l == "install v2").unwrap();
         let stop = log.iter().position(|l| l == "stop shop").unwrap();
         assert!(install < stop, "{log:?}");
+        // The engine's layers are flushed after the verify, before the commit.
+        let verify = log.iter().position(|l| l.starts_with("verify")).unwrap();
+        let sync = log.iter().position(|l| l == "sync").unwrap();
+        assert!(verify < sync, "{log:?}");
     }
 
     #[tokio::test]
@@ -649,6 +662,26 @@ mod tests {
             set(&[("shop", "v2")])
         );
         assert!(files.journal().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pull_refused_for_space_is_a_refusal_exiting_100_that_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v1")]));
+        let device = FakeDevice {
+            refuse: true,
+            ..Default::default()
+        };
+        let outcome = update(&device, &files, set(&[("shop", "v2")]), &options())
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Refused(_)), "{outcome:?}");
+        assert_eq!(outcome.exit_code(), 100);
+        let log = device.log.lock().unwrap().clone();
+        assert!(!log.iter().any(|l| l.starts_with("stop")), "{log:?}");
+        assert!(files.journal().unwrap().is_none());
+        assert_eq!(files.device().unwrap().running, set(&[("shop", "v1")]));
     }
 
     #[tokio::test]

@@ -11,11 +11,10 @@ use anyhow::Result;
 use clap::Parser;
 
 use stowage::commands::{
-    self, Context, agent, check, df, export, fsck, install, ls, prune, ps, pull, rm, run, status,
-    stop, target, update,
+    Context, agent, check, df, export, fsck, inspect, install, ls, prune, ps, publish, pull,
+    reconcile, rm, run, status, stop, target, update,
 };
 use stowage::plan::DoesNotFit;
-use stowage::progress::Progress;
 use stowage::update::transaction::UpdateEvent;
 
 mod args;
@@ -115,16 +114,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let progress = output::progress(json_lines, std::io::stderr().is_terminal());
     let progress = progress.as_ref();
     match cli.command {
-        Command::Publish(args) => publish(&ctx, args, progress, json).await,
+        Command::Publish(args) => {
+            let options = publish::PublishOptions {
+                app_dir: args.dir,
+                compose_file: args.file,
+                archs: args.arch,
+                pinned_images: args.pinned_images,
+                dry_run: args.dry_run,
+                target: args.target,
+                cache_dir: args.cache_dir,
+                jobs: args.jobs,
+            };
+            output::publish(&options.run(&ctx, progress).await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect(args) => {
-            let client = ctx.registry_client()?;
-            let description = commands::inspect::InspectOptions {
-                app: args.app.parse()?,
-            }
-            .run(&client)
-            .await
-            .map_err(|e| e.context("cannot inspect the app"))?;
-            output::inspect(&description, json)?;
+            output::inspect(&inspect::run(&ctx, &args.app).await?, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => {
@@ -259,18 +264,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 interval: parse_duration(&args.interval)?,
                 verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
                 once: args.once,
+                restart_limit: args.restart_limit,
                 fit: args.fit.into(),
             };
             let status = options.run(&ctx, progress, events(json)).await?;
-            output::status(&status, json)?;
+            output::agent(&status, json)?;
             Ok(ExitCode::from(status.last_result.exit_code()))
         }
-        Command::Status => {
-            match status::run(&ctx)? {
-                status::Status::Agent(status) => output::status(&status, json)?,
-                status::Status::Device(state) => output::device_state(&state, json)?,
-            }
+        Command::Status(args) => {
+            output::status(&status::run(&ctx, args.docker_host.as_deref()).await?, json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconcile(args) => {
+            let options = reconcile::ReconcileOptions {
+                restart_limit: args.restart_limit,
+                fit: args.fit.into(),
+            };
+            let report = options.run(&ctx, progress).await?;
+            output::reconcile(&report, json)?;
+            Ok(if report.is_healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Target(TargetCommand::Publish { at, apps }) => {
             output::target(&target::publish(&ctx, &at, &apps).await?, json)?;
@@ -281,28 +297,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn publish(
-    ctx: &Context,
-    args: args::PublishArgs,
-    progress: &dyn Progress,
-    json: bool,
-) -> Result<ExitCode> {
-    let options = commands::publish::PublishOptions {
-        app_dir: args.dir,
-        compose_file: args.file,
-        archs: args.arch,
-        pinned_images: args.pinned_images,
-        dry_run: args.dry_run,
-        target: args.target.parse()?,
-        cache_dir: ctx.cache_dir(args.cache_dir),
-        jobs: args.jobs,
-    };
-    let client = ctx.registry_client()?;
-    let report = options.run(&client, progress).await?;
-    output::publish(&report, json)?;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the update transaction's events go: JSON lines, or a line of text each.
