@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: set-up of the machine, formatting, lints, then every test
-# target against the real services. Extra arguments go to `cargo test`.
+# The whole test suite: set-up of the machine, formatting, lints, a build of every test
+# target, the main suite (unit tests and the `it` integration binary, against the real
+# services), then the torture group (the `torture` binary: kill loops) as a step of its
+# own. Prints each step's time and a summary. Extra arguments go to both `cargo test`
+# runs (a test name filter, or `-- --nocapture`); `STOWAGE_TEST_SEED=N` replays the
+# randomised tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,9 +16,32 @@ if [ "${CI:-}" = true ]; then
 fi
 
 start=$SECONDS
+summary=()
+current=""
+step_start=$SECONDS
+finish_step() {
+    if [ -n "$current" ]; then
+        summary+=("$(printf '%5d s  %s' "$((SECONDS - step_start))" "$current")")
+    fi
+}
 step() {
+    finish_step
+    current="$*"
+    step_start=$SECONDS
     printf '\n== %s (%d s so far)\n' "$*" "$((SECONDS - start))" >&2
 }
+report() {
+    local rc=$?
+    finish_step
+    printf '\n== steps\n' >&2
+    printf '%s\n' "${summary[@]}" >&2
+    if [ "$rc" -eq 0 ]; then
+        printf '== all passed in %d s\n' "$((SECONDS - start))" >&2
+    else
+        printf '== FAILED in step "%s" (exit %d) after %d s\n' "$current" "$rc" "$((SECONDS - start))" >&2
+    fi
+}
+trap report EXIT
 
 step "setup"
 bash scripts/setup.sh
@@ -25,7 +52,11 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo test $*"
-cargo test --no-fail-fast "$@"
+step "build the test targets"
+cargo test --no-run --lib --bins --test it --test torture
 
-printf '\n== all passed in %d s\n' "$((SECONDS - start))" >&2
+step "main suite: cargo test --lib --bins --test it $*"
+cargo test --no-fail-fast --lib --bins --test it "$@"
+
+step "torture group: cargo test --test torture $*"
+cargo test --no-fail-fast --test torture "$@"

@@ -315,12 +315,7 @@ pub async fn fetch_app_to(
     let layer_index_desc = manifest.layer_index_for(architecture).cloned();
     let blob = |d: Descriptor, cap: u64, part: String| {
         let (pinned, what) = (&pinned, &what);
-        async move {
-            client
-                .get_blob(pinned, &d.digest, d.size, cap)
-                .await
-                .with_context(|| format!("the {part} of {what}"))
-        }
+        async move { fetch_part(client, pinned, what, &d, cap, &part).await }
     };
     let optional = |d: Option<Descriptor>, part: String| async move {
         match d {
@@ -328,64 +323,15 @@ pub async fn fetch_app_to(
             None => Ok(None),
         }
     };
-    // The services' images are known from the bundle's compose file alone:
-    // their fetches start as soon as the bundle is in, while the app's
-    // other blobs are still on their way.
-    let bundle_and_images = async {
-        let (bundle, meta_bytes) = tokio::try_join!(
-            blob(bundle_desc.clone(), BUNDLE_MEMORY_CAP, "bundle".into()),
-            optional(meta_desc.clone(), "layers-meta".into()),
-        )?;
-        // Parsed once here; a parse error is reported below, in reading order.
-        let parsed_meta = meta_bytes.as_deref().map(format::parse_layers_meta);
-        // For a plan-only fetch: the diff_ids the publisher recorded.
-        let known_diff_ids: BTreeMap<Digest, Digest> = match (&parsed_meta, depth) {
-            (Some(Ok(all)), Depth::Plan) => all
-                .get(architecture)
-                .map(|arch| {
-                    arch.layers
-                        .iter()
-                        .filter_map(|(digest, meta)| Some((digest.clone(), meta.diff_id.clone()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            _ => BTreeMap::new(),
-        };
-        let (compose_name, compose_bytes) = crate::app::bundle::read_compose_from_bundle(
-            bundle.as_slice(),
-            &crate::app::bundle::BundleLimits::default(),
-        )
-        .with_context(|| format!("the bundle of {what}"))?;
-        let compose_text = String::from_utf8(compose_bytes)
-            .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
-        let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
-            .with_context(|| format!("the bundle of {what}"))?;
-        let services = compose.images(&|_| None)?;
-        // Each service's manifest and config, all services at once: on a
-        // device the check's time is mostly these round trips.
-        let fetches = services.into_iter().map(|(service, pinned)| {
-            fetch_service_image(
-                client,
-                &what,
-                &arch,
-                depth,
-                &known_diff_ids,
-                service,
-                pinned,
-            )
-        });
-        // Every fetch runs to its end; their errors are looked at after the
-        // app's own blobs, in the order a reader expects (see below).
-        let fetched_images = futures_util::future::join_all(fetches).await;
-        anyhow::Ok((
-            bundle,
-            meta_bytes,
-            parsed_meta,
-            known_diff_ids,
-            compose_name,
-            fetched_images,
-        ))
-    };
+    let bundle_and_images = fetch_bundle_and_images(
+        client,
+        &pinned,
+        &what,
+        &arch,
+        depth,
+        &bundle_desc,
+        meta_desc.as_ref(),
+    );
     // The app's config, bundle index and layer index say nothing about the
     // space an update needs: a plan counts them by their descriptors, and
     // only a pull (which stores and verifies them) asks for their bytes.
@@ -409,8 +355,14 @@ pub async fn fetch_app_to(
     };
     let (app_blobs, bundle_and_images) = tokio::join!(app_blobs, bundle_and_images);
     let app_blobs = app_blobs?;
-    let (bundle, meta_bytes, parsed_meta, known_diff_ids, compose_name, fetched_images) =
-        bundle_and_images?;
+    let BundleAndImages {
+        bundle,
+        meta_bytes,
+        parsed_meta,
+        known_diff_ids,
+        compose_name,
+        fetched_images,
+    } = bundle_and_images?;
     let mut unfetched = Vec::new();
     let (config, index, layer_index_bytes) = match app_blobs {
         Some((config, index, layer_index)) => (Some(config), Some(index), layer_index),
@@ -468,6 +420,156 @@ pub async fn fetch_app_to(
     // An app not published for this architecture is refused as such, before
     // whatever its images' fetches ran into.
     let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
+    let Assembled { images, layers } = assemble_images(
+        fetched_images,
+        &what,
+        &arch,
+        arch_meta.as_ref(),
+        &known_diff_ids,
+        &mut meta_blobs,
+        &mut unfetched,
+    )?;
+    // Several services may share blobs: keep each once.
+    let mut seen = std::collections::HashSet::new();
+    meta_blobs.retain(|b| seen.insert(b.descriptor.digest.clone()));
+    unfetched.retain(|d| seen.insert(d.digest.clone()));
+
+    Ok(App {
+        name: pinned.short_name().to_string(),
+        reference: pinned,
+        digest: fetched.digest,
+        architecture: architecture.to_string(),
+        manifest,
+        compose_name,
+        bundle,
+        meta_blobs,
+        images,
+        layers: layers.into_values().collect(),
+        unfetched,
+    })
+}
+
+/// One of the app's blobs, capped.
+async fn fetch_part(
+    client: &impl MetaSource,
+    pinned: &ImageRef,
+    what: &str,
+    d: &Descriptor,
+    cap: u64,
+    part: &str,
+) -> Result<Vec<u8>> {
+    client
+        .get_blob(pinned, &d.digest, d.size, cap)
+        .await
+        .with_context(|| format!("the {part} of {what}"))
+}
+
+/// The bundle and layers-meta, the compose file the bundle carries, and
+/// what its services' images gave (each fetch run to its end).
+struct BundleAndImages {
+    bundle: Vec<u8>,
+    meta_bytes: Option<Vec<u8>>,
+    /// Parsed once here; a parse error is reported later, in reading order.
+    parsed_meta: Option<Result<format::LayersMeta, format::FormatError>>,
+    known_diff_ids: BTreeMap<Digest, Digest>,
+    compose_name: String,
+    fetched_images: Vec<Result<FetchedImage>>,
+}
+
+/// The services' images are known from the bundle's compose file alone:
+/// their fetches start as soon as the bundle is in, while the app's other
+/// blobs are still on their way.
+async fn fetch_bundle_and_images(
+    client: &impl MetaSource,
+    pinned: &ImageRef,
+    what: &str,
+    arch: &format::Arch,
+    depth: Depth,
+    bundle_desc: &Descriptor,
+    meta_desc: Option<&Descriptor>,
+) -> Result<BundleAndImages> {
+    let architecture = arch.architecture.as_str();
+    let meta = async {
+        match meta_desc {
+            Some(d) => fetch_part(client, pinned, what, d, format::MANIFEST_CAP, "layers-meta")
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    };
+    let (bundle, meta_bytes) = tokio::try_join!(
+        fetch_part(
+            client,
+            pinned,
+            what,
+            bundle_desc,
+            BUNDLE_MEMORY_CAP,
+            "bundle"
+        ),
+        meta,
+    )?;
+    // Parsed once here; a parse error is reported below, in reading order.
+    let parsed_meta = meta_bytes.as_deref().map(format::parse_layers_meta);
+    // For a plan-only fetch: the diff_ids the publisher recorded.
+    let known_diff_ids: BTreeMap<Digest, Digest> = match (&parsed_meta, depth) {
+        (Some(Ok(all)), Depth::Plan) => all
+            .get(architecture)
+            .map(|arch| {
+                arch.layers
+                    .iter()
+                    .filter_map(|(digest, meta)| Some((digest.clone(), meta.diff_id.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => BTreeMap::new(),
+    };
+    let (compose_name, compose_bytes) = crate::app::bundle::read_compose_from_bundle(
+        bundle.as_slice(),
+        &crate::app::bundle::BundleLimits::default(),
+    )
+    .with_context(|| format!("the bundle of {what}"))?;
+    let compose_text = String::from_utf8(compose_bytes)
+        .map_err(|_| anyhow!("the compose file in the bundle of {what} is not UTF-8"))?;
+    let compose = ComposeFile::parse(Path::new(&compose_name), &compose_text)
+        .with_context(|| format!("the bundle of {what}"))?;
+    let services = compose.images(&|_| None)?;
+    // Each service's manifest and config, all services at once: on a
+    // device the check's time is mostly these round trips.
+    let fetches = services.into_iter().map(|(service, pinned)| {
+        fetch_service_image(client, what, arch, depth, &known_diff_ids, service, pinned)
+    });
+    // Every fetch runs to its end; their errors are looked at after the
+    // app's own blobs, in the order a reader expects (see below).
+    let fetched_images = futures_util::future::join_all(fetches).await;
+    Ok(BundleAndImages {
+        bundle,
+        meta_bytes,
+        parsed_meta,
+        known_diff_ids,
+        compose_name,
+        fetched_images,
+    })
+}
+
+/// The services' images and the app's layers (each once), checked against
+/// their configs, the architecture and the layers-meta.
+struct Assembled {
+    images: Vec<ServiceImage>,
+    layers: BTreeMap<Digest, LayerNeed>,
+}
+
+/// Checks each fetched image and gathers its layers, keeping its manifest
+/// and config as metadata blobs (or as unfetched descriptors for a plan).
+fn assemble_images(
+    fetched_images: Vec<FetchedImage>,
+    what: &str,
+    arch: &format::Arch,
+    arch_meta: Option<&ArchLayers>,
+    known_diff_ids: &BTreeMap<Digest, Digest>,
+    meta_blobs: &mut Vec<MetaBlob>,
+    unfetched: &mut Vec<Descriptor>,
+) -> Result<Assembled> {
+    let architecture = arch.architecture.as_str();
     let mut images = Vec::new();
     let mut layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
     for FetchedImage {
@@ -513,10 +615,7 @@ pub async fn fetch_app_to(
                     layer.media_type
                 );
             }
-            let meta = arch_meta
-                .as_ref()
-                .and_then(|m| m.layers.get(&layer.digest))
-                .cloned();
+            let meta = arch_meta.and_then(|m| m.layers.get(&layer.digest)).cloned();
             if let (Some(m), Some(d)) = (&meta, meta.as_ref().and_then(|m| m.diff_id.clone()))
                 && d != diff_id
             {
@@ -554,24 +653,7 @@ pub async fn fetch_app_to(
         });
         meta_blobs.push(manifest_blob);
     }
-    // Several services may share blobs: keep each once.
-    let mut seen = std::collections::HashSet::new();
-    meta_blobs.retain(|b| seen.insert(b.descriptor.digest.clone()));
-    unfetched.retain(|d| seen.insert(d.digest.clone()));
-
-    Ok(App {
-        name: pinned.short_name().to_string(),
-        reference: pinned,
-        digest: fetched.digest,
-        architecture: architecture.to_string(),
-        manifest,
-        compose_name,
-        bundle,
-        meta_blobs,
-        images,
-        layers: layers.into_values().collect(),
-        unfetched,
-    })
+    Ok(Assembled { images, layers })
 }
 
 /// One service's image as [`fetch_app_to`] fetched it.

@@ -17,6 +17,7 @@ pub struct AgentOptions {
     pub once: bool,
     /// How long one poll may spend on the registry (see the agent).
     pub cycle_timeout: Duration,
+    pub restart_limit: u32,
     pub fit: FitOptions,
 }
 
@@ -41,6 +42,7 @@ impl AgentOptions {
             },
             once: self.once,
             cycle_deadline: self.cycle_timeout,
+            restart_limit: self.restart_limit,
         };
         let _lock = lock_updates(&ctx.root)?;
         run_agent(&device, &client, &ctx.root, &options).await

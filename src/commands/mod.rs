@@ -16,6 +16,7 @@ pub mod prune;
 pub mod ps;
 pub mod publish;
 pub mod pull;
+pub mod reconcile;
 pub mod rm;
 pub mod run;
 pub mod status;

@@ -1,25 +1,64 @@
-//! `stowage status`: what the agent last did and what runs now, or, when no
-//! agent has run, the device state the update transaction keeps.
+//! `stowage status`: what the agent last did (or, when no agent has run, the
+//! device state the update transaction keeps), apart from what runs now as
+//! the engine reports it, and when an app was last started again and why.
 
 use anyhow::Result;
+use serde::Serialize;
 
 use super::Context;
+use crate::engine::run::{AppState, AppStatus, ps};
 use crate::update::agent::{AgentStatus, read_status};
+use crate::update::reconcile::{Restart, failed_apps, last_restart};
 use crate::update::transaction::{DeviceState, StateFiles};
 
-pub enum Status {
-    Agent(Box<AgentStatus>),
-    Device(DeviceState),
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// What the agent last did; `None` when no agent has run.
+    #[serde(flatten)]
+    pub agent: Option<Box<AgentStatus>>,
+    /// The device state, when no agent has run.
+    #[serde(flatten)]
+    pub device: Option<DeviceState>,
+    /// Each installed app and its services as the engine reports them now;
+    /// an app the reconciliation gave up on is `failed`.
+    pub live_apps: Vec<AppStatus>,
+    /// When an app was last started again, and why.
+    pub last_restart: Option<Restart>,
+    /// Why the engine could not be asked, when it could not.
+    pub docker_error: Option<String>,
 }
 
-pub fn run(ctx: &Context) -> Result<Status> {
+pub async fn run(ctx: &Context, docker_host: Option<&str>) -> Result<StatusReport> {
     let device = StateFiles::under(&ctx.root).device()?;
-    Ok(match read_status(&ctx.root)? {
+    let (agent, device) = match read_status(&ctx.root)? {
         Some(mut status) => {
-            // What runs now, even when a `stowage update` ran after the agent.
+            // What should run, even when a `stowage update` ran after the agent.
             status.apps = device.running;
-            Status::Agent(Box::new(status))
+            (Some(Box::new(status)), None)
         }
-        None => Status::Device(device),
+        None => (None, Some(device)),
+    };
+    let (mut live_apps, docker_error) = match live(ctx, docker_host).await {
+        Ok(apps) => (apps, None),
+        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    };
+    let failed = failed_apps(&ctx.root)?;
+    for app in &mut live_apps {
+        if app.state != AppState::Running && failed.contains(&app.name) {
+            app.state = AppState::Failed;
+        }
+    }
+    Ok(StatusReport {
+        agent,
+        device,
+        live_apps,
+        last_restart: last_restart(&ctx.root)?,
+        docker_error,
     })
+}
+
+async fn live(ctx: &Context, docker_host: Option<&str>) -> Result<Vec<AppStatus>> {
+    let store = ctx.store()?;
+    let engine = ctx.engine(docker_host).await?;
+    ps(ctx.device(&store, &engine)).await
 }

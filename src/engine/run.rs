@@ -13,7 +13,7 @@
 //! `ROOT/state/installed.json`).
 
 use anyhow::{Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::compose::{self, Compose};
 use crate::engine::install::{Device, InstallOptions, InstallReport, install_locked, resolve_app};
@@ -111,7 +111,7 @@ pub async fn stop(
     Ok(StopReport { stopped })
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub service: String,
     /// Empty when the service has no container.
@@ -122,14 +122,60 @@ pub struct ServiceStatus {
     pub exit_code: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// An app's state as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    /// Every service runs, and is healthy where it has a healthcheck.
+    Running,
+    /// Some service has a container that does not run (or is unhealthy).
+    Degraded,
+    /// No service has a container (`stowage stop`, or never started).
+    Stopped,
+    /// Started again too many times without staying up: left down and
+    /// reported (the reconciliation's verdict, never `ps`'s).
+    Failed,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Running => "running",
+            AppState::Degraded => "degraded",
+            AppState::Stopped => "stopped",
+            AppState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppStatus {
     pub name: String,
     pub reference: String,
-    /// "running" when every service runs (and is healthy where it has a
-    /// healthcheck), "stopped" when none has a container, else "degraded".
-    pub state: String,
+    pub state: AppState,
     pub services: Vec<ServiceStatus>,
+}
+
+impl ServiceStatus {
+    /// Running, and healthy where it has a healthcheck.
+    pub fn is_up(&self) -> bool {
+        self.state == "running" && self.health.as_deref().is_none_or(|h| h == "healthy")
+    }
+
+    /// Why it is not up, in a few words ("exited (code 1)", "unhealthy").
+    pub fn why_down(&self) -> String {
+        match (self.state.as_str(), self.health.as_deref(), self.exit_code) {
+            ("running", Some(health), _) => health.to_string(),
+            ("exited", _, Some(code)) => format!("exited (code {code})"),
+            (state, _, _) => state.to_string(),
+        }
+    }
 }
 
 /// The state of every installed app's services, read from the engine.
@@ -163,21 +209,18 @@ pub async fn ps(device: Device<'_>) -> Result<Vec<AppStatus>> {
             }
         }
         services.sort_by(|a, b| (&a.service, &a.container).cmp(&(&b.service, &b.container)));
-        let all_up = services
-            .iter()
-            .all(|s| s.state == "running" && s.health.as_deref().is_none_or(|h| h == "healthy"));
+        let all_up = services.iter().all(ServiceStatus::is_up);
         let none = services.iter().all(|s| s.container.is_empty());
         apps.push(AppStatus {
             name: name.clone(),
             reference: record.reference.clone(),
             state: if all_up && !services.is_empty() {
-                "running"
+                AppState::Running
             } else if none {
-                "stopped"
+                AppState::Stopped
             } else {
-                "degraded"
-            }
-            .into(),
+                AppState::Degraded
+            },
             services,
         });
     }

@@ -131,6 +131,15 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Flushes the whole file system holding `path` to stable storage
+/// (`syncfs(2)`): for files stowage did not write itself and cannot fsync
+/// one by one, such as the layers the Docker engine applied.
+pub fn syncfs(path: &Path) -> io::Result<()> {
+    let dir = File::open(path)?;
+    rustix::fs::syncfs(&dir)?;
+    Ok(())
+}
+
 /// Runs blocking file work (walks, hashing, fsyncs, lock waits) on a
 /// blocking thread of the async runtime, never on one of its workers.
 pub async fn blocking<T: Send + 'static, E: Send + 'static>(

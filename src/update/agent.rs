@@ -18,6 +18,7 @@ use crate::fsutil::write_atomic;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 use crate::plan::{CheckReport, DoesNotFit};
+use crate::update::reconcile::{ReconcileReport, Supervised, reconcile};
 use crate::update::target::fetch_target;
 use crate::update::transaction::{
     self, AppSet, DeviceOps, Outcome, PruneSummary, StateFiles, UpdateEvent, UpdateOptions,
@@ -40,6 +41,12 @@ pub struct AgentStatus {
     /// The target digest refused for space, retried only once it fits.
     pub refused_digest: Option<Digest>,
     pub consecutive_failures: u32,
+    /// The last reconciliation: each app's state, what was started again and why.
+    #[serde(default)]
+    pub reconcile: Option<ReconcileReport>,
+    /// Why the last reconciliation could not run, when it could not.
+    #[serde(default)]
+    pub reconcile_error: Option<String>,
     pub updated_at: u64,
     pub next_poll_in_secs: u64,
 }
@@ -112,9 +119,10 @@ fn write_status(root: &Path, status: &AgentStatus) -> Result<()> {
     Ok(())
 }
 
-/// What the agent needs beyond the update's device operations.
+/// What the agent needs beyond the update's device operations and the
+/// reconciliation's.
 #[allow(async_fn_in_trait)]
-pub trait AgentDevice: DeviceOps {
+pub trait AgentDevice: DeviceOps + Supervised {
     /// The fit check alone: does an update to `to` fit now?
     async fn fits(&self, to: &AppSet) -> Result<CheckReport>;
 }
@@ -129,6 +137,8 @@ pub struct AgentOptions {
     /// target, checking it and pulling it. Past it the cycle fails (what was
     /// downloaded is kept) and the next one starts after the interval.
     pub cycle_deadline: Duration,
+    /// Tries an app that keeps going down gets before it is left down.
+    pub restart_limit: u32,
 }
 
 pub async fn run_agent(
@@ -142,7 +152,25 @@ pub async fn run_agent(
     transaction::recover(device, &files, &options.update).await?;
     let mut status = read_status(root)?.unwrap_or_default();
     status.target = options.target.to_string();
+    let mut ready = false;
     loop {
+        // What should run runs again first, with no network: after a reboot
+        // the target's registry may not answer yet.
+        match reconcile(device, &files, root, options.restart_limit).await {
+            Ok(report) => {
+                status.reconcile_error = None;
+                status.reconcile = Some(report);
+            }
+            Err(e) => {
+                tracing::error!("cannot reconcile the running apps: {e:#}");
+                status.reconcile_error = Some(format!("{e:#}"));
+            }
+        }
+        if !ready {
+            // Units ordered after the agent start once the apps run again.
+            notify_ready();
+            ready = true;
+        }
         let wait = poll_once(device, client, &files, options, &mut status).await;
         status.next_poll_in_secs = wait.as_secs();
         status.updated_at = SystemTime::now()
@@ -286,6 +314,9 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     async fn installed(&self) -> Result<AppSet> {
         self.device.installed().await
     }
+    async fn sync(&self) -> Result<()> {
+        self.device.sync().await
+    }
     fn event(&self, event: UpdateEvent) {
         if let UpdateEvent::Check { report } = &event {
             *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some((**report).clone());
@@ -314,6 +345,28 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
     interval
         .saturating_mul(factor)
         .min(MAX_BACKOFF.max(interval))
+}
+
+/// Tells systemd (a `Type=notify` unit) that the agent is ready: the
+/// sd_notify protocol, one datagram to `$NOTIFY_SOCKET`. Nothing without it.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = address.and_then(|address| {
+        let socket = UnixDatagram::unbound()?;
+        socket.send_to_addr(b"READY=1\nSTATUS=apps reconciled", &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot notify systemd at {path}: {e}");
+    }
 }
 
 #[cfg(test)]

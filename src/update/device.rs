@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::Digest;
 use crate::app::stored as admin;
@@ -15,7 +15,7 @@ use crate::engine::compose::Compose;
 use crate::engine::docker::DockerEngine;
 use crate::engine::install::{self, Device, InstallOptions};
 use crate::engine::prune as docker_prune;
-use crate::engine::run::{self as run_cmd, Selection};
+use crate::engine::run::{self as run_cmd, AppStatus, Selection};
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::RegistryClient;
 use crate::plan::space::Policy;
@@ -24,6 +24,7 @@ use crate::progress::Progress;
 use crate::store::Store;
 use crate::update::agent::AgentDevice;
 use crate::update::pull::PullOptions;
+use crate::update::reconcile::Supervised;
 use crate::update::transaction::{
     AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent,
 };
@@ -252,8 +253,42 @@ impl DeviceOps for LiveDevice<'_> {
             .collect())
     }
 
+    /// `syncfs` of Docker's data root and of the stowage root: the engine
+    /// does not fsync the layer files it applies.
+    async fn sync(&self) -> Result<()> {
+        let data_root = self.engine.info().await?.data_root;
+        let root = self.root.clone();
+        crate::fsutil::blocking(move || {
+            for path in [&data_root, &root] {
+                crate::fsutil::syncfs(path).with_context(|| {
+                    format!("cannot flush the file system of {}", path.display())
+                })?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+    }
+
     fn event(&self, event: UpdateEvent) {
         (self.events)(&event);
+    }
+}
+
+impl Supervised for LiveDevice<'_> {
+    async fn status(&self) -> Result<Vec<AppStatus>> {
+        run_cmd::ps(self.device()).await
+    }
+
+    async fn restart(&self, _name: &str, reference: &str) -> Result<()> {
+        run_cmd::run(
+            self.device(),
+            &self.compose,
+            &Selection::Named(vec![reference.to_string()]),
+            &self.install,
+            self.progress,
+        )
+        .await?;
+        Ok(())
     }
 }
 

@@ -8,5 +8,6 @@ pub mod agent;
 pub mod device;
 pub mod export;
 pub mod pull;
+pub mod reconcile;
 pub mod target;
 pub mod transaction;

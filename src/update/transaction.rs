@@ -182,6 +182,9 @@ pub trait DeviceOps {
     async fn installed(&self) -> Result<AppSet>;
     /// Removes from both stores what `keep` does not need.
     async fn prune(&self, keep: &AppSet) -> Result<PruneSummary>;
+    /// Makes what the new apps run on durable (Docker's layers, the
+    /// extracted bundles) before the commit points at it.
+    async fn sync(&self) -> Result<()>;
     fn event(&self, event: UpdateEvent);
 }
 
@@ -346,6 +349,8 @@ pub async fn update(
                 running: to.clone(),
                 previous: changed(&state.running, &to),
             };
+            // A committed state must never point at layers still in the page cache.
+            device.sync().await?;
             files.write_device(&new_state)?;
             files.clear_journal()?;
             device.event(UpdateEvent::Committed { running: to });
@@ -577,6 +582,9 @@ mod tests {
         async fn installed(&self) -> Result<AppSet> {
             Ok(self.running.lock().unwrap().clone())
         }
+        async fn sync(&self) -> Result<()> {
+            self.step("sync")
+        }
         fn event(&self, _event: UpdateEvent) {}
     }
 
@@ -626,6 +634,10 @@ mod tests {
         let install = log.iter().position(|l| l == "install v2").unwrap();
         let stop = log.iter().position(|l| l == "stop shop").unwrap();
         assert!(install < stop, "{log:?}");
+        // The engine's layers are flushed after the verify, before the commit.
+        let verify = log.iter().position(|l| l.starts_with("verify")).unwrap();
+        let sync = log.iter().position(|l| l == "sync").unwrap();
+        assert!(verify < sync, "{log:?}");
     }
 
     #[tokio::test]

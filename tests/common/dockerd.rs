@@ -76,10 +76,17 @@ impl PrivateDockerd {
     pub fn start(data_root: &Path) -> PrivateDockerd {
         std::fs::create_dir_all(data_root)
             .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
-        // Short paths: the socket and containerd's sockets live under it (108-byte limit).
+        // Short paths: the socket and containerd's sockets live under it (108-byte
+        // limit), so the temp dir only when its path is short, else /tmp.
+        let tmp = std::env::temp_dir();
+        let parent = if tmp.as_os_str().len() <= 40 {
+            tmp
+        } else {
+            PathBuf::from("/tmp")
+        };
         let run_dir = tempfile::Builder::new()
             .prefix("sd")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .expect("create dockerd run dir");
         let run = run_dir.path();
         std::fs::write(run.join("daemon.json"), "{}\n").expect("write daemon.json");

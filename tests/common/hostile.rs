@@ -132,6 +132,9 @@ pub struct RequestLog {
     pub content_length: u64,
     /// Body bytes actually written (0 for HEAD).
     pub bytes_sent: u64,
+    /// How many writes the body went out in (a `Slow` answer is paced out
+    /// in slices of a twentieth of its rate, anything else in one).
+    pub body_writes: u64,
 }
 
 struct Manifest {
@@ -152,6 +155,8 @@ struct State {
     uploads: HashMap<String, (String, Vec<u8>)>,
     next_upload: u64,
     log: Vec<RequestLog>,
+    /// Requests being answered (not yet in `log`).
+    in_progress: u64,
     /// Body bytes of GETs written so far, answers in progress included.
     sent_by_digest: HashMap<Digest, u64>,
 }
@@ -324,6 +329,34 @@ impl HostileRegistry {
             }
             thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Waits until no answer is in progress (every request so far is in
+    /// [`HostileRegistry::requests`]), as after a client was killed mid-answer
+    /// the registry notices at its next write; false when `timeout` passes first.
+    pub fn wait_until_idle(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.shared.state().in_progress == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The registry once every answer in progress is finished: a client that
+    /// has read a whole answer can be done before the registry has counted
+    /// and logged it, so read counts and the log through this after a client
+    /// ends (`registry.idle().bytes_sent_for(&digest)`). Panics after a minute.
+    pub fn idle(&self) -> &HostileRegistry {
+        assert!(
+            self.wait_until_idle(Duration::from_secs(60)),
+            "the registry is still answering after a minute"
+        );
+        self
     }
 
     /// Copies `repo`'s manifest `reference` (tag or digest) and everything it
@@ -824,7 +857,9 @@ fn handle(shared: &Shared, request: &Request, writer: &mut TcpStream) -> bool {
         status: 0,
         content_length: 0,
         bytes_sent: 0,
+        body_writes: 0,
     };
+    shared.state().in_progress += 1;
     let keep = match (request.method.as_str(), route(&request.path)) {
         ("GET" | "HEAD", Target::Base) => {
             let answer = Answer {
@@ -917,7 +952,9 @@ fn handle(shared: &Shared, request: &Request, writer: &mut TcpStream) -> bool {
             send_plain(writer, request, answer, &mut entry)
         }
     };
-    shared.state().log.push(entry);
+    let mut state = shared.state();
+    state.log.push(entry);
+    state.in_progress -= 1;
     keep
 }
 
@@ -954,6 +991,7 @@ fn send_plain(
     match writer.write_all(&answer.body) {
         Ok(()) => {
             entry.bytes_sent = answer.body.len() as u64;
+            entry.body_writes = u64::from(!answer.body.is_empty());
             true
         }
         Err(_) => false,
@@ -1242,6 +1280,7 @@ fn send_content(
             }
             offset += n;
             sent += n as u64;
+            entry.body_writes += 1;
             *shared
                 .state()
                 .sent_by_digest

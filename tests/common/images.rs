@@ -7,12 +7,11 @@
 //! layers (same `diff_id`) in every run.
 
 use super::registry::access_for;
-use super::{Registry, ensure_dockerd, lock, run_ok, run_ok_with_stdin, sha256_digest, temp_dir};
+use super::{Registry, Rng, ensure_dockerd, run_ok, run_ok_with_stdin, sha256_digest, temp_dir};
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// The timestamp of every file the harness puts into an image (2021-01-01T00:00:00Z).
@@ -67,8 +66,9 @@ const BUSYBOX_APPLETS: &[&str] = &[
 ];
 
 /// The busybox rootfs as an uncompressed tar: `/bin/busybox`, applet symlinks, and the
-/// few files and directories a container expects.
-fn busybox_rootfs_tar() -> Vec<u8> {
+/// few files and directories a container expects; and `/marker` holding `marker` when
+/// given (which makes the layer, and so the image, one of a kind).
+fn busybox_rootfs_tar(marker: Option<&str>) -> Vec<u8> {
     let busybox = std::fs::read("/bin/busybox")
         .unwrap_or_else(|e| panic!("read /bin/busybox (install busybox-static): {e}"));
     let mut tar = tar::Builder::new(Vec::new());
@@ -110,7 +110,7 @@ fn busybox_rootfs_tar() -> Vec<u8> {
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
         ("etc/hostname", "stowage-test\n"),
     ];
-    for (path, text) in files {
+    for (path, text) in files.into_iter().chain(marker.map(|m| ("marker", m))) {
         let mut h = header(tar::EntryType::Regular, 0o644, text.len() as u64);
         tar.append_data(&mut h, path, text.as_bytes())
             .expect("tar file");
@@ -118,16 +118,50 @@ fn busybox_rootfs_tar() -> Vec<u8> {
     tar.into_inner().expect("finish tar")
 }
 
-/// Imports the busybox rootfs as image `tag` (CMD `sleep 3600`) into the default dockerd,
-/// once per process and tag.
-pub fn busybox_image(tag: &str) {
-    static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    ensure_dockerd();
-    // Held during the import so that parallel callers for the same tag wait for it.
-    let mut done = lock(DONE.get_or_init(|| Mutex::new(HashSet::new())));
-    if done.contains(tag) {
-        return;
+/// A tag this harness put on the default dockerd; removed when dropped, so a
+/// test leaves no image behind whatever its outcome (and a later run never
+/// finds an old one by name).
+#[must_use = "the image is removed when this guard drops"]
+#[derive(Debug)]
+pub struct LocalImage {
+    tag: String,
+}
+
+impl LocalImage {
+    /// Takes charge of `tag`, put on the default dockerd by something else
+    /// (a load, a `docker tag`): it is removed when the guard drops.
+    pub fn adopt(tag: &str) -> LocalImage {
+        LocalImage {
+            tag: tag.to_string(),
+        }
     }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+}
+
+impl Drop for LocalImage {
+    fn drop(&mut self) {
+        remove_image(&self.tag);
+    }
+}
+
+/// Imports the busybox rootfs as image `tag` (CMD `sleep 3600`) into the default dockerd.
+/// Give every test its own tag: the guard removes it. Every such image has the same
+/// layer; see [`busybox_image_of_its_own`] for one no other image shares.
+pub fn busybox_image(tag: &str) -> LocalImage {
+    import_busybox(tag, None)
+}
+
+/// Like [`busybox_image`], with a `/marker` file naming `tag`: a base layer that no
+/// other test's image has, for tests that count which layers the engine holds.
+pub fn busybox_image_of_its_own(tag: &str) -> LocalImage {
+    import_busybox(tag, Some(tag))
+}
+
+fn import_busybox(tag: &str, marker: Option<&str>) -> LocalImage {
+    ensure_dockerd();
     run_ok_with_stdin(
         Command::new("docker").args([
             "import",
@@ -138,15 +172,30 @@ pub fn busybox_image(tag: &str) {
             "-",
             tag,
         ]),
-        &busybox_rootfs_tar(),
+        &busybox_rootfs_tar(marker),
     );
-    done.insert(tag.to_string());
+    LocalImage {
+        tag: tag.to_string(),
+    }
+}
+
+/// Puts `tag` on the image `source` of the default dockerd.
+pub fn tag_image(source: &str, tag: &str) -> LocalImage {
+    run_ok(Command::new("docker").args(["tag", source, tag]));
+    LocalImage {
+        tag: tag.to_string(),
+    }
 }
 
 /// Builds image `tag`: `FROM base`, one `COPY` (one layer) per file, then the lines of
 /// `extra_dockerfile` (ENV, LABEL, HEALTHCHECK, CMD, `RUN` with busybox...). File paths
 /// are absolute paths inside the image ("/app/config.txt").
-pub fn build_image(tag: &str, base: &str, files: &[(&str, Vec<u8>)], extra_dockerfile: &str) {
+pub fn build_image(
+    tag: &str,
+    base: &str,
+    files: &[(&str, Vec<u8>)],
+    extra_dockerfile: &str,
+) -> LocalImage {
     let context = temp_dir("stowage-build-");
     let mut layers = Vec::new();
     for (i, (path, bytes)) in files.iter().enumerate() {
@@ -154,16 +203,16 @@ pub fn build_image(tag: &str, base: &str, files: &[(&str, Vec<u8>)], extra_docke
         write_context_file(&context.path().join(&layer), path, bytes);
         layers.push(layer);
     }
-    build_from_context(tag, base, context.path(), &layers, extra_dockerfile);
+    build_from_context(tag, base, context.path(), &layers, extra_dockerfile)
 }
 
 /// Builds image `tag` from `base` plus ONE layer holding `n_files` files of varied sizes
 /// (empty to a few hundred KiB, some compressible, some not) in nested directories under
 /// `/data/many-<seed>/`. The same seed gives the same layer.
-pub fn many_files_image(tag: &str, base: &str, n_files: usize, seed: u64) {
+pub fn many_files_image(tag: &str, base: &str, n_files: usize, seed: u64) -> LocalImage {
     let context = temp_dir("stowage-build-");
     let layer_dir = context.path().join("layer0");
-    let mut rng = SplitMix64(seed ^ 0x5354_4f57_4147_4500);
+    let mut rng = Rng::new(seed ^ 0x5354_4f57_4147_4500);
     let n_dirs = (n_files / 25).max(1);
     let dirs: Vec<String> = (0..n_dirs)
         .map(|d| match rng.below(3) {
@@ -191,7 +240,7 @@ pub fn many_files_image(tag: &str, base: &str, n_files: usize, seed: u64) {
             bytes.truncate(size);
         } else {
             while bytes.len() < size {
-                bytes.extend_from_slice(&rng.next().to_le_bytes());
+                bytes.extend_from_slice(&rng.next_u64().to_le_bytes());
             }
             bytes.truncate(size);
         }
@@ -199,7 +248,7 @@ pub fn many_files_image(tag: &str, base: &str, n_files: usize, seed: u64) {
         let path = format!("/data/many-{seed}/{dir}/file{i:05}.bin");
         write_context_file(&layer_dir, &path, &bytes);
     }
-    build_from_context(tag, base, context.path(), &["layer0".to_string()], "");
+    build_from_context(tag, base, context.path(), &["layer0".to_string()], "")
 }
 
 /// Removes a local image tag from the default dockerd (ignores a missing one).
@@ -225,7 +274,15 @@ fn write_context_file(layer_dir: &Path, path: &str, bytes: &[u8]) {
         .expect("set mtime");
 }
 
-fn build_from_context(tag: &str, base: &str, context: &Path, layers: &[String], extra: &str) {
+/// Builds image `tag` from `context`, a directory holding one subdirectory per
+/// layer (`layers`, each copied to `/`), with `FROM base` and the lines of `extra`.
+pub fn build_from_context(
+    tag: &str,
+    base: &str,
+    context: &Path,
+    layers: &[String],
+    extra: &str,
+) -> LocalImage {
     ensure_dockerd();
     let mut dockerfile = format!("FROM {base}\n");
     for layer in layers {
@@ -242,6 +299,9 @@ fn build_from_context(tag: &str, base: &str, context: &Path, layers: &[String], 
             .args(["build", "-q", "--network", "none", "-t", tag])
             .arg(context),
     );
+    LocalImage {
+        tag: tag.to_string(),
+    }
 }
 
 /// Pushes local image `local_tag` from the default dockerd to `dest`
@@ -451,22 +511,4 @@ pub fn push_multiarch(
     });
     let index_bytes = serde_json::to_vec(&index).expect("index JSON");
     registry.put_manifest(repo, tag, index_type, &index_bytes)
-}
-
-/// A small deterministic generator (SplitMix64), so test images are reproducible without
-/// depending on a particular `rand` version's streams.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }

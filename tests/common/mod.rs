@@ -1,4 +1,6 @@
-//! The shared test harness: every integration test file uses it with `mod common;`.
+//! The one test harness of the two test binaries, `tests/it` (the main suite, a module
+//! per area) and `tests/torture` (kill loops, run as a CI step of its own); each
+//! includes it as `#[path = "../common/mod.rs"] mod common;`.
 //!
 //! It starts REAL services on loopback (a `docker-registry` per test, a private
 //! `dockerd` when a test needs its own data root), builds test images locally (no
@@ -9,31 +11,44 @@
 //! across test binaries (unique names, temp dirs, free ports); every service it starts is
 //! stopped by pid and every mount undone when its handle drops. A helper that cannot do
 //! its job panics with the command, its exit status and its stderr, so a failing test
-//! says why.
+//! says why. Every `stowage` it starts is kept off the machine's own settings and state
+//! ([`sandbox`]); every image it makes is a guard that removes it ([`LocalImage`]); a
+//! randomised test takes its seed from [`test_seed`], which prints it for a replay.
 #![allow(dead_code, unused_imports)]
 
 mod apps;
+pub mod device;
+pub mod docker_device;
 mod dockerd;
+pub mod hostile;
 mod images;
 mod registry;
+mod sandbox;
+pub mod seed;
 mod volumes;
 
 pub use apps::{AppCleanup, publish_compose_app, running_images, say, stowage_on};
 pub use dockerd::{PrivateDockerd, ensure_dockerd};
 pub use images::{
-    build_image, busybox_image, many_files_image, push_image, push_multiarch, remove_image,
-    skopeo_inspect_raw,
+    LocalImage, build_from_context, build_image, busybox_image, busybox_image_of_its_own,
+    many_files_image, push_image, push_multiarch, remove_image, skopeo_inspect_raw, tag_image,
 };
 pub use registry::{HttpResponse, Registry, RegistryOptions, write_docker_config};
+pub use sandbox::sandbox;
+pub use seed::{Rng, noise, seed_of, test_seed};
 pub use volumes::{FsStats, LoopVolume, TmpfsVolume, fs_stats};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The `stowage` binary built for this test run.
+/// The `stowage` binary built for this test run, kept off the machine's own
+/// settings and state (see [`sandbox`]): an empty config file of its own
+/// (never `/etc/stowage/config.toml`), an empty Docker config, a fresh cache
+/// directory and, unless the test gives `--root`, a fresh root.
 ///
 /// The machine's own disk is shared with everything else on it (CI machines
 /// have been seen with 53 to 80 GB free of 252 GB, under the default 80 %
@@ -41,13 +56,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// fill it up to 99 %; tests of the policy pass `--watermark` themselves, on
 /// volumes of their own.
 pub fn stowage() -> Command {
+    stowage_with_config(&sandbox().empty_config())
+}
+
+/// Like [`stowage`], with `--config config` (a test's own config file).
+pub fn stowage_with_config(config: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
-    cmd.env("STOWAGE_WATERMARK", "99");
+    sandbox().isolate(&mut cmd);
+    cmd.env("STOWAGE_WATERMARK", "99")
+        .arg("--config")
+        .arg(config);
     cmd
 }
 
 /// A name no other test (in this process or another) uses at the same time: lowercase,
 /// valid as a repository path component, an image tag, a compose project and app name.
+/// It carries the run's mark (`STOWAGE_TEST_RUN`, set by `.ci/run`), so that whatever
+/// a run leaves on the machine can be told from another's.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -67,10 +92,29 @@ pub fn unique(prefix: &str) -> String {
         })
         .collect();
     format!(
-        "{prefix}-{:x}-{n}-{:x}",
+        "{prefix}-{}{:x}-{n}-{:x}",
+        run_mark(),
         std::process::id(),
         (nanos >> 10) & 0xffff
     )
+}
+
+/// `STOWAGE_TEST_RUN` (up to 8 lowercase letters and digits) and a dash, or nothing.
+fn run_mark() -> &'static str {
+    static MARK: OnceLock<String> = OnceLock::new();
+    MARK.get_or_init(|| {
+        let mark: String = std::env::var("STOWAGE_TEST_RUN")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            .take(8)
+            .collect();
+        if mark.is_empty() {
+            mark
+        } else {
+            format!("{mark}-")
+        }
+    })
 }
 
 /// `sha256:<hex>` of `bytes`, the form registries use.

@@ -167,6 +167,24 @@ impl Registry {
         self.dir.path().join("registry.log")
     }
 
+    /// Where the registry's log ends now: pass it to [`Registry::blob_gets_since`]
+    /// to count only what happens after this moment (not, say, a publish's reads).
+    pub fn log_mark(&self) -> u64 {
+        std::fs::metadata(self.log_file()).map_or(0, |m| m.len())
+    }
+
+    /// The GETs of blobs whose request path contains `part` that the registry
+    /// answered since `mark` (from [`Registry::log_mark`]), from its log.
+    pub fn blob_gets_since(&self, mark: u64, part: &str) -> usize {
+        let log = std::fs::read(self.log_file()).unwrap_or_default();
+        let after = log.get(mark as usize..).unwrap_or_default();
+        String::from_utf8_lossy(after)
+            .lines()
+            .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
+            .filter(|l| l.contains("/blobs/sha256:") && l.contains(part))
+            .count()
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),

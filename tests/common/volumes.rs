@@ -124,6 +124,16 @@ impl LoopVolume {
     pub fn stats(&self) -> FsStats {
         fs_stats(&self.mount_point)
     }
+
+    /// [`LoopVolume::stats`] once everything written to the volume has
+    /// reached it (`syncfs`), so that allocated blocks are counted.
+    pub fn synced_stats(&self) -> FsStats {
+        let dir = std::fs::File::open(&self.mount_point)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.mount_point.display()));
+        rustix::fs::syncfs(&dir)
+            .unwrap_or_else(|e| panic!("syncfs {}: {e}", self.mount_point.display()));
+        self.stats()
+    }
 }
 
 impl Drop for LoopVolume {

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::{FitOptions, GlobalOptions, JOBS};
 use stowage::engine::run::Selection;
+use stowage::update::reconcile::DEFAULT_RESTART_LIMIT;
 
 /// Downloads at once, by default.
 const DEFAULT_JOBS: usize = stowage::commands::DEFAULT_JOBS;
@@ -87,7 +88,9 @@ pub enum Command {
     /// Poll a target and apply it with the update transaction (a daemon)
     Agent(AgentArgs),
     /// Show what the agent last did
-    Status,
+    Status(DockerArgs),
+    /// Start again, with no network, every app the device should run and does not
+    Reconcile(ReconcileArgs),
     /// Write stored apps and all their blobs into DIR for an offline update (oci:DIR)
     Export(ExportArgs),
     /// Targets: the set of apps a device should run
@@ -141,6 +144,18 @@ pub struct AgentArgs {
     /// target before it gives up (what it downloaded is kept), e.g. 1h
     #[arg(long, default_value = "1h", value_name = "DURATION")]
     pub cycle_timeout: String,
+    /// Tries an app that keeps going down gets before it is left down (failed)
+    #[arg(long, default_value_t = DEFAULT_RESTART_LIMIT, value_name = "N")]
+    pub restart_limit: u32,
+}
+
+#[derive(Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Tries an app that keeps going down gets before it is left down (failed)
+    #[arg(long, default_value_t = DEFAULT_RESTART_LIMIT, value_name = "N")]
+    pub restart_limit: u32,
 }
 
 #[derive(Subcommand)]

@@ -11,8 +11,8 @@ use anyhow::Result;
 use clap::Parser;
 
 use stowage::commands::{
-    Context, agent, check, df, export, fsck, inspect, install, ls, prune, ps, publish, pull, rm,
-    run, status, stop, target, update,
+    Context, agent, check, df, export, fsck, inspect, install, ls, prune, ps, publish, pull,
+    reconcile, rm, run, status, stop, target, update,
 };
 use stowage::plan::DoesNotFit;
 use stowage::update::transaction::UpdateEvent;
@@ -265,18 +265,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
                 once: args.once,
                 cycle_timeout: parse_duration(&args.cycle_timeout)?,
+                restart_limit: args.restart_limit,
                 fit: args.fit.into(),
             };
             let status = options.run(&ctx, progress, events(json)).await?;
-            output::status(&status, json)?;
+            output::agent(&status, json)?;
             Ok(ExitCode::from(status.last_result.exit_code()))
         }
-        Command::Status => {
-            match status::run(&ctx)? {
-                status::Status::Agent(status) => output::status(&status, json)?,
-                status::Status::Device(state) => output::device_state(&state, json)?,
-            }
+        Command::Status(args) => {
+            output::status(&status::run(&ctx, args.docker_host.as_deref()).await?, json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconcile(args) => {
+            let options = reconcile::ReconcileOptions {
+                restart_limit: args.restart_limit,
+                fit: args.fit.into(),
+            };
+            let report = options.run(&ctx, progress).await?;
+            output::reconcile(&report, json)?;
+            Ok(if report.is_healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Target(TargetCommand::Publish { at, apps }) => {
             output::target(&target::publish(&ctx, &at, &apps).await?, json)?;

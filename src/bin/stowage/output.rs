@@ -811,16 +811,25 @@ pub fn update_outcome(
     Ok(std::process::ExitCode::from(code))
 }
 
-pub fn status(status: &stowage::update::agent::AgentStatus, json: bool) -> Result<()> {
+/// `stowage agent`'s status after its poll.
+pub fn agent(status: &stowage::update::agent::AgentStatus, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(status)?);
         return Ok(());
     }
+    agent_lines(status);
+    if let Some(report) = &status.reconcile {
+        reconcile_lines(report);
+    }
+    Ok(())
+}
+
+fn agent_lines(status: &stowage::update::agent::AgentStatus) {
     out!("target:       {}", status.target);
     if let Some(d) = &status.target_digest {
         out!("target digest: {d}");
     }
-    out!("running:      {}", apps_text(&status.apps));
+    out!("should run:   {}", apps_text(&status.apps));
     out!("last result:  {}", status.last_result);
     if let Some(e) = &status.last_error {
         out!("last error:   {e}");
@@ -828,17 +837,100 @@ pub fn status(status: &stowage::update::agent::AgentStatus, json: bool) -> Resul
     if status.consecutive_failures > 0 {
         out!("failures in a row: {}", status.consecutive_failures);
     }
+    if let Some(e) = &status.reconcile_error {
+        out!("reconcile error: {e}");
+    }
     out!("next poll in: {} s", status.next_poll_in_secs);
+}
+
+/// `stowage status`: the recorded target or device state, then what runs now.
+pub fn status(report: &stowage::commands::status::StatusReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    if let Some(agent) = &report.agent {
+        agent_lines(agent);
+    }
+    if let Some(state) = &report.device {
+        out!(
+            "no agent has run; should run: {}",
+            apps_text(&state.running)
+        );
+        out!("rollback copy: {}", apps_text(&state.previous));
+    }
+    match &report.docker_error {
+        Some(e) => out!("running now:  unknown ({e})"),
+        None if report.live_apps.is_empty() => out!("running now:  no app is installed"),
+        None => {
+            out!("running now:");
+            for app in &report.live_apps {
+                let down: Vec<String> = app
+                    .services
+                    .iter()
+                    .filter(|s| !s.is_up())
+                    .map(|s| format!("{}: {}", s.service, s.why_down()))
+                    .collect();
+                let detail = if down.is_empty() {
+                    format!("{} services up", app.services.len())
+                } else {
+                    down.join(", ")
+                };
+                out!("  {:<20} {:<9} {detail}", app.name, app.state);
+            }
+        }
+    }
+    if let Some(restart) = &report.last_restart {
+        restart_line(restart);
+    }
     Ok(())
 }
 
-pub fn device_state(state: &stowage::update::transaction::DeviceState, json: bool) -> Result<()> {
+fn restart_line(restart: &stowage::update::reconcile::Restart) {
+    out!(
+        "last restart: {} at {} (unix time), because {}",
+        restart.app,
+        restart.at,
+        restart.why.join(", ")
+    );
+}
+
+fn reconcile_lines(report: &stowage::update::reconcile::ReconcileReport) {
+    use stowage::update::reconcile::Action;
+    for app in &report.apps {
+        let what = match &app.action {
+            Action::Running => "running".to_string(),
+            Action::Started { attempt, why } => {
+                format!("started again (try {attempt}): {}", why.join(", "))
+            }
+            Action::Waiting {
+                reconciliations_left,
+            } => format!("down; next try in {reconciliations_left} reconciliations"),
+            Action::GaveUp { attempts, why } => {
+                format!(
+                    "FAILED after {attempts} tries, left down: {}",
+                    why.join(", ")
+                )
+            }
+            Action::Error { error } => format!("cannot start it: {error}"),
+        };
+        out!("{:<20} {:<9} {what}", app.name, app.state);
+    }
+}
+
+/// `stowage reconcile`: what it did with each app.
+pub fn reconcile(report: &stowage::update::reconcile::ReconcileReport, json: bool) -> Result<()> {
     if json {
-        out!("{}", serde_json::to_string_pretty(state)?);
+        out!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    out!("no agent has run; running: {}", apps_text(&state.running));
-    out!("rollback copy: {}", apps_text(&state.previous));
+    if report.apps.is_empty() {
+        out!("no app should run");
+    }
+    reconcile_lines(report);
+    if let Some(restart) = &report.last_restart {
+        restart_line(restart);
+    }
     Ok(())
 }
 

@@ -1,21 +1,19 @@
 //! `stowage publish` and `stowage inspect` against the real registry, dockerd
 //! and skopeo.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Two images sharing a busybox base, pushed to `registry`; returns their
 /// names in the registry.
 fn push_two_images(registry: &Registry, name: &str) -> (String, String) {
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base_image = busybox_image(&base);
     let web_local = format!("{name}-web:1");
-    build_image(
+    let _web_local_image = build_image(
         &web_local,
         &base,
         &[("index.html", b"<h1>hello</h1>".to_vec())],
@@ -219,9 +217,19 @@ fn publishing_the_same_project_twice_gives_the_same_digest() {
     .unwrap();
     let target = format!("{}/{name}/app:v1", registry.host());
     let first = last_line(&run_ok(&mut publish(&registry, app.path(), &target, &[])));
-    // Touch every file: mtimes must not change the bundle.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    std::fs::write(app.path().join("config.ini"), "a=1\n").unwrap();
+    // Every file rewritten with other times: mtimes must not change the bundle.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    for entry in std::fs::read_dir(app.path()).unwrap().flatten() {
+        if entry.file_type().unwrap().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            std::fs::write(entry.path(), bytes).unwrap();
+            let file = std::fs::File::options()
+                .write(true)
+                .open(entry.path())
+                .unwrap();
+            file.set_modified(later).unwrap();
+        }
+    }
     let second = last_line(&run_ok(&mut publish(&registry, app.path(), &target, &[])));
     assert_eq!(first, second);
 }
@@ -466,7 +474,7 @@ fn authenticated_registry_uses_docker_config_credentials() {
     });
     let name = unique("auth");
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base_image = busybox_image(&base);
     let image = format!("{}/{name}/base:1", registry.host());
     push_image(&base, &image);
     let app = temp_dir("app-");
@@ -523,7 +531,7 @@ fn https_registry_is_trusted_through_the_ca_file() {
     let ca = registry.ca_file().expect("a TLS registry has a CA file");
     let name = unique("tls");
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base_image = busybox_image(&base);
     let image = format!("{}/{name}/base:1", registry.host());
     push_image(&base, &image);
     let app = temp_dir("app-");
@@ -547,11 +555,8 @@ fn https_registry_is_trusted_through_the_ca_file() {
         format!("ca_file = {:?}\n", ca.display().to_string()),
     )
     .unwrap();
-    let mut cmd = stowage();
-    cmd.args(["publish", "--dir"])
-        .arg(app.path())
-        .arg("--config")
-        .arg(&config);
+    let mut cmd = stowage_with_config(&config);
+    cmd.args(["publish", "--dir"]).arg(app.path());
     cmd.arg(format!("{}/{name}/app:v2", registry.host()));
     assert!(last_line(&run_ok(&mut cmd)).contains("@sha256:"));
 
@@ -594,12 +599,12 @@ fn predicted_usage_matches_a_real_docker_pull_within_two_percent() {
     let registry = Registry::start();
     let name = unique("usage");
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let base_image = busybox_image(&base);
     let local = format!("{name}-files:1");
-    many_files_image(&local, &base, 1200, 7);
+    let local_image = many_files_image(&local, &base, 1200, 7);
     let image = format!("{}/{name}/files:1", registry.host());
     push_image(&local, &image);
-    remove_image(&local);
+    drop(local_image);
     let app = temp_dir("app-");
     write_app(
         app.path(),
@@ -639,5 +644,5 @@ fn predicted_usage_matches_a_real_docker_pull_within_two_percent() {
     );
     assert!(error <= 0.02, "predicted {predicted}, grew {grown}");
     drop(dockerd);
-    remove_image(&base);
+    drop(base_image);
 }

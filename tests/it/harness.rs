@@ -1,12 +1,13 @@
 //! The harness proves itself: each service and helper every other test relies on is
 //! exercised for real here, so that a broken harness fails in one obvious place.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
-const BUSYBOX: &str = "stowage-test/busybox:harness";
+/// A busybox image of the test's own, removed when the test ends.
+fn busybox() -> LocalImage {
+    busybox_image(&format!("stowage-test/{}:1", unique("busybox")))
+}
 
 fn http_status(registry: &Registry, extra: &[&str], url: &str) -> String {
     let mut cmd = Command::new("curl");
@@ -53,13 +54,13 @@ fn unique_names_differ_and_are_valid_repository_names() {
 
 #[test]
 fn registry_answers_and_keeps_its_content_across_stop_and_restart() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let mut registry = Registry::start();
     let v2 = format!("{}/v2/", registry.url());
     assert_eq!(http_status(&registry, &[], &v2), "200");
 
     let dest = format!("{}/{}:v1", registry.host(), unique("survivor"));
-    let digest = push_image(BUSYBOX, &dest);
+    let digest = push_image(busybox.tag(), &dest);
 
     registry.stop();
     let down = run_output(Command::new("curl").args(["-sS", "--max-time", "5", &v2]));
@@ -94,11 +95,11 @@ fn many_registries_start_in_parallel_on_distinct_ports() {
 
 #[test]
 fn built_image_pushed_is_visible_to_skopeo_with_one_layer_per_file() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let tag = format!("stowage-test/{}:1", unique("built"));
-    build_image(
+    let built = build_image(
         &tag,
-        BUSYBOX,
+        busybox.tag(),
         &[
             ("/app/config.txt", b"hello\n".to_vec()),
             ("/app/data/blob.bin", vec![7u8; 100_000]),
@@ -129,15 +130,15 @@ fn built_image_pushed_is_visible_to_skopeo_with_one_layer_per_file() {
     let inspect = json(inspect.as_bytes());
     assert_eq!(inspect["Architecture"], "amd64");
     assert_eq!(inspect["Digest"], digest.as_str());
-    remove_image(&tag);
+    drop(built);
 }
 
 #[test]
 fn multiarch_index_has_exactly_amd64_and_arm64() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let registry = Registry::start();
     let repo = unique("multi");
-    push_image(BUSYBOX, &format!("{}/{repo}:amd64", registry.host()));
+    push_image(busybox.tag(), &format!("{}/{repo}:amd64", registry.host()));
     let index_digest = push_multiarch(&registry, &repo, "latest", "amd64");
 
     let raw = skopeo_inspect_raw(&format!("{}/{repo}:latest", registry.host()));
@@ -206,7 +207,7 @@ fn multiarch_index_has_exactly_amd64_and_arm64() {
 
 #[test]
 fn htpasswd_registry_refuses_anonymous_and_wrong_credentials_and_accepts_good_ones() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let registry = Registry::start_with(RegistryOptions {
         htpasswd: Some(("alice".into(), "s3cret".into())),
         tls: false,
@@ -218,7 +219,7 @@ fn htpasswd_registry_refuses_anonymous_and_wrong_credentials_and_accepts_good_on
 
     // The harness's own tools find the credentials by host.
     let dest = format!("{}/{}:1", registry.host(), unique("private"));
-    let digest = push_image(BUSYBOX, &dest);
+    let digest = push_image(busybox.tag(), &dest);
     assert_eq!(sha256_digest(&skopeo_inspect_raw(&dest)), digest);
 
     // A Docker config with those credentials, as stowage will read it.
@@ -236,7 +237,7 @@ fn htpasswd_registry_refuses_anonymous_and_wrong_credentials_and_accepts_good_on
 
 #[test]
 fn tls_registry_serves_with_the_ca_file_and_is_refused_without_it() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let registry = Registry::start_with(RegistryOptions {
         htpasswd: None,
         tls: true,
@@ -259,7 +260,7 @@ fn tls_registry_serves_with_the_ca_file_and_is_refused_without_it() {
     );
 
     let dest = format!("{}/{}:1", registry.host(), unique("tls"));
-    let digest = push_image(BUSYBOX, &dest);
+    let digest = push_image(busybox.tag(), &dest);
     assert_eq!(sha256_digest(&skopeo_inspect_raw(&dest)), digest);
 }
 
@@ -317,7 +318,7 @@ fn tmpfs_volume_has_the_requested_size() {
 
 #[test]
 fn private_dockerd_answers_with_its_data_root_and_runs_containers() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let volume = LoopVolume::new(512);
     let data_root = volume.path().join("docker");
     let dockerd = PrivateDockerd::start(&data_root);
@@ -332,14 +333,14 @@ fn private_dockerd_answers_with_its_data_root_and_runs_containers() {
 
     // An image loaded into it lands on the volume, and a container runs.
     let used_before = volume.stats().used_bytes();
-    dockerd.load_from_default(BUSYBOX);
+    dockerd.load_from_default(busybox.tag());
     assert!(volume.stats().used_bytes() > used_before + 1_000_000);
     let said = run_ok(dockerd.docker().args([
         "run",
         "--rm",
         "--network",
         "none",
-        BUSYBOX,
+        busybox.tag(),
         "echo",
         "hello from the private engine",
     ]));
@@ -358,9 +359,9 @@ fn private_dockerd_answers_with_its_data_root_and_runs_containers() {
 
 #[test]
 fn many_files_image_has_over_a_thousand_files_of_varied_sizes() {
-    busybox_image(BUSYBOX);
+    let busybox = busybox();
     let tag = format!("stowage-test/{}:1", unique("many"));
-    many_files_image(&tag, BUSYBOX, 1200, 42);
+    let _many = many_files_image(&tag, busybox.tag(), 1200, 42);
     let listing = run_ok(Command::new("docker").args([
         "run",
         "--rm",
@@ -400,5 +401,4 @@ fn many_files_image_has_over_a_thousand_files_of_varied_sizes() {
     ]));
     let kib: u64 = du.split_whitespace().next().unwrap().parse().unwrap();
     assert!(kib > 5_000 && kib < 100_000, "{kib} KiB");
-    remove_image(&tag);
 }

@@ -4,133 +4,12 @@
 //! Every app is pulled while the registry runs, then the registry is stopped:
 //! everything after works from the blob store alone.
 
-mod common;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::docker_device::*;
+use crate::common::*;
 use serde_json::Value;
-
-/// Local images built on the default dockerd for a test, removed at the end.
-#[derive(Default)]
-struct LocalImages(Vec<String>);
-
-impl LocalImages {
-    fn busybox(&mut self, tag: &str) {
-        busybox_image(tag);
-        self.0.push(tag.to_string());
-    }
-
-    fn build(&mut self, tag: &str, base: &str, files: &[(&str, Vec<u8>)]) {
-        build_image(tag, base, files, "CMD [\"sleep\", \"3600\"]");
-        self.0.push(tag.to_string());
-    }
-}
-
-impl Drop for LocalImages {
-    fn drop(&mut self) {
-        for tag in self.0.iter().rev() {
-            // A busy engine sometimes refuses at first: try again.
-            for _ in 0..3 {
-                remove_image(tag);
-                let left = Command::new("docker")
-                    .args(["image", "inspect", tag])
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-                if !left {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-    }
-}
-
-/// Bytes that do not compress, so that layers have a real size.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// A device: a root for stowage and the engine it talks to.
-struct Device {
-    root: PathBuf,
-    registry: String,
-    docker_host: String,
-    /// A config file, when the test sets fit policy.
-    config: Option<PathBuf>,
-}
-
-impl Device {
-    fn stowage(&self, args: &[&str]) -> Command {
-        let mut cmd = stowage();
-        cmd.env("DOCKER_HOST", &self.docker_host)
-            .env_remove("STOWAGE_ROOT")
-            .arg("--root")
-            .arg(&self.root)
-            .args(self.config.iter().flat_map(|c| [Path::new("--config"), c]))
-            .args(["--insecure-registry", &self.registry])
-            .args(args);
-        cmd
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        run_ok(&mut self.stowage(args))
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut full = vec!["--json"];
-        full.extend_from_slice(args);
-        let out = self.ok(&full);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-    }
-}
-
-/// A config that lets an update fill the shared test machine's disk up to
-/// 99%: these tests are about Docker, not about the disk they run on.
-fn lenient_config(dir: &Path) -> Option<PathBuf> {
-    let path = dir.join("stowage.toml");
-    std::fs::write(&path, "watermark = 99\n").unwrap();
-    Some(path)
-}
-
-fn publish(registry: &Registry, compose: &str, target: &str) -> String {
-    let dir = temp_dir("install-app-");
-    let cache = temp_dir("install-cache-");
-    write_app(dir.path(), compose);
-    let out = run_ok(
-        stowage()
-            .arg("publish")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--insecure-registry", &registry.host()])
-            .arg("--cache-dir")
-            .arg(cache.path())
-            .arg(target),
-    );
-    out.lines().last().unwrap_or("").trim().to_string()
-}
-
-/// Images in the private engine, as `REPO:TAG` lines.
-fn engine_images(dockerd: &PrivateDockerd) -> Vec<String> {
-    run_ok(
-        dockerd
-            .docker()
-            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"]),
-    )
-    .lines()
-    .map(str::to_string)
-    .collect()
-}
 
 fn images_of(report: &Value) -> &Vec<Value> {
     report["images"].as_array().expect("images in the report")
@@ -138,23 +17,6 @@ fn images_of(report: &Value) -> &Vec<Value> {
 
 fn sum(images: &[Value], key: &str) -> u64 {
     images.iter().map(|i| i[key].as_u64().unwrap_or(0)).sum()
-}
-
-fn app_state<'a>(ps: &'a Value, name: &str) -> &'a Value {
-    ps.as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in ps: {ps}"))
-}
-
-/// Three services on one base: web and worker with a layer of their own
-/// each, db the base alone. Services use no network, so the private dockerd
-/// needs no bridge.
-fn three_service_compose(web: &str, worker: &str, db: &str) -> String {
-    format!(
-        "services:\n  web:\n    image: {web}\n    network_mode: none\n  worker:\n    image: {worker}\n    network_mode: none\n  db:\n    image: {db}\n    network_mode: none\n    command: [\"sleep\", \"3600\"]\n"
-    )
 }
 
 #[test]
@@ -396,13 +258,10 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
     let base = format!("{name}-base:1");
     local.busybox(&base);
     let data_local = format!("{name}-data:1");
-    many_files_image(
-        &data_local,
-        &base,
-        1500,
-        0x5eed ^ u64::from(std::process::id()),
-    );
-    local.0.push(data_local.clone());
+    // The data layer's files and sizes follow the seed.
+    local
+        .0
+        .push(many_files_image(&data_local, &base, 1500, test_seed()));
     let data = format!("{host}/{name}/data:1");
     push_image(&data_local, &data);
     let app = publish(
@@ -669,111 +528,4 @@ fn a_bundle_that_escapes_its_directory_or_is_too_big_is_refused_and_nothing_is_e
         );
         assert!(!device.root.join("state/installed.json").exists(), "{tag}");
     }
-}
-
-#[test]
-fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running() {
-    let mut registry = Registry::start();
-    let name = unique("kill");
-    let host = registry.host();
-    let mut local = LocalImages::default();
-    let base = format!("{name}-base:1");
-    local.busybox(&base);
-    let web_local = format!("{name}-web:1");
-    local.build(&web_local, &base, &[("/srv/web.bin", noise(7, 4_000_000))]);
-    let worker_local = format!("{name}-worker:1");
-    local.build(
-        &worker_local,
-        &base,
-        &[("/opt/job.bin", noise(8, 2_000_000))],
-    );
-    let [web, worker, db] = ["web", "worker", "db"].map(|s| format!("{host}/{name}/{s}:1"));
-    push_image(&web_local, &web);
-    push_image(&worker_local, &worker);
-    push_image(&base, &db);
-    let app = publish(
-        &registry,
-        &three_service_compose(&web, &worker, &db),
-        &format!("{host}/{name}/app:1"),
-    );
-    let work = temp_dir("install-kill-");
-    let dockerd = PrivateDockerd::start(&work.path().join("docker"));
-    let device = Device {
-        root: work.path().join("root"),
-        registry: host.clone(),
-        docker_host: dockerd.host(),
-        config: lenient_config(work.path()),
-    };
-    device.ok(&["pull", &app]);
-    registry.stop();
-
-    // Undo what runs did, by hand, as a user or a lost data root would.
-    let reset = |what: u64| {
-        let ids = run_ok(dockerd.docker().args(["ps", "-aq"]));
-        let ids: Vec<&str> = ids.split_whitespace().collect();
-        if !ids.is_empty() {
-            run_ok(dockerd.docker().args(["rm", "-f"]).args(&ids));
-        }
-        if what == 0 {
-            let tags: Vec<String> = engine_images(&dockerd)
-                .into_iter()
-                .filter(|t| t.contains(":stowage-sha256-"))
-                .collect();
-            if !tags.is_empty() {
-                run_ok(dockerd.docker().arg("rmi").args(&tags));
-            }
-        }
-        if what == 1 {
-            let _ = std::fs::remove_dir_all(device.root.join("apps/app"));
-        }
-    };
-    let started = Instant::now();
-    device.ok(&["run", "app"]);
-    let full_run = started.elapsed();
-
-    let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(std::process::id());
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    const KILLS: usize = 30;
-    let killing = Instant::now();
-    for kills in 1..=KILLS {
-        if kills % 2 == 1 {
-            reset(next() % 3);
-        }
-        let mut child = device
-            .stowage(&["run", "app"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Half the kills land in the first second, where install extracts
-        // and loads; the rest anywhere in a full run, compose's `up` included.
-        let window = if next() % 2 == 0 {
-            1000
-        } else {
-            full_run.as_millis() as u64
-        };
-        let delay = Duration::from_millis(next() % (window + 1));
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        let _ = child.wait();
-        if kills % 10 == 0 {
-            device.ok(&["run", "app"]);
-            assert_eq!(app_state(&device.json(&["ps"]), "app")["state"], "running");
-        }
-    }
-    eprintln!(
-        "killed `stowage run` {KILLS} times in {:?} (a full run from scratch takes {full_run:?})",
-        killing.elapsed()
-    );
-    device.ok(&["run", "app"]);
-    let ps = device.json(&["ps"]);
-    let state = app_state(&ps, "app");
-    assert_eq!(state["state"], "running", "{ps}");
-    assert_eq!(state["services"].as_array().unwrap().len(), 3, "{ps}");
-    device.ok(&["fsck"]);
 }

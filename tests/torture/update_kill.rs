@@ -12,10 +12,7 @@
 //! alternate between v1 -> v2, v2 -> v1, and v1|v2 -> v3 whose service exits
 //! at once (so the kill may land in its rollback); a quarter of the time
 //! the recovering agent is killed as well before it is started again. The RNG
-//! seed is printed;
-//! `STOWAGE_KILL_SEED=N` replays a run.
-
-mod common;
+//! seed is printed; `STOWAGE_TEST_SEED=N` replays a run.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -23,25 +20,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
-
-/// A seeded, reproducible RNG (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// One version of the app: its pinned reference and the local image tag
 /// each of its services runs.
@@ -143,35 +123,26 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
     let name = unique("kill");
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
-    let seed = std::env::var("STOWAGE_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("STOWAGE_KILL_SEED={seed}");
+    let seed = test_seed();
     let budget = Duration::from_secs(
         std::env::var("STOWAGE_KILL_BUDGET_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(180),
     );
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     // `sleep` as PID 1 ignores SIGTERM: a short grace period keeps a stop
     // from taking compose's default 10 s (an update stops two services).
     // Every service of each version has an image of its own, so the running
     // images say exactly which version each container belongs to.
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_local_image = busybox_image(&base_local);
     let mut pushed = BTreeMap::new();
     for service in ["web", "db"] {
         for v in ["1", "2"] {
             let local = format!("{name}-{service}:{v}");
-            build_image(
+            let local_image = build_image(
                 &local,
                 &base_local,
                 &[(
@@ -182,7 +153,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
             );
             let remote = format!("{host}/{name}/{service}:{v}");
             let digest = push_image(&local, &remote);
-            remove_image(&local);
+            drop(local_image);
             let hex = digest.trim_start_matches("sha256:").to_string();
             pushed.insert(
                 (service, v),
@@ -193,7 +164,7 @@ fn updates_killed_at_random_moments_leave_one_whole_version_running() {
             );
         }
     }
-    remove_image(&base_local);
+    drop(base_local_image);
     let publish = |label: &'static str, v: &str, web_command: &str| {
         let (web, web_tag) = pushed[&("web", v)].clone();
         let (db, db_tag) = pushed[&("db", v)].clone();

@@ -1,15 +1,12 @@
 //! The hostile registry used by the pull tests does what each behaviour says,
 //! as seen by `curl`: statuses, headers, byte counts, and its own log.
 
-#[path = "common/hostile.rs"]
-mod hostile;
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
 
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
-
-use hostile::{Behaviour, HostileRegistry};
+use crate::common::Registry;
+use crate::common::hostile::{Behaviour, HostileRegistry};
 use stowage::Digest;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -126,7 +123,7 @@ fn an_honest_registry_serves_a_blob_whole_from_an_offset_and_by_head() {
     let other_repo = curl(&registry, &blob_path("apps/other", &digest), &[]);
     assert_eq!(other_repo.status, 404);
 
-    let log = registry.requests();
+    let log = registry.idle().requests();
     let summary: Vec<(&str, u16, Option<&str>, u64)> = log
         .iter()
         .map(|r| {
@@ -153,7 +150,7 @@ fn an_honest_registry_serves_a_blob_whole_from_an_offset_and_by_head() {
     assert_eq!(log[1].path, path);
     assert_eq!(log[1].digest.as_ref(), Some(&digest));
     assert_eq!(log[6].digest, None, "a 404 is about no content");
-    assert_eq!(registry.bytes_sent_for(&digest), 1000 + 600 + 10);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 1000 + 600 + 10);
 }
 
 #[test]
@@ -220,7 +217,7 @@ fn manifests_are_served_by_tag_and_by_digest_with_their_media_type() {
         404
     );
 
-    let log = registry.requests();
+    let log = registry.idle().requests();
     assert_eq!(
         log[0].digest.as_ref(),
         Some(&digest),
@@ -228,7 +225,7 @@ fn manifests_are_served_by_tag_and_by_digest_with_their_media_type() {
     );
     assert_eq!(log[0].accept.as_deref(), Some(OCI_MANIFEST));
     assert_eq!(
-        registry.bytes_sent_for(&digest),
+        registry.idle().bytes_sent_for(&digest),
         2 * manifest.len() as u64,
         "two GETs, HEADs send no body"
     );
@@ -254,7 +251,7 @@ fn send_more_sends_extra_bytes_that_content_length_counts() {
     assert_eq!(rest.header("Content-Range"), Some("bytes 500-999/1000"));
     assert_eq!(rest.body.len(), 517);
     assert_eq!(rest.body[..500], blob[500..]);
-    assert_eq!(registry.bytes_sent_for(&digest), 1017 + 517);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 1017 + 517);
 }
 
 #[test]
@@ -272,12 +269,12 @@ fn send_fewer_closes_the_connection_short_every_time() {
         assert_eq!(cut.header("Content-Length"), Some("1000"));
         assert_eq!(cut.body, blob[..300]);
     }
-    let log = registry.requests();
+    let log = registry.idle().requests();
     assert!(
         log.iter()
             .all(|r| r.content_length == 1000 && r.bytes_sent == 300)
     );
-    assert_eq!(registry.bytes_sent_for(&digest), 600);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 600);
 }
 
 #[test]
@@ -369,7 +366,7 @@ fn drop_after_cuts_the_first_attempt_and_a_resume_then_completes() {
     joined.extend_from_slice(&resumed.body);
     assert_eq!(joined, blob);
     assert_eq!(
-        registry.bytes_sent_for(&digest),
+        registry.idle().bytes_sent_for(&digest),
         1000,
         "the blob went over the wire exactly once"
     );
@@ -379,18 +376,23 @@ fn drop_after_cuts_the_first_attempt_and_a_resume_then_completes() {
 }
 
 #[test]
-fn slow_paces_the_body() {
+fn slow_paces_the_body_in_slices_and_honest_sends_it_at_once() {
     let registry = HostileRegistry::start();
     let blob = pattern(2000);
     let digest = registry.add_blob("r", blob.clone());
-    registry.set_blob_behaviour(&digest, Behaviour::Slow(10_000));
+    let path = blob_path("r", &digest);
 
-    let started = Instant::now();
-    let got = curl(&registry, &blob_path("r", &digest), &[]);
-    let took = started.elapsed();
-    assert_eq!(got.body, blob);
-    // 500-byte slices every 50 ms: at least three pauses.
-    assert!(took >= Duration::from_millis(150), "took {took:?}");
+    assert_eq!(curl(&registry, &path, &[]).body, blob);
+    registry.set_blob_behaviour(&digest, Behaviour::Slow(10_000));
+    assert_eq!(curl(&registry, &path, &[]).body, blob);
+    // 10,000 bytes a second go out in slices of a twentieth: 500 bytes.
+    let writes: Vec<u64> = registry
+        .idle()
+        .requests()
+        .iter()
+        .map(|r| r.body_writes)
+        .collect();
+    assert_eq!(writes, [1, 4]);
 }
 
 #[test]
@@ -417,14 +419,11 @@ fn a_slow_download_can_be_killed_half_way_and_the_log_shows_where() {
     download.kill().unwrap();
     download.wait().unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let cut = loop {
-        if let Some(entry) = registry.requests().pop() {
-            break entry;
-        }
-        assert!(Instant::now() < deadline, "the server never noticed");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    assert!(
+        registry.wait_until_idle(Duration::from_secs(10)),
+        "the server never noticed"
+    );
+    let cut = registry.requests().pop().expect("the cut answer is logged");
     assert_eq!(cut.content_length, 20_000);
     assert!(
         (3000..20_000).contains(&cut.bytes_sent),
@@ -454,7 +453,7 @@ fn huge_manifest_is_padded_to_the_size_asked() {
         got.header("Docker-Content-Digest"),
         Some(Digest::of(&got.body).to_string().as_str())
     );
-    assert_eq!(registry.bytes_sent_for(&digest), 10 << 20);
+    assert_eq!(registry.idle().bytes_sent_for(&digest), 10 << 20);
 }
 
 #[test]
@@ -651,147 +650,32 @@ fn mirror_refuses_a_source_that_lacks_or_corrupts_what_the_app_names() {
     assert!(error.to_string().contains("404"), "{error}");
 }
 
-/// A real docker-registry on a free port, storing in a temp dir; killed by pid.
-struct RealRegistry {
-    child: Child,
-    host: String,
-    _dir: tempfile::TempDir,
-}
-
-impl RealRegistry {
-    fn start() -> RealRegistry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let host = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&host).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RealRegistry {
-            child,
-            host,
-            _dir: dir,
-        }
-    }
-
-    fn push_blob(&self, repo: &str, bytes: &[u8], dir: &Path) -> Digest {
-        let digest = Digest::of(bytes);
-        let file = dir.join(digest.hex());
-        std::fs::write(&file, bytes).unwrap();
-        let started = curl_at(
-            &self.host,
-            &format!("/v2/{repo}/blobs/uploads/"),
-            &["-X", "POST"],
-        );
-        assert_eq!(started.status, 202);
-        let location = started.header("Location").unwrap();
-        let url = format!("{location}&digest={digest}");
-        let status = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-            .args(["-H", "Content-Type: application/octet-stream"])
-            .arg("--data-binary")
-            .arg(format!("@{}", file.display()))
-            .arg(url)
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&status.stdout), "201");
-        digest
-    }
-
-    fn push_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        bytes: &[u8],
-        dir: &Path,
-    ) {
-        let file = dir.join("manifest");
-        std::fs::write(&file, bytes).unwrap();
-        let status = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-            .args(["-H", &format!("Content-Type: {media_type}")])
-            .arg("--data-binary")
-            .arg(format!("@{}", file.display()))
-            .arg(format!(
-                "http://{}/v2/{repo}/manifests/{reference}",
-                self.host
-            ))
-            .output()
-            .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&status.stdout),
-            "201",
-            "{reference}"
-        );
-    }
-}
-
-impl Drop for RealRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn mirror_copies_an_image_index_from_the_real_docker_registry() {
-    let real = RealRegistry::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = real.push_blob(
-        "library/web",
-        br#"{"architecture":"amd64","os":"linux"}"#,
-        dir.path(),
-    );
-    let layer = real.push_blob("library/web", &pattern(4096), dir.path());
+    let real = Registry::start();
+    let config = real.upload_blob("library/web", br#"{"architecture":"amd64","os":"linux"}"#);
+    let layer = real.upload_blob("library/web", &pattern(4096));
     // Pretty-printed on purpose: the registry must keep the exact bytes.
     let image = format!(
         "{{\n  \"schemaVersion\": 2,\n  \"mediaType\": \"{OCI_MANIFEST}\",\n  \"config\": {{\"mediaType\": \"application/vnd.oci.image.config.v1+json\", \"digest\": \"{config}\", \"size\": 38}},\n  \"layers\": [{{\"mediaType\": \"application/vnd.oci.image.layer.v1.tar\", \"digest\": \"{layer}\", \"size\": 4096}}]\n}}\n"
     );
     let image_digest = Digest::of(image.as_bytes());
-    real.push_manifest(
+    real.put_manifest(
         "library/web",
         &image_digest.to_string(),
         OCI_MANIFEST,
         image.as_bytes(),
-        dir.path(),
     );
     let index = format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{image_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
         image.len()
     );
-    real.push_manifest(
-        "library/web",
-        "1.0",
-        OCI_INDEX,
-        index.as_bytes(),
-        dir.path(),
-    );
+    real.put_manifest("library/web", "1.0", OCI_INDEX, index.as_bytes());
+    let (config, layer): (Digest, Digest) = (config.parse().unwrap(), layer.parse().unwrap());
 
     let mirror = HostileRegistry::start();
     let index_digest = mirror
-        .mirror_from(&real.host, "library/web", "1.0")
+        .mirror_from(&real.host(), "library/web", "1.0")
         .unwrap();
     assert_eq!(index_digest, Digest::of(index.as_bytes()));
     assert_eq!(

@@ -1,7 +1,7 @@
-//! What the device-side tests (`pull.rs`, `pull_hostile.rs`, `pull_kill.rs`)
-//! share: an app built from locally made images and published with
-//! `stowage publish`, a `stowage` command aimed at one device root, and
-//! looks into the store's files. Included with `#[path]` beside `mod common;`.
+//! What the device-side tests (`it::pull`, `it::pull_hostile`,
+//! `torture::pull_kill`) share: an app built from locally made images and
+//! published with `stowage publish`, a `stowage` command aimed at one device
+//! root, and looks into the store's files.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -12,29 +12,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-/// Incompressible bytes, the same for the same seed (so a layer's gzip is
-/// about as large as the file it holds, and two seeds never share a layer).
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(0x2545_F491_4F6C_DD1D);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn seed_of(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// Builds one image per service (a shared busybox base, plus one layer of
 /// `size` noise bytes when `size > 0`), pushes them to the registry at
 /// `host` as `NAME/SERVICE:1`, writes a compose file naming them, publishes
@@ -42,24 +19,24 @@ fn seed_of(text: &str) -> u64 {
 /// app reference stowage printed (`HOST/NAME@sha256:...`).
 pub fn publish_app(host: &str, name: &str, tag: &str, services: &[(&str, usize)]) -> String {
     let base = format!("{name}-base:1");
-    busybox_image(&base);
+    let _base = busybox_image(&base);
     let mut compose = String::from("services:\n");
     for (service, size) in services {
         let local = format!("{name}-{service}:1");
-        if *size > 0 {
+        let image = if *size > 0 {
             let bytes = noise(seed_of(&format!("{name}/{service}")), *size);
             build_image(
                 &local,
                 &base,
                 &[(&format!("/data/{service}.bin"), bytes)],
                 "",
-            );
+            )
         } else {
-            run_ok(Command::new("docker").args(["tag", &base, &local]));
-        }
+            tag_image(&base, &local)
+        };
         let remote = format!("{host}/{name}/{service}:1");
         push_image(&local, &remote);
-        remove_image(&local);
+        drop(image);
         compose.push_str(&format!("  {service}:\n    image: {remote}\n"));
     }
     let dir = temp_dir("stowage-app-");

@@ -3,18 +3,14 @@
 //! a device root on a small loop-mounted ext4 volume where space matters,
 //! skopeo reading the store, and the machine's dockerd asked what it holds.
 
-mod common;
-#[path = "pull_support/mod.rs"]
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::device::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use stowage::Digest;
 use stowage::store::Store;
-use support::*;
 
 const MIB: usize = 1024 * 1024;
 
@@ -582,9 +578,7 @@ fn out_of_range_settings_are_refused_by_name_before_anything_is_fetched() {
     let config = dir.path().join("stowage.toml");
     std::fs::write(&config, "jobs = 0\n").unwrap();
     let out = run_output(
-        stowage()
-            .arg("--config")
-            .arg(&config)
+        stowage_with_config(&config)
             .arg("--root")
             .arg(&root)
             .args(["pull", app]),

@@ -4,22 +4,15 @@
 //! that every moment of a download can be hit; the store must end complete
 //! and verified, and no blob may be fetched twice in full.
 
-mod common;
-#[path = "common/hostile.rs"]
-mod hostile;
-#[path = "pull_support/mod.rs"]
-mod support;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use hostile::{Behaviour, HostileRegistry};
-use rand::RngExt;
+use crate::common::device::*;
+use crate::common::hostile::{Behaviour, HostileRegistry};
+use crate::common::*;
 use serde_json::Value;
 use stowage::Digest;
-use support::*;
 
 const MIB: usize = 1024 * 1024;
 
@@ -65,18 +58,16 @@ impl SlowApp {
             .unwrap()
     }
 
-    /// Waits until the registry has stopped writing to connections a
-    /// killed pull left behind (a dead socket takes a moment to refuse).
+    /// Waits until the registry has finished every answer, those to a
+    /// killed pull included (it notices a dead socket at its next write),
+    /// and returns what it sent per layer.
     fn settle(&self) -> Vec<u64> {
-        let mut last = self.sent();
-        loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let now = self.sent();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
+        assert!(
+            self.registry.wait_until_idle(Duration::from_secs(60)),
+            "the registry still writes to a killed pull after a minute: {:?}",
+            self.registry.requests().last()
+        );
+        self.sent()
     }
 
     fn sent(&self) -> Vec<u64> {
@@ -225,7 +216,7 @@ fn pulls_killed_at_random_moments_end_in_a_complete_verified_store_with_nothing_
     let scratch = temp_dir("stowage-kill-");
     let root = scratch.path().join("root");
 
-    let mut rng = rand::rng();
+    let mut rng = Rng::new(test_seed());
     // Per layer: the runs killed while it was being downloaded.
     let mut interrupted = vec![0u64; app.layers.len()];
     let started = Instant::now();
@@ -233,7 +224,7 @@ fn pulls_killed_at_random_moments_end_in_a_complete_verified_store_with_nothing_
     while kills < KILLS {
         let before = app.sent();
         let mut pull = app.start_pull(&root);
-        std::thread::sleep(Duration::from_millis(rng.random_range(200..1000)));
+        std::thread::sleep(Duration::from_millis(rng.range(200..1000)));
         if pull.try_wait().unwrap().is_some() {
             break; // finished before the kill: nothing left to interrupt
         }

@@ -9,33 +9,15 @@
 //! an image is loaded, and what an honest install loads is removed by
 //! [`AppCleanup`].
 
-mod common;
-#[path = "common/hostile.rs"]
-mod hostile;
-#[path = "pull_support/mod.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::*;
+use crate::common::device as support;
+use crate::common::hostile;
+use crate::common::*;
 use serde_json::Value;
-
-/// Incompressible bytes, the same for the same seed.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// What a file is, for [`snapshot`]: kind, content or link target, mode, uid, gid.
 type FileState = (char, Vec<u8>, u32, u32, u32);
@@ -88,15 +70,6 @@ fn plant_victims(work: &Path) -> PathBuf {
     std::fs::create_dir(victim.join("dir")).unwrap();
     std::fs::set_permissions(victim.join("dir"), std::fs::Permissions::from_mode(0o755)).unwrap();
     victim
-}
-
-/// A local image tag removed again when the test ends.
-struct LocalImage(String);
-
-impl Drop for LocalImage {
-    fn drop(&mut self) {
-        remove_image(&self.0);
-    }
 }
 
 /// One bundle entry: name, kind, link target, content.
@@ -180,8 +153,7 @@ impl Template {
         let name = unique(prefix);
         let host = registry.host();
         let base = format!("{name}-base:1");
-        busybox_image(&base);
-        let image = LocalImage(base.clone());
+        let image = busybox_image(&base);
         let svc = format!("{host}/{name}/svc:1");
         push_image(&base, &svc);
         let dir = temp_dir("security-app-");

@@ -1,11 +1,9 @@
 //! `stowage update`: the whole update as one transaction, against the real
 //! registry, dockerd and docker-compose.
 
-mod common;
-
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn events(out: &Output) -> Vec<Value> {
@@ -47,20 +45,20 @@ fn update_rolls_forward_shares_layers_and_rolls_back_offline() {
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_local_image = busybox_image(&base_local);
     push_image(&base_local, &format!("{host}/{name}/base:1"));
     for v in ["1", "2"] {
         let local = format!("{name}-web:{v}");
-        build_image(
+        let local_image = build_image(
             &local,
             &base_local,
             &[(&format!("v{v}.txt"), vec![b'x'; 200_000 * v.len()])],
             "",
         );
         push_image(&local, &format!("{host}/{name}/web:{v}"));
-        remove_image(&local);
+        drop(local_image);
     }
-    remove_image(&base_local);
+    drop(base_local_image);
     let sleep = "[\"sleep\", \"3600\"]";
     let v1 = publish_version(
         &registry,
@@ -215,9 +213,9 @@ fn an_update_that_does_not_fit_is_refused_and_the_running_app_is_untouched() {
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_local_image = busybox_image(&base_local);
     push_image(&base_local, &format!("{host}/{name}/base:1"));
-    remove_image(&base_local);
+    drop(base_local_image);
     let sleep = "[\"sleep\", \"3600\"]";
     let v1 = publish_version(
         &registry,
@@ -272,9 +270,9 @@ fn offline_update_from_an_export_with_the_registry_stopped() {
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_local_image = busybox_image(&base_local);
     push_image(&base_local, &format!("{host}/{name}/base:1"));
-    remove_image(&base_local);
+    drop(base_local_image);
     let v1 = publish_version(
         &registry,
         &name,

@@ -8,22 +8,16 @@
 //! The app is published straight to the hostile registry (which is honest
 //! while it is published), so every blob a pull fetches comes from it.
 
-mod common;
-#[path = "common/hostile.rs"]
-mod hostile;
-#[path = "pull_support/mod.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
 
-use common::*;
-use hostile::{Behaviour, HostileRegistry};
+use crate::common::device::*;
+use crate::common::hostile::{Behaviour, HostileRegistry};
+use crate::common::*;
 use serde_json::Value;
 use stowage::Digest;
 use stowage::store::Store;
-use support::*;
 
 const MIB: usize = 1024 * 1024;
 
@@ -116,6 +110,7 @@ impl HostileApp {
     /// The Range headers of this run's GETs of the layer, with their status.
     fn layer_gets(&self) -> Vec<(Option<String>, u16)> {
         self.registry
+            .idle()
             .requests()
             .into_iter()
             .filter(|r| r.method == "GET" && r.digest.as_ref() == Some(&self.layer))
@@ -206,7 +201,7 @@ fn lying_blob_answers_are_refused_or_survived_and_nothing_unverified_is_committe
         app.layer_gets()[0].0.as_deref(),
         Some(&*format!("bytes={had}-"))
     );
-    assert_eq!(app.registry.bytes_sent_for(&app.layer), size - had);
+    assert_eq!(app.registry.idle().bytes_sent_for(&app.layer), size - had);
     assert!(app.layer_stored(&root));
     assert!(ingest_files(&root).is_empty(), "{:?}", ingest_files(&root));
     app.assert_nothing_unverified(&root);
@@ -258,7 +253,10 @@ fn lying_blob_answers_are_refused_or_survived_and_nothing_unverified_is_committe
         .set_blob_behaviour(&app.layer, Behaviour::Honest);
     app.registry.clear_requests();
     run_ok(device(&root, &host).args(["pull", &app.reference]));
-    assert_eq!(app.registry.bytes_sent_for(&app.layer), size - half as u64);
+    assert_eq!(
+        app.registry.idle().bytes_sent_for(&app.layer),
+        size - half as u64
+    );
     app.assert_nothing_unverified(&root);
 
     // Connections dropped twice mid-blob: resumed within the same pull,
@@ -276,7 +274,7 @@ fn lying_blob_answers_are_refused_or_survived_and_nothing_unverified_is_committe
     let gets = app.layer_gets();
     assert_eq!(gets.len(), 3, "{gets:?}");
     assert_eq!(gets[2].0.as_deref(), Some("bytes=614400-"));
-    assert_eq!(app.registry.bytes_sent_for(&app.layer), size);
+    assert_eq!(app.registry.idle().bytes_sent_for(&app.layer), size);
     assert!(app.layer_stored(&root));
     assert!(ingest_files(&root).is_empty());
     app.assert_nothing_unverified(&root);

@@ -1,12 +1,10 @@
 //! `stowage agent`: a device follows a target published with `stowage target
 //! publish`, against the real registry, dockerd and docker-compose.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A two-service app: `web` from `web_image` (with `web_extra` compose
@@ -62,16 +60,6 @@ fn status(root: &Path, host: &str) -> Value {
     serde_json::from_str(&run_ok(&mut stowage_on(root, host, &["--json", "status"]))).unwrap()
 }
 
-/// The blobs the registry served whose request path contains `part`,
-/// counted from its log.
-fn blob_downloads(registry: &Registry, part: &str) -> usize {
-    let log = std::fs::read_to_string(registry.log_file()).unwrap_or_default();
-    log.lines()
-        .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
-        .filter(|l| l.contains("/blobs/sha256:") && l.contains(part))
-        .count()
-}
-
 /// The digest of the last layer of the image at `reference`.
 fn top_layer(reference: &str) -> String {
     let manifest: Value = serde_json::from_slice(&skopeo_inspect_raw(reference)).unwrap();
@@ -112,21 +100,21 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_image = busybox_image(&base_local);
     let base = format!("{host}/{name}/base:1");
     push_image(&base_local, &base);
     for v in ["1", "2"] {
         let local = format!("{name}-web:{v}");
-        build_image(
+        let web_image = build_image(
             &local,
             &base_local,
             &[(&format!("/v{v}.txt"), vec![b'a' + v.len() as u8; 300_000])],
             "",
         );
         push_image(&local, &format!("{host}/{name}/web:{v}"));
-        remove_image(&local);
+        drop(web_image);
     }
-    remove_image(&base_local);
+    drop(base_image);
     let web = |v: &str| format!("{host}/{name}/web:{v}");
     let v1 = publish_compose_app(&registry, &name, "v1", &two_services(&web("1"), "", &base));
     let v2 = publish_compose_app(&registry, &name, "v2", &two_services(&web("2"), "", &base));
@@ -158,7 +146,7 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     // The same tag now names version 2: the next poll applies it.
     let t2 = publish_target(&host, &target, &[&v2]);
     assert_ne!(t1, t2);
-    let before = blob_downloads(&registry, &format!("/{name}/web/"));
+    let before = registry.log_mark();
     // Run as the systemd unit runs it: stderr to journald, info logs.
     let out = run_output(
         agent_once_command(root.path(), &host, &target, "99")
@@ -185,7 +173,7 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     // The last check's figures: only web's new layer was missing.
     assert_eq!(st["last_check"]["apps"][0]["layers_missing"], 1, "{st}");
     assert!(
-        blob_downloads(&registry, &format!("/{name}/web/")) > before,
+        registry.blob_gets_since(before, &format!("/{name}/web/")) > 0,
         "version 2's new layer was downloaded (the log counts downloads)"
     );
     let images = running_images(&name);
@@ -193,14 +181,17 @@ fn the_agent_follows_its_target_and_rolls_back_an_unhealthy_version() {
     assert!(images.iter().all(|i| i.ends_with(" running")), "{images:?}");
 
     // Polling an unchanged target downloads nothing and touches nothing.
-    let before = blob_downloads(&registry, &format!("/{name}/web/"));
+    let before = registry.log_mark();
     let files_before = store_files(root.path());
     let out = agent_once(root.path(), &host, &target, "99");
     assert_eq!(out.status.code(), Some(0), "{}", say(&out));
     let st = status(root.path(), &host);
     assert_eq!(st["last_result"], "unchanged", "{st}");
     assert_eq!(st["apps"][&name], v2.as_str(), "{st}");
-    assert_eq!(blob_downloads(&registry, &format!("/{name}/web/")), before);
+    assert_eq!(
+        registry.blob_gets_since(before, &format!("/{name}/web/")),
+        0
+    );
     assert_eq!(store_files(root.path()), files_before);
     assert_eq!(running_images(&name), images);
 
@@ -238,23 +229,21 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
     let host = registry.host();
     let _cleanup = AppCleanup::for_app(&host, &name);
     let base_local = format!("{name}-base:1");
-    busybox_image(&base_local);
+    let base_image = busybox_image(&base_local);
     let base = format!("{host}/{name}/base:1");
     push_image(&base_local, &base);
-    // Version 2's web adds 8 MB that does not compress.
+    // Version 2's web adds 8 MB that does not compress, and that no other
+    // test or earlier run has (the machine's dockerd would count it held).
     let web2_local = format!("{name}-web:2");
-    let mut noise = vec![0u8; 8 * 1024 * 1024];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for b in noise.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    build_image(&web2_local, &base_local, &[("/noise.bin", noise)], "");
+    let web2_image = build_image(
+        &web2_local,
+        &base_local,
+        &[("/noise.bin", noise(seed_of(&name), 8 * 1024 * 1024))],
+        "",
+    );
     push_image(&web2_local, &format!("{host}/{name}/web:2"));
-    remove_image(&web2_local);
-    remove_image(&base_local);
+    drop(web2_image);
+    drop(base_image);
     let v1 = publish_compose_app(&registry, &name, "v1", &two_services(&base, "", &base));
     let v2 = publish_compose_app(
         &registry,
@@ -263,6 +252,11 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
         &two_services(&format!("{host}/{name}/web:2"), "", &base),
     );
     let target = format!("{host}/{name}/target:prod");
+    // From here on the registry's log shows the device's downloads only:
+    // publishing v2 read its new layer to analyse it.
+    let published = registry.log_mark();
+    let new_layer = top_layer(&format!("{host}/{name}/web:2"));
+    let downloads_of_new_layer = || registry.blob_gets_since(published, &new_layer);
 
     // The device's root is a small volume of its own.
     let volume = LoopVolume::new(64);
@@ -307,15 +301,14 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
 
     // Polled again while nothing was freed: it waits, and downloads nothing.
     let files_before = store_files(&root);
-    let new_layer = top_layer(&format!("{host}/{name}/web:2"));
-    assert_eq!(blob_downloads(&registry, &new_layer), 0);
+    assert_eq!(downloads_of_new_layer(), 0);
     let out = agent_once(&root, &host, &target, "95");
     assert_eq!(out.status.code(), Some(100), "{}", say(&out));
     let st = status(&root, &host);
     assert_eq!(st["last_result"], "waiting_for_space", "{st}");
     assert_eq!(st["apps"][&name], v1.as_str(), "{st}");
     assert_eq!(store_files(&root), files_before);
-    assert_eq!(blob_downloads(&registry, &new_layer), 0);
+    assert_eq!(downloads_of_new_layer(), 0);
     assert_eq!(running_images(&name), images);
 
     // Space freed: the next poll applies version 2.
@@ -326,7 +319,7 @@ fn the_agent_waits_for_space_without_downloading_then_applies_the_update() {
     assert_eq!(st["last_result"], "committed", "{st}");
     assert_eq!(st["apps"][&name], v2.as_str(), "{st}");
     assert!(st["refused_digest"].is_null(), "{st}");
-    assert_eq!(blob_downloads(&registry, &new_layer), 1);
+    assert_eq!(downloads_of_new_layer(), 1);
     let images = running_images(&name);
     assert_eq!(images.len(), 2, "{images:?}");
     assert!(

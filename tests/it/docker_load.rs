@@ -6,8 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
+use crate::common::{
+    AppCleanup, LocalImage, build_image, busybox_image_of_its_own, noise, run_ok, test_seed, unique,
+};
 use stowage::Digest;
 use stowage::engine::compose::{Compose, ComposeError, ps, write_image_override};
 use stowage::engine::docker::{
@@ -15,101 +18,43 @@ use stowage::engine::docker::{
 };
 use stowage::plan::held::load_temp_bytes;
 
-fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-fn sh(command: &mut Command) -> String {
-    let output = command.output().expect("run command");
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
 fn docker(args: &[&str]) -> String {
-    sh(Command::new("docker").args(args))
+    run_ok(Command::new("docker").args(args)).trim().to_string()
 }
 
-/// Removes, when the test ends however it ends, every image tag and
-/// container the test made.
+/// Removes, when the test ends however it ends, every compose project and
+/// image tag the test made (containers first, then images newest first).
 #[derive(Default)]
 struct Cleanup {
-    images: Vec<String>,
-    projects: Vec<String>,
+    projects: Vec<AppCleanup>,
+    images: Vec<LocalImage>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for project in &self.projects {
-            let ids = Command::new("docker")
-                .args(["ps", "-aq", "--filter"])
-                .arg(format!("label=com.docker.compose.project={project}"))
-                .output();
-            if let Ok(ids) = ids {
-                for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
-                }
-            }
-            let _ = Command::new("docker")
-                .args(["network", "rm", &format!("{project}_default")])
-                .output();
-        }
-        // Newest first, so children go before their parents.
-        for image in self.images.iter().rev() {
-            let _ = Command::new("docker").args(["rmi", image]).output();
+        self.projects.clear();
+        while let Some(image) = self.images.pop() {
+            drop(image);
         }
     }
 }
 
 /// A fresh base image: busybox plus a file that makes its layer unique to
 /// this test, so that parallel tests never share layers.
-fn build_base(dir: &Path, tag: &str, cleanup: &mut Cleanup) {
-    let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "true", "cat", "sleep", "ls"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(rootfs.join("marker"), tag).unwrap();
-    let tarball = dir.join("rootfs.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg("."));
-    cleanup.images.push(tag.to_string());
-    docker(&["import", tarball.to_str().unwrap(), tag]);
+fn build_base(tag: &str, cleanup: &mut Cleanup) {
+    cleanup.images.push(busybox_image_of_its_own(tag));
 }
 
-/// `FROM base` plus one COPY layer per file given.
-fn build_app(dir: &Path, base: &str, tag: &str, files: &[(&str, Vec<u8>)], cleanup: &mut Cleanup) {
-    let context = dir.join(format!("ctx-{}", tag.replace([':', '/'], "-")));
-    std::fs::create_dir_all(&context).unwrap();
-    let mut dockerfile = format!("FROM {base}\n");
-    for (name, bytes) in files {
-        std::fs::write(context.join(name), bytes).unwrap();
-        dockerfile.push_str(&format!("COPY {name} /{name}\n"));
-    }
-    dockerfile.push_str("CMD [\"sleep\", \"600\"]\n");
-    std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
-    cleanup.images.push(tag.to_string());
-    sh(Command::new("docker")
-        .env("DOCKER_BUILDKIT", "0")
-        .args(["build", "-q", "-t", tag])
-        .arg(&context));
+/// `FROM base` plus one COPY layer per file given (at `/NAME`).
+fn build_app(base: &str, tag: &str, files: &[(&str, Vec<u8>)], cleanup: &mut Cleanup) {
+    let files: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(name, bytes)| (format!("/{name}"), bytes.clone()))
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    cleanup
+        .images
+        .push(build_image(tag, base, &files, "CMD [\"sleep\", \"600\"]"));
 }
 
 /// An image as the blob store would hold it: an OCI layout written by skopeo.
@@ -121,7 +66,7 @@ struct StoredImage {
 }
 
 fn export(image: &str, layout: &Path, compression: &str) -> StoredImage {
-    sh(Command::new("skopeo").args([
+    run_ok(Command::new("skopeo").args([
         "copy",
         "-q",
         "--dest-compress",
@@ -181,38 +126,25 @@ fn to_load(stored: &StoredImage, tag: &str) -> ImageToLoad {
     }
 }
 
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    let mut state = 0x9e3779b97f4a7c15u64 ^ std::process::id() as u64;
-    for b in bytes.iter_mut() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *b = state as u8;
-    }
-    bytes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_load_from_compressed_blobs_run_and_share_their_base() {
     let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::default();
+    let seed = test_seed();
     let name = unique("stowage-test-load");
     let base = format!("{name}/base:1");
     let (app1, app2) = (format!("{name}/app1:1"), format!("{name}/app2:1"));
-    build_base(dir.path(), &base, &mut cleanup);
+    build_base(&base, &mut cleanup);
     build_app(
-        dir.path(),
         &base,
         &app1,
         &[
-            ("one.bin", random_bytes(2_000_000)),
+            ("one.bin", noise(seed, 2_000_000)),
             ("two.txt", b"two".to_vec()),
         ],
         &mut cleanup,
     );
     build_app(
-        dir.path(),
         &base,
         &app2,
         &[("three.txt", name.clone().into_bytes())],
@@ -229,7 +161,8 @@ async fn images_load_from_compressed_blobs_run_and_share_their_base() {
     let engine = DockerEngine::connect(None).await.unwrap();
     let loaded1 = format!("{name}/loaded1:v1");
     let loaded2 = format!("{name}/loaded2:v1");
-    cleanup.images.extend([loaded1.clone(), loaded2.clone()]);
+    cleanup.images.push(LocalImage::adopt(&loaded1));
+    cleanup.images.push(LocalImage::adopt(&loaded2));
 
     let report = engine
         .load_image(&to_load(&stored1, &loaded1))
@@ -283,7 +216,7 @@ async fn images_load_from_compressed_blobs_run_and_share_their_base() {
 
     // Loading an image the engine holds entirely sends no layer at all.
     let again = format!("{name}/loaded1:again");
-    cleanup.images.push(again.clone());
+    cleanup.images.push(LocalImage::adopt(&again));
     let report = engine.load_image(&to_load(&stored1, &again)).await.unwrap();
     assert_eq!((report.layers_sent, report.layers_skipped), (0, 3));
     assert_eq!(
@@ -305,15 +238,15 @@ async fn images_load_from_compressed_blobs_run_and_share_their_base() {
 async fn a_layer_that_does_not_match_its_diff_id_fails_the_load_and_leaves_no_image() {
     let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::default();
+    let seed = test_seed();
     let name = unique("stowage-test-corrupt");
     let base = format!("{name}/base:1");
     let app = format!("{name}/app:1");
-    build_base(dir.path(), &base, &mut cleanup);
+    build_base(&base, &mut cleanup);
     build_app(
-        dir.path(),
         &base,
         &app,
-        &[("big.bin", random_bytes(3_000_000))],
+        &[("big.bin", noise(seed, 3_000_000))],
         &mut cleanup,
     );
     let mut stored = export(&app, &dir.path().join("oci"), "gzip");
@@ -326,7 +259,7 @@ async fn a_layer_that_does_not_match_its_diff_id_fails_the_load_and_leaves_no_im
         let file = std::fs::File::create(&other).unwrap();
         let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
         let mut tar = tar::Builder::new(gz);
-        let bytes = random_bytes(3_000_000);
+        let bytes = noise(seed, 3_000_000);
         let mut header = tar::Header::new_ustar();
         header.set_size(bytes.len() as u64);
         header.set_mode(0o644);
@@ -338,7 +271,7 @@ async fn a_layer_that_does_not_match_its_diff_id_fails_the_load_and_leaves_no_im
 
     let engine = DockerEngine::connect(None).await.unwrap();
     let tag = format!("{name}/loaded:v1");
-    cleanup.images.push(tag.clone());
+    cleanup.images.push(LocalImage::adopt(&tag));
     let error = engine
         .load_image(&to_load(&stored, &tag))
         .await
@@ -397,15 +330,15 @@ fn export_path_of_top_layer(layout: &Path) -> PathBuf {
 async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::default();
+    let seed = test_seed();
     let name = unique("stowage-test-temp");
     let base = format!("{name}/base:1");
     let app = format!("{name}/app:1");
-    build_base(dir.path(), &base, &mut cleanup);
+    build_base(&base, &mut cleanup);
     build_app(
-        dir.path(),
         &base,
         &app,
-        &[("big.bin", random_bytes(40_000_000))],
+        &[("big.bin", noise(seed, 40_000_000))],
         &mut cleanup,
     );
     let mut stored = export(&app, &dir.path().join("oci"), "gzip");
@@ -417,7 +350,7 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     let engine = DockerEngine::connect(None).await.unwrap();
     let tmp = engine.info().await.unwrap().data_root.join("tmp");
     let tag = format!("{name}/loaded:v1");
-    cleanup.images.push(tag.clone());
+    cleanup.images.push(LocalImage::adopt(&tag));
 
     // What the space check would plan: the layers to send and their sizes.
     let held = engine.held_layers().await.unwrap();
@@ -487,9 +420,8 @@ async fn a_digest_pinned_compose_app_runs_on_the_loaded_image_without_a_registry
     let name = unique("stowage-test-compose");
     let base = format!("{name}/base:1");
     let app = format!("{name}/app:1");
-    build_base(dir.path(), &base, &mut cleanup);
+    build_base(&base, &mut cleanup);
     build_app(
-        dir.path(),
         &base,
         &app,
         &[("hello.txt", b"hello".to_vec())],
@@ -524,8 +456,11 @@ async fn a_digest_pinned_compose_app_runs_on_the_loaded_image_without_a_registry
     .unwrap();
     let files = vec![compose_file.clone(), override_file.clone()];
     let project = name.replace(['-'], "");
-    cleanup.projects.push(project.clone());
-    cleanup.images.push(local.clone());
+    cleanup.projects.push(AppCleanup {
+        project: project.clone(),
+        repo_prefix: format!("registry.invalid:5000/{name}/"),
+    });
+    cleanup.images.push(LocalImage::adopt(&local));
 
     let engine = DockerEngine::connect(None).await.unwrap();
     let compose = Compose::detect().await.unwrap();
@@ -599,14 +534,14 @@ async fn the_engine_is_reached_at_the_api_version_it_speaks() {
 async fn the_cached_image_layers_follow_the_engine_as_images_come_and_go() {
     let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::default();
+    let seed = test_seed();
     let base = format!("{}:1", unique("stowage-cache-base"));
-    build_base(dir.path(), &base, &mut cleanup);
+    build_base(&base, &mut cleanup);
     let app = format!("{}:1", unique("stowage-cache-app"));
     build_app(
-        dir.path(),
         &base,
         &app,
-        &[("data.bin", random_bytes(100_000))],
+        &[("data.bin", noise(seed, 100_000))],
         &mut cleanup,
     );
     let diff_ids: Vec<Digest> = docker(&["inspect", "--format", "{{json .RootFS.Layers}}", &app])

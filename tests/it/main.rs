@@ -1,0 +1,21 @@
+//! The integration suite: one test binary, one module per area, all on the
+//! shared harness in `tests/common/` (real registries, dockerd, skopeo,
+//! docker-compose, loop-mounted volumes). Run it with `cargo test --test it`;
+//! the kill loops live in the separate `torture` binary.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod agent;
+mod docker_load;
+mod harness;
+mod hostile_server;
+mod install;
+mod publish;
+mod pull;
+mod pull_hostile;
+mod reconcile;
+mod security;
+mod store;
+mod update;
+mod usage_accuracy;

@@ -1,0 +1,12 @@
+//! The torture group: `stowage pull`, `install`/`run` and `update` killed
+//! with SIGKILL at random moments, in loops. Long and machine-hungry, so CI
+//! runs it as a step of its own after the main suite (`cargo test --test
+//! torture`). Same harness as the main suite; every loop prints its seed and
+//! replays with `STOWAGE_TEST_SEED=N`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod install_kill;
+mod pull_kill;
+mod update_kill;
