@@ -99,5 +99,7 @@ mod tests {
         let bytes = load_temp_bytes(&[1, 5000], 300, 4096);
         assert_eq!(bytes, 4096 + 4096 + 4096 + (4096 + 4096) + (4096 + 8192));
         assert_eq!(load_temp_bytes(&[], 300, 4096), 3 * 4096);
+        assert_eq!(load_temp_bytes(&[1 << 63, 1 << 63], 300, 4096), u64::MAX);
+        assert_eq!(load_temp_bytes(&[u64::MAX], u64::MAX, 4096), u64::MAX);
     }
 }

@@ -91,8 +91,8 @@ impl Volume {
         Ok(Volume {
             dev: st.st_dev,
             block_size: vfs.f_bsize.max(512),
-            total_bytes: vfs.f_blocks * frsize,
-            free_bytes: vfs.f_bavail * frsize,
+            total_bytes: vfs.f_blocks.saturating_mul(frsize),
+            free_bytes: vfs.f_bavail.saturating_mul(frsize),
             total_inodes: vfs.f_files,
             free_inodes: vfs.f_favail,
         })
@@ -339,6 +339,26 @@ mod tests {
             report.shortfall().contains("/docker"),
             "{}",
             report.shortfall()
+        );
+    }
+
+    #[test]
+    fn figures_that_would_wrap_saturate_and_do_not_fit() {
+        let report = plan(
+            &[
+                demand("/docker", Part::DockerLayers, 1 << 63),
+                demand("/docker", Part::DockerLayers, 1 << 63),
+                demand("/docker", Part::DockerTemp, 4096),
+            ],
+            Policy::default(),
+            &fake,
+        )
+        .unwrap();
+        assert!(!report.fits);
+        assert_eq!(report.volumes[0].required, u64::MAX);
+        assert_eq!(
+            report.volumes[0].required_parts[&Part::DockerLayers],
+            u64::MAX
         );
     }
 

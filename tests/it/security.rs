@@ -1021,8 +1021,17 @@ fn a_slow_registry_cannot_stall_the_device() {
         .filter(|r| r.method == "GET" && r.digest.as_ref() == Some(&layer))
         .map(|r| r.range)
         .collect::<Vec<_>>();
+    // (The log may still get the cut-off answer of the slow pull's last
+    // attempt, which the registry ends only when it next writes.)
     if kept > 0 {
-        assert_eq!(resumed, vec![Some(format!("bytes={kept}-"))]);
+        assert!(
+            resumed.contains(&Some(format!("bytes={kept}-"))),
+            "resumed where it stopped: {resumed:?}"
+        );
+        assert!(
+            !resumed.contains(&None),
+            "never from the start: {resumed:?}"
+        );
     }
     support::assert_fsck_clean(&root, &host);
 
