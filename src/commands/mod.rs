@@ -25,7 +25,7 @@ pub mod target;
 pub mod update;
 
 use std::ops::RangeInclusive;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -245,10 +245,6 @@ impl Context {
     pub fn cache_dir(&self, flag: Option<PathBuf>) -> PathBuf {
         flag.or_else(|| self.config.cache_dir.clone())
             .unwrap_or_else(default_cache_dir)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 }
 

@@ -14,6 +14,7 @@ mod install;
 mod publish;
 mod pull;
 mod pull_hostile;
+mod reconcile;
 mod store;
 mod update;
 mod usage_accuracy;
