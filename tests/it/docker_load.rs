@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
+use crate::common::docker_device::LocalImages;
 use crate::common::{
-    AppCleanup, LocalImage, build_image, busybox_image_of_its_own, noise, run_ok, test_seed, unique,
+    AppCleanup, LocalImage, busybox_image_of_its_own, noise, run_ok, test_seed, unique,
 };
 use stowage::Digest;
 use stowage::engine::compose::{Compose, ComposeError, ps, write_image_override};
@@ -27,34 +28,24 @@ fn docker(args: &[&str]) -> String {
 #[derive(Default)]
 struct Cleanup {
     projects: Vec<AppCleanup>,
-    images: Vec<LocalImage>,
+    images: LocalImages,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.projects.clear();
-        while let Some(image) = self.images.pop() {
-            drop(image);
-        }
     }
 }
 
 /// A fresh base image: busybox plus a file that makes its layer unique to
 /// this test, so that parallel tests never share layers.
 fn build_base(tag: &str, cleanup: &mut Cleanup) {
-    cleanup.images.push(busybox_image_of_its_own(tag));
+    cleanup.images.0.push(busybox_image_of_its_own(tag));
 }
 
-/// `FROM base` plus one COPY layer per file given (at `/NAME`).
+/// `FROM base` plus one COPY layer per file given (absolute paths).
 fn build_app(base: &str, tag: &str, files: &[(&str, Vec<u8>)], cleanup: &mut Cleanup) {
-    let files: Vec<(String, Vec<u8>)> = files
-        .iter()
-        .map(|(name, bytes)| (format!("/{name}"), bytes.clone()))
-        .collect();
-    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    cleanup
-        .images
-        .push(build_image(tag, base, &files, "CMD [\"sleep\", \"600\"]"));
+    cleanup.images.build(tag, base, files);
 }
 
 /// An image as the blob store would hold it: an OCI layout written by skopeo.
@@ -139,15 +130,15 @@ async fn images_load_from_compressed_blobs_run_and_share_their_base() {
         &base,
         &app1,
         &[
-            ("one.bin", noise(seed, 2_000_000)),
-            ("two.txt", b"two".to_vec()),
+            ("/one.bin", noise(seed, 2_000_000)),
+            ("/two.txt", b"two".to_vec()),
         ],
         &mut cleanup,
     );
     build_app(
         &base,
         &app2,
-        &[("three.txt", name.clone().into_bytes())],
+        &[("/three.txt", name.clone().into_bytes())],
         &mut cleanup,
     );
     let stored1 = export(&app1, &dir.path().join("oci1"), "gzip");
@@ -161,8 +152,8 @@ async fn images_load_from_compressed_blobs_run_and_share_their_base() {
     let engine = DockerEngine::connect(None).await.unwrap();
     let loaded1 = format!("{name}/loaded1:v1");
     let loaded2 = format!("{name}/loaded2:v1");
-    cleanup.images.push(LocalImage::adopt(&loaded1));
-    cleanup.images.push(LocalImage::adopt(&loaded2));
+    cleanup.images.0.push(LocalImage::adopt(&loaded1));
+    cleanup.images.0.push(LocalImage::adopt(&loaded2));
 
     let report = engine
         .load_image(&to_load(&stored1, &loaded1))
@@ -216,7 +207,7 @@ async fn images_load_from_compressed_blobs_run_and_share_their_base() {
 
     // Loading an image the engine holds entirely sends no layer at all.
     let again = format!("{name}/loaded1:again");
-    cleanup.images.push(LocalImage::adopt(&again));
+    cleanup.images.0.push(LocalImage::adopt(&again));
     let report = engine.load_image(&to_load(&stored1, &again)).await.unwrap();
     assert_eq!((report.layers_sent, report.layers_skipped), (0, 3));
     assert_eq!(
@@ -246,7 +237,7 @@ async fn a_layer_that_does_not_match_its_diff_id_fails_the_load_and_leaves_no_im
     build_app(
         &base,
         &app,
-        &[("big.bin", noise(seed, 3_000_000))],
+        &[("/big.bin", noise(seed, 3_000_000))],
         &mut cleanup,
     );
     let mut stored = export(&app, &dir.path().join("oci"), "gzip");
@@ -271,7 +262,7 @@ async fn a_layer_that_does_not_match_its_diff_id_fails_the_load_and_leaves_no_im
 
     let engine = DockerEngine::connect(None).await.unwrap();
     let tag = format!("{name}/loaded:v1");
-    cleanup.images.push(LocalImage::adopt(&tag));
+    cleanup.images.0.push(LocalImage::adopt(&tag));
     let error = engine
         .load_image(&to_load(&stored, &tag))
         .await
@@ -338,7 +329,7 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     build_app(
         &base,
         &app,
-        &[("big.bin", noise(seed, 40_000_000))],
+        &[("/big.bin", noise(seed, 40_000_000))],
         &mut cleanup,
     );
     let mut stored = export(&app, &dir.path().join("oci"), "gzip");
@@ -350,7 +341,7 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     let engine = DockerEngine::connect(None).await.unwrap();
     let tmp = engine.info().await.unwrap().data_root.join("tmp");
     let tag = format!("{name}/loaded:v1");
-    cleanup.images.push(LocalImage::adopt(&tag));
+    cleanup.images.0.push(LocalImage::adopt(&tag));
 
     // What the space check would plan: the layers to send and their sizes.
     let held = engine.held_layers().await.unwrap();
@@ -424,7 +415,7 @@ async fn a_digest_pinned_compose_app_runs_on_the_loaded_image_without_a_registry
     build_app(
         &base,
         &app,
-        &[("hello.txt", b"hello".to_vec())],
+        &[("/hello.txt", b"hello".to_vec())],
         &mut cleanup,
     );
     let stored = export(&app, &dir.path().join("oci"), "gzip");
@@ -460,7 +451,7 @@ async fn a_digest_pinned_compose_app_runs_on_the_loaded_image_without_a_registry
         project: project.clone(),
         repo_prefix: format!("registry.invalid:5000/{name}/"),
     });
-    cleanup.images.push(LocalImage::adopt(&local));
+    cleanup.images.0.push(LocalImage::adopt(&local));
 
     let engine = DockerEngine::connect(None).await.unwrap();
     let compose = Compose::detect().await.unwrap();
@@ -541,7 +532,7 @@ async fn the_cached_image_layers_follow_the_engine_as_images_come_and_go() {
     build_app(
         &base,
         &app,
-        &[("data.bin", noise(seed, 100_000))],
+        &[("/data.bin", noise(seed, 100_000))],
         &mut cleanup,
     );
     let diff_ids: Vec<Digest> = docker(&["inspect", "--format", "{{json .RootFS.Layers}}", &app])
