@@ -42,65 +42,12 @@ pub struct ConfigFile {
     pub reserve: Option<String>,
     pub jobs: Option<usize>,
     pub cache_dir: Option<PathBuf>,
-    /// Seconds a metadata request to a registry may take, whole
-    /// (env `STOWAGE_REGISTRY_TIMEOUT`).
+    /// Seconds a metadata request to a registry may take, whole.
     pub registry_timeout: Option<f64>,
-    /// Bytes a second a blob download must keep up, e.g. "1K"
-    /// (env `STOWAGE_MIN_TRANSFER_RATE`).
+    /// Bytes a second a blob download must keep up, e.g. "1K".
     pub min_transfer_rate: Option<String>,
-    /// Seconds over which that rate is measured
-    /// (env `STOWAGE_TRANSFER_WINDOW`).
+    /// Seconds over which that rate is measured.
     pub transfer_window: Option<f64>,
-}
-
-impl ConfigFile {
-    /// How long registries may take: the environment, else this file, else
-    /// [`crate::oci::registry::Deadlines::default`].
-    pub fn deadlines(&self) -> Result<crate::oci::registry::Deadlines, String> {
-        let mut deadlines = crate::oci::registry::Deadlines::default();
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let seconds = |name: &str,
-                       key: &str,
-                       file: Option<f64>|
-         -> Result<Option<std::time::Duration>, String> {
-            let value = match env(name) {
-                Some(v) => Some(
-                    v.trim()
-                        .parse::<f64>()
-                        .map_err(|_| format!("{name}={v:?} is not a number of seconds"))?,
-                ),
-                None => file,
-            };
-            match value {
-                None => Ok(None),
-                Some(v) if v.is_finite() && v > 0.0 => {
-                    Ok(std::time::Duration::try_from_secs_f64(v).ok())
-                }
-                Some(v) => Err(format!("{key} = {v} must be a positive number of seconds")),
-            }
-        };
-        if let Some(d) = seconds(
-            "STOWAGE_REGISTRY_TIMEOUT",
-            "registry_timeout",
-            self.registry_timeout,
-        )? {
-            deadlines.request = d;
-        }
-        if let Some(d) = seconds(
-            "STOWAGE_TRANSFER_WINDOW",
-            "transfer_window",
-            self.transfer_window,
-        )? {
-            deadlines.rate_window = d;
-        }
-        if let Some(rate) =
-            env("STOWAGE_MIN_TRANSFER_RATE").or_else(|| self.min_transfer_rate.clone())
-        {
-            deadlines.min_rate =
-                parse_size(&rate).map_err(|e| format!("min_transfer_rate: {e}"))?;
-        }
-        Ok(deadlines)
-    }
 }
 
 impl ConfigFile {

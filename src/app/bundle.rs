@@ -482,7 +482,7 @@ impl Staging {
             let path = parent.join(format!(
                 "{STAGING_PREFIX}{name}-{}-{}",
                 std::process::id(),
-                rand::random::<u32>().wrapping_add(attempt)
+                crate::fsutil::random_u32().wrapping_add(attempt)
             ));
             match fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => {

@@ -301,7 +301,7 @@ pub fn temp_name(name: &str) -> String {
         "{TEMP_PREFIX}{name}.{}.{}.{:08x}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed),
-        rand::random::<u32>()
+        super::random_u32()
     )
 }
 

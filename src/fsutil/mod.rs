@@ -140,6 +140,16 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// 32 random bits from the kernel (`getrandom(2)`), for names no other
+/// process can guess; zero in the unlikely case the kernel cannot say.
+pub fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    match rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
+        Ok(_) => u32::from_ne_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
 /// Runs blocking file work (walks, hashing, fsyncs, lock waits) on a
 /// blocking thread of the async runtime, never on one of its workers.
 pub async fn blocking<T: Send + 'static, E: Send + 'static>(
