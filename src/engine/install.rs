@@ -193,31 +193,7 @@ pub(crate) async fn install_locked(
     // What stowage measured of a layer before beats what was declared.
     meta.extend(store.layer_facts());
 
-    // Group services by image: several may run the same one.
-    let mut images: BTreeMap<Digest, PlannedImage> = BTreeMap::new();
-    let mut service_tags = BTreeMap::new();
-    for image in &app.images {
-        let config = image.config.as_ref().ok_or_else(|| {
-            anyhow!(
-                "the store lacks the config of {} (service {})",
-                image.pinned,
-                image.service
-            )
-        })?;
-        let tag = local_tag_for(&image.pinned)?;
-        service_tags.insert(image.service.clone(), tag.clone());
-        let planned = images
-            .entry(config.digest.clone())
-            .or_insert_with(|| PlannedImage {
-                services: Vec::new(),
-                tags: BTreeSet::new(),
-                image_id: config.digest.clone(),
-                layers: image.layers.clone(),
-            });
-        planned.services.push(image.service.clone());
-        planned.tags.insert(tag);
-    }
-
+    let (images, service_tags) = plan_images(app)?;
     // What the engine has.
     let mut to_load = Vec::new();
     let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
@@ -273,92 +249,28 @@ pub(crate) async fn install_locked(
         check = Some(refuse_unless_fits(report)?);
     }
 
-    // The bundle.
     if !bundle_current {
         progress.step(format!(
             "extracting the bundle of {} into {}",
             app.name,
             dir.display()
         ));
-        let index_desc = manifest.bundle_index(&app.reference)?;
-        let index = format::parse_bundle_index(
-            &store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?,
-        )?;
-        let bundle = store.open_blob(&manifest.bundle().digest)?;
-        crate::fsutil::ensure_dir(&apps_dir, 0o700)
-            .with_context(|| format!("cannot create {}", apps_dir.display()))?;
-        // Another version's directory may be there (an update): extract
-        // beside it, then swap, so a refused bundle changes nothing.
-        let incoming = apps_dir.join(format!("{INCOMING_PREFIX}{}", app.name));
-        if incoming.exists() {
-            std::fs::remove_dir_all(&incoming)
-                .with_context(|| format!("cannot remove {}", incoming.display()))?;
-        }
-        extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
-            .with_context(|| format!("the bundle of {} is refused", app.reference))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| {
-                format!("cannot remove the previous version in {}", dir.display())
-            })?;
-        }
-        std::fs::rename(&incoming, &dir)
-            .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
-        crate::fsutil::fsync_dir(&apps_dir)
-            .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
-        Dir::open(&dir)
-            .and_then(|d| {
-                d.write_atomic(
-                    BUNDLE_MARKER,
-                    format!("{}\n", app.digest).as_bytes(),
-                    STATE_FILE_MODE,
-                )
-            })
-            .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
+        let (store, manifest, stored, apps_dir, dir) = (
+            store.clone(),
+            manifest.clone(),
+            app.clone(),
+            apps_dir.clone(),
+            dir.clone(),
+        );
+        // Writing and fsyncing up to a whole bundle: off the runtime's workers.
+        crate::fsutil::blocking(move || {
+            extract_app_bundle(&store, &manifest, &stored, &apps_dir, &dir)
+        })
+        .await?;
     }
 
     // Record before loading: see the `record` module.
-    state.apps.insert(
-        app.name.clone(),
-        InstalledApp {
-            reference: app.reference.clone(),
-            digest: app.digest.clone(),
-            compose_file: app.compose_file.clone(),
-            dir: dir.clone(),
-            images: app
-                .images
-                .iter()
-                .filter_map(|i| {
-                    Some(InstalledImage {
-                        service: i.service.clone(),
-                        pinned: i.pinned.clone(),
-                        tag: service_tags.get(&i.service)?.clone(),
-                        image_id: i.config.as_ref()?.digest.clone(),
-                    })
-                })
-                .collect(),
-        },
-    );
-    for planned in &to_load {
-        state
-            .owned_images
-            .entry(planned.image_id.clone())
-            .or_default()
-            .extend(planned.tags.iter().cloned());
-    }
-    for (planned, tags) in &to_tag {
-        for tag in tags {
-            match state.owned_images.get_mut(&planned.image_id) {
-                Some(owned) => {
-                    owned.insert(tag.clone());
-                }
-                None => {
-                    state
-                        .foreign_tags
-                        .insert(tag.clone(), planned.image_id.clone());
-                }
-            }
-        }
-    }
+    record_install(state, app, &dir, &service_tags, &to_load, &to_tag);
     state.save(root)?;
 
     let mut report_images = Vec::new();
@@ -375,10 +287,11 @@ pub(crate) async fn install_locked(
         guard: guard.clone(),
         ..options.load.clone()
     };
+    let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
     let loaded = load_images(
         engine,
         store,
-        &docker.map(|d| d.held).unwrap_or_default(),
+        &held,
         &to_load,
         &meta,
         &load_options,
@@ -398,6 +311,13 @@ pub(crate) async fn install_locked(
         report_images.push(row);
     }
 
+    // The override marks the install done: the layers the engine applied
+    // (it does not fsync them) reach the disk first.
+    if let Some(docker) = &docker
+        && !to_load.is_empty()
+    {
+        flush_engine(&docker.data_root).await?;
+    }
     write_image_override(
         &dir.join(&app.compose_file),
         &dir.join(OVERRIDE_FILE),
@@ -412,6 +332,158 @@ pub(crate) async fn install_locked(
         images: report_images,
         check,
     })
+}
+
+/// The app's images, each once with the services that run it (several may
+/// run the same one), and each service's local tag.
+fn plan_images(
+    app: &StoredApp,
+) -> Result<(BTreeMap<Digest, PlannedImage>, BTreeMap<String, String>)> {
+    let mut images: BTreeMap<Digest, PlannedImage> = BTreeMap::new();
+    let mut service_tags = BTreeMap::new();
+    for image in &app.images {
+        let config = image.config.as_ref().ok_or_else(|| {
+            anyhow!(
+                "the store lacks the config of {} (service {})",
+                image.pinned,
+                image.service
+            )
+        })?;
+        let tag = local_tag_for(&image.pinned)?;
+        service_tags.insert(image.service.clone(), tag.clone());
+        let planned = images
+            .entry(config.digest.clone())
+            .or_insert_with(|| PlannedImage {
+                services: Vec::new(),
+                tags: BTreeSet::new(),
+                image_id: config.digest.clone(),
+                layers: image.layers.clone(),
+            });
+        planned.services.push(image.service.clone());
+        planned.tags.insert(tag);
+    }
+    Ok((images, service_tags))
+}
+
+/// Extracts the app's verified bundle into `dir`: into a staging directory
+/// beside it, then swapped in, so a refused bundle changes nothing; the
+/// marker naming the app's digest is written last.
+fn extract_app_bundle(
+    store: &Store,
+    manifest: &AppManifest,
+    app: &StoredApp,
+    apps_dir: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let (reference, name, digest) = (app.reference.as_str(), &app.name, &app.digest);
+    let index_desc = manifest.bundle_index(reference)?;
+    let index =
+        format::parse_bundle_index(&store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?)?;
+    let bundle = store.open_blob(&manifest.bundle().digest)?;
+    crate::fsutil::ensure_dir(apps_dir, 0o700)
+        .with_context(|| format!("cannot create {}", apps_dir.display()))?;
+    // Another version's directory may be there (an update): extract
+    // beside it, then swap, so a refused bundle changes nothing.
+    let incoming = apps_dir.join(format!("{INCOMING_PREFIX}{}", name));
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming)
+            .with_context(|| format!("cannot remove {}", incoming.display()))?;
+    }
+    extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
+        .with_context(|| format!("the bundle of {} is refused", reference))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove the previous version in {}", dir.display()))?;
+    }
+    std::fs::rename(&incoming, dir)
+        .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
+    crate::fsutil::fsync_dir(apps_dir)
+        .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
+    Dir::open(dir)
+        .and_then(|d| {
+            d.write_atomic(
+                BUNDLE_MARKER,
+                format!("{}\n", digest).as_bytes(),
+                STATE_FILE_MODE,
+            )
+        })
+        .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
+    Ok(())
+}
+
+/// `syncfs` of Docker's data root, when this machine sees it (an engine
+/// reached over TCP may keep it elsewhere: then only a warning).
+async fn flush_engine(data_root: &Path) -> Result<()> {
+    let path = data_root.to_path_buf();
+    match crate::fsutil::blocking(move || crate::fsutil::syncfs(&path)).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "Docker's data root {} is not on this machine: its layers were not flushed",
+                data_root.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot flush Docker's data root {} to disk",
+                data_root.display()
+            )
+        }),
+    }
+}
+
+/// The app's record, and the images and tags stowage is about to own.
+fn record_install(
+    state: &mut Installed,
+    app: &StoredApp,
+    dir: &Path,
+    service_tags: &BTreeMap<String, String>,
+    to_load: &[&PlannedImage],
+    to_tag: &[(&PlannedImage, Vec<String>)],
+) {
+    state.apps.insert(
+        app.name.clone(),
+        InstalledApp {
+            reference: app.reference.clone(),
+            digest: app.digest.clone(),
+            compose_file: app.compose_file.clone(),
+            dir: dir.to_path_buf(),
+            images: app
+                .images
+                .iter()
+                .filter_map(|i| {
+                    Some(InstalledImage {
+                        service: i.service.clone(),
+                        pinned: i.pinned.clone(),
+                        tag: service_tags.get(&i.service)?.clone(),
+                        image_id: i.config.as_ref()?.digest.clone(),
+                    })
+                })
+                .collect(),
+        },
+    );
+    for planned in to_load {
+        state
+            .owned_images
+            .entry(planned.image_id.clone())
+            .or_default()
+            .extend(planned.tags.iter().cloned());
+    }
+    for (planned, tags) in to_tag {
+        for tag in tags {
+            match state.owned_images.get_mut(&planned.image_id) {
+                Some(owned) => {
+                    owned.insert(tag.clone());
+                }
+                None => {
+                    state
+                        .foreign_tags
+                        .insert(tag.clone(), planned.image_id.clone());
+                }
+            }
+        }
+    }
 }
 
 /// Holds the loads to what `plan` counted on Docker's volume at `data_root`.
