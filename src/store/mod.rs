@@ -228,11 +228,10 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the store like [`Store::open`] but accepts broken layout files,
-    /// so that [`Store::fsck`] can repair them.
-    pub fn open_for_repair(root: &Path) -> Result<Store> {
+    /// The store's paths under `root`, nothing opened or created.
+    fn at(root: &Path) -> Store {
         let layout_dir = root.join("store");
-        let store = Store {
+        Store {
             root: root.to_path_buf(),
             blobs_dir: layout_dir.join("blobs").join("sha256"),
             layout_dir,
@@ -240,7 +239,13 @@ impl Store {
             corrupt_dir: root.join("corrupt"),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             ingest_lock_timeout: DEFAULT_INGEST_LOCK_TIMEOUT,
-        };
+        }
+    }
+
+    /// Opens the store like [`Store::open`] but accepts broken layout files,
+    /// so that [`Store::fsck`] can repair them.
+    pub fn open_for_repair(root: &Path) -> Result<Store> {
+        let store = Store::at(root);
         for dir in [
             &store.root,
             &store.layout_dir,
@@ -351,16 +356,7 @@ impl Store {
     /// blob as it is opened), and `oci-layout` and `index.json` must be
     /// valid. `root` itself may be reached through links.
     pub fn open_medium(root: &Path) -> Result<Store> {
-        let layout_dir = root.join("store");
-        let store = Store {
-            root: root.to_path_buf(),
-            blobs_dir: layout_dir.join("blobs").join("sha256"),
-            layout_dir,
-            ingest_dir: root.join("ingest"),
-            corrupt_dir: root.join("corrupt"),
-            lock_timeout: DEFAULT_LOCK_TIMEOUT,
-            ingest_lock_timeout: DEFAULT_INGEST_LOCK_TIMEOUT,
-        };
+        let store = Store::at(root);
         let broken = |path: &Path, reason: &str| StoreError::BrokenLayout {
             path: path.to_path_buf(),
             reason: reason.to_string(),
