@@ -42,6 +42,12 @@ pub struct ConfigFile {
     pub reserve: Option<String>,
     pub jobs: Option<usize>,
     pub cache_dir: Option<PathBuf>,
+    /// Seconds a metadata request to a registry may take, whole.
+    pub registry_timeout: Option<f64>,
+    /// Bytes a second a blob download must keep up, e.g. "1K".
+    pub min_transfer_rate: Option<String>,
+    /// Seconds over which that rate is measured.
+    pub transfer_window: Option<f64>,
 }
 
 impl ConfigFile {

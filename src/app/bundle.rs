@@ -17,12 +17,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::Digest;
+use crate::fsutil::beneath::{self, Dir};
 
 /// The file listing paths to leave out of the bundle (gitignore syntax).
 pub const IGNORE_FILE: &str = ".composeappignores";
@@ -80,6 +81,10 @@ pub enum BundleError {
     NotUtf8 { path: PathBuf },
     #[error("{path} is neither a file, a directory nor a symlink, and cannot be bundled")]
     Unbundlable { path: PathBuf },
+    #[error(
+        "{path} uses a name stowage keeps for its own files on the device ({RESERVED_PREFIX}*): rename it or list it in {IGNORE_FILE}"
+    )]
+    ReservedInApp { path: PathBuf },
     #[error("symlink {path} points to {target}, outside the app directory")]
     SymlinkOutsideApp { path: PathBuf, target: PathBuf },
 
@@ -99,6 +104,16 @@ pub enum BundleError {
     Duplicate { path: String },
     #[error("bundle entry {path} links to {target}, outside the bundle")]
     LinkEscapes { path: String, target: String },
+    #[error(
+        "bundle entry {path} links to {target}, through the link {through}, which could lead anywhere"
+    )]
+    LinkThroughLink {
+        path: String,
+        target: String,
+        through: String,
+    },
+    #[error("bundle entry {path} uses a name stowage keeps for its own files ({RESERVED_PREFIX}*)")]
+    ReservedName { path: String },
     #[error("bundle entry {path} is a hard link to {target}, which is not a file of the bundle")]
     BadHardLink { path: String, target: String },
     #[error("bundle entry {path} is a {kind}, which a bundle may not hold")]
@@ -260,6 +275,13 @@ fn collect(
         if rel == IGNORE_FILE || ignores.matched(rel_path, meta.is_dir()).is_ignore() {
             continue;
         }
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(RESERVED_PREFIX)
+        {
+            return Err(BundleError::ReservedInApp { path });
+        }
         let file_type = meta.file_type();
         if file_type.is_dir() {
             out.push((rel, Kind::Dir));
@@ -411,7 +433,10 @@ pub fn read_compose_from_bundle(
 }
 
 /// Extracts a bundle to `dest` (which must not exist), verifying every
-/// regular file against `index`. Nothing is left behind on error.
+/// regular file against `index`. Nothing is left behind on error, and
+/// nothing is written outside the staging directory: every entry is made
+/// under its directory descriptor, exclusively and without following a
+/// link ([`crate::fsutil::beneath`]).
 pub fn extract_bundle(
     bundle: impl Read,
     index: &BTreeMap<String, Digest>,
@@ -432,9 +457,18 @@ pub fn extract_bundle(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "bundle".into());
     let staging = Staging::create(parent, &name)?;
-    unpack(bundle, index, &staging.path, limits)?;
+    let root = Dir::open(&staging.path).map_err(|source| BundleError::Write {
+        path: staging.path.clone(),
+        source,
+    })?;
+    unpack(bundle, index, &root, limits)?;
     staging.commit(dest)
 }
+
+/// Names of the staging directories [`extract_bundle`] makes beside its
+/// destination start with this; whoever cleans that directory after a
+/// killed extraction (under the lock extractions run under) removes them.
+pub const STAGING_PREFIX: &str = ".extract-";
 
 /// A fresh directory beside the destination, removed unless committed.
 struct Staging {
@@ -446,11 +480,11 @@ impl Staging {
     fn create(parent: &Path, name: &str) -> Result<Staging, BundleError> {
         for attempt in 0..100u32 {
             let path = parent.join(format!(
-                ".{name}.extract-{}-{}",
+                "{STAGING_PREFIX}{name}-{}-{}",
                 std::process::id(),
-                rand::random::<u32>().wrapping_add(attempt)
+                crate::fsutil::random_u32().wrapping_add(attempt)
             ));
-            match fs::create_dir(&path) {
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => {
                     return Ok(Staging {
                         path,
@@ -472,6 +506,8 @@ impl Staging {
             let path = path.to_path_buf();
             move |source| BundleError::Write { path, source }
         };
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o755))
+            .map_err(write_err(&self.path))?;
         fs::rename(&self.path, dest).map_err(write_err(dest))?;
         self.committed = true;
         let parent = match dest.parent() {
@@ -499,24 +535,35 @@ fn fsync_dir(dir: &Path) -> Result<(), BundleError> {
         })
 }
 
+/// Whether a path component is one of the names stowage writes into an app
+/// directory (`.stowage-images.yml`, `.stowage-bundle`, ...).
+fn is_reserved(component: &str) -> bool {
+    component.starts_with(RESERVED_PREFIX)
+}
+
+/// The prefix of the names stowage keeps for its own files in an app
+/// directory; a bundle may hold none of them.
+pub const RESERVED_PREFIX: &str = ".stowage-";
+
 fn unpack(
     bundle: impl Read,
     index: &BTreeMap<String, Digest>,
-    root: &Path,
+    root: &Dir,
     limits: &BundleLimits,
 ) -> Result<(), BundleError> {
     let exceeded = Default::default();
     let mut archive = open_bundle(bundle, limits.bundle, &exceeded);
     let fail = |e| stream_error(e, limits, &exceeded);
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
+    let write_err = |rel: &str| {
+        let path = root.path().join(rel);
         move |source| BundleError::Write { path, source }
     };
 
     let mut seen = BTreeSet::new();
     let mut symlinks = BTreeSet::new();
     let mut files: HashMap<String, Digest> = HashMap::new();
-    let mut dirs = vec![root.to_path_buf()];
+    // Directories made, relative to the root, to fsync at the end.
+    let mut dirs = BTreeSet::new();
     let mut buf = vec![0u8; 64 * 1024];
 
     for entry in archive.entries().map_err(fail)? {
@@ -524,6 +571,9 @@ fn unpack(
         let path = checked_path(&entry.path_bytes())?;
         if path.is_empty() {
             continue; // "./"
+        }
+        if path.split('/').any(is_reserved) {
+            return Err(BundleError::ReservedName { path });
         }
         if !seen.insert(path.clone()) {
             return Err(BundleError::Duplicate { path });
@@ -540,16 +590,15 @@ fn unpack(
             }
         }
         let parent_rel = path.rsplit_once('/').map_or("", |(p, _)| p);
-        let target = root.join(&path);
         let kind = entry.header().entry_type();
         let mode = entry.header().mode().unwrap_or(0o644);
         use tar::EntryType as T;
         match kind {
             T::Directory => {
-                fs::create_dir_all(&target).map_err(write_err(&target))?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
-                    .map_err(write_err(&target))?;
-                dirs.push(target);
+                make_dirs(root, &path, &mut dirs)?;
+                root.open_dir(&path)
+                    .and_then(|d| d.set_mode(0o755))
+                    .map_err(write_err(&path))?;
             }
             T::Regular | T::Continuous => {
                 let size = entry.size();
@@ -573,12 +622,8 @@ fn unpack(
                 let Some(expected) = index.get(&path) else {
                     return Err(BundleError::NotInIndex { path });
                 };
-                ensure_parent(&target, root, &mut dirs)?;
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&target)
-                    .map_err(write_err(&target))?;
+                make_dirs(root, parent_rel, &mut dirs)?;
+                let mut file = root.create_file(&path, 0o600).map_err(write_err(&path))?;
                 let mut hasher = Sha256::new();
                 loop {
                     let n = entry.read(&mut buf).map_err(fail)?;
@@ -586,7 +631,7 @@ fn unpack(
                         break;
                     }
                     hasher.update(&buf[..n]);
-                    file.write_all(&buf[..n]).map_err(write_err(&target))?;
+                    file.write_all(&buf[..n]).map_err(write_err(&path))?;
                 }
                 let actual = Digest::from_hasher(hasher);
                 if actual != *expected {
@@ -599,16 +644,16 @@ fn unpack(
                 let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
                 file.set_permissions(fs::Permissions::from_mode(mode))
                     .and_then(|()| file.sync_all())
-                    .map_err(write_err(&target))?;
+                    .map_err(write_err(&path))?;
                 files.insert(path, actual);
             }
             T::Symlink => {
                 let link = link_name(&entry, &path)?;
-                if resolve_link(parent_rel, &link).is_none() {
+                if link.is_empty() || resolve_link(parent_rel, &link).is_none() {
                     return Err(BundleError::LinkEscapes { path, target: link });
                 }
-                ensure_parent(&target, root, &mut dirs)?;
-                std::os::unix::fs::symlink(&link, &target).map_err(write_err(&target))?;
+                make_dirs(root, parent_rel, &mut dirs)?;
+                root.symlink(&link, &path).map_err(write_err(&path))?;
                 symlinks.insert(path);
             }
             T::Link => {
@@ -631,8 +676,9 @@ fn unpack(
                     }
                     Some(_) => {}
                 }
-                ensure_parent(&target, root, &mut dirs)?;
-                fs::hard_link(root.join(&link_path), &target).map_err(write_err(&target))?;
+                make_dirs(root, parent_rel, &mut dirs)?;
+                root.hard_link(&link_path, &path)
+                    .map_err(write_err(&path))?;
                 files.insert(path, digest);
             }
             T::Char => return Err(special(path, "character device")),
@@ -647,15 +693,106 @@ fn unpack(
             path: missing.clone(),
         });
     }
+    // Every link against the tree as extracted: its target may not pass
+    // through another link (which could take it anywhere), whatever the
+    // order the entries came in.
+    for link in &symlinks {
+        check_link_on_disk(root, link)?;
+    }
     // Deepest first, so that a directory is synced after what it holds.
-    let mut dirs: Vec<PathBuf> = dirs
-        .into_iter()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    let mut dirs: Vec<String> = dirs.into_iter().collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
     for dir in &dirs {
-        fsync_dir(dir)?;
+        root.open_dir(dir)
+            .and_then(|d| d.sync())
+            .map_err(write_err(dir))?;
+    }
+    root.sync().map_err(write_err(""))?;
+    Ok(())
+}
+
+/// Follows the symlink at `link` (relative to the root) by its text, as the
+/// kernel would, on the extracted tree: it must stay beneath the root, and
+/// no component it passes through on the way (`d` in `d/x` or `d/..`) may
+/// be a link. Its last component may be one (a link to a link), since that
+/// link is checked in turn.
+fn check_link_on_disk(root: &Dir, link: &str) -> Result<(), BundleError> {
+    let escapes = |target: &str| BundleError::LinkEscapes {
+        path: link.to_string(),
+        target: target.to_string(),
+    };
+    let target = root.read_link(link).map_err(|source| BundleError::Write {
+        path: root.path().join(link),
+        source,
+    })?;
+    let mut parts: Vec<&str> = link.split('/').collect();
+    parts.pop();
+    if target.starts_with('/') {
+        return Err(escapes(&target));
+    }
+    let components: Vec<&str> = target
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    for (i, component) in components.iter().enumerate() {
+        if *component == ".." {
+            if parts.pop().is_none() {
+                return Err(escapes(&target));
+            }
+            continue;
+        }
+        parts.push(component);
+        if i + 1 == components.len() {
+            break;
+        }
+        let walked = parts.join("/");
+        match root.kind(&walked) {
+            Ok(Some(beneath::Kind::Symlink)) => {
+                return Err(BundleError::LinkThroughLink {
+                    path: link.to_string(),
+                    target: target.clone(),
+                    through: walked,
+                });
+            }
+            Ok(_) => {}
+            // A component that is a file: the link leads nowhere.
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Creates `rel` and the directories above it that a tar only implies,
+/// beneath the root and never through a link; remembers them for fsync.
+fn make_dirs(root: &Dir, rel: &str, dirs: &mut BTreeSet<String>) -> Result<(), BundleError> {
+    if rel.is_empty() {
+        return Ok(());
+    }
+    let mut end = 0;
+    while end < rel.len() {
+        end = rel[end..].find('/').map_or(rel.len(), |i| end + i);
+        let dir = &rel[..end];
+        end += 1;
+        if dirs.contains(dir) {
+            continue;
+        }
+        let write_err = |source| BundleError::Write {
+            path: root.path().join(dir),
+            source,
+        };
+        match root.create_dir(dir, 0o755) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if root.kind(dir).map_err(write_err)? != Some(beneath::Kind::Dir) {
+                    return Err(write_err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "an entry of the bundle that is not a directory is in the way",
+                    )));
+                }
+            }
+            Err(e) => return Err(write_err(e)),
+        }
+        dirs.insert(dir.to_string());
     }
     Ok(())
 }
@@ -669,29 +806,6 @@ fn link_name<R: Read>(entry: &tar::Entry<'_, R>, path: &str) -> Result<String, B
     String::from_utf8(raw.into_owned()).map_err(|_| BundleError::EntryNotUtf8 {
         path: path.to_string(),
     })
-}
-
-/// Creates the directories a tar only implies, remembering them for fsync.
-fn ensure_parent(target: &Path, root: &Path, dirs: &mut Vec<PathBuf>) -> Result<(), BundleError> {
-    let Some(parent) = target.parent() else {
-        return Ok(());
-    };
-    if parent == root || parent.is_dir() {
-        return Ok(());
-    }
-    fs::create_dir_all(parent).map_err(|source| BundleError::Write {
-        path: parent.to_path_buf(),
-        source,
-    })?;
-    let mut dir = parent;
-    while dir != root {
-        dirs.push(dir.to_path_buf());
-        match dir.parent() {
-            Some(p) => dir = p,
-            None => break,
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1113,6 +1227,16 @@ mod tests {
     }
 
     #[test]
+    fn an_app_holding_a_name_stowage_keeps_cannot_be_bundled() {
+        let app = app_dir();
+        fs::write(app.path().join("config/.stowage-images.yml"), "x").unwrap();
+        let err = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap_err();
+        assert!(matches!(err, BundleError::ReservedInApp { .. }), "{err}");
+        fs::write(app.path().join(IGNORE_FILE), ".stowage-*\n").unwrap();
+        create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+    }
+
+    #[test]
     fn an_app_with_a_symlink_out_of_it_cannot_be_bundled() {
         let app = app_dir();
         symlink("../../etc/passwd", app.path().join("config/pw")).unwrap();
@@ -1123,5 +1247,131 @@ mod tests {
         );
         let err = create_bundle(app.path(), "compose.yml", PINNED).unwrap_err();
         assert!(matches!(err, BundleError::NoComposeInApp { .. }), "{err}");
+    }
+
+    /// `d0/d1/.../d11`, and a link at its bottom up to the root (inside).
+    fn deep_link(h: &mut Hostile) -> String {
+        let deep: Vec<String> = (0..12).map(|i| format!("d{i}")).collect();
+        let deep = deep.join("/");
+        let up = [".."; 12].join("/");
+        h.raw(tar::EntryType::Directory, &format!("{deep}/"), "", b"")
+            .raw(tar::EntryType::Symlink, &format!("{deep}/l"), &up, b"");
+        format!("{deep}/l")
+    }
+
+    #[test]
+    fn a_link_that_leaves_through_another_link_is_refused_whatever_the_order() {
+        // Alone, the deep link points at the root: fine.
+        let mut h = Hostile::new();
+        deep_link(&mut h);
+        let bytes = h.file("docker-compose.yml", b"services: {}").finish();
+        let (_parent, result) = extract(&bytes, &h.index);
+        result.unwrap();
+
+        // Its text stays inside, but followed on disk through the deep link
+        // it ends above the root.
+        let mut h = Hostile::new();
+        let l = deep_link(&mut h);
+        let bytes = h
+            .raw(tar::EntryType::Symlink, "escape", &format!("{l}/.."), b"")
+            .finish();
+        let err = assert_refused(&bytes, &h.index, "escape");
+        assert!(
+            matches!(&err, BundleError::LinkThroughLink { through, .. } if *through == l),
+            "{err}"
+        );
+
+        // The same, the escaping link first.
+        let mut h = Hostile::new();
+        let deep: Vec<String> = (0..12).map(|i| format!("d{i}")).collect();
+        let deep = deep.join("/");
+        let bytes = h
+            .raw(
+                tar::EntryType::Symlink,
+                "escape",
+                &format!("{deep}/l/../.."),
+                b"",
+            )
+            .raw(tar::EntryType::Directory, &format!("{deep}/"), "", b"")
+            .raw(
+                tar::EntryType::Symlink,
+                &format!("{deep}/l"),
+                &[".."; 12].join("/"),
+                b"",
+            )
+            .finish();
+        let err = assert_refused(&bytes, &h.index, "escape");
+        assert!(matches!(err, BundleError::LinkThroughLink { .. }), "{err}");
+
+        // Any link through a link, even one that stays inside.
+        let mut h = Hostile::new();
+        let bytes = h
+            .file("sub/f", b"f")
+            .raw(tar::EntryType::Symlink, "a", "sub", b"")
+            .raw(tar::EntryType::Symlink, "b", "a/f", b"")
+            .finish();
+        let err = assert_refused(&bytes, &h.index, "b");
+        assert!(matches!(err, BundleError::LinkThroughLink { .. }), "{err}");
+
+        // A link to a link is fine: each is checked.
+        let mut h = Hostile::new();
+        let bytes = h
+            .file("sub/f", b"f")
+            .raw(tar::EntryType::Symlink, "a", "sub/f", b"")
+            .raw(tar::EntryType::Symlink, "b", "a", b"")
+            .raw(tar::EntryType::Symlink, "c", "./sub/../a", b"")
+            .finish();
+        let (_parent, result) = extract(&bytes, &h.index);
+        result.unwrap();
+    }
+
+    #[test]
+    fn names_stowage_keeps_for_itself_are_refused() {
+        for (kind, name, link) in [
+            (
+                tar::EntryType::Symlink,
+                ".stowage-images.yml.tmp",
+                "docker-compose.yml",
+            ),
+            (tar::EntryType::Symlink, ".stowage-images.yml", "x"),
+            (tar::EntryType::Regular, ".stowage-bundle", ""),
+            (tar::EntryType::Directory, ".stowage-x/", ""),
+            (tar::EntryType::Regular, "sub/.stowage-images.yml", ""),
+        ] {
+            let mut h = Hostile::new();
+            h.file("docker-compose.yml", b"services: {}");
+            if kind == tar::EntryType::Regular {
+                h.file(name, b"x");
+            } else {
+                h.raw(kind, name, link, b"");
+            }
+            let bytes = h.finish();
+            let err = assert_refused(&bytes, &h.index, name.trim_end_matches('/'));
+            assert!(matches!(err, BundleError::ReservedName { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn extraction_never_writes_outside_even_past_the_checks() {
+        // A link planted where the bundle then writes: refused, and the
+        // file it points to untouched.
+        let parent = tempfile::tempdir().unwrap();
+        let victim = parent.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let mut h = Hostile::new();
+        let bytes = h
+            .raw(tar::EntryType::Symlink, "x", "y", b"")
+            .file("x", b"overwritten")
+            .finish();
+        let err = extract_bundle(
+            &bytes[..],
+            &h.index,
+            &parent.path().join("app"),
+            &BundleLimits::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, BundleError::Duplicate { .. }), "{err}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(leftovers(parent.path()), ["victim"]);
     }
 }

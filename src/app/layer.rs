@@ -263,6 +263,59 @@ fn walk_entries<R: Read>(archive: &mut tar::Archive<R>, walk: &mut Walk) -> io::
     Ok(())
 }
 
+/// A tar walked while it streams elsewhere: the running counts, so that a
+/// caller can stop a layer as soon as it takes more than it may, and, at
+/// the end, the same footprint [`analyze_layer`] predicts.
+pub struct TarWalk {
+    walk: Walk,
+}
+
+impl TarWalk {
+    /// Tar entries so far.
+    pub fn entries(&self) -> u64 {
+        self.walk.entries
+    }
+
+    /// Bytes of regular files' content so far: a lower bound of the usage
+    /// on any block size (the header of a file is read before its content).
+    pub fn file_bytes(&self) -> u64 {
+        self.walk.file_bytes
+    }
+
+    /// Inodes so far, overlay2's own files included.
+    pub fn inodes(&self) -> u64 {
+        self.walk.inodes.saturating_add(OVERHEAD_INODES)
+    }
+
+    /// Inodes and usage per block size in [`BLOCK_SIZES`] of what was walked.
+    pub fn footprint(&self) -> (u64, BTreeMap<u64, u64>) {
+        self.walk.footprint()
+    }
+}
+
+/// Walks the uncompressed tar `reader` yields, calling `after_entry` with
+/// the running counts after each entry's header (before its content is
+/// read); an error from it stops the walk. Returns the counts and the
+/// reader, positioned after the tar's end-of-archive blocks.
+pub fn walk_tar<R: Read>(
+    reader: R,
+    mut after_entry: impl FnMut(&TarWalk) -> io::Result<()>,
+) -> io::Result<(TarWalk, R)> {
+    let mut archive = tar::Archive::new(reader);
+    let mut walked = TarWalk {
+        walk: Walk::default(),
+    };
+    for entry in archive.entries()? {
+        let entry = entry?;
+        let kind = entry.header().entry_type();
+        let path = entry.path_bytes();
+        let link_len = entry.link_name_bytes().map_or(0, |l| l.len() as u64);
+        walked.walk.add(&path, kind, entry.size(), link_len);
+        after_entry(&walked)?;
+    }
+    Ok((walked, archive.into_inner()))
+}
+
 /// Which stage of the pipeline failed, to tell a bad source from a corrupt
 /// stream from a malformed tar.
 #[derive(Default)]
@@ -416,7 +469,7 @@ impl Walk {
                 self.inodes += 1;
                 if link_len > FAST_SYMLINK_MAX {
                     for (blocks, bs) in self.data_blocks.iter_mut().zip(BLOCK_SIZES) {
-                        *blocks += (link_len + 1).div_ceil(bs);
+                        *blocks = blocks.saturating_add((link_len + 1).div_ceil(bs));
                     }
                 }
             }
@@ -430,9 +483,9 @@ impl Walk {
                 self.ensure_dir(parent);
                 self.add_dirent(parent, name.len());
                 self.inodes += 1;
-                self.file_bytes += size;
+                self.file_bytes = self.file_bytes.saturating_add(size);
                 for (blocks, bs) in self.data_blocks.iter_mut().zip(BLOCK_SIZES) {
-                    *blocks += file_blocks(size, bs);
+                    *blocks = blocks.saturating_add(file_blocks(size, bs));
                 }
             }
         }
@@ -460,7 +513,7 @@ impl Walk {
 
     fn add_dirent(&mut self, parent: &[u8], name_len: usize) {
         if let Some(bytes) = self.dirs.get_mut(parent) {
-            *bytes += dirent_bytes(name_len as u64);
+            *bytes = bytes.saturating_add(dirent_bytes(name_len as u64));
         }
     }
 
@@ -470,7 +523,9 @@ impl Walk {
         if !self.dirs.contains_key(&[][..]) {
             dirs.push(0); // `diff/` exists even for an empty layer
         }
-        let tar_split = TAR_SPLIT_BYTES_BASE + TAR_SPLIT_BYTES_PER_ENTRY * self.entries;
+        let tar_split = TAR_SPLIT_BYTES_PER_ENTRY
+            .saturating_mul(self.entries)
+            .saturating_add(TAR_SPLIT_BYTES_BASE);
         let usage = BLOCK_SIZES
             .iter()
             .zip(self.data_blocks)
@@ -482,11 +537,12 @@ impl Walk {
                     + OVERHEAD_DIRS
                     + OVERHEAD_SYMLINKS
                     + file_blocks(tar_split, bs);
-                let blocks = (data_blocks + overhead_blocks) as f64 + dir_blocks + shared;
+                let blocks =
+                    data_blocks.saturating_add(overhead_blocks) as f64 + dir_blocks + shared;
                 (bs, (blocks.ceil() as u64).saturating_mul(bs))
             })
             .collect();
-        (self.inodes + OVERHEAD_INODES, usage)
+        (self.inodes.saturating_add(OVERHEAD_INODES), usage)
     }
 }
 

@@ -135,10 +135,10 @@ impl App {
             for entry in entries.flatten() {
                 let header = entry.header();
                 inodes += 1;
-                bytes += match header.entry_type() {
+                bytes = bytes.saturating_add(match header.entry_type() {
                     tar::EntryType::Directory => block_size,
                     _ => crate::oci::format::round_up(header.size().unwrap_or(0), block_size),
-                };
+                });
             }
         }
         (bytes, inodes)

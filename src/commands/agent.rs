@@ -15,6 +15,8 @@ pub struct AgentOptions {
     pub interval: Duration,
     pub verify_timeout: Duration,
     pub once: bool,
+    /// How long one poll may spend on the registry (see the agent).
+    pub cycle_timeout: Duration,
     pub restart_limit: u32,
     pub fit: FitOptions,
 }
@@ -39,6 +41,7 @@ impl AgentOptions {
                 verify_timeout: self.verify_timeout,
             },
             once: self.once,
+            cycle_deadline: self.cycle_timeout,
             restart_limit: self.restart_limit,
         };
         let _lock = lock_updates(&ctx.root)?;

@@ -26,6 +26,7 @@ pub mod update;
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -35,7 +36,7 @@ use crate::engine::docker::{DockerEngine, LoadOptions, probe_view};
 use crate::engine::install::{Device, InstallOptions};
 use crate::oci::format::Arch;
 use crate::oci::reference::ImageRef;
-use crate::oci::registry::{RegistryClient, RegistryOptions};
+use crate::oci::registry::{Deadlines, RegistryClient, RegistryOptions};
 use crate::plan::DockerView;
 use crate::plan::space::Policy;
 use crate::progress::Progress;
@@ -59,6 +60,12 @@ pub struct GlobalOptions {
     pub insecure_registries: Vec<String>,
     pub ca_file: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    /// Seconds a metadata request to a registry may take, whole.
+    pub registry_timeout: Option<f64>,
+    /// Bytes a second a blob download must keep up ("1K").
+    pub min_transfer_rate: Option<String>,
+    /// Seconds over which that rate is measured.
+    pub transfer_window: Option<f64>,
 }
 
 /// The device-side settings of a command that plans or touches Docker.
@@ -104,6 +111,7 @@ impl Context {
             insecure,
             ca_files,
             credentials: CredentialStore::from_docker_config()?,
+            deadlines: deadlines(options, &config)?,
         };
         Ok(Context {
             root,
@@ -249,6 +257,36 @@ impl Context {
 }
 
 pub use crate::fsutil::blocking;
+
+/// How long registries may take: the flag (or its variable), else the
+/// config file, else [`Deadlines::default`].
+fn deadlines(options: &GlobalOptions, config: &ConfigFile) -> Result<Deadlines> {
+    let mut deadlines = Deadlines::default();
+    let seconds = |key: &str, value: Option<f64>| -> Result<Option<Duration>> {
+        match value {
+            None => Ok(None),
+            Some(v) if v.is_finite() && v > 0.0 => Ok(Duration::try_from_secs_f64(v).ok()),
+            Some(v) => bail!("{key} = {v} must be a positive number of seconds"),
+        }
+    };
+    let timeout = options.registry_timeout.or(config.registry_timeout);
+    if let Some(d) = seconds("registry_timeout", timeout)? {
+        deadlines.request = d;
+    }
+    let window = options.transfer_window.or(config.transfer_window);
+    if let Some(d) = seconds("transfer_window", window)? {
+        deadlines.rate_window = d;
+    }
+    let rate = options
+        .min_transfer_rate
+        .clone()
+        .or_else(|| config.min_transfer_rate.clone());
+    if let Some(rate) = rate {
+        deadlines.min_rate =
+            config::parse_size(&rate).map_err(|e| anyhow::anyhow!("min_transfer_rate: {e}"))?;
+    }
+    Ok(deadlines)
+}
 
 /// Parses references given on the command line.
 pub fn parse_refs(refs: &[String]) -> Result<Vec<ImageRef>> {

@@ -387,7 +387,9 @@ fn parse_service_images(resolved: &str) -> Result<BTreeMap<String, Option<String
 /// The text of a compose override file that runs each service on the given
 /// image (service name -> local tag). It repeats the main file's `version`
 /// key, if any, because compose v1 refuses to merge files of different
-/// versions.
+/// versions. Every value taken from the compose file is written as a YAML
+/// double-quoted scalar with everything but printable ASCII escaped
+/// ([`yaml_quote`]), so no value can end its scalar or start a line.
 pub fn image_override(
     main_compose_file: &str,
     images: &BTreeMap<String, String>,
@@ -401,10 +403,10 @@ pub fn image_override(
     text.push_str("# Written by stowage: runs each service on the image it loaded.\n");
     match main.version {
         Some(serde_json::Value::String(v)) => {
-            text.push_str(&format!("version: {}\n", json_quote(&v)))
+            text.push_str(&format!("version: {}\n", yaml_quote(&v)))
         }
         Some(serde_json::Value::Number(v)) => {
-            text.push_str(&format!("version: {}\n", json_quote(&v.to_string())))
+            text.push_str(&format!("version: {}\n", yaml_quote(&v.to_string())))
         }
         Some(_) => return Err("its version key is neither a string nor a number".into()),
         None => {}
@@ -413,48 +415,94 @@ pub fn image_override(
     for (service, image) in images {
         text.push_str(&format!(
             "  {}:\n    image: {}\n",
-            json_quote(service),
-            json_quote(image)
+            yaml_quote(service),
+            yaml_quote(image)
         ));
     }
     Ok(text)
 }
 
-/// A YAML double-quoted scalar (JSON strings are valid YAML).
-fn json_quote(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
+/// A YAML double-quoted scalar that YAML 1.1 (compose v1's PyYAML) and 1.2
+/// read back as exactly `s`: printable ASCII as is, except `"` and `\`,
+/// and every other character escaped (`\uXXXX`, `\UXXXXXXXX`), so the
+/// scalar holds no line break, control or bidirectional character.
+pub fn yaml_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            c if (c as u32) <= 0xffff => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push_str(&format!("\\U{:08x}", c as u32)),
+        }
+    }
+    out.push('"');
+    out
 }
 
-/// Reads a compose file from disk and writes its override beside it,
-/// durably (write, fsync, rename, fsync of the directory).
+/// The largest compose file read to write its override (FORMAT.md's limit).
+const COMPOSE_FILE_CAP: u64 = 1 << 20;
+
+/// Reads a compose file and writes its override beside it (both in one
+/// directory, the app's). Neither is followed if a link: the override is
+/// created exclusively under a fresh name, never through a link, then
+/// renamed into place, durably (write, fsync, rename, fsync of the
+/// directory; see [`crate::fsutil::beneath`]).
 pub fn write_image_override(
     main_compose_path: &Path,
     override_path: &Path,
     images: &BTreeMap<String, String>,
 ) -> Result<(), ComposeError> {
+    use std::io::Read as _;
     let bad = |path: &Path, reason: String| ComposeError::BadComposeFile {
         path: path.to_path_buf(),
         reason,
     };
-    let main = std::fs::read_to_string(main_compose_path)
-        .map_err(|e| bad(main_compose_path, e.to_string()))?;
-    let text = image_override(&main, images).map_err(|reason| bad(main_compose_path, reason))?;
-    let dir = override_path
+    let app_dir = override_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut temp = override_path.as_os_str().to_owned();
-        temp.push(".tmp");
-        let temp = PathBuf::from(temp);
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temp, override_path)?;
-        std::fs::File::open(dir)?.sync_all()
+    let name = |path: &Path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| bad(path, "not a file name".into()))
     };
-    write().map_err(|e| bad(override_path, e.to_string()))
+    let (compose_name, override_name) = (name(main_compose_path)?, name(override_path)?);
+    let compose_dir = main_compose_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if compose_dir != app_dir {
+        return Err(bad(
+            override_path,
+            format!(
+                "the override must be beside {}",
+                main_compose_path.display()
+            ),
+        ));
+    }
+    let dir =
+        crate::fsutil::beneath::Dir::open(app_dir).map_err(|e| bad(app_dir, e.to_string()))?;
+    let mut main = String::new();
+    dir.open_file(&compose_name)
+        .and_then(|f| f.take(COMPOSE_FILE_CAP + 1).read_to_string(&mut main))
+        .map_err(|e| bad(main_compose_path, e.to_string()))?;
+    if main.len() as u64 > COMPOSE_FILE_CAP {
+        return Err(bad(
+            main_compose_path,
+            format!("it is over the limit of {COMPOSE_FILE_CAP} bytes"),
+        ));
+    }
+    let text = image_override(&main, images).map_err(|reason| bad(main_compose_path, reason))?;
+    dir.write_atomic(
+        &override_name,
+        text.as_bytes(),
+        crate::fsutil::STATE_FILE_MODE,
+    )
+    .map_err(|e| bad(override_path, e.to_string()))
 }
 
 #[cfg(test)]
@@ -503,5 +551,103 @@ version: '3.8'
         let text = image_override("services:\n  web:\n    image: x\n", &images).unwrap();
         assert!(!text.contains("version"));
         assert!(image_override("version: [1]\n", &images).is_err());
+    }
+
+    #[test]
+    fn values_from_the_compose_file_cannot_leave_their_scalar() {
+        let hostile = [
+            "$(id > /tmp/owned)",
+            "3\"\nservices: {evil: {image: x}}\n#",
+            "a\\\"b",
+            "line\u{2028}sep\u{85}nel\u{7f}del\u{0}nul\u{feff}bom",
+            "\u{1F600} and \t tab",
+            "'single' # comment",
+        ];
+        let images = BTreeMap::from([("web".to_string(), "r.local/web:stowage-sha256-ab".into())]);
+        for version in hostile {
+            let main = format!("version: {}\nservices: {{}}\n", yaml_quote(version));
+            let text = image_override(&main, &images).unwrap();
+            assert!(
+                text.bytes()
+                    .all(|b| b == b'\n' || (b' '..=b'~').contains(&b)),
+                "only printable ASCII and newlines: {text:?}"
+            );
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Override {
+                version: String,
+                services: BTreeMap<String, BTreeMap<String, String>>,
+            }
+            let parsed: Override = serde_saphyr::from_str(&text).unwrap();
+            assert_eq!(parsed.version, version, "{text}");
+            assert_eq!(parsed.services.len(), 1, "{text}");
+            assert_eq!(parsed.services["web"]["image"], images["web"]);
+        }
+        let service = "we\"b\n  x:";
+        let text = image_override(
+            "services: {}\n",
+            &BTreeMap::from([(service.to_string(), "img".to_string())]),
+        )
+        .unwrap();
+        let parsed = parse_service_images(&text).unwrap();
+        assert_eq!(parsed.keys().collect::<Vec<_>>(), [service]);
+    }
+
+    #[test]
+    fn the_override_is_never_written_through_a_link() {
+        use std::os::unix::fs::symlink;
+        let scratch = tempfile::tempdir().unwrap();
+        let outside = scratch.path().join("profile");
+        std::fs::write(&outside, b"# a shell profile\n").unwrap();
+        let app = scratch.path().join("app");
+        std::fs::create_dir(&app).unwrap();
+        let compose = b"version: '3'\nservices:\n  web:\n    image: x\n";
+        std::fs::write(app.join("docker-compose.yml"), compose).unwrap();
+        let images = BTreeMap::from([("web".to_string(), "r.local/web:stowage-sha256-ab".into())]);
+
+        // Links under the override's name, the temporary name the old
+        // writer used, and every name a writer could pick.
+        symlink(&outside, app.join(".stowage-images.yml")).unwrap();
+        symlink("docker-compose.yml", app.join(".stowage-images.yml.tmp")).unwrap();
+        write_image_override(
+            &app.join("docker-compose.yml"),
+            &app.join(".stowage-images.yml"),
+            &images,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"# a shell profile\n");
+        assert_eq!(
+            std::fs::read(app.join("docker-compose.yml")).unwrap(),
+            compose
+        );
+        let written = std::fs::symlink_metadata(app.join(".stowage-images.yml")).unwrap();
+        assert!(written.is_file(), "the link was replaced by a file");
+        let text = std::fs::read_to_string(app.join(".stowage-images.yml")).unwrap();
+        assert!(text.contains("stowage-sha256-ab"), "{text}");
+
+        // A compose file that is a link is not read.
+        let other = scratch.path().join("other.yml");
+        std::fs::write(&other, compose).unwrap();
+        std::fs::remove_file(app.join("docker-compose.yml")).unwrap();
+        symlink(&other, app.join("docker-compose.yml")).unwrap();
+        let err = write_image_override(
+            &app.join("docker-compose.yml"),
+            &app.join(".stowage-images.yml"),
+            &images,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("docker-compose.yml"), "{err}");
+
+        // Nor an app directory that is a link.
+        let linked = scratch.path().join("linked");
+        symlink(&app, &linked).unwrap();
+        assert!(
+            write_image_override(
+                &linked.join("docker-compose.yml"),
+                &linked.join(".stowage-images.yml"),
+                &images
+            )
+            .is_err()
+        );
     }
 }

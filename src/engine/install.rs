@@ -28,26 +28,29 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::app::bundle::{BundleLimits, extract_bundle};
+use crate::app::bundle::{BundleLimits, STAGING_PREFIX, extract_bundle};
 use crate::app::stored::{StoredApp, find_apps, load_app};
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::engine::compose::write_image_override;
 use crate::engine::docker::{
-    DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, local_tag_for,
+    Allowance, DockerEngine, ImageToLoad, LayerSource, LoadOptions, LoadReport, SpaceGuard,
+    local_tag_for,
 };
 use crate::engine::record::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, Installed, InstalledApp, InstalledImage, OVERRIDE_FILE,
 };
-use crate::fsutil::write_atomic;
+use crate::fsutil::STATE_FILE_MODE;
+use crate::fsutil::beneath::Dir;
 use crate::oci::format::{self, AppManifest, LayerMeta};
 use crate::plan::held::HeldLayers;
 use crate::plan::space::Policy;
-use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
+use crate::plan::{CheckReport, DockerView, Paths, UpdatePlan, check_update, refuse_unless_fits};
 use crate::progress::Progress;
 use crate::store::{LockMode, Store};
 
@@ -186,9 +189,156 @@ pub(crate) async fn install_locked(
         &store.read_capped(&app.digest, format::APP_MANIFEST_CAP)?,
         &format!("stored app {}", app.reference),
     )?;
-    let meta = layers_meta(store, &manifest, &options.architecture)?;
+    let mut meta = layers_meta(store, &manifest, &options.architecture)?;
+    // What stowage measured of a layer before beats what was declared.
+    meta.extend(store.layer_facts());
 
-    // Group services by image: several may run the same one.
+    let (images, service_tags) = plan_images(app)?;
+    // What the engine has.
+    let mut to_load = Vec::new();
+    let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
+    let mut present = Vec::new();
+    for planned in images.values() {
+        match engine.image_exists(&planned.image_id.to_string()).await? {
+            None => to_load.push(planned),
+            Some(summary) => {
+                let missing: Vec<String> = planned
+                    .tags
+                    .iter()
+                    .filter(|t| !summary.repo_tags.contains(t))
+                    .cloned()
+                    .collect();
+                if missing.is_empty() {
+                    present.push(planned);
+                } else {
+                    to_tag.push((planned, missing));
+                }
+            }
+        }
+    }
+    let bundle_current = read_marker(&dir).is_some_and(|m| m.trim() == app.digest.to_string());
+
+    // The fit check, when anything is to be written.
+    let mut check = None;
+    // What the engine holds, as the check saw it: the loads are scheduled on it.
+    let mut docker = None;
+    // What the check counted: the loads are held to it.
+    let mut guard = None;
+    if !to_load.is_empty() || !bundle_current {
+        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let docker = docker.insert(DockerView {
+            reachable: true,
+            data_root: info?.data_root,
+            held: held?,
+        });
+        let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
+        let mut apps = vec![plan_app];
+        if bundle_current {
+            // Only the images count: the bundle is extracted already.
+            apps[0].bundle.clear();
+        }
+        let (plan, mut report) =
+            check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
+        guard = Some(space_guard(&plan, &docker.data_root));
+        if bundle_current {
+            report.fit.notes.push(format!(
+                "the bundle is already extracted in {}",
+                dir.display()
+            ));
+        }
+        check = Some(refuse_unless_fits(report)?);
+    }
+
+    if !bundle_current {
+        progress.step(format!(
+            "extracting the bundle of {} into {}",
+            app.name,
+            dir.display()
+        ));
+        let (store, manifest, stored, apps_dir, dir) = (
+            store.clone(),
+            manifest.clone(),
+            app.clone(),
+            apps_dir.clone(),
+            dir.clone(),
+        );
+        // Writing and fsyncing up to a whole bundle: off the runtime's workers.
+        crate::fsutil::blocking(move || {
+            extract_app_bundle(&store, &manifest, &stored, &apps_dir, &dir)
+        })
+        .await?;
+    }
+
+    // Record before loading: see the `record` module.
+    record_install(state, app, &dir, &service_tags, &to_load, &to_tag);
+    state.save(root)?;
+
+    let mut report_images = Vec::new();
+    for planned in &present {
+        report_images.push(image_report(planned, ImageAction::Present));
+    }
+    for (planned, tags) in &to_tag {
+        for tag in tags {
+            engine.tag_image(&planned.image_id, tag).await?;
+        }
+        report_images.push(image_report(planned, ImageAction::Tagged));
+    }
+    let load_options = LoadOptions {
+        guard: guard.clone(),
+        ..options.load.clone()
+    };
+    let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
+    let loaded = load_images(
+        engine,
+        store,
+        &held,
+        &to_load,
+        &meta,
+        &load_options,
+        progress,
+    )
+    .await;
+    if let Some(guard) = &guard {
+        record_facts(store, guard);
+    }
+    let loaded = loaded.with_context(|| format!("cannot install {}", app.reference))?;
+    for (planned, loaded) in to_load.iter().zip(loaded) {
+        let mut row = image_report(planned, ImageAction::Loaded);
+        row.layers_sent = loaded.layers_sent;
+        row.layers_skipped = loaded.layers_skipped;
+        row.bytes_sent = loaded.bytes_sent;
+        row.seconds = loaded.elapsed.as_secs_f64();
+        report_images.push(row);
+    }
+
+    // The override marks the install done: the layers the engine applied
+    // (it does not fsync them) reach the disk first.
+    if let Some(docker) = &docker
+        && !to_load.is_empty()
+    {
+        flush_engine(&docker.data_root).await?;
+    }
+    write_image_override(
+        &dir.join(&app.compose_file),
+        &dir.join(OVERRIDE_FILE),
+        &service_tags,
+    )?;
+    progress.step(format!("installed {} ({})", app.name, app.reference));
+    Ok(InstallReport {
+        name: app.name.clone(),
+        reference: app.reference.clone(),
+        dir,
+        bundle_extracted: !bundle_current,
+        images: report_images,
+        check,
+    })
+}
+
+/// The app's images, each once with the services that run it (several may
+/// run the same one), and each service's local tag.
+fn plan_images(
+    app: &StoredApp,
+) -> Result<(BTreeMap<Digest, PlannedImage>, BTreeMap<String, String>)> {
     let mut images: BTreeMap<Digest, PlannedImage> = BTreeMap::new();
     let mut service_tags = BTreeMap::new();
     for image in &app.images {
@@ -212,107 +362,93 @@ pub(crate) async fn install_locked(
         planned.services.push(image.service.clone());
         planned.tags.insert(tag);
     }
+    Ok((images, service_tags))
+}
 
-    // What the engine has.
-    let mut to_load = Vec::new();
-    let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
-    let mut present = Vec::new();
-    for planned in images.values() {
-        match engine.image_exists(&planned.image_id.to_string()).await? {
-            None => to_load.push(planned),
-            Some(summary) => {
-                let missing: Vec<String> = planned
-                    .tags
-                    .iter()
-                    .filter(|t| !summary.repo_tags.contains(t))
-                    .cloned()
-                    .collect();
-                if missing.is_empty() {
-                    present.push(planned);
-                } else {
-                    to_tag.push((planned, missing));
-                }
-            }
-        }
+/// Extracts the app's verified bundle into `dir`: into a staging directory
+/// beside it, then swapped in, so a refused bundle changes nothing; the
+/// marker naming the app's digest is written last.
+fn extract_app_bundle(
+    store: &Store,
+    manifest: &AppManifest,
+    app: &StoredApp,
+    apps_dir: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let (reference, name, digest) = (app.reference.as_str(), &app.name, &app.digest);
+    let index_desc = manifest.bundle_index(reference)?;
+    let index =
+        format::parse_bundle_index(&store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?)?;
+    let bundle = store.open_blob(&manifest.bundle().digest)?;
+    crate::fsutil::ensure_dir(apps_dir, 0o700)
+        .with_context(|| format!("cannot create {}", apps_dir.display()))?;
+    // Another version's directory may be there (an update): extract
+    // beside it, then swap, so a refused bundle changes nothing.
+    let incoming = apps_dir.join(format!("{INCOMING_PREFIX}{}", name));
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming)
+            .with_context(|| format!("cannot remove {}", incoming.display()))?;
     }
-    let bundle_current = std::fs::read_to_string(dir.join(BUNDLE_MARKER))
-        .is_ok_and(|m| m.trim() == app.digest.to_string());
-
-    // The fit check, when anything is to be written.
-    let mut check = None;
-    // What the engine holds, as the check saw it: the loads are scheduled on it.
-    let mut docker = None;
-    if !to_load.is_empty() || !bundle_current {
-        let (info, held) = tokio::join!(engine.info(), engine.held_layers());
-        let docker = docker.insert(DockerView {
-            reachable: true,
-            data_root: info?.data_root,
-            held: held?,
-        });
-        let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
-        let mut apps = vec![plan_app];
-        if bundle_current {
-            // Only the images count: the bundle is extracted already.
-            apps[0].bundle.clear();
-        }
-        let (_, mut report) =
-            check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
-        if bundle_current {
-            report.fit.notes.push(format!(
-                "the bundle is already extracted in {}",
-                dir.display()
-            ));
-        }
-        check = Some(refuse_unless_fits(report)?);
+    extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
+        .with_context(|| format!("the bundle of {} is refused", reference))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove the previous version in {}", dir.display()))?;
     }
-
-    // The bundle.
-    if !bundle_current {
-        progress.step(format!(
-            "extracting the bundle of {} into {}",
-            app.name,
-            dir.display()
-        ));
-        let index_desc = manifest.bundle_index(&app.reference)?;
-        let index = format::parse_bundle_index(
-            &store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?,
-        )?;
-        let bundle = store.open_blob(&manifest.bundle().digest)?;
-        crate::fsutil::ensure_dir(&apps_dir, 0o700)
-            .with_context(|| format!("cannot create {}", apps_dir.display()))?;
-        // Another version's directory may be there (an update): extract
-        // beside it, then swap, so a refused bundle changes nothing.
-        let incoming = apps_dir.join(format!(".incoming-{}", app.name));
-        if incoming.exists() {
-            std::fs::remove_dir_all(&incoming)
-                .with_context(|| format!("cannot remove {}", incoming.display()))?;
-        }
-        extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
-            .with_context(|| format!("the bundle of {} is refused", app.reference))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| {
-                format!("cannot remove the previous version in {}", dir.display())
-            })?;
-        }
-        std::fs::rename(&incoming, &dir)
-            .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
-        crate::fsutil::fsync_dir(&apps_dir)
-            .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
-        write_atomic(
-            &dir.join(BUNDLE_MARKER),
-            format!("{}\n", app.digest).as_bytes(),
-        )
+    std::fs::rename(&incoming, dir)
+        .with_context(|| format!("cannot move the bundle into {}", dir.display()))?;
+    crate::fsutil::fsync_dir(apps_dir)
+        .with_context(|| format!("cannot sync {}", apps_dir.display()))?;
+    Dir::open(dir)
+        .and_then(|d| {
+            d.write_atomic(
+                BUNDLE_MARKER,
+                format!("{}\n", digest).as_bytes(),
+                STATE_FILE_MODE,
+            )
+        })
         .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
-    }
+    Ok(())
+}
 
-    // Record before loading: see the `record` module.
+/// `syncfs` of Docker's data root, when this machine sees it (an engine
+/// reached over TCP may keep it elsewhere: then only a warning).
+async fn flush_engine(data_root: &Path) -> Result<()> {
+    let path = data_root.to_path_buf();
+    match crate::fsutil::blocking(move || crate::fsutil::syncfs(&path)).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "Docker's data root {} is not on this machine: its layers were not flushed",
+                data_root.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot flush Docker's data root {} to disk",
+                data_root.display()
+            )
+        }),
+    }
+}
+
+/// The app's record, and the images and tags stowage is about to own.
+fn record_install(
+    state: &mut Installed,
+    app: &StoredApp,
+    dir: &Path,
+    service_tags: &BTreeMap<String, String>,
+    to_load: &[&PlannedImage],
+    to_tag: &[(&PlannedImage, Vec<String>)],
+) {
     state.apps.insert(
         app.name.clone(),
         InstalledApp {
             reference: app.reference.clone(),
             digest: app.digest.clone(),
             compose_file: app.compose_file.clone(),
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             images: app
                 .images
                 .iter()
@@ -327,14 +463,14 @@ pub(crate) async fn install_locked(
                 .collect(),
         },
     );
-    for planned in &to_load {
+    for planned in to_load {
         state
             .owned_images
             .entry(planned.image_id.clone())
             .or_default()
             .extend(planned.tags.iter().cloned());
     }
-    for (planned, tags) in &to_tag {
+    for (planned, tags) in to_tag {
         for tag in tags {
             match state.owned_images.get_mut(&planned.image_id) {
                 Some(owned) => {
@@ -348,52 +484,62 @@ pub(crate) async fn install_locked(
             }
         }
     }
-    state.save(root)?;
+}
 
-    let mut report_images = Vec::new();
-    for planned in &present {
-        report_images.push(image_report(planned, ImageAction::Present));
-    }
-    for (planned, tags) in &to_tag {
-        for tag in tags {
-            engine.tag_image(&planned.image_id, tag).await?;
-        }
-        report_images.push(image_report(planned, ImageAction::Tagged));
-    }
-    let loaded = load_images(
-        engine,
-        store,
-        &docker.map(|d| d.held).unwrap_or_default(),
-        &to_load,
-        &meta,
-        &options.load,
-        progress,
-    )
-    .await
-    .with_context(|| format!("cannot install {}", app.reference))?;
-    for (planned, loaded) in to_load.iter().zip(loaded) {
-        let mut row = image_report(planned, ImageAction::Loaded);
-        row.layers_sent = loaded.layers_sent;
-        row.layers_skipped = loaded.layers_skipped;
-        row.bytes_sent = loaded.bytes_sent;
-        row.seconds = loaded.elapsed.as_secs_f64();
-        report_images.push(row);
-    }
+/// Holds the loads to what `plan` counted on Docker's volume at `data_root`.
+fn space_guard(plan: &UpdatePlan, data_root: &Path) -> Arc<SpaceGuard> {
+    let allowances = plan
+        .docker_counts
+        .iter()
+        .map(|(blob, count)| {
+            (
+                count.diff_id.clone(),
+                (
+                    blob.clone(),
+                    Allowance {
+                        usage: count.usage,
+                        inodes: count.inodes,
+                        tar_size: count.tar_size,
+                    },
+                ),
+            )
+        })
+        .collect();
+    Arc::new(SpaceGuard::new(
+        data_root.to_path_buf(),
+        plan.docker_block_size,
+        allowances,
+        plan.docker_room.0,
+        plan.docker_room.1,
+    ))
+}
 
-    write_image_override(
-        &dir.join(&app.compose_file),
-        &dir.join(OVERRIDE_FILE),
-        &service_tags,
-    )?;
-    progress.step(format!("installed {} ({})", app.name, app.reference));
-    Ok(InstallReport {
-        name: app.name.clone(),
-        reference: app.reference.clone(),
-        dir,
-        bundle_extracted: !bundle_current,
-        images: report_images,
-        check,
-    })
+/// Keeps what the loads measured of each layer with its blob, for the next
+/// plans; a failure to write them costs only precision, so it is logged.
+fn record_facts(store: &Store, guard: &SpaceGuard) {
+    let facts = guard
+        .measured()
+        .into_iter()
+        .map(|(diff_id, m)| {
+            let meta = LayerMeta {
+                size: m.file_bytes,
+                usage: format::usage_for_block_size(
+                    &m.usage_by_block_size,
+                    crate::app::layer::USAGE_BLOCK_SIZE,
+                ),
+                archive_size: store.size(&m.blob).unwrap_or(0),
+                diff_id: Some(diff_id),
+                tar_size: Some(m.tar_size),
+                entries: Some(m.entries),
+                inodes: Some(m.inodes),
+                usage_by_block_size: Some(m.usage_by_block_size),
+            };
+            (m.blob, meta)
+        })
+        .collect();
+    if let Err(e) = store.record_layer_facts(facts) {
+        tracing::warn!("cannot keep the measured layer figures: {e}");
+    }
 }
 
 /// Loads `images` into the engine, [`LoadOptions::images`] at a time (the
@@ -615,15 +761,40 @@ fn app_for_plan(
     })
 }
 
-/// Removes what killed extractions left in the apps directory (the caller
-/// holds the apps lock, so no extraction is running).
+/// An app's bundle is extracted as `.incoming-NAME` in the apps directory,
+/// then swapped into place.
+const INCOMING_PREFIX: &str = ".incoming-";
+
+/// The bundle marker of an app directory, read without following a link.
+fn read_marker(dir: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut marker = String::new();
+    Dir::open(dir)
+        .and_then(|d| d.open_file(BUNDLE_MARKER))
+        .and_then(|f| f.take(4096).read_to_string(&mut marker))
+        .ok()?;
+    Some(marker)
+}
+
+/// Removes what killed extractions left in the apps directory: staging
+/// directories and bundles extracted but not swapped into place (the caller
+/// holds the apps lock, so no extraction is running). App names never
+/// start with a dot, so nothing else matches.
 fn remove_stale_extractions(apps_dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(apps_dir) else {
         return Ok(());
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(".extract-") {
-            std::fs::remove_dir_all(entry.path()).with_context(|| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(STAGING_PREFIX) || name.starts_with(INCOMING_PREFIX) {
+            let path = entry.path();
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| {
                 format!(
                     "cannot remove the interrupted extraction {}",
                     entry.path().display()
@@ -692,14 +863,13 @@ pub async fn verify_installed(
                 check.missing_images.push(image.tag.clone());
             }
         }
-        let marker = std::fs::read_to_string(installed_app.dir.join(BUNDLE_MARKER));
-        check.directory_damaged = !marker
-            .is_ok_and(|m| m.trim() == installed_app.digest.to_string())
-            || !installed_app.dir.join(OVERRIDE_FILE).is_file()
-            || !installed_app
-                .dir
-                .join(&installed_app.compose_file)
-                .is_file();
+        let is_file = |name: &str| {
+            std::fs::symlink_metadata(installed_app.dir.join(name)).is_ok_and(|m| m.is_file())
+        };
+        check.directory_damaged = read_marker(&installed_app.dir)
+            .is_none_or(|m| m.trim() != installed_app.digest.to_string())
+            || !is_file(OVERRIDE_FILE)
+            || !is_file(&installed_app.compose_file);
         if repair && (!check.missing_images.is_empty() || check.directory_damaged) {
             let stored = match load_app(
                 device.store,

@@ -6,13 +6,13 @@
 //! the call returns the new version survives a power cut (data fsynced, then
 //! renamed, then the directory fsynced so that the rename itself is durable).
 
+pub mod beneath;
 pub mod lock;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Mode of files written by [`write_atomic`].
 pub const STATE_FILE_MODE: u32 = 0o644;
@@ -20,8 +20,6 @@ pub const STATE_FILE_MODE: u32 = 0o644;
 /// Prefix of the temporary files [`write_atomic`] creates beside their target;
 /// anything that cleans a directory may remove files starting with it.
 pub const TEMP_PREFIX: &str = ".tmp-";
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Replaces `path` with `bytes` atomically and durably (mode 0644).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -49,9 +47,12 @@ pub fn write_replacing(path: &Path, bytes: &[u8]) -> io::Result<()> {
 fn replace_with(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let tmp = temp_path_beside(path);
     let result = (|| {
+        // Exclusive and not through a link: a name planted in advance makes
+        // the write fail rather than land elsewhere.
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)?;
         file.write_all(bytes)?;
@@ -70,14 +71,14 @@ fn replace_with(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Resu
 }
 
 /// A fresh name beside `path` for a temporary file: unique within this
-/// process (counter) and across processes (pid).
+/// process (counter), across processes (pid), and not guessable in advance
+/// (random bits), so no one can plant a file or link under it.
 pub fn temp_path_beside(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    parent_dir(path).join(format!("{TEMP_PREFIX}{name}.{}.{n}", std::process::id()))
+    parent_dir(path).join(beneath::temp_name(&name))
 }
 
 /// Makes the entries of directory `dir` (creations, renames, removals)
@@ -139,6 +140,16 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// 32 random bits from the kernel (`getrandom(2)`), for names no other
+/// process can guess; zero in the unlikely case the kernel cannot say.
+pub fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    match rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
+        Ok(_) => u32::from_ne_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
 /// Runs blocking file work (walks, hashing, fsyncs, lock waits) on a
 /// blocking thread of the async runtime, never on one of its workers.
 pub async fn blocking<T: Send + 'static, E: Send + 'static>(
@@ -153,6 +164,9 @@ pub async fn blocking<T: Send + 'static, E: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

@@ -474,7 +474,7 @@ pub fn round_up(bytes: u64, block: u64) -> u64 {
     if block == 0 {
         return bytes;
     }
-    bytes.div_ceil(block) * block
+    bytes.div_ceil(block).saturating_mul(block)
 }
 
 #[cfg(test)]

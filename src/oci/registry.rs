@@ -9,6 +9,12 @@
 //! match the reference; a resumed blob is accepted only as a 206 whose
 //! `Content-Range` starts exactly where we asked. Byte counting and digest
 //! checks of blob bodies happen where they are written (the store's ingest).
+//!
+//! Nor is a registry trusted to answer in time ([`Deadlines`]): besides a
+//! 60 s limit on any one read, every metadata request (a manifest, a token,
+//! a small blob) has a deadline for its whole answer, and a blob download
+//! must keep up a minimum rate over each window of time, or it is cut off
+//! (to be resumed by the next attempt or the next pull).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -81,6 +87,15 @@ pub enum RegistryError {
         offset: u64,
         got: String,
     },
+    #[error(
+        "registry {host} did not answer {what} within {}; it is too slow or stalled (the limit is `registry_timeout` in the config file)",
+        human_duration(*limit)
+    )]
+    Deadline {
+        host: String,
+        what: String,
+        limit: Duration,
+    },
     #[error("cannot use the CA file {path}: {message}")]
     CaFile { path: PathBuf, message: String },
     #[error("registry {host} sent a malformed answer to {what}: {message}")]
@@ -92,12 +107,56 @@ pub enum RegistryError {
 }
 
 /// How to reach registries: which are plain HTTP, which CAs to trust, whose
-/// credentials to use.
+/// credentials to use, and how long they may take.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
     pub insecure: Vec<String>,
     pub ca_files: Vec<PathBuf>,
     pub credentials: CredentialStore,
+    pub deadlines: Deadlines,
+}
+
+/// How long a registry may take, so that a slow or stalled one cannot hold
+/// a device (and its agent) forever.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Deadlines {
+    /// A metadata request (a manifest, a token, a HEAD, a small blob), from
+    /// its start to the last byte of the answer. A small blob gets this
+    /// plus its size at `min_rate`.
+    pub request: Duration,
+    /// Bytes per second a blob download must keep up...
+    pub min_rate: u64,
+    /// ...over each window this long, or it is cut off.
+    pub rate_window: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            request: Duration::from_secs(60),
+            min_rate: 1024,
+            rate_window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Deadlines {
+    /// The deadline of a whole small blob of `size` bytes.
+    fn small_blob(&self, size: u64) -> Duration {
+        let transfer = size as f64 / self.min_rate.max(1) as f64;
+        self.request
+            .saturating_add(Duration::try_from_secs_f64(transfer).unwrap_or(Duration::MAX))
+    }
+}
+
+/// `1.5 s`, `60 s`, for messages.
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs.fract() == 0.0 {
+        format!("{secs:.0} s")
+    } else {
+        format!("{secs:.1} s")
+    }
 }
 
 /// A manifest as fetched: its exact bytes, media type and digest.
@@ -236,6 +295,7 @@ impl RegistryClient {
         image: &ImageRef,
         push: bool,
         what: &str,
+        deadline: Option<Duration>,
         make: impl Fn(&Client) -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
         let host = image.registry.clone();
@@ -250,14 +310,18 @@ impl RegistryClient {
             let make = &make;
             async move {
                 let client = self.client_for(!self.is_insecure(image), host)?;
-                let with_auth = |client: &Client| match &authorization {
-                    Some(h) => make(client).header(AUTHORIZATION, h.clone()),
-                    None => make(client),
+                let with_auth = |client: &Client| {
+                    let request = match &authorization {
+                        Some(h) => make(client).header(AUTHORIZATION, h.clone()),
+                        None => make(client),
+                    };
+                    match deadline {
+                        Some(limit) => request.timeout(limit),
+                        None => request,
+                    }
                 };
-                let response = with_auth(client)
-                    .send()
-                    .await
-                    .map_err(|e| unreachable(host, e))?;
+                let failed = |e| transport(host, what, deadline, e);
+                let response = with_auth(client).send().await.map_err(failed)?;
                 // A plain-HTTP registry sending the blob to HTTPS storage:
                 // the same request again, through the client that speaks TLS.
                 if std::ptr::eq(client, &self.plain)
@@ -268,10 +332,7 @@ impl RegistryClient {
                         .and_then(|l| l.to_str().ok())
                         .is_some_and(|l| l.starts_with("https:"))
                 {
-                    return with_auth(self.tls(host)?)
-                        .send()
-                        .await
-                        .map_err(|e| unreachable(host, e));
+                    return with_auth(self.tls(host)?).send().await.map_err(failed);
                 }
                 Ok(response)
             }
@@ -350,11 +411,15 @@ impl RegistryClient {
             token_url.query_pairs_mut().append_pair("service", service);
         }
         let client = self.client_for(token_url.scheme() == "https", &host)?;
-        let mut request = client.get(token_url);
+        let limit = self.options.deadlines.request;
+        let mut request = client.get(token_url).timeout(limit);
         if let Some(b) = &basic {
             request = request.header(AUTHORIZATION, format!("Basic {b}"));
         }
-        let response = request.send().await.map_err(|e| unreachable(&host, e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport(&host, "the token request", Some(limit), e))?;
         if response.status() == StatusCode::UNAUTHORIZED
             || response.status() == StatusCode::FORBIDDEN
         {
@@ -363,7 +428,8 @@ impl RegistryClient {
         if !response.status().is_success() {
             return Err(status_error(&host, "the token request", response).await);
         }
-        let body = read_capped(response, 1 << 20, &host, "the token answer").await?;
+        let body =
+            read_capped_within(response, 1 << 20, &host, "the token answer", Some(limit)).await?;
         #[derive(serde::Deserialize)]
         struct Token {
             token: Option<String>,
@@ -397,8 +463,9 @@ impl RegistryClient {
         let url = format!("{}/manifests/{}", self.base(image), image.reference_part());
         let what = format!("manifest {image}");
         let accept_header = accept.join(", ");
+        let limit = Some(self.options.deadlines.request);
         let response = self
-            .send(image, false, &what, |c| {
+            .send(image, false, &what, limit, |c| {
                 c.get(&url).header(ACCEPT, &accept_header)
             })
             .await?;
@@ -418,7 +485,7 @@ impl RegistryClient {
                 expected: accept.iter().map(|s| s.to_string()).collect(),
             });
         }
-        let bytes = read_capped(response, cap, &host, &what).await?;
+        let bytes = read_capped_within(response, cap, &host, &what, limit).await?;
         let digest = Digest::of(&bytes);
         if let Some(expected) = &image.digest
             && expected != &digest
@@ -451,14 +518,18 @@ impl RegistryClient {
         if size > cap {
             return Err(RegistryError::TooLarge { host, what, cap });
         }
-        let BlobBody::Full(response) = self.fetch_blob(image, digest, size, 0).await? else {
+        let limit = Some(self.options.deadlines.small_blob(size));
+        let BlobBody::Full(response) = self
+            .fetch_blob_within(image, digest, size, 0, limit)
+            .await?
+        else {
             return Err(RegistryError::Protocol {
                 host,
                 what,
                 message: "a partial answer to a request for the whole blob".into(),
             });
         };
-        let bytes = read_capped(response, size, &host, &what)
+        let bytes = read_capped_within(response, size, &host, &what, limit)
             .await
             .map_err(|e| match e {
                 RegistryError::TooLarge { .. } => RegistryError::SizeMismatch {
@@ -492,6 +563,8 @@ impl RegistryClient {
     /// Starts a blob download at `offset`. A 206 is accepted only when its
     /// Content-Range starts at `offset` and ends at the blob's last byte; a
     /// 200 means the registry ignored the range and sends the whole blob.
+    /// Its body is for [`RegistryClient::blob_stream`], which holds it to
+    /// the minimum rate.
     pub async fn fetch_blob(
         &self,
         image: &ImageRef,
@@ -499,19 +572,38 @@ impl RegistryClient {
         size: u64,
         offset: u64,
     ) -> Result<BlobBody, RegistryError> {
+        self.fetch_blob_within(image, digest, size, offset, None)
+            .await
+    }
+
+    async fn fetch_blob_within(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+        deadline: Option<Duration>,
+    ) -> Result<BlobBody, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(image));
         let what = format!("blob {digest} of {}", image.name());
         let host = image.registry.clone();
-        let response = self
-            .send(image, false, &what, |c| {
-                let r = c.get(&url);
-                if offset > 0 {
-                    r.header(RANGE, format!("bytes={offset}-"))
-                } else {
-                    r
-                }
-            })
-            .await?;
+        // The answer's headers, at least, come within the request deadline.
+        let headers_by = deadline.unwrap_or(self.options.deadlines.request);
+        let request = self.send(image, false, &what, deadline, |c| {
+            let r = c.get(&url);
+            if offset > 0 {
+                r.header(RANGE, format!("bytes={offset}-"))
+            } else {
+                r
+            }
+        });
+        let response = tokio::time::timeout(headers_by, request)
+            .await
+            .map_err(|_| RegistryError::Deadline {
+                host: host.clone(),
+                what: what.clone(),
+                limit: headers_by,
+            })??;
         match response.status() {
             StatusCode::OK => Ok(BlobBody::Full(response)),
             StatusCode::PARTIAL_CONTENT => {
@@ -537,6 +629,22 @@ impl RegistryClient {
         }
     }
 
+    /// The body of a blob answer as a stream of its bytes, cut off with an
+    /// error when fewer than [`Deadlines::min_rate`] bytes a second arrive
+    /// over any [`Deadlines::rate_window`] (the caller resumes later).
+    pub fn blob_stream(
+        &self,
+        response: Response,
+        host: &str,
+        what: &str,
+    ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+        rate_floored(
+            Box::pin(response.bytes_stream()),
+            self.options.deadlines,
+            format!("registry {host} sent {what}"),
+        )
+    }
+
     pub async fn blob_exists(
         &self,
         image: &ImageRef,
@@ -544,7 +652,10 @@ impl RegistryClient {
     ) -> Result<bool, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(image));
         let what = format!("blob {digest} of {}", image.name());
-        let response = self.send(image, true, &what, |c| c.head(&url)).await?;
+        let limit = Some(self.options.deadlines.request);
+        let response = self
+            .send(image, true, &what, limit, |c| c.head(&url))
+            .await?;
         match response.status() {
             s if s.is_success() => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
@@ -565,8 +676,9 @@ impl RegistryClient {
         let host = image.registry.clone();
         let what = format!("the upload of blob {digest} to {}", image.name());
         let start_url = format!("{}/blobs/uploads/", self.base(image));
+        let limit = Some(self.options.deadlines.request);
         let response = self
-            .send(image, true, &what, |c| {
+            .send(image, true, &what, limit, |c| {
                 c.post(&start_url).header(CONTENT_LENGTH, 0)
             })
             .await?;
@@ -593,7 +705,7 @@ impl RegistryClient {
             .query_pairs_mut()
             .append_pair("digest", &digest.to_string());
         let response = self
-            .send(image, true, &what, |c| {
+            .send(image, true, &what, None, |c| {
                 c.put(upload.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .body(bytes.clone())
@@ -615,8 +727,9 @@ impl RegistryClient {
         let url = format!("{}/manifests/{}", self.base(image), image.reference_part());
         let what = format!("the push of manifest {image}");
         let body = bytes::Bytes::copy_from_slice(bytes);
+        let limit = Some(self.options.deadlines.request);
         let response = self
-            .send(image, true, &what, |c| {
+            .send(image, true, &what, limit, |c| {
                 c.put(&url)
                     .header(CONTENT_TYPE, media_type)
                     .body(body.clone())
@@ -641,6 +754,23 @@ fn unreachable(host: &str, e: reqwest::Error) -> RegistryError {
     RegistryError::Unreachable {
         host: host.to_string(),
         message,
+    }
+}
+
+/// A request that failed on the way: past its deadline, or unreachable.
+fn transport(
+    host: &str,
+    what: &str,
+    deadline: Option<Duration>,
+    e: reqwest::Error,
+) -> RegistryError {
+    match deadline {
+        Some(limit) if e.is_timeout() => RegistryError::Deadline {
+            host: host.to_string(),
+            what: what.to_string(),
+            limit,
+        },
+        _ => unreachable(host, e),
     }
 }
 
@@ -677,10 +807,22 @@ async fn status_error(host: &str, what: &str, response: Response) -> RegistryErr
 
 /// Reads a whole response body, stopping as soon as it passes `cap` bytes.
 pub async fn read_capped(
+    response: Response,
+    cap: u64,
+    host: &str,
+    what: &str,
+) -> Result<Vec<u8>, RegistryError> {
+    read_capped_within(response, cap, host, what, None).await
+}
+
+/// [`read_capped`] of an answer whose request had `deadline` (a timeout
+/// while reading is then said as such).
+async fn read_capped_within(
     mut response: Response,
     cap: u64,
     host: &str,
     what: &str,
+    deadline: Option<Duration>,
 ) -> Result<Vec<u8>, RegistryError> {
     let too_large = || RegistryError::TooLarge {
         host: host.to_string(),
@@ -691,7 +833,11 @@ pub async fn read_capped(
         return Err(too_large());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(host, e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport(host, what, deadline, e))?
+    {
         if body.len() as u64 + chunk.len() as u64 > cap {
             return Err(too_large());
         }
@@ -740,6 +886,80 @@ fn parse_challenge(challenge: &str) -> HashMap<String, String> {
     params
 }
 
+/// `body`, failing once fewer than `min_rate * rate_window` bytes arrive in
+/// one window (the stream ends after that error).
+fn rate_floored<S>(
+    body: S,
+    deadlines: Deadlines,
+    who: String,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static
+where
+    S: futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin + 'static,
+{
+    use futures_util::StreamExt as _;
+    struct Floor<S> {
+        body: S,
+        window_end: tokio::time::Instant,
+        got: u64,
+        done: bool,
+    }
+    let window = deadlines.rate_window.max(Duration::from_millis(1));
+    let need = (deadlines.min_rate as f64 * window.as_secs_f64()).ceil() as u64;
+    let too_slow = move |got: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "{who} {got} bytes in the last {}, under the minimum of {} bytes/s: the download stops here and resumes later (the limits are `min_transfer_rate` and `transfer_window` in the config file)",
+                human_duration(window),
+                deadlines.min_rate
+            ),
+        )
+    };
+    let start = Floor {
+        body,
+        window_end: tokio::time::Instant::now() + window,
+        got: 0,
+        done: false,
+    };
+    futures_util::stream::unfold(start, move |mut floor| {
+        let too_slow = too_slow.clone();
+        async move {
+            if floor.done {
+                return None;
+            }
+            loop {
+                match tokio::time::timeout_at(floor.window_end, floor.body.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        floor.got += chunk.len() as u64;
+                        if tokio::time::Instant::now() >= floor.window_end {
+                            if floor.got < need {
+                                floor.done = true;
+                                return Some((Err(too_slow(floor.got)), floor));
+                            }
+                            floor.window_end = tokio::time::Instant::now() + window;
+                            floor.got = 0;
+                        }
+                        return Some((Ok(chunk), floor));
+                    }
+                    Ok(Some(Err(e))) => {
+                        floor.done = true;
+                        return Some((Err(std::io::Error::other(e)), floor));
+                    }
+                    Ok(None) => return None,
+                    Err(_) => {
+                        if floor.got < need {
+                            floor.done = true;
+                            return Some((Err(too_slow(floor.got)), floor));
+                        }
+                        floor.window_end += window;
+                        floor.got = 0;
+                    }
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,5 +981,65 @@ mod tests {
         assert!(!content_range_is("bytes 0-999/1000", 100, 1000));
         assert!(!content_range_is("bytes 100-1999/2000", 100, 1000));
         assert!(!content_range_is("", 100, 1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_under_the_minimum_rate_is_cut_off_and_one_above_it_is_not() {
+        use futures_util::StreamExt as _;
+        let deadlines = Deadlines {
+            request: Duration::from_secs(1),
+            min_rate: 1000,
+            rate_window: Duration::from_secs(10),
+        };
+        // 100 bytes a second, for a minimum of 1000: cut off after one window.
+        let slow = futures_util::stream::unfold(0u32, |n| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some((
+                Ok::<_, reqwest::Error>(bytes::Bytes::from(vec![0u8; 100])),
+                n + 1,
+            ))
+        });
+        let mut body = Box::pin(rate_floored(Box::pin(slow), deadlines, "r sent x".into()));
+        let mut got = 0;
+        let error = loop {
+            match body.next().await {
+                Some(Ok(chunk)) => got += chunk.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended"),
+            }
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("under the minimum of 1000 bytes/s"),
+            "{error}"
+        );
+        assert!(got <= 1000, "{got}");
+        assert!(body.next().await.is_none(), "nothing after the error");
+
+        // 2000 bytes a second for 60 s: all of it.
+        let fast = futures_util::stream::unfold(0u32, |n| async move {
+            if n == 60 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some((
+                Ok::<_, reqwest::Error>(bytes::Bytes::from(vec![0u8; 2000])),
+                n + 1,
+            ))
+        });
+        let body = rate_floored(Box::pin(fast), deadlines, "r sent x".into());
+        let chunks: Vec<_> = body.collect().await;
+        assert_eq!(chunks.len(), 60);
+        assert!(chunks.iter().all(|c| c.is_ok()));
+
+        // A stall: nothing at all, cut off after one window.
+        let stalled = futures_util::stream::pending::<reqwest::Result<bytes::Bytes>>();
+        let mut body = Box::pin(rate_floored(
+            Box::pin(stalled),
+            deadlines,
+            "r sent x".into(),
+        ));
+        assert!(matches!(body.next().await, Some(Err(_))));
     }
 }

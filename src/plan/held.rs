@@ -62,13 +62,14 @@ pub fn load_temp_bytes(sent_layer_sizes: &[u64], config_len: u64, block_size: u6
     let block_size = block_size.max(1);
     let round = |n: u64| crate::oci::format::round_up(n, block_size);
     // The import directory itself, manifest.json (a few hundred bytes) and the config.
-    let fixed = block_size + round(1024) + round(config_len);
+    let fixed = block_size
+        .saturating_add(round(1024))
+        .saturating_add(round(config_len));
     // Each layer sent: its directory and its layer.tar.
-    fixed
-        + sent_layer_sizes
-            .iter()
-            .map(|size| block_size + round(*size))
-            .sum::<u64>()
+    sent_layer_sizes
+        .iter()
+        .map(|size| block_size.saturating_add(round(*size)))
+        .fold(fixed, u64::saturating_add)
 }
 
 #[cfg(test)]
@@ -98,5 +99,7 @@ mod tests {
         let bytes = load_temp_bytes(&[1, 5000], 300, 4096);
         assert_eq!(bytes, 4096 + 4096 + 4096 + (4096 + 4096) + (4096 + 8192));
         assert_eq!(load_temp_bytes(&[], 300, 4096), 3 * 4096);
+        assert_eq!(load_temp_bytes(&[1 << 63, 1 << 63], 300, 4096), u64::MAX);
+        assert_eq!(load_temp_bytes(&[u64::MAX], u64::MAX, 4096), u64::MAX);
     }
 }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::Digest;
 use crate::app::{App, LayerNeed};
 use crate::plan::held::{HeldLayers, IMAGES_AT_ONCE, load_temp_bytes};
-use crate::plan::space::{Demand, FitReport, Part, Policy, Volume};
+use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
 
 /// What Docker looks like to the plan.
@@ -63,7 +63,25 @@ pub struct UpdatePlan {
     pub missing_meta: usize,
     /// Layers Docker must load (not held in the same chain), by digest.
     pub docker_layers: Vec<Digest>,
+    /// What the plan counted for each of those layers, by blob digest.
+    pub docker_counts: BTreeMap<Digest, LayerCount>,
+    /// Docker's volume: its block size, and the bytes and inodes it has
+    /// beyond all the plan counted there (0 when it does not fit).
+    pub docker_block_size: u64,
+    pub docker_room: (u64, u64),
     pub fit: FitReport,
+}
+
+/// What the plan counted for one layer Docker must load: the figures a
+/// load is held to while it streams the layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerCount {
+    pub diff_id: Digest,
+    /// Disk bytes once unpacked, for Docker's volume's block size.
+    pub usage: u64,
+    pub inodes: u64,
+    /// Bytes of the uncompressed tar (the engine's temporary copy).
+    pub tar_size: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +156,12 @@ pub fn refuse_unless_fits(report: CheckReport) -> Result<CheckReport> {
 }
 
 /// Plans the update of `apps` against what `store` and Docker hold.
+///
+/// A layer's figures are what stowage measured of it when it unpacked it
+/// before (the store's layer facts), else what the app's layers-meta
+/// declares, else FORMAT.md's estimate. Every sum saturates, so figures a
+/// publisher made huge cannot wrap round to "fits"; a single figure larger
+/// than the whole volume is named in the refusal.
 pub fn plan_update(
     apps: &[App],
     store: &Store,
@@ -148,7 +172,10 @@ pub fn plan_update(
     let store_volume = Volume::of(&paths.store)?;
     let docker_volume = Volume::of(&docker.data_root)?;
     let apps_volume = Volume::of(&paths.apps)?;
+    let facts = store.layer_facts();
     let mut demands = Vec::new();
+    // (volume, sentence) for each figure no volume of that size could hold.
+    let mut absurd: Vec<(u64, String)> = Vec::new();
 
     // The blob store: metadata and layers not stored yet, minus partials.
     let mut seen: HashSet<Digest> = HashSet::new();
@@ -156,27 +183,37 @@ pub fn plan_update(
     let mut missing_meta = 0;
     let mut blob_bytes = 0u64;
     let mut blob_inodes = 0u64;
-    let mut count_blob = |digest: &Digest, size: u64| -> bool {
+    let mut count_blob = |digest: &Digest, size: u64, absurd: &mut Vec<(u64, String)>| -> bool {
         if !seen.insert(digest.clone()) || store.has(digest) {
             return false;
+        }
+        if size > store_volume.total_bytes {
+            absurd.push((
+                store_volume.dev,
+                format!(
+                    "blob {digest} is declared {}, more than the whole volume ({})",
+                    human_bytes(size),
+                    human_bytes(store_volume.total_bytes)
+                ),
+            ));
         }
         // A partial download (and the space preallocated for it) is
         // already taken from the volume: count only the rest.
         let have = store.partial_taken_bytes(digest);
         let left = size.saturating_sub(have);
-        blob_bytes += store_volume.round_up(left);
-        blob_inodes += 1;
+        blob_bytes = blob_bytes.saturating_add(store_volume.round_up(left));
+        blob_inodes = blob_inodes.saturating_add(1);
         true
     };
     for app in apps {
         let meta = app.meta_blobs.iter().map(|b| &b.descriptor);
         for descriptor in meta.chain(&app.unfetched) {
-            if count_blob(&descriptor.digest, descriptor.size) {
+            if count_blob(&descriptor.digest, descriptor.size, &mut absurd) {
                 missing_meta += 1;
             }
         }
         for layer in &app.layers {
-            if count_blob(&layer.descriptor.digest, layer.descriptor.size) {
+            if count_blob(&layer.descriptor.digest, layer.descriptor.size, &mut absurd) {
                 missing_layers.push(layer.clone());
             }
         }
@@ -189,7 +226,7 @@ pub fn plan_update(
     });
 
     // Docker: layers whose chain the engine lacks, and its temporary copy.
-    let mut docker_layers: BTreeMap<Digest, &LayerNeed> = BTreeMap::new();
+    let mut docker_layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
     let mut archives: Vec<u64> = Vec::new();
     for app in apps {
         let by_digest: BTreeMap<&Digest, &LayerNeed> = app
@@ -203,6 +240,10 @@ pub fn plan_update(
             let mut sent = Vec::new();
             for (layer, _) in &image.layers[held..] {
                 if let Some(need) = by_digest.get(&layer.digest) {
+                    let mut need = (*need).clone();
+                    if let Some(measured) = facts.get(&layer.digest) {
+                        need.meta = Some(measured.clone());
+                    }
                     sent.push(need.tar_size());
                     docker_layers.insert(layer.digest.clone(), need);
                 }
@@ -214,15 +255,46 @@ pub fn plan_update(
         }
     }
     archives.sort_unstable_by(|a, b| b.cmp(a));
-    let temp_copies: u64 = archives.iter().take(IMAGES_AT_ONCE).sum();
+    let temp_copies = saturating_sum(archives.iter().take(IMAGES_AT_ONCE).copied());
+    let mut docker_counts = BTreeMap::new();
+    for (digest, need) in &docker_layers {
+        let count = LayerCount {
+            diff_id: need.diff_id.clone(),
+            usage: need.usage(docker_volume.block_size),
+            inodes: need.inodes(),
+            tar_size: need.tar_size(),
+        };
+        for (what, figure, whole) in [
+            ("usage", count.usage, docker_volume.total_bytes),
+            ("tar size", count.tar_size, docker_volume.total_bytes),
+        ] {
+            if figure > whole {
+                absurd.push((
+                    docker_volume.dev,
+                    format!(
+                        "layer {digest} is declared a {what} of {}, more than the whole volume ({})",
+                        human_bytes(figure),
+                        human_bytes(whole)
+                    ),
+                ));
+            }
+        }
+        if count.inodes > docker_volume.total_inodes {
+            absurd.push((
+                docker_volume.dev,
+                format!(
+                    "layer {digest} is declared {} inodes, more than the whole volume has ({})",
+                    count.inodes, docker_volume.total_inodes
+                ),
+            ));
+        }
+        docker_counts.insert(digest.clone(), count);
+    }
     demands.push(Demand {
         path: docker.data_root.clone(),
         part: Part::DockerLayers,
-        bytes: docker_layers
-            .values()
-            .map(|l| l.usage(docker_volume.block_size))
-            .sum(),
-        inodes: docker_layers.values().map(|l| l.inodes()).sum(),
+        bytes: saturating_sum(docker_counts.values().map(|c| c.usage)),
+        inodes: saturating_sum(docker_counts.values().map(|c| c.inodes)),
     });
     demands.push(Demand {
         path: docker.data_root.clone(),
@@ -232,11 +304,11 @@ pub fn plan_update(
     });
 
     // The apps directory: each extracted bundle.
-    let (mut bundle_bytes, mut bundle_inodes) = (0, 0);
+    let (mut bundle_bytes, mut bundle_inodes) = (0u64, 0u64);
     for app in apps {
         let (b, i) = app.bundle_footprint(apps_volume.block_size);
-        bundle_bytes += b;
-        bundle_inodes += i;
+        bundle_bytes = bundle_bytes.saturating_add(b);
+        bundle_inodes = bundle_inodes.saturating_add(i);
     }
     demands.push(Demand {
         path: paths.apps.clone(),
@@ -245,13 +317,41 @@ pub fn plan_update(
         inodes: bundle_inodes,
     });
 
-    let fit = space::plan(&demands, policy, &Volume::of)?;
+    let mut fit = space::plan(&demands, policy, &Volume::of)?;
+    for (dev, sentence) in absurd {
+        if let Some(volume) = fit.volumes.iter_mut().find(|v| v.dev == dev) {
+            volume.fits = false;
+            volume.reason = if volume.reason.is_empty() {
+                sentence
+            } else {
+                format!("{}; {sentence}", volume.reason)
+            };
+        }
+        fit.fits = false;
+    }
+    let docker_room = fit
+        .volumes
+        .iter()
+        .find(|v| v.dev == docker_volume.dev)
+        .map_or((0, 0), |v| {
+            (
+                v.available.saturating_sub(v.required),
+                v.inodes_free.saturating_sub(v.inodes_required),
+            )
+        });
     Ok(UpdatePlan {
         missing_layers,
         missing_meta,
         docker_layers: docker_layers.into_keys().collect(),
+        docker_counts,
+        docker_block_size: docker_volume.block_size,
+        docker_room,
         fit,
     })
+}
+
+fn saturating_sum(figures: impl Iterator<Item = u64>) -> u64 {
+    figures.fold(0u64, u64::saturating_add)
 }
 
 pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckReport {
@@ -273,12 +373,12 @@ pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckR
                     .iter()
                     .filter(|l| missing.contains(&l.descriptor.digest))
                     .count(),
-                download_bytes: a
-                    .layers
-                    .iter()
-                    .filter(|l| missing.contains(&l.descriptor.digest))
-                    .map(|l| l.descriptor.size)
-                    .sum(),
+                download_bytes: saturating_sum(
+                    a.layers
+                        .iter()
+                        .filter(|l| missing.contains(&l.descriptor.digest))
+                        .map(|l| l.descriptor.size),
+                ),
             })
             .collect(),
         docker_reachable: docker.reachable,

@@ -91,8 +91,8 @@ impl Volume {
         Ok(Volume {
             dev: st.st_dev,
             block_size: vfs.f_bsize.max(512),
-            total_bytes: vfs.f_blocks * frsize,
-            free_bytes: vfs.f_bavail * frsize,
+            total_bytes: vfs.f_blocks.saturating_mul(frsize),
+            free_bytes: vfs.f_bavail.saturating_mul(frsize),
             total_inodes: vfs.f_files,
             free_inodes: vfs.f_favail,
         })
@@ -244,9 +244,10 @@ pub fn plan(
         if !entry.1.paths.contains(&path) {
             entry.1.paths.push(path);
         }
-        *entry.1.required_parts.entry(demand.part).or_default() += demand.bytes;
-        entry.1.required += demand.bytes;
-        entry.1.inodes_required += demand.inodes;
+        let part = entry.1.required_parts.entry(demand.part).or_default();
+        *part = part.saturating_add(demand.bytes);
+        entry.1.required = entry.1.required.saturating_add(demand.bytes);
+        entry.1.inodes_required = entry.1.inodes_required.saturating_add(demand.inodes);
     }
     let mut volumes = Vec::new();
     for (_, (_, mut report)) in by_dev {
@@ -338,6 +339,26 @@ mod tests {
             report.shortfall().contains("/docker"),
             "{}",
             report.shortfall()
+        );
+    }
+
+    #[test]
+    fn figures_that_would_wrap_saturate_and_do_not_fit() {
+        let report = plan(
+            &[
+                demand("/docker", Part::DockerLayers, 1 << 63),
+                demand("/docker", Part::DockerLayers, 1 << 63),
+                demand("/docker", Part::DockerTemp, 4096),
+            ],
+            Policy::default(),
+            &fake,
+        )
+        .unwrap();
+        assert!(!report.fits);
+        assert_eq!(report.volumes[0].required, u64::MAX);
+        assert_eq!(
+            report.volumes[0].required_parts[&Part::DockerLayers],
+            u64::MAX
         );
     }
 

@@ -211,6 +211,29 @@ pub struct FileSource {
     pub size: u64,
 }
 
+/// Opens the file holding blob `digest` for a copy: a regular file, not
+/// reached through a link, of exactly the `size` its descriptor declares
+/// (as the open file says, not its path).
+pub fn check_file_source(
+    path: &std::path::Path,
+    digest: &Digest,
+    size: u64,
+) -> anyhow::Result<std::fs::File> {
+    let file = super::open_regular(path)
+        .map_err(|e| anyhow::anyhow!("cannot read blob {digest} from {}: {e}", path.display()))?;
+    let length = file
+        .metadata()
+        .map_err(|e| anyhow::anyhow!("cannot read blob {digest} from {}: {e}", path.display()))?
+        .len();
+    if length != size {
+        anyhow::bail!(
+            "blob {digest} in {} is {length} bytes, but its descriptor says {size}: refused before copying",
+            path.display(),
+        );
+    }
+    Ok(file)
+}
+
 impl BlobSource for FileSource {
     async fn open(&mut self, offset: u64) -> Result<Opened, SourceError> {
         use tokio::io::AsyncSeekExt as _;
@@ -221,16 +244,11 @@ impl BlobSource for FileSource {
                 self.path.display()
             ))
         };
-        let mut file = tokio::fs::File::open(&self.path).await.map_err(fatal)?;
-        let length = file.metadata().await.map_err(fatal)?.len();
-        if length != self.size {
-            return Err(SourceError::Fatal(anyhow::anyhow!(
-                "blob {} in {} is {length} bytes, but its descriptor says {}: refused before copying",
-                self.digest,
-                self.path.display(),
-                self.size
-            )));
-        }
+        let (path, digest, size) = (self.path.clone(), self.digest.clone(), self.size);
+        let file = crate::fsutil::blocking(move || check_file_source(&path, &digest, size))
+            .await
+            .map_err(SourceError::Fatal)?;
+        let mut file = tokio::fs::File::from_std(file);
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(fatal)?;

@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 pub const OCI_LAYOUT_FILE: &str = "oci-layout";
 pub const INDEX_FILE: &str = "index.json";
+/// The largest `index.json` read (about 300 bytes a ref).
+const INDEX_CAP: u64 = 64 << 20;
 pub const OCI_LAYOUT_VERSION: &str = "1.0.0";
 
 /// Descriptors are the wire format's, which keeps unknown fields verbatim.
@@ -72,7 +74,7 @@ pub fn is_valid_ref_name(name: &str) -> bool {
 
 /// Reads and parses `index.json` at `path`.
 pub(crate) fn read_index(path: &Path) -> Result<ImageIndex, super::StoreError> {
-    let bytes = std::fs::read(path).map_err(|e| super::StoreError::io(path, e))?;
+    let bytes = super::read_regular_capped(path, INDEX_CAP)?;
     ImageIndex::parse(&bytes).map_err(|reason| super::StoreError::BrokenLayout {
         path: path.to_path_buf(),
         reason,

@@ -29,6 +29,7 @@
 //! fsck). Ingests lock themselves per blob.
 
 pub mod copy;
+mod facts;
 mod fsck;
 mod gc;
 mod ingest;
@@ -46,11 +47,51 @@ use crate::Digest;
 use crate::fsutil::{self, ensure_dir, fsync_dir, write_atomic};
 
 use crate::oci::format::REF_NAME;
+pub use facts::FACTS_FILE;
 pub use fsck::{CorruptBlob, FsckReport, StrayFile};
 pub use gc::PruneReport;
 pub use ingest::{Ingest, IngestStatus};
 pub use layout::{Descriptor, RefEntry, is_valid_ref_name};
 pub use lock::{LockMode, StoreLock};
+
+/// Opens `path` for reading if it is a regular file, never through a link
+/// and never waiting on a fifo (`O_NOFOLLOW | O_NONBLOCK`, then `fstat`).
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(io::ErrorKind::InvalidInput, "it is a symlink")
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads a regular file (see [`open_regular`]) of at most `cap` bytes.
+fn read_regular_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let file = open_regular(path).map_err(|e| StoreError::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| StoreError::io(path, e))?;
+    if bytes.len() as u64 > cap {
+        return Err(StoreError::BrokenLayout {
+            path: path.to_path_buf(),
+            reason: format!("it is over {cap} bytes"),
+        });
+    }
+    Ok(bytes)
+}
 
 /// Mode of every directory the store creates.
 pub const DIR_MODE: u32 = 0o700;
@@ -282,23 +323,69 @@ impl Store {
         self.size(digest).is_some()
     }
 
-    /// The committed blob's length: one `stat`.
+    /// The committed blob's length: one `stat`, not following a link (a
+    /// blob is a regular file, or is not there).
     pub fn size(&self, digest: &Digest) -> Option<u64> {
-        fs::metadata(self.blob_path(digest))
+        fs::symlink_metadata(self.blob_path(digest))
             .ok()
             .filter(|m| m.is_file())
             .map(|m| m.len())
     }
 
-    /// Opens a committed blob for reading.
+    /// Opens a committed blob for reading: a regular file, never through a
+    /// link (a store on removable media may hold anything).
     pub fn open_blob(&self, digest: &Digest) -> Result<File> {
         let path = self.blob_path(digest);
-        File::open(&path).map_err(|e| match e.kind() {
+        open_regular(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::NotFound {
                 digest: digest.clone(),
             },
             _ => StoreError::io(&path, e),
         })
+    }
+
+    /// Opens an OCI layout written by `stowage export` to read from it, as
+    /// on removable media: nothing is created or changed on it (no
+    /// directory made, no mode set, no lock taken), no part of the layout
+    /// may be a link (its directories, `oci-layout`, `index.json`, and each
+    /// blob as it is opened), and `oci-layout` and `index.json` must be
+    /// valid. `root` itself may be reached through links.
+    pub fn open_medium(root: &Path) -> Result<Store> {
+        let layout_dir = root.join("store");
+        let store = Store {
+            root: root.to_path_buf(),
+            blobs_dir: layout_dir.join("blobs").join("sha256"),
+            layout_dir,
+            ingest_dir: root.join("ingest"),
+            corrupt_dir: root.join("corrupt"),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            ingest_lock_timeout: DEFAULT_INGEST_LOCK_TIMEOUT,
+        };
+        let broken = |path: &Path, reason: &str| StoreError::BrokenLayout {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        for dir in [
+            &store.layout_dir,
+            &store.layout_dir.join("blobs"),
+            &store.blobs_dir,
+        ] {
+            let meta = fs::symlink_metadata(dir).map_err(|e| StoreError::io(dir, e))?;
+            if meta.file_type().is_symlink() {
+                return Err(broken(
+                    dir,
+                    "it is a symlink, which a layout on removable media may not hold",
+                ));
+            }
+            if !meta.is_dir() {
+                return Err(broken(dir, "it is not a directory"));
+            }
+        }
+        let oci_layout = store.layout_dir.join(layout::OCI_LAYOUT_FILE);
+        let bytes = read_regular_capped(&oci_layout, JSON_BLOB_CAP)?;
+        layout::check_oci_layout(&bytes).map_err(|reason| broken(&oci_layout, &reason))?;
+        layout::read_index(&store.index_path())?;
+        Ok(store)
     }
 
     /// Reads a whole blob of at most `cap` bytes and checks its digest (cheap

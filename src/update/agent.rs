@@ -133,6 +133,10 @@ pub struct AgentOptions {
     pub update: UpdateOptions,
     /// Poll once and return (for tests and cron-style use).
     pub once: bool,
+    /// How long one poll may spend talking to the registry: fetching the
+    /// target, checking it and pulling it. Past it the cycle fails (what was
+    /// downloaded is kept) and the next one starts after the interval.
+    pub cycle_deadline: Duration,
     /// Tries an app that keeps going down gets before it is left down.
     pub restart_limit: u32,
 }
@@ -189,10 +193,22 @@ async fn poll_once(
     options: &AgentOptions,
     status: &mut AgentStatus,
 ) -> Duration {
-    let target = match fetch_target(client, &options.target).await {
-        Ok(t) => t,
-        Err(e) => return failed(status, AgentResult::Failed, e, options.interval),
+    let deadline = tokio::time::Instant::now() + options.cycle_deadline;
+    let late = |doing: &str| {
+        anyhow::anyhow!(
+            "the agent's cycle passed its deadline of {:?} while {doing}; the next cycle starts over (and resumes what was downloaded)",
+            options.cycle_deadline
+        )
     };
+    let target =
+        match tokio::time::timeout_at(deadline, fetch_target(client, &options.target)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return failed(status, AgentResult::Failed, e, options.interval),
+            Err(_) => {
+                let e = late("fetching the target");
+                return failed(status, AgentResult::Failed, e, options.interval);
+            }
+        };
     status.target_digest = Some(target.digest.clone());
     let running = files.device().map(|s| s.running).unwrap_or_default();
     if status.applied_digest.as_ref() == Some(&target.digest) && running == target.apps {
@@ -201,7 +217,10 @@ async fn poll_once(
         return options.interval;
     }
     if status.refused_digest.as_ref() == Some(&target.digest) {
-        match device.fits(&target.apps).await {
+        let fits = tokio::time::timeout_at(deadline, device.fits(&target.apps))
+            .await
+            .unwrap_or_else(|_| Err(late("checking the target")));
+        match fits {
             Ok(check) if check.fit.fits => {
                 tracing::info!("target {} fits now: applying it", target.reference)
             }
@@ -217,6 +236,7 @@ async fn poll_once(
     let recording = RecordingCheck {
         device,
         check: std::sync::Mutex::new(None),
+        deadline: Some((deadline, options.cycle_deadline)),
     };
     let outcome =
         transaction::update(&recording, files, target.apps.clone(), &options.update).await;
@@ -259,11 +279,22 @@ async fn poll_once(
 struct RecordingCheck<'a, D> {
     device: &'a D,
     check: std::sync::Mutex<Option<CheckReport>>,
+    /// When the cycle's registry work must be done, and its length.
+    deadline: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     async fn pull(&self, to: &AppSet) -> Result<CheckReport> {
-        self.device.pull(to).await
+        let Some((deadline, length)) = self.deadline else {
+            return self.device.pull(to).await;
+        };
+        tokio::time::timeout_at(deadline, self.device.pull(to))
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the pull did not finish within the agent's cycle deadline of {length:?}; what it downloaded is kept, and the next cycle resumes it"
+                ))
+            })
     }
     async fn install(&self, reference: &str) -> Result<()> {
         self.device.install(reference).await

@@ -48,14 +48,18 @@ impl LayoutRef {
         })
     }
 
+    /// Opens the layout read-only: nothing on the medium is created or
+    /// changed, and links inside it are refused ([`Store::open_medium`]).
     pub fn open(&self) -> Result<Store> {
-        if !self.dir.join("store").join("oci-layout").is_file() {
+        let marker = self.dir.join("store").join("oci-layout");
+        if std::fs::symlink_metadata(&marker).is_err() {
             bail!(
                 "{} is not a stowage export (no store/oci-layout in it; write one with `stowage export`)",
                 self.dir.display()
             );
         }
-        Ok(Store::open(&self.dir)?)
+        Store::open_medium(&self.dir)
+            .with_context(|| format!("{} is refused as an export", self.dir.display()))
     }
 
     /// The apps of the layout this names.
@@ -76,9 +80,13 @@ impl LayoutRef {
         }
         if let Some(partial) = apps.iter().find(|a| !a.is_complete()) {
             bail!(
-                "app {} in {} is incomplete: export it again",
+                "app {} in {} is incomplete (blob {} is missing, or is not a regular file): export it again",
                 partial.reference,
-                self.dir.display()
+                self.dir.display(),
+                partial
+                    .missing
+                    .first()
+                    .map_or_else(|| "?".to_string(), |d| d.to_string()),
             );
         }
         Ok(apps)
@@ -146,6 +154,8 @@ fn blobs_of(app: &App) -> Vec<(Digest, u64)> {
 
 /// Copies the file at `path` into `store` as blob `digest` of `size` bytes
 /// (its descriptor's), resuming a partial copy, preallocated and verified.
+/// A file that is not a regular one, or of another size than declared, is
+/// refused before anything is made in the store.
 async fn copy_file(
     store: &Store,
     path: std::path::PathBuf,
@@ -153,6 +163,10 @@ async fn copy_file(
     size: u64,
     progress: &dyn Progress,
 ) -> Result<()> {
+    {
+        let (path, digest) = (path.clone(), digest.clone());
+        blocking(move || crate::store::copy::check_file_source(&path, &digest, size)).await?;
+    }
     let ingest = {
         let store = store.clone();
         let digest = digest.clone();

@@ -394,14 +394,14 @@ impl BlobSource for RegistrySource<'_> {
             )
             .await
             .map_err(|e| match e {
-                RegistryError::Unreachable { .. } => SourceError::Transient(e.into()),
+                RegistryError::Unreachable { .. } | RegistryError::Deadline { .. } => {
+                    SourceError::Transient(e.into())
+                }
                 other => SourceError::Fatal(other.into()),
             })?;
+        let what = format!("layer {}", layer.descriptor.digest);
         let stream = |r: reqwest::Response| -> Body {
-            Box::pin(
-                r.bytes_stream()
-                    .map(|chunk| chunk.map_err(std::io::Error::other)),
-            )
+            Box::pin(self.client.blob_stream(r, &layer.source.registry, &what))
         };
         Ok(match body {
             BlobBody::Partial(r) => Opened::At(stream(r)),

@@ -66,6 +66,9 @@ impl Sandbox {
             "STOWAGE_INSECURE_REGISTRIES",
             "STOWAGE_WATERMARK",
             "STOWAGE_LOG",
+            "STOWAGE_REGISTRY_TIMEOUT",
+            "STOWAGE_MIN_TRANSFER_RATE",
+            "STOWAGE_TRANSFER_WINDOW",
             "XDG_CONFIG_HOME",
         ] {
             cmd.env_remove(var);

@@ -19,7 +19,10 @@ pub fn test_seed() -> u64 {
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("{SEED_VAR}={text:?} is not an unsigned integer")),
-        Err(_) => rand::random(),
+        Err(_) => {
+            u64::from(stowage::fsutil::random_u32()) << 32
+                | u64::from(stowage::fsutil::random_u32())
+        }
     };
     let thread = std::thread::current();
     let test = thread.name().filter(|n| *n != "main").unwrap_or("TEST");

@@ -15,6 +15,7 @@ mod publish;
 mod pull;
 mod pull_hostile;
 mod reconcile;
+mod security;
 mod store;
 mod update;
 mod usage_accuracy;

@@ -42,6 +42,30 @@ pub struct Cli {
     /// Trust the CA certificates in this PEM file for HTTPS registries
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Seconds a metadata request to a registry may take, whole [default: 60]
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        env = "STOWAGE_REGISTRY_TIMEOUT"
+    )]
+    pub registry_timeout: Option<f64>,
+    /// Bytes a second a blob download must keep up, or it is cut off and resumed [default: 1K]
+    #[arg(
+        long,
+        global = true,
+        value_name = "SIZE",
+        env = "STOWAGE_MIN_TRANSFER_RATE"
+    )]
+    pub min_transfer_rate: Option<String>,
+    /// Seconds over which that rate is measured [default: 60]
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        env = "STOWAGE_TRANSFER_WINDOW"
+    )]
+    pub transfer_window: Option<f64>,
     /// Config file whose keys mirror these flags [default: /etc/stowage/config.toml]
     #[arg(long, global = true, value_name = "FILE", env = "STOWAGE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -140,6 +164,10 @@ pub struct AgentArgs {
     /// Poll once and exit (the exit code says how it went)
     #[arg(long)]
     pub once: bool,
+    /// How long one poll may spend fetching, checking and pulling the
+    /// target before it gives up (what it downloaded is kept), e.g. 1h
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub cycle_timeout: String,
     /// Tries an app that keeps going down gets before it is left down (failed)
     #[arg(long, default_value_t = DEFAULT_RESTART_LIMIT, value_name = "N")]
     pub restart_limit: u32,
@@ -331,6 +359,9 @@ impl Cli {
             insecure_registries: self.insecure_registry.clone(),
             ca_file: self.ca_file.clone(),
             config: self.config.clone(),
+            registry_timeout: self.registry_timeout,
+            min_transfer_rate: self.min_transfer_rate.clone(),
+            transfer_window: self.transfer_window,
         }
     }
 }

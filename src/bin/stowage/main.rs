@@ -264,6 +264,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 interval: parse_duration(&args.interval)?,
                 verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
                 once: args.once,
+                cycle_timeout: parse_duration(&args.cycle_timeout)?,
                 restart_limit: args.restart_limit,
                 fit: args.fit.into(),
             };

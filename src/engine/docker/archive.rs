@@ -4,12 +4,24 @@
 //! the one being sent and checked against their `diff_id` and declared tar
 //! size while they stream; a mismatch breaks the request body, so the engine
 //! never creates the image. Layers whose chain the engine holds are left out.
+//!
+//! Every layer's tar is also walked as it streams ([`crate::app::layer::walk_tar`]):
+//! its real footprint on Docker's volume (bytes for the volume's block size,
+//! inodes, and the temporary copy the engine keeps while it loads) is held
+//! against what the fit check counted for it, and whatever it takes beyond
+//! that is drawn from the room the check left on the volume
+//! ([`SpaceGuard`]). A layer that would take more than that room breaks the
+//! body before its last byte is sent: the engine writes the whole archive
+//! to a temporary directory before it applies any layer, so nothing of the
+//! image is applied, and the error names the layer and both figures.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
 
@@ -57,6 +69,9 @@ pub struct LoadOptions {
     pub jobs: usize,
     /// Bytes each layer's worker may buffer ahead of the sender.
     pub buffer_bytes: usize,
+    /// Keeps the loads within what the fit check counted; every layer is
+    /// measured as it streams either way.
+    pub guard: Option<Arc<SpaceGuard>>,
 }
 
 impl Default for LoadOptions {
@@ -66,6 +81,158 @@ impl Default for LoadOptions {
             images: IMAGES_AT_ONCE,
             jobs: cores.clamp(1, 4),
             buffer_bytes: 4 * 1024 * 1024,
+            guard: None,
+        }
+    }
+}
+
+/// What the fit check counted for one layer it planned to send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allowance {
+    /// Disk bytes once unpacked, for the volume's block size.
+    pub usage: u64,
+    pub inodes: u64,
+    /// Bytes of the engine's temporary copy (the uncompressed tar).
+    pub tar_size: u64,
+}
+
+/// What a layer measured as it streamed, once it was sent whole and verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasuredLayer {
+    /// The blob it was inflated from.
+    pub blob: Digest,
+    pub tar_size: u64,
+    /// Bytes of regular files' content.
+    pub file_bytes: u64,
+    pub entries: u64,
+    pub inodes: u64,
+    pub usage_by_block_size: BTreeMap<u64, u64>,
+}
+
+/// Keeps the loads of one install within what its fit check counted: each
+/// layer may take what the check counted for it, and what it takes beyond
+/// that is drawn from the room the check left on Docker's volume (free
+/// space above the reserve, minus all the check counted). Shared by every
+/// load of the install, so two images loading at once draw from one room.
+#[derive(Debug)]
+pub struct SpaceGuard {
+    volume: PathBuf,
+    block_size: u64,
+    /// By diff_id: the blob, and what the check counted for it.
+    allowances: HashMap<Digest, (Digest, Allowance)>,
+    /// Bytes and inodes beyond what the check counted: at first, and left.
+    room: (u64, u64),
+    headroom: Mutex<(u64, u64)>,
+    /// By diff_id.
+    measured: Mutex<BTreeMap<Digest, MeasuredLayer>>,
+}
+
+impl SpaceGuard {
+    /// For Docker's volume at `volume` with `block_size` blocks, the layers
+    /// the check counted (by diff_id: blob, allowance), and the room it left.
+    pub fn new(
+        volume: PathBuf,
+        block_size: u64,
+        allowances: HashMap<Digest, (Digest, Allowance)>,
+        headroom_bytes: u64,
+        headroom_inodes: u64,
+    ) -> SpaceGuard {
+        SpaceGuard {
+            volume,
+            block_size,
+            allowances,
+            room: (headroom_bytes, headroom_inodes),
+            headroom: Mutex::new((headroom_bytes, headroom_inodes)),
+            measured: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// What the loads measured so far, by diff_id.
+    pub fn measured(&self) -> BTreeMap<Digest, MeasuredLayer> {
+        self.measured.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The blob a layer comes from: as the check knew it, else its file's name.
+    fn blob_of(&self, layer: &LayerSource) -> Digest {
+        if let Some((blob, _)) = self.allowances.get(&layer.diff_id) {
+            return blob.clone();
+        }
+        layer
+            .blob_path
+            .file_name()
+            .and_then(|n| format!("sha256:{}", n.to_string_lossy()).parse().ok())
+            .unwrap_or_else(|| layer.diff_id.clone())
+    }
+
+    /// Admits `layer` taking `usage` bytes and `inodes` once unpacked, and
+    /// `tar` bytes of temporary copy, so far: what is beyond its allowance
+    /// and not drawn yet (`drawn`: bytes, inodes) is drawn from the room
+    /// left, or the layer is refused, naming both figures.
+    fn admit(
+        &self,
+        layer: &LayerSource,
+        usage: u64,
+        inodes: u64,
+        tar: u64,
+        drawn: &mut (u64, u64),
+    ) -> Result<(), DockerError> {
+        let allowance = self
+            .allowances
+            .get(&layer.diff_id)
+            .map(|(_, a)| *a)
+            .unwrap_or_default();
+        let over_bytes = usage
+            .saturating_sub(allowance.usage)
+            .saturating_add(tar.saturating_sub(allowance.tar_size));
+        let over_inodes = inodes.saturating_sub(allowance.inodes);
+        let more_bytes = over_bytes.saturating_sub(drawn.0);
+        let more_inodes = over_inodes.saturating_sub(drawn.1);
+        if more_bytes == 0 && more_inodes == 0 {
+            return Ok(());
+        }
+        let mut headroom = self
+            .headroom
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let refuse = |what, measured, counted, room| DockerError::LayerOverCounted {
+            blob: self.blob_of(layer),
+            diff_id: layer.diff_id.clone(),
+            what,
+            measured,
+            counted,
+            volume: self.volume.clone(),
+            headroom: room,
+        };
+        if more_bytes > headroom.0 {
+            return Err(refuse(
+                "bytes (unpacked, plus the engine's temporary copy)",
+                usage.saturating_add(tar),
+                allowance.usage.saturating_add(allowance.tar_size),
+                self.room.0,
+            ));
+        }
+        if more_inodes > headroom.1 {
+            return Err(refuse("inodes", inodes, allowance.inodes, self.room.1));
+        }
+        headroom.0 -= more_bytes;
+        headroom.1 -= more_inodes;
+        drawn.0 += more_bytes;
+        drawn.1 += more_inodes;
+        Ok(())
+    }
+
+    fn record(&self, layer: &LayerSource, tar_size: u64, walk: &crate::app::layer::TarWalk) {
+        let (inodes, usage_by_block_size) = walk.footprint();
+        let measured = MeasuredLayer {
+            blob: self.blob_of(layer),
+            tar_size,
+            file_bytes: walk.file_bytes(),
+            entries: walk.entries(),
+            inodes,
+            usage_by_block_size,
+        };
+        if let Ok(mut all) = self.measured.lock() {
+            all.insert(layer.diff_id.clone(), measured);
         }
     }
 }
@@ -311,6 +478,7 @@ struct Inflaters {
     running: VecDeque<(LayerSource, mpsc::Receiver<Piece>)>,
     jobs: usize,
     buffer_chunks: usize,
+    guard: Option<Arc<SpaceGuard>>,
 }
 
 impl Inflaters {
@@ -320,6 +488,7 @@ impl Inflaters {
             running: VecDeque::new(),
             jobs: options.jobs.max(1),
             buffer_chunks: (options.buffer_bytes / CHUNK).max(1),
+            guard: options.guard.clone(),
         };
         inflaters.fill();
         inflaters
@@ -332,7 +501,8 @@ impl Inflaters {
             };
             let (tx, rx) = mpsc::sync_channel(self.buffer_chunks);
             let work = layer.clone();
-            std::thread::spawn(move || inflate_layer(&work, &tx));
+            let guard = self.guard.clone();
+            std::thread::spawn(move || inflate_layer(&work, guard.as_deref(), &tx));
             self.running.push_back((layer, rx));
         }
     }
@@ -466,29 +636,219 @@ fn check_layer(
     Ok(())
 }
 
-fn inflate_layer(layer: &LayerSource, tx: &mpsc::SyncSender<Piece>) {
-    let result = (|| -> Result<bool, DockerError> {
-        let size = match layer.tar_size {
-            Some(size) => size,
-            None => {
-                // A tar entry needs its size up front: count by inflating once.
-                let Some((size, digest)) = read_layer(layer, None, |_| true)? else {
-                    return Ok(false);
-                };
-                check_layer(layer, None, size, digest)?;
-                size
+/// Why a [`Tee`] stopped the reader it feeds.
+enum Stop {
+    /// The receiver went away.
+    Closed,
+    Failed(DockerError),
+}
+
+/// Passes the layer's uncompressed bytes to whoever reads it (the tar
+/// walk), hashing and counting them, capped at the declared tar size, and
+/// forwards them in whole chunks.
+struct Tee<'a, R, F> {
+    layer: &'a LayerSource,
+    inner: R,
+    hasher: DigestWriter,
+    limit: Option<u64>,
+    pending: Vec<u8>,
+    forward: F,
+    read_so_far: Rc<Cell<u64>>,
+    /// Set once the layer is refused: it is still read to its end (to be
+    /// measured), but no more of it is sent.
+    muted: Rc<Cell<bool>>,
+    stop: Option<Stop>,
+}
+
+impl<R: Read, F: FnMut(Bytes) -> bool> Tee<'_, R, F> {
+    fn flush_pending(&mut self) -> std::io::Result<()> {
+        if self.muted.get() {
+            self.pending.clear();
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = Bytes::from(std::mem::replace(
+            &mut self.pending,
+            Vec::with_capacity(CHUNK),
+        ));
+        if (self.forward)(bytes) {
+            Ok(())
+        } else {
+            self.stop = Some(Stop::Closed);
+            Err(std::io::Error::other("the archive's reader went away"))
+        }
+    }
+}
+
+impl<R: Read, F: FnMut(Bytes) -> bool> Read for Tee<'_, R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = loop {
+            match self.inner.read(buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    let message = source.to_string();
+                    self.stop = Some(Stop::Failed(DockerError::LayerRead {
+                        diff_id: self.layer.diff_id.clone(),
+                        path: self.layer.blob_path.clone(),
+                        source,
+                    }));
+                    return Err(std::io::Error::other(message));
+                }
             }
         };
-        if tx.send(Piece::Size(size)).is_err() {
-            return Ok(false);
+        self.hasher.update(&buf[..n]);
+        self.read_so_far.set(self.hasher.len());
+        if let Some(limit) = self.limit
+            && self.hasher.len() > limit
+        {
+            self.stop = Some(Stop::Failed(DockerError::LayerSizeMismatch {
+                diff_id: self.layer.diff_id.clone(),
+                path: self.layer.blob_path.clone(),
+                expected: limit,
+                actual: self.hasher.len(),
+            }));
+            return Err(std::io::Error::other("over the declared tar size"));
         }
-        let Some((read, digest)) = read_layer(layer, Some(size), |bytes| {
-            tx.send(Piece::Data(bytes)).is_ok()
-        })?
-        else {
-            return Ok(false);
-        };
-        check_layer(layer, Some(size), read, digest)?;
+        self.pending.extend_from_slice(&buf[..n]);
+        if self.pending.len() >= CHUNK {
+            self.flush_pending()?;
+        }
+        Ok(n)
+    }
+}
+
+/// A layer inflated whole, its tar walked: size, digest and the walk.
+struct Walked {
+    size: u64,
+    digest: Digest,
+    walk: crate::app::layer::TarWalk,
+}
+
+/// Inflates the layer, walking its tar, and hands its bytes on; with a
+/// guard, admits its running figures after each entry and its whole
+/// footprint at the end (before the caller's last word on it). `None` when
+/// the receiver went away. A layer the guard refuses is sent no further
+/// but read to its end, so that, if it is the layer it claims to be, what
+/// it really takes is recorded for the next plan.
+fn walk_layer(
+    layer: &LayerSource,
+    limit: Option<u64>,
+    guard: Option<&SpaceGuard>,
+    forward: impl FnMut(Bytes) -> bool,
+) -> Result<Option<Walked>, DockerError> {
+    let read_so_far = Rc::new(Cell::new(0u64));
+    let mut tee = Tee {
+        layer,
+        inner: open_layer(layer)?,
+        hasher: DigestWriter::new(),
+        limit,
+        pending: Vec::with_capacity(CHUNK),
+        forward,
+        read_so_far: read_so_far.clone(),
+        muted: Rc::new(Cell::new(false)),
+        stop: None,
+    };
+    let muted = tee.muted.clone();
+    let mut drawn = (0u64, 0u64);
+    let mut refused = None;
+    let walked = crate::app::layer::walk_tar(BufReader::with_capacity(CHUNK, &mut tee), |walk| {
+        let Some(guard) = guard else { return Ok(()) };
+        if refused.is_some() {
+            return Ok(());
+        }
+        if let Err(e) = guard.admit(
+            layer,
+            walk.file_bytes(),
+            walk.inodes(),
+            read_so_far.get(),
+            &mut drawn,
+        ) {
+            refused = Some(e);
+            muted.set(true);
+        }
+        Ok(())
+    })
+    .and_then(|(walk, mut rest)| {
+        // Padding after the end of the tar is part of the diff_id.
+        std::io::copy(&mut rest, &mut std::io::sink())?;
+        Ok(walk)
+    })
+    .and_then(|walk| tee.flush_pending().map(|()| walk));
+    let walk = match walked {
+        Ok(walk) => walk,
+        Err(e) => {
+            return match tee.stop.take() {
+                Some(Stop::Closed) => Ok(None),
+                Some(Stop::Failed(failure)) => Err(failure),
+                None => Err(DockerError::LayerNotATar {
+                    diff_id: layer.diff_id.clone(),
+                    path: layer.blob_path.clone(),
+                    reason: e.to_string(),
+                }),
+            };
+        }
+    };
+    let size = tee.hasher.len();
+    let digest = tee.hasher.finish();
+    if let Some(guard) = guard {
+        let refused = refused.or_else(|| {
+            let (inodes, usage) = walk.footprint();
+            let usage = crate::oci::format::usage_for_block_size(&usage, guard.block_size);
+            guard.admit(layer, usage, inodes, size, &mut drawn).err()
+        });
+        if let Some(refused) = refused {
+            if digest == layer.diff_id && limit.is_none_or(|l| l == size) {
+                guard.record(layer, size, &walk);
+            }
+            return Err(refused);
+        }
+    }
+    Ok(Some(Walked { size, digest, walk }))
+}
+
+fn inflate_layer(layer: &LayerSource, guard: Option<&SpaceGuard>, tx: &mpsc::SyncSender<Piece>) {
+    let result = (|| -> Result<bool, DockerError> {
+        match layer.tar_size {
+            Some(size) => {
+                if tx.send(Piece::Size(size)).is_err() {
+                    return Ok(false);
+                }
+                let Some(walked) = walk_layer(layer, Some(size), guard, |bytes| {
+                    tx.send(Piece::Data(bytes)).is_ok()
+                })?
+                else {
+                    return Ok(false);
+                };
+                check_layer(layer, Some(size), walked.size, walked.digest)?;
+                if let Some(guard) = guard {
+                    guard.record(layer, walked.size, &walked.walk);
+                }
+            }
+            None => {
+                // A tar entry needs its size up front: count (and measure,
+                // and admit) by inflating once, then send.
+                let Some(walked) = walk_layer(layer, None, guard, |_| true)? else {
+                    return Ok(false);
+                };
+                check_layer(layer, None, walked.size, walked.digest)?;
+                let size = walked.size;
+                if tx.send(Piece::Size(size)).is_err() {
+                    return Ok(false);
+                }
+                let Some((read, digest)) = read_layer(layer, Some(size), |bytes| {
+                    tx.send(Piece::Data(bytes)).is_ok()
+                })?
+                else {
+                    return Ok(false);
+                };
+                check_layer(layer, Some(size), read, digest)?;
+                if let Some(guard) = guard {
+                    guard.record(layer, size, &walked.walk);
+                }
+            }
+        }
         Ok(true)
     })();
     let _ = match result {
@@ -518,6 +878,166 @@ mod tests {
         }
     }
 
+    /// A tar of regular files, as a layer holds them.
+    fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, bytes) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, bytes.as_slice()).unwrap();
+        }
+        tar.into_inner().unwrap()
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// Runs the inflater of `layer` under `guard`: the bytes it sent and
+    /// how it ended.
+    fn inflate(layer: &LayerSource, guard: &SpaceGuard) -> (u64, Result<(), DockerError>) {
+        let (tx, rx) = mpsc::sync_channel(100_000);
+        inflate_layer(layer, Some(guard), &tx);
+        let mut sent = 0;
+        for piece in rx.try_iter() {
+            match piece {
+                Piece::Data(b) => sent += b.len() as u64,
+                Piece::Done => return (sent, Ok(())),
+                Piece::Failed(e) => return (sent, Err(e)),
+                Piece::Size(_) => {}
+            }
+        }
+        (
+            sent,
+            Err(DockerError::InvalidImage {
+                image: String::new(),
+                reason: "no end".into(),
+            }),
+        )
+    }
+
+    fn guard_for(layer: &LayerSource, allowance: Allowance, headroom: (u64, u64)) -> SpaceGuard {
+        SpaceGuard::new(
+            PathBuf::from("/docker"),
+            4096,
+            HashMap::from([(layer.diff_id.clone(), (digest(9), allowance))]),
+            headroom.0,
+            headroom.1,
+        )
+    }
+
+    #[test]
+    fn a_layer_larger_than_counted_is_stopped_before_its_content_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 MiB of zeros declared as one block: the file's header tells.
+        let plain = tar_of(&[("small", vec![1; 100]), ("zeros", vec![0; 64 << 20])]);
+        let mut layer = layer_file(
+            dir.path(),
+            "z.gz",
+            &gzip(&plain),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        );
+        layer.diff_id = Digest::of(&plain);
+        let small = Allowance {
+            usage: 4096,
+            inodes: 20,
+            tar_size: plain.len() as u64,
+        };
+        for tar_size in [Some(plain.len() as u64), None] {
+            layer.tar_size = tar_size;
+            let guard = guard_for(&layer, small, (1 << 20, 1000));
+            let (sent, result) = inflate(&layer, &guard);
+            let err = result.unwrap_err();
+            assert!(
+                matches!(&err, DockerError::LayerOverCounted { blob, counted, .. }
+                    if *blob == digest(9) && *counted == 4096 + plain.len() as u64),
+                "{err}"
+            );
+            let said = err.to_string();
+            assert!(
+                said.contains("/docker") && said.contains(&digest(9).to_string()),
+                "{said}"
+            );
+            assert!(sent <= 2 * CHUNK as u64, "{sent} bytes sent");
+            // Read to its end all the same: what it really takes is known.
+            let measured = &guard.measured()[&layer.diff_id];
+            assert_eq!(measured.file_bytes, (64 << 20) + 100);
+        }
+
+        // With room enough on the volume, the same layer goes through and
+        // what it measured is kept.
+        layer.tar_size = Some(plain.len() as u64);
+        let guard = guard_for(&layer, small, (80 << 20, 1000));
+        let (sent, result) = inflate(&layer, &guard);
+        result.unwrap();
+        assert_eq!(sent, plain.len() as u64);
+        let measured = &guard.measured()[&layer.diff_id];
+        assert_eq!(measured.blob, digest(9));
+        assert_eq!(measured.tar_size, plain.len() as u64);
+        assert_eq!(measured.file_bytes, (64 << 20) + 100);
+        assert!(measured.usage_by_block_size[&4096] > 64 << 20);
+    }
+
+    #[test]
+    fn a_layer_with_more_inodes_than_counted_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<(String, Vec<u8>)> =
+            (0..5000).map(|i| (format!("e{i}"), Vec::new())).collect();
+        let files: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+        let plain = tar_of(&files);
+        let mut layer = layer_file(
+            dir.path(),
+            "e.gz",
+            &gzip(&plain),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        );
+        layer.diff_id = Digest::of(&plain);
+        layer.tar_size = Some(plain.len() as u64);
+        let allowance = Allowance {
+            usage: 1 << 30,
+            inodes: 1,
+            tar_size: plain.len() as u64,
+        };
+        let guard = guard_for(&layer, allowance, (1 << 30, 100));
+        let (sent, result) = inflate(&layer, &guard);
+        let err = result.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                DockerError::LayerOverCounted {
+                    what: "inodes",
+                    counted: 1,
+                    headroom: 100,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(sent < plain.len() as u64, "{sent}");
+    }
+
+    #[test]
+    fn a_layer_that_is_not_a_tar_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = vec![7u8; 5000];
+        let mut layer = layer_file(
+            dir.path(),
+            "n.gz",
+            &gzip(&plain),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        );
+        layer.diff_id = Digest::of(&plain);
+        let guard = guard_for(&layer, Allowance::default(), (1 << 30, 1 << 20));
+        let (_, result) = inflate(&layer, &guard);
+        let err = result.unwrap_err();
+        assert!(matches!(err, DockerError::LayerNotATar { .. }), "{err}");
+    }
+
     #[test]
     fn media_types_pick_the_decompressor() {
         use Decompression::*;
@@ -542,7 +1062,10 @@ mod tests {
     #[test]
     fn a_gzip_layer_is_inflated_and_verified_against_its_diff_id() {
         let dir = tempfile::tempdir().unwrap();
-        let plain: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let plain = tar_of(&[(
+            "data.bin",
+            (0..700_000u32).map(|i| (i % 251) as u8).collect(),
+        )]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &plain).unwrap();
         let mut layer = layer_file(
@@ -554,7 +1077,7 @@ mod tests {
         layer.diff_id = Digest::of(&plain);
 
         let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, &tx);
+        inflate_layer(&layer, None, &tx);
         let mut received = Vec::new();
         let mut size = 0;
         for piece in rx.try_iter() {
@@ -571,7 +1094,7 @@ mod tests {
         // The same blob claimed as another diff_id fails, naming both digests.
         layer.diff_id = digest(7);
         let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, &tx);
+        inflate_layer(&layer, None, &tx);
         let failure = rx.try_iter().find_map(|p| match p {
             Piece::Failed(e) => Some(e),
             _ => Option::None,
@@ -585,7 +1108,7 @@ mod tests {
     #[test]
     fn a_declared_tar_size_that_is_wrong_fails_the_layer() {
         let dir = tempfile::tempdir().unwrap();
-        let plain = vec![5u8; 10_000];
+        let plain = tar_of(&[("fives", vec![5u8; 10_000])]);
         let mut zst = zstd::stream::encode_all(&plain[..], 1).unwrap();
         let mut layer = layer_file(
             dir.path(),
@@ -594,10 +1117,11 @@ mod tests {
             "application/vnd.oci.image.layer.v1.tar+zstd",
         );
         layer.diff_id = Digest::of(&plain);
-        for wrong in [9_999u64, 10_001] {
+        let right = plain.len() as u64;
+        for wrong in [right - 1, right + 1] {
             layer.tar_size = Some(wrong);
             let (tx, rx) = mpsc::sync_channel(100);
-            inflate_layer(&layer, &tx);
+            inflate_layer(&layer, None, &tx);
             let failure = rx.try_iter().find_map(|p| match p {
                 Piece::Failed(e) => Some(e),
                 _ => Option::None,

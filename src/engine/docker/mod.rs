@@ -42,7 +42,7 @@ use crate::plan::held::HeldLayers;
 mod archive;
 mod tags;
 
-pub use archive::{ImageToLoad, LayerSource, LoadOptions, layers_to_send};
+pub use archive::{Allowance, ImageToLoad, LayerSource, LoadOptions, SpaceGuard, layers_to_send};
 pub use tags::local_tag_for;
 use tags::validate_tag_reference;
 
@@ -100,6 +100,25 @@ pub enum DockerError {
         path: PathBuf,
         expected: u64,
         actual: u64,
+    },
+    #[error(
+        "layer {blob} (diff_id {diff_id}) needs at least {measured} {what} on the volume of {volume}, but the check counted {counted} for it (from the app's layers-meta) and left room for only {headroom} more: refused before Docker applied it"
+    )]
+    LayerOverCounted {
+        blob: Digest,
+        diff_id: Digest,
+        /// "bytes (...)" or "inodes".
+        what: &'static str,
+        measured: u64,
+        counted: u64,
+        volume: PathBuf,
+        headroom: u64,
+    },
+    #[error("layer {diff_id} in {path} cannot be measured: its tar is malformed: {reason}")]
+    LayerNotATar {
+        diff_id: Digest,
+        path: PathBuf,
+        reason: String,
     },
     #[error("cannot read layer {diff_id} from {path}: {source}")]
     LayerRead {
