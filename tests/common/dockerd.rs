@@ -64,8 +64,8 @@ pub fn ensure_dockerd() {
 
 /// A second dockerd with its own data root (for example on a LoopVolume), exec root,
 /// pidfile and socket; no bridge, no iptables. Dropping it stops it (SIGTERM, then
-/// SIGKILL) and unmounts what it left under its directories. The data root's contents
-/// stay (they belong to the caller).
+/// SIGKILL) and unmounts what it left under its directories and on its data root. The
+/// data root's contents stay (they belong to the caller).
 pub struct PrivateDockerd {
     run_dir: tempfile::TempDir,
     data_root: PathBuf,
@@ -213,9 +213,12 @@ impl PrivateDockerd {
                 send_signal(pid, libc::SIGKILL);
             }
         }
+        // Under its directories, and the data root itself: dockerd bind-mounts
+        // a data root that is not a mount point onto itself, and only a clean
+        // shutdown undoes that.
         let mut leftovers: Vec<PathBuf> = mount_points()
             .into_iter()
-            .filter(|m| m.starts_with(self.run_dir.path()) || is_strictly_under(m, &self.data_root))
+            .filter(|m| m.starts_with(self.run_dir.path()) || m.starts_with(&self.data_root))
             .collect();
         // Deepest first.
         leftovers.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
@@ -229,10 +232,6 @@ impl Drop for PrivateDockerd {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn is_strictly_under(path: &Path, dir: &Path) -> bool {
-    path != dir && path.starts_with(dir)
 }
 
 /// Every mount point of this process's mount namespace.

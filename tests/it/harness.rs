@@ -355,6 +355,25 @@ fn private_dockerd_answers_with_its_data_root_and_runs_containers() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "dockerd stopped"
     );
+    assert_eq!(mounts_under(&data_root), Vec::<String>::new());
+
+    // One that dies without shutting down (SIGKILL) leaves no mount either.
+    let killed = PrivateDockerd::start(&data_root);
+    send_signal(killed.pid().unwrap(), libc::SIGKILL);
+    drop(killed);
+    assert_eq!(mounts_under(&data_root), Vec::<String>::new());
+}
+
+/// The mount points at or under `dir`, as /proc/self/mountinfo names them.
+fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
