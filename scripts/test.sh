@@ -52,6 +52,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "layering: scripts/check-layers.sh"
+bash scripts/check-layers.sh
+
 step "build the test targets"
 cargo test --no-run --lib --bins --test it --test torture
 
