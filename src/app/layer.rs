@@ -19,7 +19,7 @@
 //! takes once `docker load`/`docker pull` has unpacked it with the overlay2
 //! driver (native diff: the tar is unpacked straight into the layer's `diff/`
 //! directory). It was calibrated against a real dockerd 20.10 loading an
-//! image into a fresh ext4 data root (see `tests/usage_accuracy.rs`). It counts
+//! image into a fresh ext4 data root (see `tests/it/usage_accuracy.rs`). It counts
 //! allocated blocks, because that is what `statvfs` and a full disk see:
 //!
 //! - **Regular files**: `ceil(size / bs) * bs`; an empty file takes none.

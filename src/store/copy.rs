@@ -148,7 +148,9 @@ async fn write_body(
     let digest = ingest.digest().clone();
     let size = ingest.expected_size();
     let start = if restart { 0 } else { ingest.offset() };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    // One chunk queued at most: what a kill loses (received, not yet
+    // written) stays about one chunk, as when the write was inline.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let writer = tokio::task::spawn_blocking(move || {
         let mut ingest = ingest;
         let mut write = || -> Result<(), StoreError> {

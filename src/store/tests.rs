@@ -1,5 +1,5 @@
 //! Unit tests of the store's internals: resume paths and checkpoints. The
-//! user-level stories live in `tests/store.rs`.
+//! user-level stories live in `tests/it/store.rs`.
 
 use std::fs;
 use std::path::PathBuf;
