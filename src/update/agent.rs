@@ -94,7 +94,7 @@ impl AgentResult {
 
 impl std::fmt::Display for AgentResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
