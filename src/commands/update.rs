@@ -39,8 +39,8 @@ impl UpdateOptions {
             Some(layout) => layout
                 .apps(&layout.open()?)?
                 .into_iter()
-                .map(|a| (a.name, a.reference))
-                .collect(),
+                .map(|a| Ok((a.name.parse()?, a.reference.parse()?)))
+                .collect::<Result<_>>()?,
             None => app_set(&client, &parse_refs(&self.apps)?).await?,
         };
         let mut device = ctx

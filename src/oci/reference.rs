@@ -178,6 +178,117 @@ impl fmt::Display for ImageRef {
     }
 }
 
+/// An app's name on the device: the last component of its repository,
+/// which is also its compose project and its directory's name.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct AppName(String);
+
+impl AppName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AppName {
+    type Err = InvalidReference;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && s.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            });
+        if !ok {
+            return Err(InvalidReference {
+                reference: s.to_string(),
+                reason: "an app name is lowercase letters, digits and . _ - (128 at most)".into(),
+            });
+        }
+        Ok(AppName(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for AppName {
+    type Error = InvalidReference;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<AppName> for String {
+    fn from(name: AppName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+/// An app pinned by digest (`REGISTRY/REPO[:TAG]@sha256:...`): what a
+/// device runs, and what its state files name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AppRef(ImageRef);
+
+impl AppRef {
+    pub fn image(&self) -> &ImageRef {
+        &self.0
+    }
+
+    /// The app's default name: its repository's last component.
+    pub fn name(&self) -> Result<AppName, InvalidReference> {
+        self.0.short_name().parse()
+    }
+}
+
+impl FromStr for AppRef {
+    type Err = InvalidReference;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let image: ImageRef = s.parse()?;
+        AppRef::try_from(image)
+    }
+}
+
+impl TryFrom<ImageRef> for AppRef {
+    type Error = InvalidReference;
+    fn try_from(image: ImageRef) -> Result<Self, Self::Error> {
+        if image.digest.is_none() {
+            return Err(InvalidReference {
+                reference: image.to_string(),
+                reason: "an app to run must be pinned by digest (@sha256:...)".into(),
+            });
+        }
+        Ok(AppRef(image))
+    }
+}
+
+impl TryFrom<String> for AppRef {
+    type Error = InvalidReference;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<AppRef> for String {
+    fn from(app: AppRef) -> String {
+        app.0.to_string()
+    }
+}
+
+impl fmt::Display for AppRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

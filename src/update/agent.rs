@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Digest;
 use crate::fsutil::write_atomic;
-use crate::oci::reference::ImageRef;
+use crate::oci::reference::{AppName, AppRef, ImageRef};
 use crate::oci::registry::RegistryClient;
 use crate::plan::{CheckReport, DoesNotFit};
 use crate::update::reconcile::{ReconcileReport, Supervised, reconcile};
@@ -296,19 +296,19 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
                 ))
             })
     }
-    async fn install(&self, reference: &str) -> Result<()> {
+    async fn install(&self, reference: &AppRef) -> Result<()> {
         self.device.install(reference).await
     }
-    async fn start(&self, name: &str, reference: &str) -> Result<()> {
+    async fn start(&self, name: &AppName, reference: &AppRef) -> Result<()> {
         self.device.start(name, reference).await
     }
-    async fn stop(&self, name: &str) -> Result<()> {
+    async fn stop(&self, name: &AppName) -> Result<()> {
         self.device.stop(name).await
     }
-    async fn verify(&self, name: &str, timeout: Duration) -> Result<()> {
+    async fn verify(&self, name: &AppName, timeout: Duration) -> Result<()> {
         self.device.verify(name, timeout).await
     }
-    async fn prune(&self, keep: &AppSet) -> Result<PruneSummary> {
+    async fn prune(&self, keep: &[AppRef]) -> Result<PruneSummary> {
         self.device.prune(keep).await
     }
     async fn installed(&self) -> Result<AppSet> {

@@ -16,7 +16,7 @@ use crate::engine::docker::DockerEngine;
 use crate::engine::install::{self, Device, InstallOptions};
 use crate::engine::prune as docker_prune;
 use crate::engine::run::{self as run_cmd, AppStatus, Selection};
-use crate::oci::reference::ImageRef;
+use crate::oci::reference::{AppName, AppRef, ImageRef};
 use crate::oci::registry::RegistryClient;
 use crate::plan::space::Policy;
 use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
@@ -56,8 +56,8 @@ impl LiveDevice<'_> {
         }
     }
 
-    fn refs(to: &AppSet) -> Result<Vec<ImageRef>> {
-        to.values().map(|r| Ok(r.parse::<ImageRef>()?)).collect()
+    fn refs(to: &AppSet) -> Vec<ImageRef> {
+        to.values().map(|r| r.image().clone()).collect()
     }
 
     /// The apps of `to` read from the store, when every one is stored whole.
@@ -65,13 +65,13 @@ impl LiveDevice<'_> {
         let source = LayoutSource { store: &self.store };
         let mut apps = Vec::new();
         for reference in to.values() {
-            let complete = crate::app::stored::find_apps(&self.store, reference)?
+            let complete = crate::app::stored::find_apps(&self.store, &reference.to_string())?
                 .iter()
                 .any(|a| a.is_complete());
             if !complete {
                 return Ok(None);
             }
-            apps.push(fetch_app(&source, &reference.parse()?, &self.architecture).await?);
+            apps.push(fetch_app(&source, reference.image(), &self.architecture).await?);
         }
         Ok(Some(apps))
     }
@@ -112,7 +112,7 @@ impl DeviceOps for LiveDevice<'_> {
             return Ok(report.check);
         }
         let options = PullOptions {
-            apps: Self::refs(to)?,
+            apps: Self::refs(to),
             architecture: self.architecture.clone(),
             policy: self.policy,
             jobs: self.jobs,
@@ -124,14 +124,15 @@ impl DeviceOps for LiveDevice<'_> {
         Ok(report.check)
     }
 
-    async fn install(&self, reference: &str) -> Result<()> {
-        install::install(self.device(), reference, &self.install, self.progress).await?;
+    async fn install(&self, reference: &AppRef) -> Result<()> {
+        let reference = reference.to_string();
+        install::install(self.device(), &reference, &self.install, self.progress).await?;
         Ok(())
     }
 
     /// Starts the version of `name` installed last: the transaction
     /// installs `reference` (making it the one the name stands for) first.
-    async fn start(&self, name: &str, _reference: &str) -> Result<()> {
+    async fn start(&self, name: &AppName, _reference: &AppRef) -> Result<()> {
         run_cmd::run(
             self.device(),
             &self.compose,
@@ -143,7 +144,7 @@ impl DeviceOps for LiveDevice<'_> {
         Ok(())
     }
 
-    async fn stop(&self, name: &str) -> Result<()> {
+    async fn stop(&self, name: &AppName) -> Result<()> {
         run_cmd::stop(
             self.device(),
             &self.compose,
@@ -157,14 +158,14 @@ impl DeviceOps for LiveDevice<'_> {
     /// Every service running, and healthy where it has a healthcheck, seen
     /// twice in a row a second apart (a service that exits at once is
     /// caught), within `timeout`. An exited or unhealthy service fails at once.
-    async fn verify(&self, name: &str, timeout: Duration) -> Result<()> {
+    async fn verify(&self, name: &AppName, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut good_polls = 0;
         loop {
             let apps = run_cmd::ps(self.device()).await?;
             let app = apps
                 .iter()
-                .find(|a| a.name == name)
+                .find(|a| a.name == name.as_str())
                 .ok_or_else(|| anyhow::anyhow!("app {name} is not installed"))?;
             let mut waiting = Vec::new();
             for s in &app.services {
@@ -207,8 +208,8 @@ impl DeviceOps for LiveDevice<'_> {
 
     /// Forgets stored apps outside `keep`, then prunes the blob store and the
     /// images stowage loaded, keeping the images of every app in `keep`.
-    async fn prune(&self, keep: &AppSet) -> Result<PruneSummary> {
-        let keep_refs: BTreeSet<String> = keep.values().cloned().collect();
+    async fn prune(&self, keep: &[AppRef]) -> Result<PruneSummary> {
+        let keep_refs: BTreeSet<String> = keep.iter().map(AppRef::to_string).collect();
         let store = self.store.clone();
         // Store walks, lock waits and deletions: blocking file work.
         let (keep_images, blobs) = crate::fsutil::blocking(move || {
@@ -246,11 +247,11 @@ impl DeviceOps for LiveDevice<'_> {
 
     async fn installed(&self) -> Result<AppSet> {
         let state = crate::engine::record::Installed::load(&self.root)?;
-        Ok(state
+        state
             .apps
             .into_iter()
-            .map(|(name, app)| (name, app.reference))
-            .collect())
+            .map(|(name, app)| Ok((name.parse()?, app.reference.parse()?)))
+            .collect()
     }
 
     /// `syncfs` of Docker's data root and of the stowage root: the engine
@@ -295,7 +296,7 @@ impl Supervised for LiveDevice<'_> {
 impl AgentDevice for LiveDevice<'_> {
     async fn fits(&self, to: &AppSet) -> Result<CheckReport> {
         let mut apps = Vec::new();
-        for reference in Self::refs(to)? {
+        for reference in Self::refs(to) {
             apps.push(
                 crate::app::fetch_app_to(
                     self.client,
@@ -329,8 +330,9 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
                 reference.pinned(&fetched.digest)
             }
         };
-        let name = pinned.short_name().to_string();
-        if let Some(other) = set.insert(name.clone(), pinned.to_string()) {
+        let pinned = AppRef::try_from(pinned)?;
+        let name = pinned.name()?;
+        if let Some(other) = set.insert(name.clone(), pinned.clone()) {
             bail!("two versions of app {name} were named: {other} and {pinned}");
         }
     }

@@ -138,8 +138,8 @@ fn wanted(files: &StateFiles, status: &[AppStatus]) -> Result<AppSet> {
         None => status
             .iter()
             .filter(|a| a.state != AppState::Stopped)
-            .map(|a| (a.name.clone(), a.reference.clone()))
-            .collect(),
+            .map(|a| Ok((a.name.parse()?, a.reference.parse()?)))
+            .collect::<Result<_>>()?,
     })
 }
 
@@ -154,6 +154,10 @@ pub async fn reconcile(
     let status = device.status().await?;
     let wanted = wanted(files, &status)?;
     let mut restarts = load(root)?;
+    let wanted: BTreeMap<String, String> = wanted
+        .iter()
+        .map(|(name, reference)| (name.to_string(), reference.to_string()))
+        .collect();
     restarts.apps.retain(|name, _| wanted.contains_key(name));
     let mut report = ReconcileReport::default();
     for (name, reference) in &wanted {
@@ -318,12 +322,17 @@ mod tests {
         }
     }
 
+    /// App `name` at version `v`, pinned: `registry.local/NAME@sha256:...`.
+    fn r(name: &str, v: &str) -> String {
+        format!("registry.local/{name}@{}", crate::Digest::of(v.as_bytes()))
+    }
+
     fn device_state(files: &StateFiles, apps: &[(&str, &str)]) {
         files
             .write_device(&crate::update::transaction::DeviceState {
                 running: apps
                     .iter()
-                    .map(|(n, r)| (n.to_string(), r.to_string()))
+                    .map(|(n, v)| (n.parse().unwrap(), r(n, v).parse().unwrap()))
                     .collect(),
                 previous: AppSet::new(),
             })
@@ -337,8 +346,8 @@ mod tests {
         device_state(&files, &[("shop", "r1"), ("blog", "r2")]);
         let device = engine(
             vec![
-                app("shop", "r1", AppState::Degraded),
-                app("blog", "r2", AppState::Running),
+                app("shop", &r("shop", "r1"), AppState::Degraded),
+                app("blog", &r("blog", "r2"), AppState::Running),
             ],
             vec![],
         );
@@ -367,8 +376,8 @@ mod tests {
         device_state(&files, &[("shop", "r1"), ("blog", "r2")]);
         let device = engine(
             vec![
-                app("shop", "r1", AppState::Degraded),
-                app("blog", "r2", AppState::Running),
+                app("shop", &r("shop", "r1"), AppState::Degraded),
+                app("blog", &r("blog", "r2"), AppState::Running),
             ],
             vec!["shop"],
         );
@@ -395,7 +404,7 @@ mod tests {
         assert_eq!(failed_apps(dir.path()).unwrap(), vec!["shop".to_string()]);
         // A new version to run restores the budget.
         device_state(&files, &[("shop", "r9"), ("blog", "r2")]);
-        device.apps.lock().unwrap()[0] = app("shop", "r9", AppState::Degraded);
+        device.apps.lock().unwrap()[0] = app("shop", &r("shop", "r9"), AppState::Degraded);
         let report = reconcile(&device, &files, dir.path(), 3).await.unwrap();
         let shop = report.apps.iter().find(|a| a.name == "shop").unwrap();
         assert!(matches!(shop.action, Action::Started { attempt: 1, .. }));
@@ -405,11 +414,14 @@ mod tests {
     async fn without_a_device_state_started_apps_are_kept_running_and_stopped_ones_left() {
         let dir = tempfile::tempdir().unwrap();
         let files = StateFiles::under(dir.path());
-        let mut stopped = app("blog", "r2", AppState::Stopped);
+        let mut stopped = app("blog", &r("blog", "r2"), AppState::Stopped);
         for s in &mut stopped.services {
             s.container.clear();
         }
-        let device = engine(vec![app("shop", "r1", AppState::Degraded), stopped], vec![]);
+        let device = engine(
+            vec![app("shop", &r("shop", "r1"), AppState::Degraded), stopped],
+            vec![],
+        );
         let report = reconcile(&device, &files, dir.path(), 3).await.unwrap();
         assert_eq!(*device.restarts.lock().unwrap(), vec!["shop".to_string()]);
         assert_eq!(report.apps.len(), 1);

@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::Digest;
 use crate::oci::format::{self, Descriptor};
 use crate::oci::media;
-use crate::oci::reference::ImageRef;
+use crate::oci::reference::{AppRef, ImageRef};
 use crate::oci::registry::RegistryClient;
+use crate::update::transaction::AppSet;
 
 pub const TARGET_ARTIFACT: &str = "application/vnd.stowage.target.v1";
 pub const TARGET_MEDIA_TYPE: &str = "application/vnd.stowage.target.v1+json";
@@ -34,7 +35,7 @@ pub struct Target {
     pub reference: String,
     pub digest: Digest,
     /// App name -> pinned reference.
-    pub apps: BTreeMap<String, String>,
+    pub apps: AppSet,
 }
 
 #[derive(Serialize)]
@@ -115,17 +116,14 @@ pub async fn fetch_target(client: &RegistryClient, at: &ImageRef) -> Result<Targ
         .get_blob(&pinned, &layer.digest, layer.size, TARGET_CAP)
         .await?;
     let content: TargetContent = format::parse_json(&bytes, &format!("target {at}"))?;
-    let mut apps = BTreeMap::new();
+    let mut apps = AppSet::new();
     for app in content.apps {
-        let reference: ImageRef = app.parse()?;
-        if reference.digest.is_none() {
-            bail!("target {at} names app {app} without a digest");
-        }
-        if let Some(other) = apps.insert(reference.short_name().to_string(), app.clone()) {
-            bail!(
-                "target {at} names two versions of app {}: {other} and {app}",
-                reference.short_name()
-            );
+        let reference: AppRef = app
+            .parse()
+            .with_context(|| format!("target {at} names app {app}"))?;
+        let name = reference.name()?;
+        if let Some(other) = apps.insert(name.clone(), reference.clone()) {
+            bail!("target {at} names two versions of app {name}: {other} and {reference}");
         }
     }
     Ok(Target {

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::lock::{LockMode, Locked, lock_file};
 use crate::fsutil::write_atomic;
+use crate::oci::reference::{AppName, AppRef};
 use crate::plan::{CheckReport, DoesNotFit};
 
 /// Where the transaction is; every value is written before the step starts.
@@ -45,7 +46,7 @@ pub enum Phase {
 }
 
 /// Apps by name -> reference (`REGISTRY/REPO@sha256:...`).
-pub type AppSet = BTreeMap<String, String>;
+pub type AppSet = BTreeMap<AppName, AppRef>;
 
 /// The journal of the update in progress.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,16 +173,16 @@ pub trait DeviceOps {
     /// a [`DoesNotFit`] means the update was refused for space.
     async fn pull(&self, to: &AppSet) -> Result<CheckReport>;
     /// Loads images and extracts the bundle of one app, without starting it.
-    async fn install(&self, reference: &str) -> Result<()>;
-    async fn start(&self, name: &str, reference: &str) -> Result<()>;
-    async fn stop(&self, name: &str) -> Result<()>;
+    async fn install(&self, reference: &AppRef) -> Result<()>;
+    async fn start(&self, name: &AppName, reference: &AppRef) -> Result<()>;
+    async fn stop(&self, name: &AppName) -> Result<()>;
     /// Every service running, and healthy where it has a healthcheck.
-    async fn verify(&self, name: &str, timeout: Duration) -> Result<()>;
+    async fn verify(&self, name: &AppName, timeout: Duration) -> Result<()>;
     /// The apps installed before stowage kept a device state (apps started
     /// with `stowage run`): what an update replaces when there is no state.
     async fn installed(&self) -> Result<AppSet>;
     /// Removes from both stores what `keep` does not need.
-    async fn prune(&self, keep: &AppSet) -> Result<PruneSummary>;
+    async fn prune(&self, keep: &[AppRef]) -> Result<PruneSummary>;
     /// Makes what the new apps run on durable (Docker's layers, the
     /// extracted bundles) before the commit points at it.
     async fn sync(&self) -> Result<()>;
@@ -205,18 +206,18 @@ pub enum UpdateEvent {
         report: Box<CheckReport>,
     },
     Installed {
-        app: String,
-        reference: String,
+        app: AppName,
+        reference: AppRef,
     },
     Stopped {
-        app: String,
+        app: AppName,
     },
     AppStarted {
-        app: String,
-        reference: String,
+        app: AppName,
+        reference: AppRef,
     },
     Verified {
-        app: String,
+        app: AppName,
     },
     Committed {
         running: AppSet,
@@ -334,8 +335,7 @@ pub async fn update(
     .await;
     if let Err(e) = prepared {
         files.clear_journal()?;
-        let keep = union(&state.running, &state.previous);
-        prune_quietly(device, &union(&keep, &to)).await;
+        prune_quietly(device, &keep(&[&state.running, &state.previous, &to])).await;
         return Ok(match e.downcast::<DoesNotFit>() {
             Ok(refused) => Outcome::Refused(refused.report),
             Err(e) => Outcome::Failed(e),
@@ -354,14 +354,14 @@ pub async fn update(
             files.write_device(&new_state)?;
             files.clear_journal()?;
             device.event(UpdateEvent::Committed { running: to });
-            prune_quietly(device, &union(&new_state.running, &new_state.previous)).await;
+            prune_quietly(device, &keep(&[&new_state.running, &new_state.previous])).await;
             Ok(Outcome::Committed)
         }
         Err(e) => {
             journal.error = Some(format!("{e:#}"));
             roll_back(device, files, &mut journal).await?;
             // Keep the new version's blobs too: a retry needs them.
-            prune_quietly(device, &union(&union(&state.running, &state.previous), &to)).await;
+            prune_quietly(device, &keep(&[&state.running, &state.previous, &to])).await;
             Ok(Outcome::RolledBack(e))
         }
     }
@@ -489,19 +489,21 @@ pub async fn recover(
     roll_back(device, files, &mut journal).await
 }
 
-async fn prune_quietly(device: &impl DeviceOps, keep: &AppSet) {
+async fn prune_quietly(device: &impl DeviceOps, keep: &[AppRef]) {
     match device.prune(keep).await {
         Ok(report) => device.event(UpdateEvent::Pruned { report }),
         Err(e) => tracing::warn!("prune after the update failed: {e:#}"),
     }
 }
 
-fn union(a: &AppSet, b: &AppSet) -> AppSet {
-    // Names may repeat across the two with other references: key by
-    // reference so that both versions are kept.
-    let mut out = AppSet::new();
-    for (name, reference) in a.iter().chain(b.iter()) {
-        out.insert(format!("{name}\u{0}{reference}"), reference.clone());
+/// Every version the sets name, each once: an app's name may stand for
+/// another version in each set, and both are kept.
+fn keep(sets: &[&AppSet]) -> Vec<AppRef> {
+    let mut out: Vec<AppRef> = Vec::new();
+    for reference in sets.iter().flat_map(|set| set.values()) {
+        if !out.contains(reference) {
+            out.push(reference.clone());
+        }
     }
     out
 }
@@ -550,33 +552,33 @@ mod tests {
             }
             Ok(CheckReport::default())
         }
-        async fn install(&self, reference: &str) -> Result<()> {
-            self.step(&format!("install {reference}"))
+        async fn install(&self, reference: &AppRef) -> Result<()> {
+            self.step(&format!("install {}", label(reference)))
         }
-        async fn start(&self, name: &str, reference: &str) -> Result<()> {
-            self.step(&format!("start {reference}"))?;
+        async fn start(&self, name: &AppName, reference: &AppRef) -> Result<()> {
+            self.step(&format!("start {}", label(reference)))?;
             self.running
                 .lock()
                 .unwrap()
-                .insert(name.into(), reference.into());
+                .insert(name.clone(), reference.clone());
             Ok(())
         }
-        async fn stop(&self, name: &str) -> Result<()> {
+        async fn stop(&self, name: &AppName) -> Result<()> {
             self.step(&format!("stop {name}"))?;
             self.running.lock().unwrap().remove(name);
             Ok(())
         }
-        async fn verify(&self, name: &str, _timeout: Duration) -> Result<()> {
+        async fn verify(&self, name: &AppName, _timeout: Duration) -> Result<()> {
             let reference = self
                 .running
                 .lock()
                 .unwrap()
                 .get(name)
-                .cloned()
+                .map(label)
                 .unwrap_or_default();
             self.step(&format!("verify {reference}"))
         }
-        async fn prune(&self, _keep: &AppSet) -> Result<PruneSummary> {
+        async fn prune(&self, _keep: &[AppRef]) -> Result<PruneSummary> {
             Ok(PruneSummary::default())
         }
         async fn installed(&self) -> Result<AppSet> {
@@ -588,11 +590,23 @@ mod tests {
         fn event(&self, _event: UpdateEvent) {}
     }
 
+    /// App `name` at version `v`: `registry.local/NAME:V@sha256:...`, the
+    /// tag kept so that the log names the version.
     fn set(pairs: &[(&str, &str)]) -> AppSet {
         pairs
             .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .map(|(name, v)| {
+                let reference = format!(
+                    "registry.local/{name}:{v}@{}",
+                    crate::Digest::of(v.as_bytes())
+                );
+                (name.parse().unwrap(), reference.parse().unwrap())
+            })
             .collect()
+    }
+
+    fn label(reference: &AppRef) -> String {
+        reference.image().tag.clone().unwrap_or_default()
     }
 
     fn options() -> UpdateOptions {
@@ -620,7 +634,7 @@ mod tests {
             .running
             .lock()
             .unwrap()
-            .insert("shop".into(), "v1".into());
+            .extend(set(&[("shop", "v1")]));
         let outcome = update(&device, &files, set(&[("shop", "v2")]), &options())
             .await
             .unwrap();
@@ -764,8 +778,9 @@ mod tests {
                     .running
                     .lock()
                     .unwrap()
-                    .get("shop")
-                    .map(String::as_str),
+                    .get(&"shop".parse().unwrap())
+                    .map(label)
+                    .as_deref(),
                 Some("v1"),
                 "{phase:?}"
             );
