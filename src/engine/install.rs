@@ -183,6 +183,9 @@ pub(crate) async fn install_locked(
         );
     }
     let dir = record::app_dir(root, &app.name)?;
+    // A first install that fails leaves neither directory nor record; a new
+    // version's that fails is left for the update's rollback to replace.
+    let first_install = !state.apps.contains_key(&app.name);
     let apps_dir = root.join("apps");
     remove_stale_extractions(&apps_dir)?;
     let manifest = AppManifest::parse(
@@ -301,7 +304,15 @@ pub(crate) async fn install_locked(
     if let Some(guard) = &guard {
         record_facts(store, guard);
     }
-    let loaded = loaded.with_context(|| format!("cannot install {}", app.reference))?;
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            if first_install {
+                forget_failed_install(root, state, &app.name, &dir);
+            }
+            return Err(e).with_context(|| format!("cannot install {}", app.reference));
+        }
+    };
     for (planned, loaded) in to_load.iter().zip(loaded) {
         let mut row = image_report(planned, ImageAction::Loaded);
         row.layers_sent = loaded.layers_sent;
@@ -409,6 +420,21 @@ fn extract_app_bundle(
         })
         .with_context(|| format!("cannot write {}", dir.join(BUNDLE_MARKER).display()))?;
     Ok(())
+}
+
+/// Undoes a first install whose loads failed: its record and its directory
+/// go (the images it meant to own stay recorded until prune finds them
+/// absent). Best effort: the install's own error is what is reported.
+fn forget_failed_install(root: &Path, state: &mut Installed, name: &str, dir: &Path) {
+    state.apps.remove(name);
+    if let Err(e) = state.save(root) {
+        tracing::warn!("cannot forget the failed install of {name}: {e}");
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove {}: {e}", dir.display());
+    }
 }
 
 /// `syncfs` of Docker's data root, when this machine sees it (an engine
