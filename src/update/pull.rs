@@ -77,17 +77,28 @@ impl PullOptions {
         // each ends with an fsync, and concurrent fsyncs on one file system
         // share the journal's commits. Every one is waited for, so none is
         // still being written when an error is returned.
-        let reservations: Vec<Result<(LayerNeed, Ingest)>> =
+        // A layer another pull is writing is not waited for here: two pulls
+        // that each hold one layer and wait for the other's would wait for
+        // each other until the lock timeout. It is waited for after this
+        // pull's own layers are committed and their locks released.
+        let reservations: Vec<Result<(LayerNeed, Option<Ingest>)>> =
             futures_util::stream::iter(plan.missing_layers.iter().cloned())
                 .map(|layer| {
                     let store = store.clone();
-                    tokio::task::spawn_blocking(move || reserve(&store, layer))
+                    tokio::task::spawn_blocking(move || reserve(&store, layer, false))
                 })
                 .buffered(STORE_WRITES)
                 .map(|joined| joined.context("a reservation task failed")?)
                 .collect()
                 .await;
-        let mut ingests = reservations.into_iter().collect::<Result<Vec<_>>>()?;
+        let mut ingests = Vec::new();
+        let mut busy = Vec::new();
+        for reservation in reservations {
+            match reservation? {
+                (layer, Some(ingest)) => ingests.push((layer, ingest)),
+                (layer, None) => busy.push(layer),
+            }
+        }
         // The refs are written last; hold their room until then, so that a
         // volume filled by someone else meanwhile cannot fail the pull at
         // its very end.
@@ -131,10 +142,14 @@ impl PullOptions {
         ingests.sort_by_key(|(layer, _)| std::cmp::Reverse(layer.descriptor.size));
         let fetched_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fetched_blobs = ingests.len();
-        if fetched_blobs > 0 {
+        if fetched_blobs + busy.len() > 0 {
             progress.emit(Event::Transfer {
-                blobs: fetched_blobs,
-                bytes: ingests.iter().map(|(l, _)| l.descriptor.size).sum(),
+                blobs: fetched_blobs + busy.len(),
+                bytes: ingests
+                    .iter()
+                    .map(|(l, _)| l.descriptor.size)
+                    .chain(busy.iter().map(|l| l.descriptor.size))
+                    .sum(),
             });
         }
         let downloads = futures_util::stream::iter(ingests)
@@ -153,6 +168,18 @@ impl PullOptions {
         let (meta_written, downloaded) = tokio::join!(meta_writes, downloads);
         downloaded?;
         meta_written.into_iter().collect::<Result<Vec<()>>>()?;
+        // The layers another pull was writing: stored by it meanwhile, or
+        // (should it have stopped) resumed here.
+        for layer in busy {
+            let store = store.clone();
+            let (layer, ingest) = tokio::task::spawn_blocking(move || reserve(&store, layer, true))
+                .await
+                .context("a reservation task failed")??;
+            if let Some(ingest) = ingest {
+                let n = download_layer(client, &layer, ingest, progress).await?;
+                fetched_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
 
         end_reserve.release();
         for app in &apps {
@@ -169,8 +196,17 @@ impl PullOptions {
 }
 
 /// Opens the ingest of one missing layer and preallocates its declared size.
-fn reserve(store: &Store, layer: LayerNeed) -> Result<(LayerNeed, Ingest)> {
-    let mut ingest = store.ingest(&layer.descriptor.digest, layer.descriptor.size)?;
+/// Without `wait`, `None` when another process is writing it.
+fn reserve(store: &Store, layer: LayerNeed, wait: bool) -> Result<(LayerNeed, Option<Ingest>)> {
+    let (digest, size) = (&layer.descriptor.digest, layer.descriptor.size);
+    let ingest = if wait {
+        Some(store.ingest(digest, size)?)
+    } else {
+        store.try_ingest(digest, size)?
+    };
+    let Some(mut ingest) = ingest else {
+        return Ok((layer, None));
+    };
     if !ingest.is_stored() {
         ingest.preallocate().with_context(|| {
             format!(
@@ -179,7 +215,7 @@ fn reserve(store: &Store, layer: LayerNeed) -> Result<(LayerNeed, Ingest)> {
             )
         })?;
     }
-    Ok((layer, ingest))
+    Ok((layer, Some(ingest)))
 }
 
 /// Names the app and each of its images in `index.json`, images first: the
