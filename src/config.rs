@@ -48,6 +48,9 @@ pub struct ConfigFile {
     pub min_transfer_rate: Option<String>,
     /// Seconds over which that rate is measured.
     pub transfer_window: Option<f64>,
+    /// Which compose runs apps: "auto", "plugin" (`docker compose`) or
+    /// "standalone" (`docker-compose`).
+    pub compose: Option<String>,
 }
 
 impl ConfigFile {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::{FitOptions, GlobalOptions, JOBS};
+use stowage::engine::compose::ComposeChoice;
 use stowage::engine::run::Selection;
 use stowage::update::reconcile::DEFAULT_RESTART_LIMIT;
 
@@ -66,6 +67,15 @@ pub struct Cli {
         env = "STOWAGE_TRANSFER_WINDOW"
     )]
     pub transfer_window: Option<f64>,
+    /// Which compose runs apps: auto (`docker compose` when the docker CLI has
+    /// the plugin, else `docker-compose`), plugin (v2) or standalone (v1)
+    #[arg(
+        long,
+        global = true,
+        value_name = "auto|plugin|standalone",
+        env = "STOWAGE_COMPOSE"
+    )]
+    pub compose: Option<ComposeChoice>,
     /// Config file whose keys mirror these flags [default: /etc/stowage/config.toml]
     #[arg(long, global = true, value_name = "FILE", env = "STOWAGE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -362,6 +372,7 @@ impl Cli {
             registry_timeout: self.registry_timeout,
             min_transfer_rate: self.min_transfer_rate.clone(),
             transfer_window: self.transfer_window,
+            compose: self.compose,
         }
     }
 }
