@@ -229,9 +229,12 @@ pub(crate) async fn install_locked(
     let mut guard = None;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let info = info?;
+        // Before anything is written: the loads could not be found there.
+        engine.require_graph_driver(&info)?;
         let docker = docker.insert(DockerView {
             reachable: true,
-            data_root: info?.data_root,
+            data_root: info.data_root,
             held: held?,
         });
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
