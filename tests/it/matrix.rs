@@ -110,6 +110,12 @@ fn core_flows(engine: Engine, compose: ComposeVersion) {
         server.starts_with(engine.version_prefix()),
         "{engine:?} runs {server}"
     );
+    let api = run_ok(
+        dockerd
+            .docker()
+            .args(["version", "--format", "{{.Server.APIVersion}}"]),
+    );
+    assert_eq!(api.trim(), engine.api_version(), "{engine:?}");
     let compose_setup = ComposeSetup::new(compose);
     let device = Device {
         root: work.path().join("root"),
@@ -240,11 +246,29 @@ fn core_flows(engine: Engine, compose: ComposeVersion) {
         ComposeVersion::V2 => (ComposeVersion::V1, "standalone"),
     };
     if compose == ComposeVersion::V2 {
-        run_ok(
-            device
-                .stowage(&["run", "shop"])
-                .env("STOWAGE_COMPOSE", choice),
-        );
+        // From the environment on one engine, from the config file on the other.
+        match engine {
+            Engine::Docker20 => {
+                run_ok(
+                    device
+                        .stowage(&["run", "shop"])
+                        .env("STOWAGE_COMPOSE", choice),
+                );
+            }
+            Engine::Docker26 => {
+                let config = work.path().join("compose.toml");
+                std::fs::write(&config, format!("watermark = 99\ncompose = \"{choice}\"\n"))
+                    .unwrap();
+                let chosen = Device {
+                    root: device.root.clone(),
+                    registry: device.registry.clone(),
+                    docker_host: device.docker_host.clone(),
+                    config: Some(config),
+                    docker_config: device.docker_config.clone(),
+                };
+                chosen.ok(&["run", "shop"]);
+            }
+        }
         let names: Vec<String> = containers(&device, "shop")
             .into_iter()
             .map(|(_, name, _)| name)
