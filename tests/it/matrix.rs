@@ -165,6 +165,17 @@ fn core_flows(engine: Engine, compose: ComposeVersion) {
     );
 
     phase("running");
+    // df reads the engine's disk use in its API version's dialect.
+    let df = device.json(&["df"]);
+    let docker_store = df["stores"]
+        .as_array()
+        .and_then(|stores| stores.iter().find(|s| s["store"] == "docker images"))
+        .unwrap_or_else(|| panic!("no docker images in df: {df}"));
+    assert!(
+        docker_store["bytes"].as_u64().is_some_and(|b| b > 150_000),
+        "{df}"
+    );
+
     // Update to version 2 as one transaction: only web's new layer is loaded.
     let out = run_output(&mut device.stowage(&["--json", "update", "--verify-timeout", "60", &v2]));
     assert!(out.status.success(), "{}", say(&out));
