@@ -404,7 +404,7 @@ install_cases() {
     if [ "$have_install" = 1 ] && [ "$engine_takes_stowage" = 0 ]; then
         rm -rf "$work/$name-run"
         cp -a "$work/$name-root" "$work/$name-run"
-        if DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-run" install "$ref" \
+        if DOCKER_HOST=$DH STOWAGE_WATERMARK=99 "$STOWAGE" --root "$work/$name-run" install "$ref" \
             >/dev/null 2>"$work/logs/refused.log"; then
             log "$section: stowage installed into an engine it should refuse"
             exit 1
@@ -417,7 +417,7 @@ install_cases() {
             cp -a "$work/$name-root" "$work/$name-run"
             settle
             measure "$section: stowage install" "${watch[@]}" -- \
-                env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/$name-run" install "$ref"
+                env DOCKER_HOST="$DH" STOWAGE_WATERMARK=99 "$STOWAGE" --root "$work/$name-run" install "$ref"
             docker_forget "${tags[@]}"
         fi
         settle
