@@ -57,6 +57,18 @@ pub enum ComposeFileError {
     Write { path: PathBuf, message: String },
 }
 
+/// How compose files are decoded: as Go's yaml.v3 decodes them (compose and
+/// composectl are Go), so that `yes`, `on` and the like stay strings (only
+/// `true`/`false` in their three spellings are booleans) and `0755` is the
+/// octal number it is there. A publish that rewrote `FLAG: yes` as
+/// `FLAG: true` would change what the service runs with.
+pub fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.legacy_octal_numbers = true;
+    options
+}
+
 /// A parsed compose file.
 #[derive(Debug, Clone)]
 pub struct ComposeFile {
@@ -98,9 +110,11 @@ impl ComposeFile {
 
     pub fn parse(path: &Path, text: &str) -> Result<ComposeFile, ComposeFileError> {
         let document: Value =
-            serde_saphyr::from_str(text).map_err(|e| ComposeFileError::Syntax {
+            serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
+                ComposeFileError::Syntax {
                 path: path.to_path_buf(),
-                message: e.to_string().lines().next().unwrap_or("").to_string(),
+                    message: e.to_string().lines().next().unwrap_or("").to_string(),
+                }
             })?;
         let file = ComposeFile {
             path: path.to_path_buf(),

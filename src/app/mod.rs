@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod compose_file;
+pub mod goyaml;
 pub mod inspect;
 pub mod layer;
 pub mod publish;
