@@ -146,31 +146,42 @@ pub enum BundleError {
     },
 }
 
-/// Builds the reproducible bundle of `app_dir`, with the content of
-/// `compose_file_name` (at the top of `app_dir`) replaced by `pinned_compose`.
+/// The name the compose file has in every bundle stowage writes: the only
+/// one Foundries' devices read (FORMAT.md, "Bundle").
+pub const BUNDLED_COMPOSE_NAME: &str = "docker-compose.yml";
+
+/// Builds the reproducible bundle of `app_dir`, carrying `pinned_compose`
+/// as the top-level `docker-compose.yml`. `compose_file_name`, the
+/// project's own compose file (a path relative to `app_dir`, when it lies
+/// there), is left out: the pinned copy takes its place, whatever it was
+/// called. A `docker-compose.yml` the project has beside another compose
+/// file is replaced too (a device would read only that one).
 pub fn create_bundle(
     app_dir: &Path,
-    compose_file_name: &str,
+    compose_file_name: Option<&str>,
     pinned_compose: &[u8],
 ) -> Result<Bundle, BundleError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::ReadApp { path, source }
     };
-    let compose_path = app_dir.join(compose_file_name);
-    match fs::symlink_metadata(&compose_path) {
-        Ok(m) if m.is_file() => {}
-        _ => {
-            return Err(BundleError::NoComposeInApp {
-                dir: app_dir.to_path_buf(),
-                name: compose_file_name.to_string(),
-            });
+    if let Some(name) = compose_file_name {
+        match fs::symlink_metadata(app_dir.join(name)) {
+            Ok(m) if m.is_file() => {}
+            _ => {
+                return Err(BundleError::NoComposeInApp {
+                    dir: app_dir.to_path_buf(),
+                    name: name.to_string(),
+                });
+            }
         }
     }
     let ignores = load_ignores(app_dir)?;
 
     let mut paths = Vec::new();
     collect(app_dir, app_dir, &ignores, &mut paths)?;
+    paths.retain(|(rel, _)| rel != BUNDLED_COMPOSE_NAME && Some(rel.as_str()) != compose_file_name);
+    paths.push((BUNDLED_COMPOSE_NAME.to_string(), Kind::Compose));
     // Sorted by path bytes: a directory comes before what it holds.
     paths.sort_by(|a, b| a.0.cmp(&b.0));
 
@@ -199,10 +210,11 @@ pub fn create_bundle(
                 header.set_size(0);
                 tar.append_link(&mut header, rel, target)
             }
-            Kind::File { executable } => {
+            Kind::File { .. } | Kind::Compose => {
                 header.set_entry_type(tar::EntryType::Regular);
-                header.set_mode(if *executable { 0o755 } else { 0o644 });
-                let content = if rel == compose_file_name {
+                let executable = matches!(kind, Kind::File { executable: true });
+                header.set_mode(if executable { 0o755 } else { 0o644 });
+                let content = if matches!(kind, Kind::Compose) {
                     pinned_compose.to_vec()
                 } else {
                     fs::read(&full).map_err(read_err(&full))?
@@ -232,8 +244,12 @@ pub fn index_json(index: &BTreeMap<String, Digest>) -> Result<Vec<u8>, serde_jso
 
 enum Kind {
     Dir,
-    File { executable: bool },
+    File {
+        executable: bool,
+    },
     Symlink(PathBuf),
+    /// The pinned compose file, written as `docker-compose.yml`.
+    Compose,
 }
 
 fn load_ignores(app_dir: &Path) -> Result<ignore::gitignore::Gitignore, BundleError> {
@@ -940,8 +956,8 @@ mod tests {
     #[test]
     fn the_same_app_gives_the_same_bytes_whatever_the_mtimes_and_owners() {
         let a = app_dir();
-        let first = create_bundle(a.path(), "docker-compose.yml", PINNED).unwrap();
-        let again = create_bundle(a.path(), "docker-compose.yml", PINNED).unwrap();
+        let first = create_bundle(a.path(), Some("docker-compose.yml"), PINNED).unwrap();
+        let again = create_bundle(a.path(), Some("docker-compose.yml"), PINNED).unwrap();
         assert_eq!(first, again);
 
         let b = app_dir();
@@ -964,7 +980,7 @@ mod tests {
             fs::Permissions::from_mode(0o600),
         )
         .unwrap();
-        let other = create_bundle(b.path(), "docker-compose.yml", PINNED).unwrap();
+        let other = create_bundle(b.path(), Some("docker-compose.yml"), PINNED).unwrap();
         assert_eq!(first.bytes, other.bytes);
         assert_eq!(first.digest, Digest::of(&other.bytes));
 
@@ -975,7 +991,7 @@ mod tests {
     #[test]
     fn bundle_is_sorted_normalised_pinned_and_honours_ignores() {
         let app = app_dir();
-        let bundle = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        let bundle = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap();
         let listed = entries(&bundle.bytes);
         let names: Vec<&str> = listed.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
@@ -1023,7 +1039,7 @@ mod tests {
     #[test]
     fn a_verified_bundle_extracts_into_place() {
         let app = app_dir();
-        let bundle = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        let bundle = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap();
         let (parent, result) = extract(&bundle.bytes, &bundle.index);
         result.unwrap();
         let dest = parent.path().join("app");
@@ -1230,22 +1246,22 @@ mod tests {
     fn an_app_holding_a_name_stowage_keeps_cannot_be_bundled() {
         let app = app_dir();
         fs::write(app.path().join("config/.stowage-images.yml"), "x").unwrap();
-        let err = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap_err();
+        let err = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap_err();
         assert!(matches!(err, BundleError::ReservedInApp { .. }), "{err}");
         fs::write(app.path().join(IGNORE_FILE), ".stowage-*\n").unwrap();
-        create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap();
     }
 
     #[test]
     fn an_app_with_a_symlink_out_of_it_cannot_be_bundled() {
         let app = app_dir();
         symlink("../../etc/passwd", app.path().join("config/pw")).unwrap();
-        let err = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap_err();
+        let err = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap_err();
         assert!(
             matches!(err, BundleError::SymlinkOutsideApp { .. }),
             "{err}"
         );
-        let err = create_bundle(app.path(), "compose.yml", PINNED).unwrap_err();
+        let err = create_bundle(app.path(), Some("compose.yml"), PINNED).unwrap_err();
         assert!(matches!(err, BundleError::NoComposeInApp { .. }), "{err}");
     }
 

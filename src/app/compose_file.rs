@@ -112,7 +112,7 @@ impl ComposeFile {
         let document: Value =
             serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
                 ComposeFileError::Syntax {
-                path: path.to_path_buf(),
+                    path: path.to_path_buf(),
                     message: e.to_string().lines().next().unwrap_or("").to_string(),
                 }
             })?;
@@ -166,8 +166,14 @@ impl ComposeFile {
         Ok(images)
     }
 
-    /// The file with every service's image replaced by its pinned reference
-    /// and `build` sections removed, as YAML.
+    /// The file with every service's image replaced by its pinned reference,
+    /// `build` sections removed and every service labelled with its
+    /// `io.compose-spec.config-hash`, as YAML.
+    ///
+    /// The hash is composectl's: the sha256, in hex, of what Go's yaml.v3
+    /// writes for the service's map once pinned and without `build`, before
+    /// the label is added ([`super::goyaml`]). The labels become a map (a
+    /// list of `KEY=VALUE` is converted, as compose's loader does).
     pub fn pinned(&self, pins: &BTreeMap<String, String>) -> Result<Vec<u8>, ComposeFileError> {
         let mut document = self.document.clone();
         if let Some(services) = document.get_mut("services").and_then(Value::as_object_mut) {
@@ -177,6 +183,10 @@ impl ComposeFile {
                     if let Some(pin) = pins.get(name) {
                         def.insert("image".into(), Value::String(pin.clone()));
                     }
+                    let hash = service_config_hash(def);
+                    let mut labels = labels_map(def.get("labels"));
+                    labels.insert(CONFIG_HASH_LABEL.into(), Value::String(hash));
+                    def.insert("labels".into(), Value::Object(labels));
                 }
             }
         }
@@ -186,6 +196,42 @@ impl ComposeFile {
                 path: self.path.clone(),
                 message: e.to_string(),
             })
+    }
+}
+
+/// The label composectl's `ps` and aktualizr-lite match containers by.
+pub const CONFIG_HASH_LABEL: &str = "io.compose-spec.config-hash";
+
+/// composectl's service hash: sha256 (hex) of yaml.v3's `Marshal` of the
+/// service's map.
+pub fn service_config_hash(service: &serde_json::Map<String, Value>) -> String {
+    let yaml = super::goyaml::marshal(&Value::Object(service.clone()));
+    crate::Digest::of(yaml.as_bytes()).hex().to_string()
+}
+
+/// A service's `labels`, map or `KEY=VALUE` list, as a map of strings.
+fn labels_map(labels: Option<&Value>) -> serde_json::Map<String, Value> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    match labels {
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(text(v))))
+            .collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                let item = text(item);
+                match item.split_once('=') {
+                    Some((k, v)) => (k.to_string(), Value::String(v.to_string())),
+                    None => (item, Value::String(String::new())),
+                }
+            })
+            .collect(),
+        _ => serde_json::Map::new(),
     }
 }
 

@@ -474,13 +474,20 @@ fn resolves_to_string(s: &str) -> bool {
         Some(b'y' | b'Y' | b'n' | b'N' | b't' | b'T' | b'f' | b'F' | b'o' | b'O' | b'~') => {
             !matches!(
                 s,
-                "true" | "True" | "TRUE" | "false" | "False" | "FALSE" | "~" | "null" | "Null"
+                "true"
+                    | "True"
+                    | "TRUE"
+                    | "false"
+                    | "False"
+                    | "FALSE"
+                    | "~"
+                    | "null"
+                    | "Null"
                     | "NULL"
             )
         }
         Some(b'.') => {
-            !(matches!(s, ".nan" | ".NaN" | ".NAN" | ".inf" | ".Inf" | ".INF")
-                || is_dot_float(s))
+            !(matches!(s, ".nan" | ".NaN" | ".NAN" | ".inf" | ".Inf" | ".INF") || is_dot_float(s))
         }
         Some(b'+' | b'-' | b'0'..=b'9') => {
             if matches!(s, "+.inf" | "+.Inf" | "+.INF" | "-.inf" | "-.Inf" | "-.INF") {
@@ -500,8 +507,7 @@ fn is_dot_float(s: &str) -> bool {
         None => (rest, None),
     };
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    digits(mantissa)
-        && exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)))
+    digits(mantissa) && exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)))
 }
 
 /// An integer Go's `ParseInt`/`ParseUint` with base 0 accepts, or a float
@@ -541,7 +547,7 @@ fn is_timestamp(s: &str) -> bool {
         return false;
     }
     let mut i = 5;
-    let mut number = |i: &mut usize, max: usize| {
+    let number = |i: &mut usize, max: usize| {
         let start = *i;
         while *i < b.len() && b[*i].is_ascii_digit() && *i - start < max {
             *i += 1;
@@ -735,12 +741,16 @@ fn natural_less(a: &str, b: &str) -> bool {
         }
         let mut ai = i;
         while ai < ar.len() && ar[ai].is_ascii_digit() {
-            an = an.wrapping_mul(10).wrapping_add(i64::from(ar[ai] as u8 - b'0'));
+            an = an
+                .wrapping_mul(10)
+                .wrapping_add(i64::from(ar[ai] as u8 - b'0'));
             ai += 1;
         }
         let mut bi = i;
         while bi < br.len() && br[bi].is_ascii_digit() {
-            bn = bn.wrapping_mul(10).wrapping_add(i64::from(br[bi] as u8 - b'0'));
+            bn = bn
+                .wrapping_mul(10)
+                .wrapping_add(i64::from(br[bi] as u8 - b'0'));
             bi += 1;
         }
         if an != bn {
@@ -761,17 +771,18 @@ mod tests {
     /// Each service's sha256 of `yaml.Marshal`, as Go's yaml.v3 (Debian's
     /// golang-gopkg-yaml.v3-dev, v3.0.1) computed it for the same file.
     fn hashes(yaml: &str) -> Vec<(String, String)> {
-        let doc: Value = serde_saphyr::from_str_with_options(
-            yaml,
-            crate::app::compose_file::yaml_options(),
-        )
-        .unwrap();
+        let doc: Value =
+            serde_saphyr::from_str_with_options(yaml, crate::app::compose_file::yaml_options())
+                .unwrap();
         let services = doc["services"].as_object().unwrap();
         let mut out: Vec<(String, String)> = services
             .iter()
             .map(|(name, svc)| {
                 let bytes = marshal(svc);
-                (name.clone(), crate::Digest::of(bytes.as_bytes()).hex().to_string())
+                (
+                    name.clone(),
+                    crate::Digest::of(bytes.as_bytes()).hex().to_string(),
+                )
             })
             .collect();
         out.sort();
@@ -873,13 +884,22 @@ mod tests {
         assert_eq!(
             hashes(TRICKY_SCALARS),
             vec![
-                ("db".into(), "b0b8c5d68dcffaf5881b12804f02118dfdf3ea8ee9308b930e0211b1eb0b45c8".into()),
-                ("web".into(), "9743d638453714b565a7bba2a070865d6dd5519e1f160abf71a0748d25b0498b".into()),
+                (
+                    "db".into(),
+                    "b0b8c5d68dcffaf5881b12804f02118dfdf3ea8ee9308b930e0211b1eb0b45c8".into()
+                ),
+                (
+                    "web".into(),
+                    "9743d638453714b565a7bba2a070865d6dd5519e1f160abf71a0748d25b0498b".into()
+                ),
             ]
         );
         assert_eq!(
             hashes(LAYOUT),
-            vec![("a".into(), "7a3929298db8aa55bb16544a099f949cdb3474a5650922f48191a807e1b9791f".into())]
+            vec![(
+                "a".into(),
+                "7a3929298db8aa55bb16544a099f949cdb3474a5650922f48191a807e1b9791f".into()
+            )]
         );
     }
 
