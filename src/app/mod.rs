@@ -410,12 +410,21 @@ pub async fn fetch_app_to(
     }
 
     let mut arch_meta: Option<ArchLayers> = None;
+    // Said with an image's refusal of the architecture, when the
+    // layers-meta lacks it too.
+    let mut unpublished: Option<String> = None;
     if let (Some(meta_desc), Some(bytes), Some(parsed)) = (meta_desc, meta_bytes, parsed_meta) {
         // An architecture the layers-meta lacks is planned with FORMAT.md's
         // estimate for every layer (the check says so); whether the app
         // runs here at all is for its images to say.
         let mut all = parsed?;
         arch_meta = all.remove(architecture);
+        if arch_meta.is_none() {
+            unpublished = Some(format!(
+                "{what} is not published for {architecture} (its layers-meta has: {})",
+                all.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
         meta_blobs.push(MetaBlob {
             what: "layers-meta".into(),
             descriptor: meta_desc,
@@ -432,16 +441,25 @@ pub async fn fetch_app_to(
 
     // An app not published for this architecture is refused as such, before
     // whatever its images' fetches ran into.
-    let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
-    let Assembled { images, layers } = assemble_images(
-        fetched_images,
-        &what,
-        &arch,
-        arch_meta.as_ref(),
-        &known_diff_ids,
-        &mut meta_blobs,
-        &mut unfetched,
-    )?;
+    let assembled = fetched_images
+        .into_iter()
+        .collect::<Result<Vec<_>>>()
+        .and_then(|fetched| {
+            assemble_images(
+                fetched,
+                &what,
+                &arch,
+                arch_meta.as_ref(),
+                &known_diff_ids,
+                &mut meta_blobs,
+                &mut unfetched,
+            )
+        });
+    let Assembled { images, layers } = match (assembled, unpublished) {
+        (Ok(assembled), _) => assembled,
+        (Err(e), Some(sentence)) => return Err(e.context(sentence)),
+        (Err(e), None) => return Err(e),
+    };
     // Several services may share blobs: keep each once.
     let mut seen = std::collections::HashSet::new();
     meta_blobs.retain(|b| seen.insert(b.descriptor.digest.clone()));

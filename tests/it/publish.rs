@@ -154,7 +154,13 @@ fn published_app_has_the_exact_bytes_and_layout_of_the_format() {
         .collect();
     assert_eq!(
         pushed,
-        ["config", "bundle", "bundle index", "layers-meta", "app manifest"],
+        [
+            "config",
+            "bundle",
+            "bundle index",
+            "layers-meta",
+            "app manifest"
+        ],
         "{report}"
     );
     assert_eq!(report["layer_indexes_referenced"], false);
