@@ -136,6 +136,52 @@ impl ComposeFile {
             .unwrap_or_default()
     }
 
+    /// The image a service without one gets through `extends` (a service
+    /// of this file, or of another file beside it), as compose resolves it;
+    /// chains are followed a few steps deep.
+    fn extended_image(&self, def: &Value, depth: usize) -> Option<String> {
+        if depth > 8 {
+            return None;
+        }
+        let (file, service) = match def.get("extends")? {
+            Value::String(service) => (None, service.clone()),
+            Value::Object(m) => (
+                m.get("file").and_then(Value::as_str).map(str::to_string),
+                m.get("service")?.as_str()?.to_string(),
+            ),
+            _ => return None,
+        };
+        let other;
+        let source = match file {
+            None => self,
+            Some(file) => {
+                let dir = self.path.parent().unwrap_or(Path::new("."));
+                other = ComposeFile::load(&dir.join(file)).ok()?;
+                &other
+            }
+        };
+        let base = source.services().get(&service)?.clone();
+        match base.get("image").and_then(Value::as_str) {
+            Some(image) => Some(image.to_string()),
+            None => source.extended_image(&base, depth + 1),
+        }
+    }
+
+    /// Services `compose up` leaves alone unless their profile is enabled:
+    /// those with a non-empty `profiles` list. stowage enables none, so an
+    /// app runs when every other service does.
+    pub fn profiled_services(&self) -> std::collections::BTreeSet<String> {
+        self.services()
+            .into_iter()
+            .filter(|(_, def)| {
+                def.get("profiles")
+                    .and_then(Value::as_array)
+                    .is_some_and(|p| !p.is_empty())
+            })
+            .map(|(name, _)| name)
+            .collect()
+    }
+
     /// Service name -> image, interpolated with `lookup`.
     pub fn images(
         &self,
@@ -143,12 +189,18 @@ impl ComposeFile {
     ) -> Result<BTreeMap<String, String>, ComposeFileError> {
         let mut images = BTreeMap::new();
         for (service, def) in self.services() {
-            let raw = def.get("image").and_then(Value::as_str).ok_or_else(|| {
-                ComposeFileError::NoImage {
+            let extended = match def.get("image") {
+                Some(_) => None,
+                None => self.extended_image(&def, 0),
+            };
+            let raw = def
+                .get("image")
+                .and_then(Value::as_str)
+                .or(extended.as_deref())
+                .ok_or_else(|| ComposeFileError::NoImage {
                     path: self.path.clone(),
                     service: service.clone(),
-                }
-            })?;
+                })?;
             let image = interpolate(raw, lookup).map_err(|e| match e {
                 Interpolation::Unresolved(variable) => ComposeFileError::Unresolved {
                     path: self.path.clone(),
@@ -190,12 +242,11 @@ impl ComposeFile {
                 }
             }
         }
-        serde_saphyr::to_string(&document)
-            .map(String::into_bytes)
-            .map_err(|e| ComposeFileError::Write {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })
+        // Written as composectl writes it (yaml.v3's `Marshal` of the whole
+        // file): the same bytes for the same project and pins, and every
+        // string a YAML 1.1 reader (docker-compose 1.x) could take for
+        // something else (`yes`, `80:80`, `2024-01-01`) quoted.
+        Ok(super::goyaml::marshal(&document).into_bytes())
     }
 }
 

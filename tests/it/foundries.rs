@@ -687,3 +687,183 @@ fn credential_helpers_are_consulted_as_docker_consults_them() {
     );
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
 }
+
+/// `docker-compose config` of the project in `dir` with `files`, as YAML
+/// decoded, without what publishing changes on purpose (images pinned and
+/// then pointed at local tags, `build` dropped, the config-hash label), and
+/// with the directory's path replaced by `<dir>`.
+fn effective_config(dir: &Path, files: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new("docker-compose");
+    cmd.current_dir(dir)
+        .env_remove("GREETING")
+        .env_remove("FROM_DOTENV")
+        .env_remove("WEB_IMAGE");
+    for f in files {
+        cmd.args(["-f", f]);
+    }
+    let text = run_ok(cmd.arg("config"));
+    let text = text.replace(&dir.display().to_string(), "<dir>");
+    let mut config: Value = serde_saphyr::from_str(&text).unwrap();
+    for (_, def) in config["services"].as_object_mut().unwrap() {
+        let def = def.as_object_mut().unwrap();
+        def.remove("image");
+        def.remove("build");
+        if let Some(labels) = def.get_mut("labels").and_then(Value::as_object_mut) {
+            labels.remove(CONFIG_HASH);
+            if labels.is_empty() {
+                def.remove("labels");
+            }
+        }
+    }
+    config
+}
+
+#[test]
+fn compose_conventions_survive_publish_and_run_as_compose_runs_them() {
+    let mut registry = Registry::start();
+    let host = registry.host();
+    let name = unique("conv");
+    let base = format!("{name}-base:1");
+    let _base = busybox_image(&base);
+    let image = format!("{host}/{name}/base:1");
+    push_image(&base, &image);
+
+    // .env and env_file, ${VAR:-default}, build+image, configs and secrets
+    // from files, a bind mount of a file of the app, depends_on with a
+    // condition, extends from another file, a service behind a profile.
+    let project = temp_dir("conv-project-");
+    let p = project.path();
+    std::fs::create_dir_all(p.join("web")).unwrap();
+    std::fs::create_dir_all(p.join("data")).unwrap();
+    std::fs::write(p.join(".env"), "FROM_DOTENV=dotenv\n").unwrap();
+    std::fs::write(p.join("web.env"), "GREETING_FILE=from-env-file\n").unwrap();
+    std::fs::write(p.join("app.conf"), "conf\n").unwrap();
+    std::fs::write(p.join("token.txt"), "tok\n").unwrap();
+    std::fs::write(p.join("data/file.txt"), "data\n").unwrap();
+    std::fs::write(p.join("web/Dockerfile"), "FROM scratch\n").unwrap();
+    std::fs::write(
+        p.join("common.yml"),
+        format!("services:\n  base:\n    image: {image}\n    command: [\"sleep\", \"3600\"]\n    network_mode: none\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("docker-compose.yml"),
+        format!(
+            r#"services:
+  web:
+    image: ${{WEB_IMAGE:-{image}}}
+    build: ./web
+    env_file: web.env
+    environment:
+      GREETING: ${{GREETING:-hello}}
+      FROM_DOTENV: ${{FROM_DOTENV}}
+    command: ["sh", "-c", "cat /run/secrets/token /data/file.txt && echo $$GREETING $$FROM_DOTENV $$GREETING_FILE && sleep 3600"]
+    configs:
+      - source: appconf
+        target: /etc/app.conf
+    secrets:
+      - token
+    volumes:
+      - ./data/file.txt:/data/file.txt:ro
+    depends_on:
+      db:
+        condition: service_healthy
+    network_mode: none
+  db:
+    extends:
+      file: common.yml
+      service: base
+    healthcheck:
+      test: ["CMD", "true"]
+      interval: 1s
+  debug:
+    image: {image}
+    profiles: ["debug"]
+    command: ["sleep", "3600"]
+    network_mode: none
+configs:
+  appconf:
+    file: ./app.conf
+secrets:
+  token:
+    file: ./token.txt
+"#
+        ),
+    )
+    .unwrap();
+    let cache = temp_dir("conv-cache-");
+    let out = run_ok(
+        stowage()
+            .env_remove("GREETING")
+            .env_remove("WEB_IMAGE")
+            .args(["publish", "-f"])
+            .arg(p.join("docker-compose.yml"))
+            .args(["--insecure-registry", &host])
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .arg(format!("{host}/{name}:v1")),
+    );
+    let app = out.lines().last().unwrap_or("").trim().to_string();
+    assert!(app.contains("@sha256:"), "{out}");
+
+    let work = temp_dir("conv-device-");
+    let dockerd = PrivateDockerd::start(&work.path().join("docker"));
+    let device = Device {
+        root: work.path().join("root"),
+        registry: host.clone(),
+        docker_host: dockerd.host(),
+        config: lenient_config(work.path()),
+    };
+    device.ok(&["pull", &app]);
+    registry.stop();
+    let report = device.json(&["install", &name]);
+    let dir = Path::new(report["dir"].as_str().unwrap()).to_path_buf();
+
+    // The same effective configuration as the original project's.
+    let original = effective_config(p, &["docker-compose.yml"]);
+    let installed = effective_config(&dir, &["docker-compose.yml", ".stowage-images.yml"]);
+    assert_eq!(installed, original);
+
+    // And it runs so: the profiled service stays down, the app runs.
+    device.ok(&["run", &name]);
+    let ps = device.json(&["ps"]);
+    let state = app_state(&ps, &name);
+    assert_eq!(state["state"], "running", "{ps}");
+    let web = run_ok(dockerd.docker().args([
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={name}"),
+        "--filter",
+        "label=com.docker.compose.service=web",
+    ]));
+    let logs = run_ok(dockerd.docker().args(["logs", web.trim()]));
+    assert!(
+        logs.contains("tok")
+            && logs.contains("data")
+            && logs.contains("hello dotenv from-env-file"),
+        "{logs}"
+    );
+    device.ok(&["stop", &name]);
+}
+
+#[test]
+fn a_service_with_only_build_is_refused_clearly() {
+    let dir = temp_dir("conv-build-");
+    std::fs::write(
+        dir.path().join("docker-compose.yml"),
+        "services:\n  web:\n    build: ./web\n",
+    )
+    .unwrap();
+    let out = run_fails(
+        stowage()
+            .args(["publish", "--dry-run", "--dir"])
+            .arg(dir.path())
+            .arg("127.0.0.1:1/x/app:v1"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service web") && err.contains("build-only services cannot be published"),
+        "{err}"
+    );
+}
