@@ -6,9 +6,15 @@
 //! 0:0 without names, dated 0, with modes normalised to 0644/0755, and the
 //! gzip header carries no time and no file name.
 //!
+//! The pinned compose file is always bundled as `docker-compose.yml`, the
+//! only name Foundries' devices read.
+//!
 //! Extraction is all or nothing and durable: the bundle is unpacked into a
 //! fresh directory beside the destination, every regular file checked against
-//! the bundle index and every file and directory fsync'd, then renamed into
+//! the bundle index (or, for an app published without one, the bundle against
+//! its digest and each file read back against its tar entry), modes kept
+//! without setuid, setgid, sticky or world-write bits, and every file and
+//! directory fsync'd, then renamed into
 //! place and the parent directory fsync'd. On any error the partial directory
 //! is removed and the destination is untouched. Each refusal names the path
 //! at fault: absolute paths, `..`, links leaving the directory, devices and
