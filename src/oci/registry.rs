@@ -40,6 +40,8 @@ pub enum RegistryError {
         "registry {host} requires credentials and the Docker config has none for it (run `docker login {host}`)"
     )]
     NoCredentials { host: String },
+    #[error("{0}")]
+    CredentialHelper(String),
     #[error("registry {host} refused the credentials of user {user:?}")]
     Unauthorized { host: String, user: String },
     #[error("{what} does not exist in registry {host}")]
@@ -281,11 +283,21 @@ impl RegistryClient {
         format!("{scheme}://{}/v2/{}", image.api_host(), image.repository)
     }
 
-    fn credentials(&self, image: &ImageRef) -> Option<&Credentials> {
-        self.options
-            .credentials
-            .get(&image.registry)
-            .or_else(|| self.options.credentials.get(image.api_host()))
+    /// The credentials for the image's registry, from the Docker config's
+    /// `auths` or its credential helper.
+    async fn credentials(&self, image: &ImageRef) -> Result<Option<Credentials>, RegistryError> {
+        let store = &self.options.credentials;
+        let host = if store.helper_for(&image.registry).is_some()
+            || store.get(&image.registry).is_some()
+        {
+            image.registry.as_str()
+        } else {
+            image.api_host()
+        };
+        store
+            .lookup(host)
+            .await
+            .map_err(|e| RegistryError::CredentialHelper(e.to_string()))
     }
 
     /// Sends a request built by `make`, authenticating on a 401 challenge and
@@ -353,13 +365,13 @@ impl RegistryClient {
         }
         let response = send_once(Some(header)).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
-            return Err(self.refused(image));
+            return Err(self.refused(image).await);
         }
         Ok(response)
     }
 
-    fn refused(&self, image: &ImageRef) -> RegistryError {
-        match self.credentials(image) {
+    async fn refused(&self, image: &ImageRef) -> RegistryError {
+        match self.credentials(image).await.ok().flatten() {
             Some(c) => RegistryError::Unauthorized {
                 host: image.registry.clone(),
                 user: c.username.clone(),
@@ -378,7 +390,7 @@ impl RegistryClient {
         what: &str,
     ) -> Result<HeaderValue, RegistryError> {
         let host = image.registry.clone();
-        let creds = self.credentials(image).cloned();
+        let creds = self.credentials(image).await?;
         let basic = creds.as_ref().map(|c| {
             base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", c.username, c.password))
@@ -423,7 +435,7 @@ impl RegistryClient {
         if response.status() == StatusCode::UNAUTHORIZED
             || response.status() == StatusCode::FORBIDDEN
         {
-            return Err(self.refused(image));
+            return Err(self.refused(image).await);
         }
         if !response.status().is_success() {
             return Err(status_error(&host, "the token request", response).await);

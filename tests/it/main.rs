@@ -8,6 +8,7 @@ mod common;
 
 mod agent;
 mod docker_load;
+mod foundries;
 mod harness;
 mod hostile_server;
 mod install;

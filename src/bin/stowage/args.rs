@@ -329,12 +329,12 @@ pub struct FsckArgs {
 
 #[derive(Args)]
 pub struct PublishArgs {
-    /// The compose file (default: docker-compose.yml, compose.yml or compose.yaml in the app directory)
+    /// The compose file (default: docker-compose.yml, compose.yml or compose.yaml in the app directory); one only
     #[arg(short = 'f', long = "file", value_name = "COMPOSE_FILE")]
-    pub file: Option<PathBuf>,
-    /// The app directory
-    #[arg(long, default_value = ".", value_name = "DIR")]
-    pub dir: PathBuf,
+    pub file: Vec<PathBuf>,
+    /// The app directory [default: the compose file's directory with -f, else .]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
     /// Architectures to publish, comma separated (default: all that every image provides)
     #[arg(long, value_delimiter = ',', value_name = "ARCH,...")]
     pub arch: Vec<String>,

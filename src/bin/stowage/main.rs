@@ -117,7 +117,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Publish(args) => {
             let options = publish::PublishOptions {
                 app_dir: args.dir,
-                compose_file: args.file,
+                compose_files: args.file,
                 archs: args.arch,
                 pinned_images: args.pinned_images,
                 dry_run: args.dry_run,
