@@ -41,9 +41,6 @@ pub struct Device {
     pub docker_host: String,
     /// A config file, when the test sets fit policy.
     pub config: Option<PathBuf>,
-    /// The Docker config (`DOCKER_CONFIG`) its commands get instead of the
-    /// sandbox's empty one: the test matrix's, with or without compose v2.
-    pub docker_config: Option<PathBuf>,
 }
 
 impl Device {
@@ -52,9 +49,6 @@ impl Device {
             Some(config) => stowage_with_config(config),
             None => stowage(),
         };
-        if let Some(dir) = &self.docker_config {
-            cmd.env("DOCKER_CONFIG", dir);
-        }
         cmd.env("DOCKER_HOST", &self.docker_host)
             .arg("--root")
             .arg(&self.root)

@@ -63,7 +63,6 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
         registry: host.clone(),
         docker_host: dockerd.host(),
         config: lenient_config(work.path()),
-        docker_config: None,
     };
     device.ok(&["pull", &shop, &admin]);
     registry.stop();
@@ -284,7 +283,6 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
         registry: host.clone(),
         docker_host: dockerd.host(),
         config: None,
-        docker_config: None,
     };
     // The data layer's size follows the seed, so the store's volume is made
     // short by measure: a filler leaves it half of what the blobs need.
@@ -327,7 +325,6 @@ fn install_refuses_what_the_docker_volume_cannot_hold_and_predicts_its_growth() 
         registry: host.clone(),
         docker_host: dockerd.host(),
         config: None,
-        docker_config: None,
     };
     device.ok(&["pull", &app]);
     // What the check says Docker's volume needs, now that the blobs are stored.
@@ -493,7 +490,6 @@ fn a_bundle_that_escapes_its_directory_or_is_too_big_is_refused_and_nothing_is_e
         registry: host.clone(),
         docker_host: "unix:///var/run/docker.sock".into(),
         config: lenient_config(work.path()),
-        docker_config: None,
     };
     for (tag, entries, reason) in cases {
         let (bundle, index) = hostile_bundle(&entries);

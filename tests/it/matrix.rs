@@ -14,6 +14,33 @@ use serde_json::Value;
 use crate::common::docker_device::*;
 use crate::common::*;
 
+/// A device as `docker_device::Device`, whose commands also get the Docker
+/// config of the pair's compose (`DOCKER_CONFIG`, with or without the v2
+/// plugin) instead of the sandbox's empty one.
+struct MatrixDevice {
+    device: Device,
+    docker_config: std::path::PathBuf,
+}
+
+impl MatrixDevice {
+    fn stowage(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = self.device.stowage(args);
+        cmd.env("DOCKER_CONFIG", &self.docker_config);
+        cmd
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        run_ok(&mut self.stowage(args))
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.ok(&full);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+}
+
 fn events(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -26,7 +53,7 @@ fn has_event(events: &[Value], name: &str) -> bool {
 }
 
 /// Each service's (container name, state) as `stowage ps` reports them.
-fn containers(device: &Device, app: &str) -> Vec<(String, String, String)> {
+fn containers(device: &MatrixDevice, app: &str) -> Vec<(String, String, String)> {
     let ps = device.json(&["ps"]);
     let mut rows: Vec<(String, String, String)> = app_state(&ps, app)["services"]
         .as_array()
@@ -117,12 +144,14 @@ fn core_flows(engine: Engine, compose: ComposeVersion) {
     );
     assert_eq!(api.trim(), engine.api_version(), "{engine:?}");
     let compose_setup = ComposeSetup::new(compose);
-    let device = Device {
-        root: work.path().join("root"),
-        registry: host.clone(),
-        docker_host: dockerd.host(),
-        config: lenient_config(work.path()),
-        docker_config: Some(compose_setup.docker_config().to_path_buf()),
+    let device = MatrixDevice {
+        device: Device {
+            root: work.path().join("root"),
+            registry: host.clone(),
+            docker_host: dockerd.host(),
+            config: lenient_config(work.path()),
+        },
+        docker_config: compose_setup.docker_config().to_path_buf(),
     };
     phase("dockerd up");
     device.ok(&["pull", &v1, &v2]);
@@ -270,11 +299,13 @@ fn core_flows(engine: Engine, compose: ComposeVersion) {
                 let config = work.path().join("compose.toml");
                 std::fs::write(&config, format!("watermark = 99\ncompose = \"{choice}\"\n"))
                     .unwrap();
-                let chosen = Device {
-                    root: device.root.clone(),
-                    registry: device.registry.clone(),
-                    docker_host: device.docker_host.clone(),
-                    config: Some(config),
+                let chosen = MatrixDevice {
+                    device: Device {
+                        root: device.device.root.clone(),
+                        registry: device.device.registry.clone(),
+                        docker_host: device.device.docker_host.clone(),
+                        config: Some(config),
+                    },
                     docker_config: device.docker_config.clone(),
                 };
                 chosen.ok(&["run", "shop"]);
@@ -372,12 +403,14 @@ fn the_containerd_image_store_is_refused_at_install_and_nothing_is_written() {
     );
     assert!(info.contains("io.containerd.snapshotter.v1"), "{info}");
     let compose_setup = ComposeSetup::new(ComposeVersion::V2);
-    let device = Device {
-        root: work.path().join("root"),
-        registry: host.clone(),
-        docker_host: dockerd.host(),
-        config: lenient_config(work.path()),
-        docker_config: Some(compose_setup.docker_config().to_path_buf()),
+    let device = MatrixDevice {
+        device: Device {
+            root: work.path().join("root"),
+            registry: host.clone(),
+            docker_host: dockerd.host(),
+            config: lenient_config(work.path()),
+        },
+        docker_config: compose_setup.docker_config().to_path_buf(),
     };
     device.ok(&["pull", &app]);
     registry.stop();
@@ -416,7 +449,7 @@ fn the_containerd_image_store_is_refused_at_install_and_nothing_is_written() {
     assert_fsck_clean_device(&device);
 }
 
-fn assert_fsck_clean_device(device: &Device) {
+fn assert_fsck_clean_device(device: &MatrixDevice) {
     let report = device.json(&["fsck"]);
     assert_eq!(report["clean"], true, "fsck: {report:#}");
 }

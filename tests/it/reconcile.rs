@@ -109,7 +109,6 @@ fn after_an_engine_restart_the_apps_run_again_offline_and_a_crash_loop_is_bounde
         registry: host.clone(),
         docker_host: dockerd.host(),
         config: lenient_config(work.path()),
-        docker_config: None,
     };
     let first = agent_once(&device, &target);
     assert!(first.status.success(), "{first:?}");

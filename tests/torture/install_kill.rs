@@ -38,7 +38,6 @@ fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running
         registry: host.clone(),
         docker_host: dockerd.host(),
         config: lenient_config(work.path()),
-        docker_config: None,
     };
     device.ok(&["pull", &app]);
     registry.stop();
