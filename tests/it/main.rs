@@ -12,6 +12,7 @@ mod foundries;
 mod harness;
 mod hostile_server;
 mod install;
+mod mount;
 mod publish;
 mod pull;
 mod pull_hostile;
