@@ -23,7 +23,7 @@ use crate::oci::format::{
 };
 use crate::oci::media;
 use crate::oci::reference::ImageRef;
-use crate::oci::registry::{BlobBody, RegistryClient};
+use crate::oci::registry::{BlobBody, BlobPush, RegistryClient};
 use crate::progress::Progress;
 
 pub struct Publish {
@@ -42,6 +42,10 @@ pub struct Publish {
     pub cache_dir: PathBuf,
     /// How many layers are downloaded and analysed at once.
     pub jobs: usize,
+    /// Repositories of the target's registry that may hold the app's blobs
+    /// already (an app promoted from a staging repository): a blob found
+    /// there is mounted into the target rather than uploaded.
+    pub mount_from: Vec<ImageRef>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,6 +74,9 @@ pub struct PublishReport {
     pub services: BTreeMap<String, String>,
     pub architectures: BTreeMap<String, ArchSummary>,
     pub pushed: Vec<PushedBlob>,
+    /// How many of the `pushed` blobs were mounted from another repository
+    /// of the registry (`--mount-from`) rather than uploaded.
+    pub mounted: usize,
     /// Whether the app manifest lists layer indexes in `manifests`: never,
     /// as composectl by default (FORMAT.md); kept for scripts that read it.
     pub layer_indexes_referenced: bool,
@@ -273,6 +280,7 @@ impl Publish {
         progress: &dyn Progress,
     ) -> Result<PublishReport> {
         let mut pushed = Vec::new();
+        let mut mounted = 0;
         let Artifact {
             services,
             blobs,
@@ -284,10 +292,14 @@ impl Publish {
             let size = bytes.len() as u64;
             if !self.dry_run {
                 progress.step(format!("pushing {what} {blob_digest} ({size} bytes)"));
-                client
-                    .push_blob(&self.target, &blob_digest, bytes.into())
+                let outcome = client
+                    .push_blob_mounting(&self.target, &blob_digest, bytes.into(), &self.mount_from)
                     .await
                     .with_context(|| format!("cannot push the app's {what}"))?;
+                if let BlobPush::Mounted { from } = outcome {
+                    progress.step(format!("mounted {what} {blob_digest} from {from}"));
+                    mounted += 1;
+                }
             }
             pushed.push(PushedBlob {
                 what,
@@ -316,6 +328,7 @@ impl Publish {
             services,
             architectures: summaries,
             pushed,
+            mounted,
             layer_indexes_referenced: !manifest.manifests.is_empty(),
             manifest: manifest_bytes,
         })

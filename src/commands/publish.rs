@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use super::Context;
 use crate::app::publish::{Publish, PublishReport};
+use crate::oci::reference::ImageRef;
 use crate::progress::Progress;
 
 pub struct PublishOptions {
@@ -22,20 +23,38 @@ pub struct PublishOptions {
     /// Where analysed layers are cached; the context's default when `None`.
     pub cache_dir: Option<PathBuf>,
     pub jobs: usize,
+    /// `--mount-from`: repositories (`REGISTRY/REPO`) to mount blobs from.
+    pub mount_from: Vec<String>,
 }
 
 impl PublishOptions {
     pub async fn run(self, ctx: &Context, progress: &dyn Progress) -> Result<PublishReport> {
         let (app_dir, compose_file) = project(self.app_dir, self.compose_files)?;
+        let target: ImageRef = self.target.parse()?;
+        let mut mount_from = Vec::new();
+        for repo in &self.mount_from {
+            let source: ImageRef = repo
+                .parse()
+                .with_context(|| format!("--mount-from {repo}"))?;
+            if source.registry != target.registry {
+                bail!(
+                    "--mount-from {repo}: blobs are mounted only within one registry, and {} is not the target's {}",
+                    source.registry,
+                    target.registry
+                );
+            }
+            mount_from.push(source);
+        }
         let publish = Publish {
             app_dir,
             compose_file,
             archs: self.archs,
             pinned_images: self.pinned_images,
             dry_run: self.dry_run,
-            target: self.target.parse()?,
+            target,
             cache_dir: ctx.cache_dir(self.cache_dir),
             jobs: self.jobs,
+            mount_from,
         };
         publish.run(&ctx.registry_client()?, progress).await
     }

@@ -26,6 +26,7 @@ mod images;
 mod registry;
 mod sandbox;
 pub mod seed;
+pub mod token_server;
 mod volumes;
 
 pub use apps::{AppCleanup, publish_compose_app, running_images, say, stowage_on};

@@ -13,6 +13,7 @@ mod harness;
 mod hostile_server;
 mod install;
 mod matrix;
+mod mount;
 mod publish;
 mod pull;
 mod pull_hostile;

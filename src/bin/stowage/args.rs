@@ -350,6 +350,14 @@ pub struct PublishArgs {
     /// Where analysed layers are cached [default: ~/.cache/stowage]
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Repositories of the target's registry that may hold the app's blobs (as when promoting an app): mount them from there instead of uploading, comma separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "REGISTRY/REPO,...",
+        env = "STOWAGE_MOUNT_FROM"
+    )]
+    pub mount_from: Vec<String>,
     /// Where to push the app
     #[arg(value_name = "REGISTRY/REPO:TAG")]
     pub target: String,

@@ -124,6 +124,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 target: args.target,
                 cache_dir: args.cache_dir,
                 jobs: args.jobs,
+                mount_from: args.mount_from,
             };
             output::publish(&options.run(&ctx, progress).await?, json)?;
             Ok(ExitCode::SUCCESS)
