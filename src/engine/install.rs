@@ -227,6 +227,7 @@ pub(crate) async fn install_locked(
     let mut docker = None;
     // What the check counted: the loads are held to it.
     let mut guard = None;
+    let mut loads_at_once = options.load.images;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let docker = docker.insert(DockerView {
@@ -243,6 +244,7 @@ pub(crate) async fn install_locked(
         let (plan, mut report) =
             check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
         guard = Some(space_guard(&plan, &docker.data_root));
+        loads_at_once = plan.loads_at_once;
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -288,8 +290,14 @@ pub(crate) async fn install_locked(
     }
     let load_options = LoadOptions {
         guard: guard.clone(),
+        images: loads_at_once.min(options.load.images),
         ..options.load.clone()
     };
+    if !to_load.is_empty() {
+        // A killed install's intermediate images (the apps lock is held:
+        // no load is running).
+        engine.remove_intermediate_images().await?;
+    }
     let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
     let loaded = load_images(
         engine,
@@ -525,7 +533,7 @@ fn space_guard(plan: &UpdatePlan, data_root: &Path) -> Arc<SpaceGuard> {
                     Allowance {
                         usage: count.usage,
                         inodes: count.inodes,
-                        tar_size: count.tar_size,
+                        tar_size: count.sent_size,
                     },
                 ),
             )

@@ -7,11 +7,72 @@ use std::collections::HashSet;
 use crate::Digest;
 use crate::oci::digest::chain_ids;
 
-/// Images loaded at once by default. The engine writes each archive to a
-/// temporary directory and then applies its layers one by one, on about one
-/// core; two loads keep a small device's cores busy, and each more adds a
-/// temporary copy to the disk's peak. The fit check counts this many copies.
+/// Images loaded at once when space is plentiful. Each image is loaded one
+/// layer per load (the engine's temporary copy is one layer's file); two
+/// images at once keep a small device's cores busy, and each more adds a
+/// temporary copy to the disk's peak. When the update fits only with one
+/// copy at a time, the plan says so ([`crate::plan::UpdatePlan::loads_at_once`]).
 pub const IMAGES_AT_ONCE: usize = 2;
+
+/// Whether a layer of this media type is handed to the engine as stored
+/// (compressed) rather than inflated. See the README ("Installing into
+/// Docker") for the measurements behind the choice.
+pub fn sent_compressed(media_type: &str) -> bool {
+    SEND_GZIP && media_type.ends_with("gzip")
+}
+
+/// The chosen path: gzip layers go to the engine as stored.
+pub const SEND_GZIP: bool = true;
+
+/// The bytes of the intermediate config stowage makes for an image's first
+/// `layers` layers (architecture, OS, a label naming the image, the
+/// `diff_id`s), rounded up: each layer but the last is loaded under one.
+pub fn intermediate_config_len(layers: usize) -> u64 {
+    // {"architecture":..,"os":..,"config":{"Labels":{label: id}},"rootfs":..}
+    // is under 250 bytes, and each diff_id adds 74.
+    256 + 74 * layers as u64
+}
+
+/// One load of a layer-by-layer install: the disk it leaves applied, the
+/// disk held until its image is whole (the intermediate config), and its
+/// temporary copy, all in bytes for Docker's volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerLoad {
+    pub usage: u64,
+    pub until_image_done: u64,
+    pub temp: u64,
+}
+
+/// The peak extra disk on Docker's volume of loading `images` (each a list
+/// of its loads, in order), `at_once` images at a time: with one, exactly
+/// the largest "applied so far plus this load's layer and its temporary
+/// copy"; with more, every load's usage plus the largest `at_once`
+/// temporary copies (loads of different images overlap in any order).
+pub fn install_peak(images: &[Vec<LayerLoad>], at_once: usize) -> u64 {
+    if at_once <= 1 {
+        let (mut applied, mut peak) = (0u64, 0u64);
+        for loads in images {
+            let mut pending = 0u64;
+            for load in loads {
+                applied = applied.saturating_add(load.usage);
+                pending = pending.saturating_add(load.until_image_done);
+                peak = peak.max(applied.saturating_add(pending).saturating_add(load.temp));
+            }
+        }
+        return peak;
+    }
+    let applied = images
+        .iter()
+        .flatten()
+        .map(|l| l.usage.saturating_add(l.until_image_done))
+        .fold(0u64, u64::saturating_add);
+    let mut temps: Vec<u64> = images.iter().flatten().map(|l| l.temp).collect();
+    temps.sort_unstable_by(|a, b| b.cmp(a));
+    temps
+        .into_iter()
+        .take(at_once)
+        .fold(applied, u64::saturating_add)
+}
 
 /// The layers the engine holds.
 ///
@@ -90,6 +151,38 @@ mod tests {
         assert!(held.diff_ids.contains(&digest(2)));
         assert_eq!(held.held_prefix_len(&[digest(2), digest(3)]), 0);
         assert_eq!(held.held_prefix_len(&[digest(1), digest(2), digest(3)]), 3);
+    }
+
+    #[test]
+    fn one_at_a_time_the_peak_is_the_worst_load_on_what_is_applied() {
+        let load = |usage, temp| LayerLoad {
+            usage,
+            until_image_done: 0,
+            temp,
+        };
+        // A big first layer, then small ones: the first load's copy is the peak
+        // until enough is applied after it.
+        let images = vec![
+            vec![load(100, 100), load(10, 10)],
+            vec![load(20, 20)],
+        ];
+        assert_eq!(install_peak(&images, 1), 200);
+        // Two at once: every usage plus the two largest copies.
+        assert_eq!(install_peak(&images, 2), 130 + 100 + 20);
+        let images = vec![vec![load(10, 10)], vec![load(100, 100)]];
+        assert_eq!(install_peak(&images, 1), 210);
+        // An intermediate config is held until the image is whole.
+        let with_config = vec![vec![
+            LayerLoad {
+                usage: 10,
+                until_image_done: 4,
+                temp: 10,
+            },
+            load(10, 10),
+        ]];
+        assert_eq!(install_peak(&with_config, 1), 34);
+        assert_eq!(install_peak(&[], 1), 0);
+        assert_eq!(install_peak(&[vec![load(u64::MAX, 1)]], 1), u64::MAX);
     }
 
     #[test]
