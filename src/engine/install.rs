@@ -596,6 +596,21 @@ async fn load_images(
     if images.is_empty() {
         return Ok(Vec::new());
     }
+    if options.images <= 1 {
+        // Strictly in order, as the plan's peak for one at a time assumes.
+        let mut reports = Vec::with_capacity(images.len());
+        for planned in images {
+            progress.step(format!(
+                "loading {} ({} layers) for {}",
+                planned.tags.iter().next().map_or("", String::as_str),
+                planned.layers.len(),
+                planned.services.join(", ")
+            ));
+            let image = image_to_load(store, planned, meta)?;
+            reports.push(engine.load_image_with(&image, options).await?);
+        }
+        return Ok(reports);
+    }
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
     let mut waits_for: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); images.len()];
     for (i, planned) in images.iter().enumerate() {

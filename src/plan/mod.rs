@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::Digest;
 use crate::app::{App, LayerNeed};
 use crate::plan::held::{
-    HeldLayers, IMAGES_AT_ONCE, LayerLoad, install_peak, intermediate_config_len, load_temp_bytes,
+    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, install_peak, intermediate_config_len, load_temp_bytes,
     sent_compressed,
 };
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
@@ -251,10 +251,25 @@ pub fn plan_update(
     }
     let block = docker_volume.block_size;
     let mut loading = docker.held.clone();
-    let mut loads: Vec<Vec<LayerLoad>> = Vec::new();
+    let mut loads: Vec<ImageLoads> = Vec::new();
+    // Which image loads each missing chain first: a later image needing it
+    // waits for that one (as install schedules them).
+    let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
     for image in images_by_id.values() {
         let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
         let held = loading.held_prefix_len(&diff_ids);
+        let mut after = Vec::new();
+        for chain in crate::oci::digest::chain_ids(&diff_ids) {
+            if docker.held.chain_ids.contains(&chain) {
+                continue;
+            }
+            match owner.get(&chain) {
+                Some(&first) => after.push(first),
+                None => {
+                    owner.insert(chain, loads.len());
+                }
+            }
+        }
         let mut image_loads = Vec::new();
         for (i, (layer, _)) in image.layers.iter().enumerate().skip(held) {
             let Some(need) = by_digest.get(&layer.digest) else {
@@ -283,17 +298,16 @@ pub fn plan_update(
             docker_layers.insert(layer.digest.clone(), need);
         }
         loading.add_image(&diff_ids);
-        if !image_loads.is_empty() {
-            loads.push(image_loads);
-        }
+        after.sort_unstable();
+        after.dedup();
+        loads.push(ImageLoads {
+            loads: image_loads,
+            after,
+        });
     }
-    let layers_usage = saturating_sum(loads.iter().flatten().map(|l| l.usage));
-    let all_temps = saturating_sum(
-        loads
-            .iter()
-            .flatten()
-            .map(|l| l.temp.saturating_add(l.until_image_done)),
-    );
+    let every_load = || loads.iter().flat_map(|i| &i.loads);
+    let layers_usage = saturating_sum(every_load().map(|l| l.usage));
+    let all_temps = saturating_sum(every_load().map(|l| l.temp.saturating_add(l.until_image_done)));
     let mut docker_counts = BTreeMap::new();
     for (digest, need) in &docker_layers {
         let count = LayerCount {

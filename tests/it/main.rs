@@ -11,6 +11,7 @@ mod docker_load;
 mod harness;
 mod hostile_server;
 mod install;
+mod lean;
 mod publish;
 mod pull;
 mod pull_hostile;

@@ -321,6 +321,12 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
             .map(|(part, n)| format!("{} {}", part.label(), human_bytes(*n)))
             .collect();
         out!("        required: {}", parts.join(" + "));
+        out!(
+            "        peak:     {} during the {} (all it writes, freed or not: {})",
+            human_bytes(v.required),
+            v.peak_step.label(),
+            human_bytes(v.sum_of_parts)
+        );
         if !v.fits {
             out!("        {}", v.reason);
         }
