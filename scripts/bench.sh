@@ -25,7 +25,13 @@
 # results markers (BENCH_WRITE_DOC=0 leaves the doc alone).
 #
 # Knobs: BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
-# (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir.
+# (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir,
+# BENCH_SECTIONS (default "publish pull check install": which sections are
+# measured; the apps are published either way), BENCH_ENGINE_GZIP (default
+# "unpigz go": the install section runs once per way the engine inflates
+# gzip, `unpigz` on its PATH or Go's gzip with MOBY_DISABLE_PIGZ=1; the docker
+# baselines run under the same condition), BENCH_STOWAGE_BEFORE (a stowage
+# binary of an earlier commit, measured beside this one's install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -37,6 +43,14 @@ CHECK_REPS=${BENCH_CHECK_REPS:-15}
 log() { printf '\033[1mbench:\033[0m %s\n' "$*" >&2; }
 
 bash scripts/setup.sh
+# The engine inflates gzip layers with unpigz when it is on its PATH.
+if ! command -v unpigz >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pigz >/dev/null
+fi
+SECTIONS=${BENCH_SECTIONS:-publish pull check install}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+ENGINE_GZIP=${BENCH_ENGINE_GZIP:-unpigz go}
+BEFORE=${BENCH_STOWAGE_BEFORE:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 log "building stowage (release)"
 cargo build --release --quiet
@@ -136,15 +150,25 @@ volume_mounted=$work/dockerfs
 # Short paths: dockerd's and containerd's sockets live under the run dir.
 dockerd_run=$(mktemp -d /tmp/sbXXXX)
 echo '{}' >"$dockerd_run/daemon.json"
-dockerd --config-file "$dockerd_run/daemon.json" --data-root "$work/dockerfs/docker" \
-    --exec-root "$dockerd_run/x" --pidfile "$dockerd_run/docker.pid" \
-    -H "unix://$dockerd_run/docker.sock" --bridge=none --iptables=false --ip-masq=false \
-    --storage-driver=overlay2 --log-level=warn >"$work/logs/dockerd.log" 2>&1 </dev/null &
-dockerd_pid=$!
 DH=unix://$dockerd_run/docker.sock
-for _ in $(seq 120); do docker -H "$DH" info >/dev/null 2>&1 && break; sleep 0.5; done
-docker -H "$DH" info >/dev/null 2>&1 || { log "the private dockerd did not start"; exit 1; }
-log "private dockerd (pid $dockerd_pid), data root on a $volume_size ext4 loop volume"
+# start_dockerd [ENV=VALUE...]: the private dockerd, with that environment.
+start_dockerd() {
+    env "$@" dockerd --config-file "$dockerd_run/daemon.json" --data-root "$work/dockerfs/docker" \
+        --exec-root "$dockerd_run/x" --pidfile "$dockerd_run/docker.pid" \
+        -H "unix://$dockerd_run/docker.sock" --bridge=none --iptables=false --ip-masq=false \
+        --storage-driver=overlay2 --log-level=warn >>"$work/logs/dockerd.log" 2>&1 </dev/null &
+    dockerd_pid=$!
+    for _ in $(seq 120); do docker -H "$DH" info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker -H "$DH" info >/dev/null 2>&1 || { log "the private dockerd did not start"; exit 1; }
+    log "private dockerd (pid $dockerd_pid${1:+, $*}), data root on a $volume_size ext4 loop volume"
+}
+stop_dockerd() {
+    kill "$dockerd_pid"
+    for _ in $(seq 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
+    wait "$dockerd_pid" 2>/dev/null || true
+    dockerd_pid=
+}
+start_dockerd
 
 # ------------------------------------------------------------------ images
 # A busybox rootfs as the shared base, then per service one layer of
@@ -240,6 +264,7 @@ unset STOWAGE_ROOT STOWAGE_LOG
 
 # ----------------------------------------------------------------- publish
 log "1. publish"
+want publish || PUBLISH_REPS=0
 for i in $(seq "$PUBLISH_REPS"); do
     rm -rf "$work/cache"
     mkdir -p "$work/cache"
@@ -252,6 +277,7 @@ for i in $(seq "$PUBLISH_REPS"); do
     measure "publish, warm cache" -- "$STOWAGE" publish --dir "$work/apps/pubapp" \
         --cache-dir "$work/cache" "$REG/bench/pubapp:1"
 done
+mkdir -p "$work/cache"
 pubref=$("$STOWAGE" publish --dir "$work/apps/pubapp" --cache-dir "$work/cache" \
     "$REG/bench/pubapp:1" 2>/dev/null | tail -n 1)
 "$STOWAGE" inspect --json "$pubref" >"$work/pubapp.json"
@@ -280,7 +306,9 @@ skopeo_at_once() {
 export -f skopeo_one_by_one skopeo_at_once
 export REG
 dst=$work/dst
-for i in $(seq "$REPS"); do
+pull_reps=$REPS
+want pull || pull_reps=0
+for i in $(seq "$pull_reps"); do
     rm -rf "$dst"
     settle
     measure "pull: stowage pull" -- env DOCKER_HOST="$DH" "$STOWAGE" --root "$dst" pull $fit "$pullref"
@@ -294,6 +322,7 @@ done
 rm -rf "$dst"
 
 log "2b. check on a store of 10,000 blobs"
+want check || CHECK_REPS=0
 for kind in empty 10k; do
     root=$work/check-$kind
     "$STOWAGE" --root "$root" ls >/dev/null
@@ -359,7 +388,7 @@ filesref=$("$STOWAGE" publish --dir "$work/apps/filesapp" --cache-dir "$work/cac
     "$REG/bench/filesapp:1" 2>/dev/null | tail -n 1)
 "$STOWAGE" inspect --json "$filesref" >"$work/filesapp.json"
 
-# install_cases SECTION APP_REF IMAGE...: the three ways into the engine.
+# install_cases SECTION APP_REF IMAGE...: the ways into the engine.
 install_cases() {
     local section=$1 ref=$2
     shift 2
@@ -370,14 +399,25 @@ install_cases() {
     if [ "$have_install" = 1 ]; then
         DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-root" pull $fit "$ref" >/dev/null
     fi
+    # stowage_install CASE BINARY [ENV=VALUE...]
+    stowage_install() {
+        local case=$1 binary=$2
+        shift 2
+        rm -rf "$work/$name-run"
+        cp -a "$work/$name-root" "$work/$name-run"
+        settle
+        measure "$section: $case" "${watch[@]}" -- \
+            env DOCKER_HOST="$DH" "$@" "$binary" --root "$work/$name-run" install "$ref"
+        docker_forget "${tags[@]}"
+    }
     for i in $(seq "$REPS"); do
         if [ "$have_install" = 1 ]; then
-            rm -rf "$work/$name-run"
-            cp -a "$work/$name-root" "$work/$name-run"
-            settle
-            measure "$section: stowage install" "${watch[@]}" -- \
-                env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/$name-run" install "$ref"
-            docker_forget "${tags[@]}"
+            stowage_install "stowage install" "$STOWAGE"
+            stowage_install "stowage install, layers handed inflated" "$STOWAGE" \
+                STOWAGE_LOAD_LAYERS=plain
+            if [ -n "$BEFORE" ]; then
+                stowage_install "stowage install, before ($BEFORE_LABEL)" "$BEFORE"
+            fi
         fi
         settle
         measure "$section: docker pull, 3 images one by one" "${watch[@]}" -- \
@@ -394,9 +434,24 @@ install_cases() {
     done
     rm -f "$work/$name.tar"
 }
-install_cases install "$pullref" "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
-install_cases "install, files app" "$filesref" \
-    "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
+BEFORE_LABEL=${BENCH_STOWAGE_BEFORE_LABEL:-an earlier build}
+if want install; then
+    for gz in $ENGINE_GZIP; do
+        stop_dockerd
+        if [ "$gz" = go ]; then
+            start_dockerd MOBY_DISABLE_PIGZ=1
+            label="Go gzip"
+        else
+            start_dockerd
+            label="unpigz"
+        fi
+        watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs")
+        install_cases "install ($label)" "$pullref" \
+            "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
+        install_cases "install, files app ($label)" "$filesref" \
+            "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
+    done
+fi
 if [ "$have_install" = 0 ]; then
     log "SKIPPED stowage install: this stowage has no install verb (the Docker baselines were measured)"
 fi

@@ -155,9 +155,13 @@ def report(args):
             f"- stowage check on a store of 10,000 blobs {fmt_s(m)} (median, whole process, "
             f"registry and Docker queries included) < 50 ms: {verdict(m < 0.05)}"
         )
-    for section in ("install", "install, files app"):
+    def disk(case):
+        return max(r["disk_peak_bytes"] for r in runs[case])
+
+    sections = [c.split(": ", 1)[0] for c in order if c.endswith(": stowage install")]
+    for section in sections:
         mine = f"{section}: stowage install"
-        if not (args.install and mine in runs):
+        if not args.install:
             continue
         for way in ("docker pull, 3 images one by one", "docker pull, 3 images at once"):
             other = f"{section}: {way}"
@@ -166,6 +170,20 @@ def report(args):
                 out.append(
                     f"- {mine} >= 2x faster than {way}: {r:.2f}x: {verdict(r >= 2)}"
                 )
+        pulled = f"{section}: docker pull, 3 images one by one"
+        if pulled in runs:
+            out.append(
+                f"- {mine}: peak extra disk {disk(mine) / 1e6:.0f} MB <= docker pull's "
+                f"({disk(pulled) / 1e6:.0f} MB, one by one): {verdict(disk(mine) <= disk(pulled))}"
+            )
+        out.append(f"- {mine}: peak RSS {fmt_kib(peak(mine))} < 48 MiB: {verdict(peak(mine) < 48 * 1024)}")
+        before = [c for c in order if c.startswith(f"{section}: stowage install, before")]
+        for b in before:
+            r = median(mine) / median(b)
+            out.append(
+                f"- {mine} no slower than {b.split(': ', 1)[1]}: {fmt_s(median(mine))} against "
+                f"{fmt_s(median(b))} ({r:.2f}x): {verdict(r <= 1.0)}"
+            )
     if not args.install:
         out.append("- stowage install >= 2x faster than docker pull: not measured (no `install` verb yet)")
     return "\n".join(out) + "\n"

@@ -178,7 +178,7 @@ fn leave_available(volume: &LoopVolume, filler: &std::path::Path, reserve: u64, 
 #[test]
 fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_refused() {
     let seed = test_seed();
-    let mut registry = Registry::start();
+    let registry = Registry::start();
     let name = unique("leanfit");
     let mut local = LocalImages::default();
     let app = publish_lean_app(&registry, &mut local, &name, seed, 12 * MIB as usize);
@@ -223,4 +223,138 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
     let ps = device.json(&["ps"]);
     assert_eq!(app_state(&ps, "lean")["state"], "running", "{ps}");
     device.ok(&["stop", "--all"]);
+}
+
+#[test]
+fn a_disk_filled_by_another_process_during_the_install_fails_cleanly_and_the_next_try_succeeds() {
+    let seed = test_seed();
+    let registry = Registry::start();
+    let name = unique("leanfull");
+    let host = registry.host();
+    let mut local = LocalImages::default();
+    let base = format!("{name}-base:1");
+    local.0.push(busybox_image_of_its_own(&base));
+    let base_remote = format!("{host}/{name}/base:1");
+    push_image(&base, &base_remote);
+    let compose = |web: &str| {
+        format!(
+            "services:\n  web:\n    image: {web}\n    network_mode: none\n  db:\n    image: {base_remote}\n    network_mode: none\n    command: [\"sleep\", \"3600\"]\n"
+        )
+    };
+    let mut versions = Vec::new();
+    for (v, bytes) in [(1u64, 1_000_000usize), (2, 48 * MIB as usize)] {
+        let web_local = format!("{name}-web:{v}");
+        local.build(
+            &web_local,
+            &base,
+            &[(&format!("/srv/web{v}.bin"), noise(seed + v, bytes))],
+        );
+        let web = format!("{host}/{name}/web:{v}");
+        push_image(&web_local, &web);
+        versions.push(publish(
+            &registry,
+            &compose(&web),
+            &format!("{host}/{name}/full:{v}"),
+        ));
+    }
+
+    let work = temp_dir("lean-full-");
+    let volume = LoopVolume::new(512);
+    let data_root = volume.path().join("docker");
+    let dockerd = PrivateDockerd::start(&data_root);
+    let device = Device {
+        root: work.path().join("root"),
+        registry: host.clone(),
+        docker_host: dockerd.host(),
+        config: lenient_config(work.path()),
+    };
+    device.ok(&["update", &versions[0]]);
+    device.ok(&["pull", &versions[1]]);
+    drop(registry);
+    let running_before = running_containers(&dockerd);
+    assert_eq!(running_before.len(), 2, "{running_before:?}");
+    let images_before = engine_image_ids(&dockerd);
+
+    // Once the engine starts writing the new layer's temporary copy (the
+    // check has passed), another process takes every free block.
+    let filler = volume.path().join("filler");
+    let stop = Arc::new(AtomicBool::new(false));
+    let filled = {
+        let (stop, tmp, filler) = (stop.clone(), data_root.join("tmp"), filler.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let importing = std::fs::read_dir(&tmp).is_ok_and(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("docker-import-"))
+                });
+                if importing {
+                    fill_up(&filler);
+                    return true;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            false
+        })
+    };
+    let out = run_output(&mut device.stowage(&["update", &versions[1]]));
+    stop.store(true, Ordering::SeqCst);
+    assert!(filled.join().unwrap(), "the engine never started the load");
+    assert!(!out.status.success(), "{}", say(&out));
+    assert_ne!(out.status.code(), Some(100), "the check passed: {}", say(&out));
+
+    // The old app runs on; nothing of the new image is left in the engine.
+    assert_eq!(running_containers(&dockerd), running_before);
+    assert_eq!(engine_image_ids(&dockerd), images_before);
+    let left = run_ok(dockerd.docker().args([
+        "images",
+        "-aq",
+        "--filter",
+        "label=org.stowage.intermediate",
+    ]));
+    assert_eq!(left.trim(), "", "an intermediate image is left");
+    let dangling = run_ok(dockerd.docker().args(["images", "-aq", "--filter", "dangling=true"]));
+    assert_eq!(dangling.trim(), "", "a partial image is left");
+
+    // Space is back: the next try succeeds.
+    std::fs::remove_file(&filler).unwrap();
+    device.ok(&["update", &versions[1]]);
+    let ps = device.json(&["ps"]);
+    assert_eq!(app_state(&ps, "full")["state"], "running", "{ps}");
+    device.ok(&["stop", "--all"]);
+}
+
+/// Names and images of the running containers, sorted.
+fn running_containers(dockerd: &PrivateDockerd) -> Vec<String> {
+    let out = run_ok(
+        dockerd
+            .docker()
+            .args(["ps", "--format", "{{.Names}} {{.Image}}"]),
+    );
+    let mut lines: Vec<String> = out.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// Every image in the engine, intermediate ones included, by ID.
+fn engine_image_ids(dockerd: &PrivateDockerd) -> Vec<String> {
+    let out = run_ok(dockerd.docker().args(["images", "-aq", "--no-trunc"]));
+    let mut ids: Vec<String> = out.lines().map(str::to_string).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Takes every free block of the volume holding `path` (root's reserve too)
+/// into the file `path`, 4 MiB at a time, as another process might.
+fn fill_up(path: &std::path::Path) {
+    let file = std::fs::File::create(path).expect("create the filler");
+    let mut offset = 0u64;
+    let mut chunk = 4 * MIB;
+    while chunk >= 4096 {
+        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), offset, chunk) {
+            Ok(()) => offset += chunk,
+            Err(_) => chunk /= 2,
+        }
+    }
 }

@@ -86,7 +86,7 @@ impl Default for LoadOptions {
             jobs: cores.clamp(1, 4),
             buffer_bytes: 4 * 1024 * 1024,
             guard: None,
-            send_gzip: crate::plan::held::SEND_GZIP,
+            send_gzip: crate::plan::held::send_gzip(),
         }
     }
 }
