@@ -244,6 +244,7 @@ impl Context {
             progress,
             layout: None,
             events,
+            wear: Default::default(),
         })
     }
 

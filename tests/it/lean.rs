@@ -222,6 +222,20 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
     assert!(out.status.success(), "{}", say(&out));
     let ps = device.json(&["ps"]);
     assert_eq!(app_state(&ps, "lean")["state"], "running", "{ps}");
+
+    // Flash wear: what the update wrote, on the one volume.
+    let status = device.json(&["status"]);
+    let writes = &status["last_update_writes"];
+    eprintln!("the update wrote {writes}");
+    let part = |name: &str| v["required_parts"][name].as_u64().unwrap() as f64;
+    let figure = |name: &str| writes[name].as_u64().unwrap() as f64;
+    assert!(figure("store_bytes") >= 0.9 * part("blobs"), "{writes}");
+    assert!(figure("engine_bytes") >= part("docker_layers"), "{writes}");
+    assert!(figure("engine_temp_bytes") > 0.0, "{writes}");
+    assert_eq!(writes["volumes"].as_array().unwrap().len(), 1, "{writes}");
+    let text = device.ok(&["status"]);
+    assert!(text.contains("last update wrote:"), "{text}");
+    assert!(text.contains("rollback copy: none"), "{text}");
     device.ok(&["stop", "--all"]);
 }
 
