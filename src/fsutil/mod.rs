@@ -237,5 +237,9 @@ pub fn used_bytes(path: &Path) -> Option<u64> {
     } else {
         vfs.f_bsize
     };
-    Some(vfs.f_blocks.saturating_sub(vfs.f_bfree).saturating_mul(unit))
+    Some(
+        vfs.f_blocks
+            .saturating_sub(vfs.f_bfree)
+            .saturating_mul(unit),
+    )
 }

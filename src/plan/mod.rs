@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::Digest;
 use crate::app::{App, LayerNeed};
 use crate::plan::held::{
-    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, install_peak, intermediate_config_len, load_temp_bytes,
-    sent_compressed,
+    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, install_peak, intermediate_config_len,
+    load_temp_bytes, sent_compressed,
 };
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;

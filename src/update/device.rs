@@ -88,9 +88,7 @@ impl Wear {
         let temp = self.engine_temp.load(Relaxed);
         let engine_bytes = growth.saturating_add(temp);
         let data_root = self.data_root.lock().ok().and_then(|d| d.clone());
-        let dev = |p: &std::path::Path| {
-            crate::plan::space::Volume::of(p).map(|v| v.dev).ok()
-        };
+        let dev = |p: &std::path::Path| crate::plan::space::Volume::of(p).map(|v| v.dev).ok();
         let mut volumes = vec![VolumeWrites {
             paths: vec![root.display().to_string()],
             bytes: store_bytes,

@@ -136,9 +136,7 @@ fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
     let after = volume.synced_stats().used_bytes() - before;
     eprintln!(
         "Docker's volume: predicted peak {predicted} ({} at {}), measured peak {peak}, at the end {after}; sum of parts {}",
-        docker_volume["peak_step"],
-        docker_volume["required_parts"],
-        docker_volume["sum_of_parts"]
+        docker_volume["peak_step"], docker_volume["required_parts"], docker_volume["sum_of_parts"]
     );
     assert_eq!(docker_volume["peak_step"], "install", "{docker_volume}");
     let off = (peak as f64 - predicted as f64).abs() / predicted as f64;
@@ -149,7 +147,11 @@ fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
     );
     // The engine holds the images, and no intermediate image is left.
     let images = engine_images(&dockerd);
-    assert_eq!(images.iter().filter(|i| i.contains("stowage")).count(), 2, "{images:?}");
+    assert_eq!(
+        images.iter().filter(|i| i.contains("stowage")).count(),
+        2,
+        "{images:?}"
+    );
     let left = run_ok(dockerd.docker().args([
         "images",
         "-aq",
@@ -201,7 +203,10 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
         v["sum_of_parts"].as_u64().unwrap(),
     );
     let reserve = v["reserved"].as_u64().unwrap();
-    eprintln!("modelled peak {peak} at {}, sum of parts {sum}: {v}", v["peak_step"]);
+    eprintln!(
+        "modelled peak {peak} at {}, sum of parts {sum}: {v}",
+        v["peak_step"]
+    );
     assert!(
         sum >= peak + 8 * MIB,
         "the test needs a gap between the peak and the sum: {v}"
@@ -298,9 +303,11 @@ fn a_disk_filled_by_another_process_during_the_install_fails_cleanly_and_the_nex
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 let importing = std::fs::read_dir(&tmp).is_ok_and(|entries| {
-                    entries
-                        .flatten()
-                        .any(|e| e.file_name().to_string_lossy().starts_with("docker-import-"))
+                    entries.flatten().any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with("docker-import-")
+                    })
                 });
                 if importing {
                     fill_up(&filler);
@@ -315,7 +322,12 @@ fn a_disk_filled_by_another_process_during_the_install_fails_cleanly_and_the_nex
     stop.store(true, Ordering::SeqCst);
     assert!(filled.join().unwrap(), "the engine never started the load");
     assert!(!out.status.success(), "{}", say(&out));
-    assert_ne!(out.status.code(), Some(100), "the check passed: {}", say(&out));
+    assert_ne!(
+        out.status.code(),
+        Some(100),
+        "the check passed: {}",
+        say(&out)
+    );
 
     // The old app runs on; nothing of the new image is left in the engine.
     assert_eq!(running_containers(&dockerd), running_before);
@@ -327,7 +339,11 @@ fn a_disk_filled_by_another_process_during_the_install_fails_cleanly_and_the_nex
         "label=org.stowage.intermediate",
     ]));
     assert_eq!(left.trim(), "", "an intermediate image is left");
-    let dangling = run_ok(dockerd.docker().args(["images", "-aq", "--filter", "dangling=true"]));
+    let dangling = run_ok(
+        dockerd
+            .docker()
+            .args(["images", "-aq", "--filter", "dangling=true"]),
+    );
     assert_eq!(dangling.trim(), "", "a partial image is left");
 
     // Space is back: the next try succeeds.

@@ -858,7 +858,10 @@ pub const INTERMEDIATE_LABEL: &str = "org.stowage.intermediate";
 /// of `image` (same architecture and OS, no history), and its image ID.
 /// The label naming the final image keeps its ID apart from any image a
 /// user has.
-fn intermediate_config(image: &ImageToLoad, layers: usize) -> Result<(Vec<u8>, Digest), DockerError> {
+fn intermediate_config(
+    image: &ImageToLoad,
+    layers: usize,
+) -> Result<(Vec<u8>, Digest), DockerError> {
     let invalid = |reason: String| DockerError::InvalidImage {
         image: image_name(image),
         reason,
@@ -892,7 +895,6 @@ fn intermediate_config(image: &ImageToLoad, layers: usize) -> Result<(Vec<u8>, D
     let id = Digest::of(&bytes);
     Ok((bytes, id))
 }
-
 
 /// Per-image disk use, like `docker system df -v`.
 #[derive(Debug, Clone, PartialEq, Eq)]
