@@ -240,7 +240,9 @@ PY
 }
 
 log "building images locally (about 700 MB of data)"
-for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
+if want publish; then
+    for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
+fi
 for svc in a b c; do make_image "pull-$svc" 44 8 400000; done
 make_files_image files-a 60 /usr/lib/x86_64-linux-gnu
 make_files_image files-b 60 /usr/bin
@@ -278,9 +280,11 @@ for i in $(seq "$PUBLISH_REPS"); do
         --cache-dir "$work/cache" "$REG/bench/pubapp:1"
 done
 mkdir -p "$work/cache"
-pubref=$("$STOWAGE" publish --dir "$work/apps/pubapp" --cache-dir "$work/cache" \
-    "$REG/bench/pubapp:1" 2>/dev/null | tail -n 1)
-"$STOWAGE" inspect --json "$pubref" >"$work/pubapp.json"
+if want publish; then
+    pubref=$("$STOWAGE" publish --dir "$work/apps/pubapp" --cache-dir "$work/cache" \
+        "$REG/bench/pubapp:1" 2>/dev/null | tail -n 1)
+    "$STOWAGE" inspect --json "$pubref" >"$work/pubapp.json"
+fi
 
 # -------------------------------------------------------------------- pull
 log "2. pull"
@@ -457,9 +461,11 @@ if [ "$have_install" = 0 ]; then
 fi
 
 # ------------------------------------------------------------------ report
+pubarg=()
+if want publish; then pubarg=(--publish-app "$work/pubapp.json"); fi
 python3 "$repo/scripts/bench/report.py" \
     --results "$results" \
-    --publish-app "$work/pubapp.json" --pull-app "$work/pullapp.json" \
+    "${pubarg[@]}" --pull-app "$work/pullapp.json" \
     --files-app "$work/filesapp.json" \
     --install "$have_install" \
     --stowage-commit "$(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src || echo '+changes')" \

@@ -94,7 +94,8 @@ def report(args):
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     out.append(f"### Run of {now} (stowage {args.stowage_commit})\n")
     out.append(f"Machine: {machine()}.\n")
-    out.append(app_line("publish app", args.publish_app))
+    if args.publish_app:
+        out.append(app_line("publish app", args.publish_app))
     out.append(app_line("pull app", args.pull_app))
     if args.files_app:
         out.append(app_line("files app (install only)", args.files_app))
