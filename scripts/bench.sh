@@ -31,7 +31,8 @@
 # "unpigz go": the install section runs once per way the engine inflates
 # gzip, `unpigz` on its PATH or Go's gzip with MOBY_DISABLE_PIGZ=1; the docker
 # baselines run under the same condition), BENCH_STOWAGE_BEFORE (a stowage
-# binary of an earlier commit, measured beside this one's install).
+# binary of an earlier commit, measured beside this one's install),
+# BENCH_STOWAGE (a release binary of this tree built beforehand: no build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -52,9 +53,14 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 ENGINE_GZIP=${BENCH_ENGINE_GZIP:-unpigz go}
 BEFORE=${BENCH_STOWAGE_BEFORE:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
-log "building stowage (release)"
-cargo build --release --quiet
-STOWAGE=$CARGO_TARGET_DIR/release/stowage
+if [ -n "${BENCH_STOWAGE:-}" ]; then
+    # A release build made beforehand (of this tree).
+    STOWAGE=$BENCH_STOWAGE
+else
+    log "building stowage (release)"
+    cargo build --release --quiet
+    STOWAGE=$CARGO_TARGET_DIR/release/stowage
+fi
 
 # The work dir lives on disk (not a tmpfs): pulls write where a device would.
 work=$(mktemp -d /var/tmp/stowage-bench.XXXXXX)

@@ -86,10 +86,9 @@ pub fn install_peak(images: &[ImageLoads], at_once: usize) -> u64 {
         for &j in &image.after {
             if j < i {
                 waits[i][j] = true;
-                for k in 0..j {
-                    if waits[j][k] {
-                        waits[i][k] = true;
-                    }
+                let inherited = waits[j].clone();
+                for (k, _) in inherited.iter().enumerate().take(j).filter(|(_, w)| **w) {
+                    waits[i][k] = true;
                 }
             }
         }
