@@ -417,7 +417,7 @@ install_cases() {
         cp -a "$work/$name-root" "$work/$name-run"
         settle
         measure "$section: $case" "${watch[@]}" -- \
-            env DOCKER_HOST="$DH" "$@" "$binary" --root "$work/$name-run" install "$ref"
+            env DOCKER_HOST="$DH" STOWAGE_WATERMARK=99 "$@" "$binary" --root "$work/$name-run" install "$ref"
         docker_forget "${tags[@]}"
     }
     for i in $(seq "$REPS"); do
