@@ -293,11 +293,9 @@ pub(crate) async fn install_locked(
         images: loads_at_once.min(options.load.images),
         ..options.load.clone()
     };
-    if !to_load.is_empty() {
-        // A killed install's intermediate images (the apps lock is held:
-        // no load is running).
-        engine.remove_intermediate_images().await?;
-    }
+    // A killed install's intermediate images (the apps lock is held: no
+    // load is running); one filtered listing when there are none.
+    engine.remove_intermediate_images().await?;
     let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
     let loaded = load_images(
         engine,
