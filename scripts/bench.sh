@@ -27,9 +27,16 @@
 # Prints a table at the end and writes it into docs/benchmarks.md between the
 # results markers (BENCH_WRITE_DOC=0 leaves the doc alone).
 #
-# Knobs: BENCH_ENGINES (default "20.10 26.1 26.1-containerd"),
-# BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
-# (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir.
+# Knobs: BENCH_ENGINES (default "20.10 26.1 26.1-containerd"; the install section
+# runs on each, and with both gzip ways only on 20.10), BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
+# (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir,
+# BENCH_SECTIONS (default "publish pull check install": which sections are
+# measured; the apps are published either way), BENCH_ENGINE_GZIP (default
+# "unpigz go": the install section runs once per way the engine inflates
+# gzip, `unpigz` on its PATH or Go's gzip with MOBY_DISABLE_PIGZ=1; the docker
+# baselines run under the same condition), BENCH_STOWAGE_BEFORE (a stowage
+# binary of an earlier commit, measured beside this one's install),
+# BENCH_STOWAGE (a release binary of this tree built beforehand: no build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -41,10 +48,23 @@ CHECK_REPS=${BENCH_CHECK_REPS:-15}
 log() { printf '\033[1mbench:\033[0m %s\n' "$*" >&2; }
 
 bash scripts/setup.sh
+# The engine inflates gzip layers with unpigz when it is on its PATH.
+if ! command -v unpigz >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pigz >/dev/null
+fi
+SECTIONS=${BENCH_SECTIONS:-publish pull check install}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+ENGINE_GZIP=${BENCH_ENGINE_GZIP:-unpigz go}
+BEFORE=${BENCH_STOWAGE_BEFORE:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
-log "building stowage (release)"
-cargo build --release --quiet
-STOWAGE=$CARGO_TARGET_DIR/release/stowage
+if [ -n "${BENCH_STOWAGE:-}" ]; then
+    # A release build made beforehand (of this tree).
+    STOWAGE=$BENCH_STOWAGE
+else
+    log "building stowage (release)"
+    cargo build --release --quiet
+    STOWAGE=$CARGO_TARGET_DIR/release/stowage
+fi
 
 # The work dir lives on disk (not a tmpfs): pulls write where a device would.
 work=$(mktemp -d /var/tmp/stowage-bench.XXXXXX)
@@ -137,8 +157,10 @@ mkfs.ext4 -q -F "$work/docker.img"
 mkdir -p "$work/dockerfs"
 mount -o loop "$work/docker.img" "$work/dockerfs"
 volume_mounted=$work/dockerfs
+dockerd_env=()
 # start_dockerd DOCKERD DAEMON_JSON DATA_ROOT [ARG...]: a private dockerd (its own
-# run dir, exec root and socket; no bridge, no iptables) whose address is DH.
+# run dir, exec root and socket; no bridge, no iptables) whose address is DH;
+# its environment has dockerd_env (ENV=VALUE...) added.
 start_dockerd() {
     local bin=$1 daemon_json=$2 data_root=$3
     shift 3
@@ -149,7 +171,7 @@ start_dockerd() {
     # are the machine's (bookworm's), as in the test matrix.
     local path=$PATH
     case $bin in */*) path=$(dirname "$bin"):$PATH ;; esac
-    PATH=$path "$bin" --config-file "$dockerd_run/daemon.json" \
+    env "${dockerd_env[@]}" PATH=$path "$bin" --config-file "$dockerd_run/daemon.json" \
         --data-root "$data_root" --exec-root "$dockerd_run/x" --pidfile "$dockerd_run/docker.pid" \
         -H "unix://$dockerd_run/docker.sock" --bridge=none --iptables=false --ip-masq=false \
         --log-level=warn "$@" >>"$work/logs/dockerd.log" 2>&1 </dev/null &
@@ -246,7 +268,9 @@ PY
 }
 
 log "building images locally (about 700 MB of data)"
-for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
+if want publish; then
+    for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
+fi
 for svc in a b c; do make_image "pull-$svc" 44 8 400000; done
 make_files_image files-a 60 /usr/lib/x86_64-linux-gnu
 make_files_image files-b 60 /usr/bin
@@ -270,6 +294,7 @@ unset STOWAGE_ROOT STOWAGE_LOG
 
 # ----------------------------------------------------------------- publish
 log "1. publish"
+want publish || PUBLISH_REPS=0
 for i in $(seq "$PUBLISH_REPS"); do
     rm -rf "$work/cache"
     mkdir -p "$work/cache"
@@ -282,9 +307,12 @@ for i in $(seq "$PUBLISH_REPS"); do
     measure "publish, warm cache" -- "$STOWAGE" publish --dir "$work/apps/pubapp" \
         --cache-dir "$work/cache" "$REG/bench/pubapp:1"
 done
-pubref=$("$STOWAGE" publish --dir "$work/apps/pubapp" --cache-dir "$work/cache" \
-    "$REG/bench/pubapp:1" 2>/dev/null | tail -n 1)
-"$STOWAGE" inspect --json "$pubref" >"$work/pubapp.json"
+mkdir -p "$work/cache"
+if want publish; then
+    pubref=$("$STOWAGE" publish --dir "$work/apps/pubapp" --cache-dir "$work/cache" \
+        "$REG/bench/pubapp:1" 2>/dev/null | tail -n 1)
+    "$STOWAGE" inspect --json "$pubref" >"$work/pubapp.json"
+fi
 
 # -------------------------------------------------------------------- pull
 log "2. pull"
@@ -310,7 +338,9 @@ skopeo_at_once() {
 export -f skopeo_one_by_one skopeo_at_once
 export REG
 dst=$work/dst
-for i in $(seq "$REPS"); do
+pull_reps=$REPS
+want pull || pull_reps=0
+for i in $(seq "$pull_reps"); do
     rm -rf "$dst"
     settle
     measure "pull: stowage pull" -- env DOCKER_HOST="$DH" "$STOWAGE" --root "$dst" pull $fit "$pullref"
@@ -324,6 +354,7 @@ done
 rm -rf "$dst"
 
 log "2b. check on a store of 10,000 blobs"
+want check || CHECK_REPS=0
 for kind in empty 10k; do
     root=$work/check-$kind
     "$STOWAGE" --root "$root" ls >/dev/null
@@ -387,8 +418,7 @@ filesref=$("$STOWAGE" publish --dir "$work/apps/filesapp" --cache-dir "$work/cac
     "$REG/bench/filesapp:1" 2>/dev/null | tail -n 1)
 "$STOWAGE" inspect --json "$filesref" >"$work/filesapp.json"
 
-# install_cases SECTION APP_REF IMAGE...: the three ways into the engine
-# (stowage's only when $engine_takes_stowage is 1).
+# install_cases SECTION APP_REF IMAGE...: the ways into the engine.
 install_cases() {
     local section=$1 ref=$2
     shift 2
@@ -411,14 +441,36 @@ install_cases() {
         fi
         log "$section: stowage install refuses: $(tail -n 1 "$work/logs/refused.log" | cut -c1-160)..."
     fi
+    install_args=()
+    # stowage_install CASE BINARY [ENV=VALUE...] (install's flags: install_args)
+    stowage_install() {
+        local case=$1 binary=$2
+        shift 2
+        rm -rf "$work/$name-run"
+        cp -a "$work/$name-root" "$work/$name-run"
+        settle
+        measure "$section: $case" "${watch[@]}" -- \
+            env DOCKER_HOST="$DH" STOWAGE_WATERMARK=99 "$@" "$binary" --root "$work/$name-run" \
+            install "${install_args[@]}" "$ref"
+        docker_forget "${tags[@]}"
+    }
     for i in $(seq "$REPS"); do
         if [ "$have_install" = 1 ] && [ "$engine_takes_stowage" = 1 ]; then
-            rm -rf "$work/$name-run"
-            cp -a "$work/$name-root" "$work/$name-run"
-            settle
-            measure "$section: stowage install" "${watch[@]}" -- \
-                env DOCKER_HOST="$DH" STOWAGE_WATERMARK=99 "$STOWAGE" --root "$work/$name-run" install "$ref"
-            docker_forget "${tags[@]}"
+            stowage_install "stowage install" "$STOWAGE"
+            stowage_install "stowage install, layers handed inflated" "$STOWAGE" \
+                STOWAGE_LOAD_LAYERS=plain
+            # Space short: the volume keeps all but 8 MiB of what two images
+            # at once need free, so the plan loads one at a time.
+            local required free
+            read -r required free < <(DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-root" \
+                --json check --watermark 99 "$ref" |
+                jq -r '[.volumes[] | select(any(.paths[]; contains("dockerfs")))][0] | "\(.required) \(.free)"')
+            install_args=(--reserve "$((free - required + 8 * 1024 * 1024))")
+            stowage_install "stowage install, space short (one image at a time)" "$STOWAGE"
+            install_args=()
+            if [ -n "$BEFORE" ]; then
+                stowage_install "stowage install, before ($BEFORE_LABEL)" "$BEFORE"
+            fi
         fi
         settle
         measure "$section: docker pull, 3 images one by one" "${watch[@]}" -- \
@@ -438,40 +490,60 @@ install_cases() {
 # On each engine of the test matrix (BENCH_ENGINES, default all three): Debian 12's
 # dockerd 20.10 (overlay2), Debian 13's 26.1 (overlay2), and 26.1 with the
 # containerd image store, which stowage refuses (measured for the Docker ways in,
-# as the figures for a later import path into that store).
+# as the figures for a later import path into that store). On 20.10 the install
+# section runs once per way the engine inflates gzip (BENCH_ENGINE_GZIP).
+BEFORE_LABEL=${BENCH_STOWAGE_BEFORE_LABEL:-an earlier build}
 engines_root=${STOWAGE_TEST_ENGINES:-$repo/target/engines}/root
-for engine in ${BENCH_ENGINES:-20.10 26.1 26.1-containerd}; do
-    engine_takes_stowage=1
-    case $engine in
-        20.10) suffix="" ;;
-        26.1)
+if want install; then
+    for engine in ${BENCH_ENGINES:-20.10 26.1 26.1-containerd}; do
+        engine_takes_stowage=1
+        gz_ways=$ENGINE_GZIP
+        case $engine in
+            20.10) suffix="" ;;
+            26.1) suffix=", Docker 26.1"; gz_ways=${ENGINE_GZIP%% *} ;;
+            26.1-containerd)
+                suffix=", Docker 26.1, containerd store"
+                gz_ways=${ENGINE_GZIP%% *}
+                engine_takes_stowage=0
+                ;;
+            *) log "unknown engine $engine in BENCH_ENGINES (20.10, 26.1, 26.1-containerd)"; exit 1 ;;
+        esac
+        for gz in $gz_ways; do
             stop_dockerd
-            start_dockerd "$engines_root/usr/sbin/dockerd" '{}' "$work/dockerfs/docker26" \
-                --storage-driver=overlay2
-            suffix=" (Docker 26.1)"
-            ;;
-        26.1-containerd)
-            stop_dockerd
-            start_dockerd "$engines_root/usr/sbin/dockerd" \
-                '{"features": {"containerd-snapshotter": true}}' "$work/dockerfs/docker26c"
-            suffix=" (Docker 26.1, containerd store)"
-            engine_takes_stowage=0
-            ;;
-        *) log "unknown engine $engine in BENCH_ENGINES (20.10, 26.1, 26.1-containerd)"; exit 1 ;;
-    esac
-    install_cases "install$suffix" "$pullref" \
-        "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
-    install_cases "install, files app$suffix" "$filesref" \
-        "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
-done
+            dockerd_env=()
+            label="unpigz"
+            if [ "$gz" = go ]; then
+                dockerd_env=(MOBY_DISABLE_PIGZ=1)
+                label="Go gzip"
+            fi
+            case $engine in
+                20.10) start_dockerd dockerd '{}' "$work/dockerfs/docker" --storage-driver=overlay2 ;;
+                26.1)
+                    start_dockerd "$engines_root/usr/sbin/dockerd" '{}' "$work/dockerfs/docker26" \
+                        --storage-driver=overlay2
+                    ;;
+                26.1-containerd)
+                    start_dockerd "$engines_root/usr/sbin/dockerd" \
+                        '{"features": {"containerd-snapshotter": true}}' "$work/dockerfs/docker26c"
+                    ;;
+            esac
+            install_cases "install ($label$suffix)" "$pullref" \
+                "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
+            install_cases "install, files app ($label$suffix)" "$filesref" \
+                "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
+        done
+    done
+fi
 if [ "$have_install" = 0 ]; then
     log "SKIPPED stowage install: this stowage has no install verb (the Docker baselines were measured)"
 fi
 
 # ------------------------------------------------------------------ report
+pubarg=()
+if want publish; then pubarg=(--publish-app "$work/pubapp.json"); fi
 python3 "$repo/scripts/bench/report.py" \
     --results "$results" \
-    --publish-app "$work/pubapp.json" --pull-app "$work/pullapp.json" \
+    "${pubarg[@]}" --pull-app "$work/pullapp.json" \
     --files-app "$work/filesapp.json" \
     --install "$have_install" \
     --stowage-commit "$(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src || echo '+changes')" \

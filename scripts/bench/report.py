@@ -94,7 +94,8 @@ def report(args):
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     out.append(f"### Run of {now} (stowage {args.stowage_commit})\n")
     out.append(f"Machine: {machine()}.\n")
-    out.append(app_line("publish app", args.publish_app))
+    if args.publish_app:
+        out.append(app_line("publish app", args.publish_app))
     out.append(app_line("pull app", args.pull_app))
     if args.files_app:
         out.append(app_line("files app (install only)", args.files_app))
@@ -155,6 +156,9 @@ def report(args):
             f"- stowage check on a store of 10,000 blobs {fmt_s(m)} (median, whole process, "
             f"registry and Docker queries included) < 50 ms: {verdict(m < 0.05)}"
         )
+    def disk(case):
+        return max(r["disk_peak_bytes"] for r in runs[case])
+
     sections = []
     for case in order:
         section = case.split(": ", 1)[0]
@@ -171,6 +175,20 @@ def report(args):
                 out.append(
                     f"- {mine} >= 2x faster than {way}: {r:.2f}x: {verdict(r >= 2)}"
                 )
+        pulled = f"{section}: docker pull, 3 images one by one"
+        if pulled in runs:
+            out.append(
+                f"- {mine}: peak extra disk {disk(mine) / 1e6:.0f} MB <= docker pull's "
+                f"({disk(pulled) / 1e6:.0f} MB, one by one): {verdict(disk(mine) <= disk(pulled))}"
+            )
+        out.append(f"- {mine}: peak RSS {fmt_kib(peak(mine))} < 48 MiB: {verdict(peak(mine) < 48 * 1024)}")
+        before = [c for c in order if c.startswith(f"{section}: stowage install, before")]
+        for b in before:
+            r = median(mine) / median(b)
+            out.append(
+                f"- {mine} no slower than {b.split(': ', 1)[1]}: {fmt_s(median(mine))} against "
+                f"{fmt_s(median(b))} ({r:.2f}x): {verdict(r <= 1.0)}"
+            )
     if not args.install:
         out.append("- stowage install >= 2x faster than docker pull: not measured (no `install` verb yet)")
     return "\n".join(out) + "\n"

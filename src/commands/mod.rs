@@ -259,6 +259,7 @@ impl Context {
             progress,
             layout: None,
             events,
+            wear: Default::default(),
         })
     }
 

@@ -9,7 +9,7 @@ use super::Context;
 use crate::engine::run::{AppState, AppStatus, ps};
 use crate::update::agent::{AgentStatus, read_status};
 use crate::update::reconcile::{Restart, failed_apps, last_restart};
-use crate::update::transaction::{DeviceState, StateFiles};
+use crate::update::transaction::{DeviceState, StateFiles, UpdateWrites};
 
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
@@ -26,10 +26,13 @@ pub struct StatusReport {
     pub last_restart: Option<Restart>,
     /// Why the engine could not be asked, when it could not.
     pub docker_error: Option<String>,
+    /// What the last committed update wrote to each volume (flash wear).
+    pub last_update_writes: Option<UpdateWrites>,
 }
 
 pub async fn run(ctx: &Context, docker_host: Option<&str>) -> Result<StatusReport> {
-    let device = StateFiles::under(&ctx.root).device()?;
+    let mut device = StateFiles::under(&ctx.root).device()?;
+    let last_update_writes = device.last_update_writes.take();
     let (agent, device) = match read_status(&ctx.root)? {
         Some(mut status) => {
             // What should run, even when a `stowage update` ran after the agent.
@@ -54,6 +57,7 @@ pub async fn run(ctx: &Context, docker_host: Option<&str>) -> Result<StatusRepor
         live_apps,
         last_restart: last_restart(&ctx.root)?,
         docker_error,
+        last_update_writes,
     })
 }
 

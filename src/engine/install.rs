@@ -227,6 +227,7 @@ pub(crate) async fn install_locked(
     let mut docker = None;
     // What the check counted: the loads are held to it.
     let mut guard = None;
+    let mut loads_at_once = options.load.images;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let info = info?;
@@ -246,6 +247,7 @@ pub(crate) async fn install_locked(
         let (plan, mut report) =
             check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
         guard = Some(space_guard(&plan, &docker.data_root));
+        loads_at_once = plan.loads_at_once;
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -291,8 +293,12 @@ pub(crate) async fn install_locked(
     }
     let load_options = LoadOptions {
         guard: guard.clone(),
+        images: loads_at_once.min(options.load.images),
         ..options.load.clone()
     };
+    // A killed install's intermediate images (the apps lock is held: no
+    // load is running); one filtered listing when there are none.
+    engine.remove_intermediate_images().await?;
     let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
     let loaded = load_images(
         engine,
@@ -536,7 +542,7 @@ fn space_guard(plan: &UpdatePlan, data_root: &Path) -> Arc<SpaceGuard> {
                     Allowance {
                         usage: count.usage,
                         inodes: count.inodes,
-                        tar_size: count.tar_size,
+                        tar_size: count.sent_size,
                     },
                 ),
             )
@@ -598,6 +604,21 @@ async fn load_images(
 
     if images.is_empty() {
         return Ok(Vec::new());
+    }
+    if options.images <= 1 {
+        // Strictly in order, as the plan's peak for one at a time assumes.
+        let mut reports = Vec::with_capacity(images.len());
+        for planned in images {
+            progress.step(format!(
+                "loading {} ({} layers) for {}",
+                planned.tags.iter().next().map_or("", String::as_str),
+                planned.layers.len(),
+                planned.services.join(", ")
+            ));
+            let image = image_to_load(store, planned, meta)?;
+            reports.push(engine.load_image_with(&image, options).await?);
+        }
+        return Ok(reports);
     }
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
     let mut waits_for: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); images.len()];

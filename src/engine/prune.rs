@@ -63,6 +63,10 @@ pub async fn prune_docker_keeping(
 ) -> Result<DockerPruneReport> {
     let _apps_lock = record::lock_apps_async(root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(root)?;
+    if !dry_run {
+        // Left by a killed layer-by-layer load; they hold nothing an app needs.
+        engine.remove_intermediate_images().await?;
+    }
     let mut referenced = state.referenced_images();
     referenced.extend(keep.iter().cloned());
     let before = engine.image_disk_usage().await?;

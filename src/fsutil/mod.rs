@@ -161,6 +161,30 @@ pub async fn blocking<T: Send + 'static, E: Send + 'static>(
     }
 }
 
+/// Bytes this process caused to be written to storage so far
+/// (`write_bytes` of `/proc/self/io`); `None` where the kernel does not say.
+pub fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Bytes in use on the file system holding `path` (blocks minus free blocks).
+pub fn used_bytes(path: &Path) -> Option<u64> {
+    let vfs = rustix::fs::statvfs(path).ok()?;
+    let unit = if vfs.f_frsize > 0 {
+        vfs.f_frsize
+    } else {
+        vfs.f_bsize
+    };
+    Some(
+        vfs.f_blocks
+            .saturating_sub(vfs.f_bfree)
+            .saturating_mul(unit),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

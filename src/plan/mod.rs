@@ -7,11 +7,16 @@
 //!   block size, minus what a partial download already holds;
 //! - Docker's data root: the unpacked usage of every layer the engine does
 //!   not hold as part of the same layer chain, for the volume's block size,
-//!   plus the engine's temporary copies of the image archives stowage hands
-//!   it: install loads [`IMAGES_AT_ONCE`] images at a time, so the largest
-//!   that many archives may be on disk together (each copy is deleted when
-//!   its load ends);
+//!   plus the engine's temporary copies: install loads one layer per load
+//!   (its file, as sent, is the copy), [`IMAGES_AT_ONCE`] images at a time
+//!   when that fits and one at a time when only that does, and the copies
+//!   count at the install's worst moment ([`held::install_peak`]);
 //! - the apps directory: the extracted bundle.
+//!
+//! Each volume's figure is the most the update holds there at any one of
+//! its steps (pull, install, switch, commit, prune), not the sum of all it
+//! writes: the temporary copies are gone after the install
+//! ([`space::Step`]).
 
 pub mod held;
 pub mod space;
@@ -25,7 +30,10 @@ use serde::{Deserialize, Serialize};
 use crate::Digest;
 use crate::app::{App, LayerNeed};
 use crate::oci::format::{self, LayerMeta};
-use crate::plan::held::{HeldLayers, IMAGES_AT_ONCE, load_temp_bytes};
+use crate::plan::held::{
+    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, install_peak, intermediate_config_len,
+    load_temp_bytes, sent_compressed,
+};
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
 
@@ -70,6 +78,8 @@ pub struct UpdatePlan {
     /// beyond all the plan counted there (0 when it does not fit).
     pub docker_block_size: u64,
     pub docker_room: (u64, u64),
+    /// Images install loads at once: [`IMAGES_AT_ONCE`] when that fits, else 1.
+    pub loads_at_once: usize,
     pub fit: FitReport,
 }
 
@@ -81,8 +91,11 @@ pub struct LayerCount {
     /// Disk bytes once unpacked, for Docker's volume's block size.
     pub usage: u64,
     pub inodes: u64,
-    /// Bytes of the uncompressed tar (the engine's temporary copy).
+    /// Bytes of the uncompressed tar.
     pub tar_size: u64,
+    /// Bytes of the layer's file in the archive (the engine's temporary
+    /// copy): the blob when sent as stored, else the tar.
+    pub sent_size: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,39 +241,78 @@ pub fn plan_update(
         part: Part::Blobs,
         bytes: blob_bytes,
         inodes: blob_inodes,
+        written: blob_bytes,
     });
 
-    // Docker: layers whose chain the engine lacks, and its temporary copy.
+    // Docker: layers whose chain the engine lacks, loaded one per load in
+    // the order install loads them (images by ID), and each load's
+    // temporary copy.
     let mut docker_layers: BTreeMap<Digest, LayerNeed> = BTreeMap::new();
-    let mut archives: Vec<u64> = Vec::new();
+    let mut images_by_id: BTreeMap<&Digest, &crate::app::ServiceImage> = BTreeMap::new();
+    let mut by_digest: BTreeMap<&Digest, &LayerNeed> = BTreeMap::new();
     for app in apps {
-        let by_digest: BTreeMap<&Digest, &LayerNeed> = app
-            .layers
-            .iter()
-            .map(|l| (&l.descriptor.digest, l))
-            .collect();
-        for image in &app.images {
-            let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
-            let held = docker.held.held_prefix_len(&diff_ids);
-            let mut sent = Vec::new();
-            for (layer, _) in &image.layers[held..] {
-                if let Some(need) = by_digest.get(&layer.digest) {
-                    let mut need = (*need).clone();
-                    if let Some(measured) = facts.get(&layer.digest) {
-                        need.meta = Some(measured.clone());
-                    }
-                    sent.push(need.tar_size());
-                    docker_layers.insert(layer.digest.clone(), need);
+        by_digest.extend(app.layers.iter().map(|l| (&l.descriptor.digest, l)));
+        images_by_id.extend(app.images.iter().map(|i| (&i.config.digest, i)));
+    }
+    let block = docker_volume.block_size;
+    let mut loading = docker.held.clone();
+    let mut loads: Vec<ImageLoads> = Vec::new();
+    // Which image loads each missing chain first: a later image needing it
+    // waits for that one (as install schedules them).
+    let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
+    for image in images_by_id.values() {
+        let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
+        let held = loading.held_prefix_len(&diff_ids);
+        let mut after = Vec::new();
+        for chain in crate::oci::digest::chain_ids(&diff_ids) {
+            if docker.held.chain_ids.contains(&chain) {
+                continue;
+            }
+            match owner.get(&chain) {
+                Some(&first) => after.push(first),
+                None => {
+                    owner.insert(chain, loads.len());
                 }
             }
-            let temp = load_temp_bytes(&sent, image.config.size, docker_volume.block_size);
-            if !sent.is_empty() {
-                archives.push(temp);
-            }
         }
+        let mut image_loads = Vec::new();
+        for (i, (layer, _)) in image.layers.iter().enumerate().skip(held) {
+            let Some(need) = by_digest.get(&layer.digest) else {
+                continue;
+            };
+            let mut need = (*need).clone();
+            if let Some(measured) = facts.get(&layer.digest) {
+                need.meta = Some(measured.clone());
+            }
+            let last = i + 1 == image.layers.len();
+            let config_len = if last {
+                image.config.size
+            } else {
+                intermediate_config_len(i + 1)
+            };
+            let sent = sent_size(&need);
+            image_loads.push(LayerLoad {
+                usage: need.usage(block),
+                until_image_done: if last {
+                    0
+                } else {
+                    docker_volume.round_up(config_len)
+                },
+                temp: load_temp_bytes(&[sent], config_len, block),
+            });
+            docker_layers.insert(layer.digest.clone(), need);
+        }
+        loading.add_image(&diff_ids);
+        after.sort_unstable();
+        after.dedup();
+        loads.push(ImageLoads {
+            loads: image_loads,
+            after,
+        });
     }
-    archives.sort_unstable_by(|a, b| b.cmp(a));
-    let temp_copies = saturating_sum(archives.iter().take(IMAGES_AT_ONCE).copied());
+    let every_load = || loads.iter().flat_map(|i| &i.loads);
+    let layers_usage = saturating_sum(every_load().map(|l| l.usage));
+    let all_temps = saturating_sum(every_load().map(|l| l.temp.saturating_add(l.until_image_done)));
     let mut docker_counts = BTreeMap::new();
     for (digest, need) in &docker_layers {
         let count = LayerCount {
@@ -268,6 +320,7 @@ pub fn plan_update(
             usage: need.usage(docker_volume.block_size),
             inodes: need.inodes(),
             tar_size: need.tar_size(),
+            sent_size: sent_size(need),
         };
         for (what, figure, whole) in [
             ("usage", count.usage, docker_volume.total_bytes),
@@ -295,19 +348,23 @@ pub fn plan_update(
         }
         docker_counts.insert(digest.clone(), count);
     }
-    demands.push(Demand {
+    let layer_demand = Demand {
         path: docker.data_root.clone(),
         part: Part::DockerLayers,
         bytes: saturating_sum(docker_counts.values().map(|c| c.usage)),
         inodes: saturating_sum(docker_counts.values().map(|c| c.inodes)),
-    });
-    demands.push(Demand {
+        written: saturating_sum(docker_counts.values().map(|c| c.usage)),
+    };
+    demands.push(layer_demand.clone());
+    // What the install holds beyond the layers at its worst moment.
+    let temp_demand = |at_once: usize| Demand {
         path: docker.data_root.clone(),
         part: Part::DockerTemp,
-        bytes: temp_copies,
+        bytes: install_peak(&loads, at_once).saturating_sub(layers_usage),
         inodes: 0,
-    });
-
+        written: all_temps,
+    };
+    demands.push(temp_demand(IMAGES_AT_ONCE));
     // The apps directory: each extracted bundle.
     let (mut bundle_bytes, mut bundle_inodes) = (0u64, 0u64);
     for app in apps {
@@ -320,9 +377,25 @@ pub fn plan_update(
         part: Part::Bundle,
         bytes: bundle_bytes,
         inodes: bundle_inodes,
+        written: bundle_bytes,
     });
 
     let mut fit = space::plan(&demands, policy, &Volume::of)?;
+    // Two images at once when that fits; one at a time (a smaller peak, a
+    // little slower) when only that does.
+    let mut loads_at_once = IMAGES_AT_ONCE;
+    if !fit.fits && IMAGES_AT_ONCE > 1 {
+        if let Some(temp) = demands.iter_mut().find(|d| d.part == Part::DockerTemp) {
+            *temp = temp_demand(1);
+        }
+        let one_at_a_time = space::plan(&demands, policy, &Volume::of)?;
+        if one_at_a_time.fits {
+            loads_at_once = 1;
+            fit = one_at_a_time;
+            fit.notes
+                .push("images are loaded one at a time: two at once would not fit".into());
+        }
+    }
     // Layers no layers-meta describes and no install measured: their usage
     // is FORMAT.md's guess, and the report says so.
     let guessed: Vec<&LayerNeed> = docker_layers
@@ -365,8 +438,19 @@ pub fn plan_update(
         docker_counts,
         docker_block_size: docker_volume.block_size,
         docker_room,
+        loads_at_once,
         fit,
     })
+}
+
+/// The bytes of a layer's file in the archive install hands the engine:
+/// the blob when it goes as stored, else the uncompressed tar.
+fn sent_size(need: &LayerNeed) -> u64 {
+    if sent_compressed(&need.descriptor.media_type) {
+        need.descriptor.size
+    } else {
+        need.tar_size()
+    }
 }
 
 fn saturating_sum(figures: impl Iterator<Item = u64>) -> u64 {

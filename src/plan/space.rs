@@ -159,13 +159,63 @@ impl Part {
     }
 }
 
+impl Part {
+    /// The steps of an update during which this part takes its bytes: blobs
+    /// from the pull on, the bundle and the unpacked layers from the install
+    /// on, the engine's temporary copies during the install only.
+    pub fn held_during(&self, step: Step) -> bool {
+        match self {
+            Part::Blobs => true,
+            Part::DockerLayers | Part::Bundle => step >= Step::Install,
+            Part::DockerTemp => step == Step::Install,
+        }
+    }
+}
+
+/// The steps of an update, in order. The space an update needs on a volume
+/// is the largest it holds at any one step, not the sum of everything it
+/// writes: the engine's temporary copies are gone before the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Pull,
+    Install,
+    Switch,
+    Commit,
+    Prune,
+}
+
+impl Step {
+    pub const ALL: [Step; 5] = [
+        Step::Pull,
+        Step::Install,
+        Step::Switch,
+        Step::Commit,
+        Step::Prune,
+    ];
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Step::Pull => "pull",
+            Step::Install => "install",
+            Step::Switch => "switch",
+            Step::Commit => "commit",
+            Step::Prune => "prune",
+        }
+    }
+}
+
 /// A need for space on the volume of `path`.
 #[derive(Debug, Clone)]
 pub struct Demand {
     pub path: PathBuf,
     pub part: Part,
+    /// Bytes held at the part's worst moment.
     pub bytes: u64,
     pub inodes: u64,
+    /// Bytes the part writes in all, freed or not (the engine's temporary
+    /// copies of every load); `bytes` for parts that are never freed.
+    pub written: u64,
 }
 
 /// One volume's figures in the fit report.
@@ -180,13 +230,29 @@ pub struct VolumeReport {
     pub reserved: u64,
     /// Free bytes minus the reserve: what the update may use.
     pub available: u64,
+    /// The peak: the most the update holds on this volume at any one step.
     pub required: u64,
+    /// Each part's bytes at its worst moment (they need not coincide).
     pub required_parts: BTreeMap<Part, u64>,
+    /// The step at which the peak occurs (the first, on a tie).
+    #[serde(default = "default_peak_step")]
+    pub peak_step: Step,
+    /// What the update holds on this volume at each step.
+    #[serde(default)]
+    pub steps: BTreeMap<Step, u64>,
+    /// Every byte the update writes here, as if nothing were freed before
+    /// it ended (the naive sum the peak improves on).
+    #[serde(default)]
+    pub sum_of_parts: u64,
     pub inodes_free: u64,
     pub inodes_required: u64,
     pub fits: bool,
     /// Why it does not fit, in a sentence; empty when it fits.
     pub reason: String,
+}
+
+fn default_peak_step() -> Step {
+    Step::Install
 }
 
 /// The verdict on a whole update.
@@ -233,6 +299,9 @@ pub fn plan(
                 available: volume.free_bytes.saturating_sub(reserved),
                 required: 0,
                 required_parts: BTreeMap::new(),
+                peak_step: Step::Pull,
+                steps: Step::ALL.iter().map(|s| (*s, 0)).collect(),
+                sum_of_parts: 0,
                 inodes_free: volume.free_inodes,
                 inodes_required: 0,
                 fits: true,
@@ -246,11 +315,23 @@ pub fn plan(
         }
         let part = entry.1.required_parts.entry(demand.part).or_default();
         *part = part.saturating_add(demand.bytes);
-        entry.1.required = entry.1.required.saturating_add(demand.bytes);
+        for (step, held) in entry.1.steps.iter_mut() {
+            if demand.part.held_during(*step) {
+                *held = held.saturating_add(demand.bytes);
+            }
+        }
+        entry.1.sum_of_parts = entry.1.sum_of_parts.saturating_add(demand.written);
         entry.1.inodes_required = entry.1.inodes_required.saturating_add(demand.inodes);
     }
     let mut volumes = Vec::new();
     for (_, (_, mut report)) in by_dev {
+        // The first step at which the most is held.
+        for (step, held) in &report.steps {
+            if *held > report.required {
+                report.required = *held;
+                report.peak_step = *step;
+            }
+        }
         let where_ = report
             .paths
             .first()
@@ -259,8 +340,9 @@ pub fn plan(
         if report.required > report.available {
             report.fits = false;
             report.reason = format!(
-                "the volume of {where_} needs {} but only {} is available ({} free, {} kept in reserve)",
+                "the volume of {where_} needs {} (its peak, during the {}) but only {} is available ({} free, {} kept in reserve)",
                 human_bytes(report.required),
+                report.peak_step.label(),
                 human_bytes(report.available),
                 human_bytes(report.free),
                 human_bytes(report.reserved)
@@ -304,6 +386,7 @@ mod tests {
             part,
             bytes,
             inodes: 1,
+            written: bytes,
         }
     }
 
@@ -360,6 +443,34 @@ mod tests {
             report.volumes[0].required_parts[&Part::DockerLayers],
             u64::MAX
         );
+    }
+
+    #[test]
+    fn the_peak_is_the_largest_step_not_the_sum_of_every_write() {
+        let mut temp = demand("/docker", Part::DockerTemp, 50 * 4096);
+        // Ten loads, each a temporary copy of 50 blocks, one at a time.
+        temp.written = 500 * 4096;
+        let report = plan(
+            &[
+                demand("/docker", Part::Blobs, 100 * 4096),
+                demand("/docker", Part::DockerLayers, 120 * 4096),
+                temp,
+                demand("/docker", Part::Bundle, 10 * 4096),
+            ],
+            Policy::default(),
+            &fake,
+        )
+        .unwrap();
+        let v = &report.volumes[0];
+        assert_eq!(v.steps[&Step::Pull], 100 * 4096);
+        assert_eq!(v.steps[&Step::Install], 280 * 4096);
+        assert_eq!(v.steps[&Step::Switch], 230 * 4096);
+        assert_eq!(v.steps[&Step::Prune], 230 * 4096);
+        assert_eq!(v.required, 280 * 4096);
+        assert_eq!(v.peak_step, Step::Install);
+        assert_eq!(v.sum_of_parts, 730 * 4096);
+        // 300 blocks available: the peak fits, the naive sum would not.
+        assert!(report.fits);
     }
 
     #[test]

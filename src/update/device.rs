@@ -26,7 +26,8 @@ use crate::update::agent::AgentDevice;
 use crate::update::pull::PullOptions;
 use crate::update::reconcile::Supervised;
 use crate::update::transaction::{
-    AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent,
+    AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent, UpdateWrites,
+    VolumeWrites,
 };
 
 /// The device as the update transaction drives it.
@@ -45,6 +46,71 @@ pub struct LiveDevice<'a> {
     pub layout: Option<crate::update::export::LayoutRef>,
     /// Receives the transaction's events (JSON lines or text).
     pub events: &'a (dyn Fn(&UpdateEvent) + Send + Sync),
+    /// What this update writes, for flash wear.
+    pub wear: Wear,
+}
+
+/// Counts what an update writes (see [`UpdateWrites`]).
+#[derive(Debug)]
+pub struct Wear {
+    /// The process's `write_bytes` when the device was made.
+    started: Option<u64>,
+    /// Docker's data root, once an install asked for it.
+    data_root: std::sync::Mutex<Option<PathBuf>>,
+    engine_growth: std::sync::atomic::AtomicU64,
+    engine_temp: std::sync::atomic::AtomicU64,
+    /// Of the process's writes, those made while an install grew a data
+    /// root on the store's volume (counted once, on the store's side).
+    overlap: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Wear {
+    fn default() -> Self {
+        Wear {
+            started: crate::fsutil::process_write_bytes(),
+            data_root: std::sync::Mutex::new(None),
+            engine_growth: Default::default(),
+            engine_temp: Default::default(),
+            overlap: Default::default(),
+        }
+    }
+}
+
+impl Wear {
+    /// The figures so far, per volume of `root` and the data root.
+    pub fn writes(&self, root: &std::path::Path) -> Option<UpdateWrites> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store_bytes = crate::fsutil::process_write_bytes()?.saturating_sub(self.started?);
+        let growth = self
+            .engine_growth
+            .load(Relaxed)
+            .saturating_sub(self.overlap.load(Relaxed));
+        let temp = self.engine_temp.load(Relaxed);
+        let engine_bytes = growth.saturating_add(temp);
+        let data_root = self.data_root.lock().ok().and_then(|d| d.clone());
+        let dev = |p: &std::path::Path| crate::plan::space::Volume::of(p).map(|v| v.dev).ok();
+        let mut volumes = vec![VolumeWrites {
+            paths: vec![root.display().to_string()],
+            bytes: store_bytes,
+        }];
+        if let Some(data_root) = data_root {
+            if dev(&data_root).is_some() && dev(&data_root) == dev(root) {
+                volumes[0].paths.push(data_root.display().to_string());
+                volumes[0].bytes = volumes[0].bytes.saturating_add(engine_bytes);
+            } else {
+                volumes.push(VolumeWrites {
+                    paths: vec![data_root.display().to_string()],
+                    bytes: engine_bytes,
+                });
+            }
+        }
+        Some(UpdateWrites {
+            store_bytes,
+            engine_bytes,
+            engine_temp_bytes: temp,
+            volumes,
+        })
+    }
 }
 
 impl LiveDevice<'_> {
@@ -125,8 +191,37 @@ impl DeviceOps for LiveDevice<'_> {
     }
 
     async fn install(&self, reference: &AppRef) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
         let reference = reference.to_string();
-        install::install(self.device(), &reference, &self.install, self.progress).await?;
+        let data_root = self.engine.info().await.ok().map(|i| i.data_root);
+        let used = || data_root.as_deref().and_then(crate::fsutil::used_bytes);
+        let (used_before, io_before) = (used(), crate::fsutil::process_write_bytes());
+        let report =
+            install::install(self.device(), &reference, &self.install, self.progress).await?;
+        let sent: u64 = report.images.iter().map(|i| i.bytes_sent).sum();
+        self.wear.engine_temp.fetch_add(sent, Relaxed);
+        if let (Some(before), Some(after)) = (used_before, used()) {
+            self.wear
+                .engine_growth
+                .fetch_add(after.saturating_sub(before), Relaxed);
+        }
+        if let Some(data_root) = data_root {
+            let same = crate::plan::space::Volume::of(&data_root)
+                .ok()
+                .zip(crate::plan::space::Volume::of(&self.root).ok())
+                .is_some_and(|(a, b)| a.dev == b.dev);
+            if same
+                && let (Some(before), Some(after)) =
+                    (io_before, crate::fsutil::process_write_bytes())
+            {
+                self.wear
+                    .overlap
+                    .fetch_add(after.saturating_sub(before), Relaxed);
+            }
+            if let Ok(mut known) = self.wear.data_root.lock() {
+                *known = Some(data_root);
+            }
+        }
         Ok(())
     }
 
@@ -268,6 +363,10 @@ impl DeviceOps for LiveDevice<'_> {
             anyhow::Ok(())
         })
         .await
+    }
+
+    fn writes(&self) -> Option<UpdateWrites> {
+        self.wear.writes(&self.root)
     }
 
     fn event(&self, event: UpdateEvent) {

@@ -335,6 +335,7 @@ mod tests {
                     .map(|(n, v)| (n.parse().unwrap(), r(n, v).parse().unwrap()))
                     .collect(),
                 previous: AppSet::new(),
+                last_update_writes: None,
             })
             .unwrap();
     }

@@ -66,6 +66,31 @@ pub struct Journal {
 pub struct DeviceState {
     pub running: AppSet,
     pub previous: AppSet,
+    /// What the last committed update wrote to each volume (flash wear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_writes: Option<UpdateWrites>,
+}
+
+/// Bytes an update wrote, for flash wear: the blob store's side as the
+/// process's own I/O counters saw it (`write_bytes` of `/proc/self/io`:
+/// blobs, bundle, state files), the engine's as its data root's growth
+/// during the installs plus the temporary copies it wrote and deleted
+/// (every archive sent to its load endpoint), and both per volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateWrites {
+    pub store_bytes: u64,
+    pub engine_bytes: u64,
+    /// Of `engine_bytes`: the temporary copies.
+    pub engine_temp_bytes: u64,
+    pub volumes: Vec<VolumeWrites>,
+}
+
+/// Bytes an update wrote to one volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeWrites {
+    /// The paths on this volume (the store root, Docker's data root).
+    pub paths: Vec<String>,
+    pub bytes: u64,
 }
 
 pub struct StateFiles {
@@ -187,6 +212,10 @@ pub trait DeviceOps {
     /// extracted bundles) before the commit points at it.
     async fn sync(&self) -> Result<()>;
     fn event(&self, event: UpdateEvent);
+    /// What this update wrote so far, when the device counts it.
+    fn writes(&self) -> Option<UpdateWrites> {
+        None
+    }
 }
 
 /// What an update reports as it goes (JSON lines with `--json`).
@@ -221,6 +250,9 @@ pub enum UpdateEvent {
     },
     Committed {
         running: AppSet,
+        /// Bytes written per volume (flash wear), when counted.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        writes: Option<UpdateWrites>,
     },
     RolledBack {
         running: AppSet,
@@ -295,6 +327,7 @@ pub async fn update(
         None => DeviceState {
             running: device.installed().await?,
             previous: AppSet::new(),
+            last_update_writes: None,
         },
     };
     if state.running == to {
@@ -348,12 +381,16 @@ pub async fn update(
             let new_state = DeviceState {
                 running: to.clone(),
                 previous: changed(&state.running, &to),
+                last_update_writes: device.writes(),
             };
             // A committed state must never point at layers still in the page cache.
             device.sync().await?;
             files.write_device(&new_state)?;
             files.clear_journal()?;
-            device.event(UpdateEvent::Committed { running: to });
+            device.event(UpdateEvent::Committed {
+                running: to,
+                writes: new_state.last_update_writes.clone(),
+            });
             prune_quietly(device, &keep(&[&new_state.running, &new_state.previous])).await;
             Ok(Outcome::Committed)
         }
@@ -433,6 +470,7 @@ async fn roll_back(
     files.write_device(&DeviceState {
         running: journal.from.clone(),
         previous: state.previous,
+        last_update_writes: state.last_update_writes,
     })?;
     files.clear_journal()?;
     device.event(UpdateEvent::RolledBack {
@@ -471,6 +509,7 @@ pub async fn recover(
         files.clear_journal()?;
         device.event(UpdateEvent::Committed {
             running: journal.to.clone(),
+            writes: state.last_update_writes.clone(),
         });
         return Ok(());
     }
@@ -620,6 +659,7 @@ mod tests {
             .write_device(&DeviceState {
                 running,
                 previous: AppSet::new(),
+                last_update_writes: None,
             })
             .unwrap();
     }
@@ -724,6 +764,7 @@ mod tests {
             .write_device(&DeviceState {
                 running: set(&[("shop", "v2")]),
                 previous: set(&[("shop", "v1")]),
+                last_update_writes: None,
             })
             .unwrap();
         files

@@ -17,7 +17,7 @@ use stowage::engine::compose::{Compose, ComposeError, ps, write_image_override};
 use stowage::engine::docker::{
     DockerEngine, DockerError, ImageToLoad, LayerSource, layers_to_send, local_tag_for,
 };
-use stowage::plan::held::load_temp_bytes;
+use stowage::plan::held::{intermediate_config_len, load_temp_bytes, sent_compressed};
 
 fn docker(args: &[&str]) -> String {
     run_ok(Command::new("docker").args(args)).trim().to_string()
@@ -377,9 +377,23 @@ async fn the_engine_temporary_copy_is_what_load_temp_bytes_predicts() {
     let peak = watcher.join().unwrap();
     assert_eq!(report.layers_sent, 2);
 
-    let sizes: Vec<u64> = to_send.iter().map(|l| l.tar_size.unwrap()).collect();
-    let predicted = load_temp_bytes(&sizes, stored.config.len() as u64, 4096);
+    // One layer per load: the first under an intermediate config, the last
+    // under the image's own; each copy is the layer's file as sent (the
+    // blob for a gzip layer, else the tar).
+    let sent = |l: &LayerSource| {
+        if sent_compressed(&l.media_type) {
+            std::fs::metadata(&l.blob_path).unwrap().len()
+        } else {
+            l.tar_size.unwrap()
+        }
+    };
+    let predicted = load_temp_bytes(&[sent(&to_send[0])], intermediate_config_len(1), 4096).max(
+        load_temp_bytes(&[sent(&to_send[1])], stored.config.len() as u64, 4096),
+    );
     eprintln!("engine temporary copy: peak {peak} bytes, predicted {predicted}; load {report:?}");
+    // No intermediate image is left behind.
+    let label = format!("label=org.stowage.intermediate={}", stored.config_digest);
+    assert_eq!(docker(&["images", "-aq", "--filter", &label]), "");
     // The watcher may miss the last directory blocks; the layers dominate.
     assert!(
         peak <= predicted && peak as f64 >= predicted as f64 * 0.98,

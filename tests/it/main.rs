@@ -12,6 +12,7 @@ mod foundries;
 mod harness;
 mod hostile_server;
 mod install;
+mod lean;
 mod matrix;
 mod mount;
 mod publish;

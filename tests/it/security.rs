@@ -700,10 +700,10 @@ fn layers_meta_that_lies_cannot_fill_dockers_volume() {
     let zeros = big.layers[0].clone();
     let (files, small) = (many.layers[0].clone(), many.layers[1].clone());
 
-    // Docker's volume: 1 GiB with 30,000 inodes, of which the policy keeps
-    // 200 MiB free: it holds the 400 MiB archive Docker copies while it
-    // loads, or the unpacked layer, not both.
-    let volume = LoopVolume::with_options(1024, 4096, Some(30_000));
+    // Docker's volume: 512 MiB with 30,000 inodes, of which the policy keeps
+    // 200 MiB free: it cannot hold the 400 MiB unpacked layer (the engine's
+    // temporary copy is the tiny gzip blob: install hands it over as stored).
+    let volume = LoopVolume::with_options(512, 4096, Some(30_000));
     let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
     let total = volume.stats().total_bytes();
     let reserve = (200 * MIB).max(total / 100);

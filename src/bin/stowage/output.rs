@@ -321,6 +321,12 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
             .map(|(part, n)| format!("{} {}", part.label(), human_bytes(*n)))
             .collect();
         out!("        required: {}", parts.join(" + "));
+        out!(
+            "        peak:     {} during the {} (all it writes, freed or not: {})",
+            human_bytes(v.required),
+            v.peak_step.label(),
+            human_bytes(v.sum_of_parts)
+        );
         if !v.fits {
             out!("        {}", v.reason);
         }
@@ -753,7 +759,16 @@ pub fn update_event(event: &stowage::update::transaction::UpdateEvent) {
         E::Stopped { app } => format!("stopped {app}"),
         E::AppStarted { app, .. } => format!("started {app}"),
         E::Verified { app } => format!("verified {app}: every service running"),
-        E::Committed { running } => format!("committed: running {}", apps_text(running)),
+        E::Committed { running, writes } => match writes {
+            Some(w) => format!(
+                "committed: running {}; wrote {} (store {}, engine {})",
+                apps_text(running),
+                human_bytes(w.store_bytes.saturating_add(w.engine_bytes)),
+                human_bytes(w.store_bytes),
+                human_bytes(w.engine_bytes)
+            ),
+            None => format!("committed: running {}", apps_text(running)),
+        },
         E::RolledBack { running, error } => {
             format!("ROLLED BACK to {}: {error}", apps_text(running))
         }
@@ -857,7 +872,11 @@ pub fn status(report: &stowage::commands::status::StatusReport, json: bool) -> R
             "no agent has run; should run: {}",
             apps_text(&state.running)
         );
-        out!("rollback copy: {}", apps_text(&state.previous));
+        if state.previous.is_empty() {
+            out!("rollback copy: none (the apps that run cannot be rolled back)");
+        } else {
+            out!("rollback copy: {}", apps_text(&state.previous));
+        }
     }
     match &report.docker_error {
         Some(e) => out!("running now:  unknown ({e})"),
@@ -882,6 +901,20 @@ pub fn status(report: &stowage::commands::status::StatusReport, json: bool) -> R
     }
     if let Some(restart) = &report.last_restart {
         restart_line(restart);
+    }
+    if let Some(writes) = &report.last_update_writes {
+        let volumes: Vec<String> = writes
+            .volumes
+            .iter()
+            .map(|v| format!("{} on {}", human_bytes(v.bytes), v.paths.join(" and ")))
+            .collect();
+        out!(
+            "last update wrote: {} (store {}, engine {} of which {} temporary copies)",
+            volumes.join("; "),
+            human_bytes(writes.store_bytes),
+            human_bytes(writes.engine_bytes),
+            human_bytes(writes.engine_temp_bytes)
+        );
     }
     Ok(())
 }

@@ -72,6 +72,10 @@ pub struct LoadOptions {
     /// Keeps the loads within what the fit check counted; every layer is
     /// measured as it streams either way.
     pub guard: Option<Arc<SpaceGuard>>,
+    /// Hand the engine gzip layers as stored (verified and measured here
+    /// first) rather than inflated: its temporary copy is then the blob, not
+    /// the tar. The engine inflates them itself (`unpigz` when on its PATH).
+    pub send_gzip: bool,
 }
 
 impl Default for LoadOptions {
@@ -82,6 +86,7 @@ impl Default for LoadOptions {
             jobs: cores.clamp(1, 4),
             buffer_bytes: 4 * 1024 * 1024,
             guard: None,
+            send_gzip: crate::plan::held::send_gzip(),
         }
     }
 }
@@ -92,7 +97,8 @@ pub struct Allowance {
     /// Disk bytes once unpacked, for the volume's block size.
     pub usage: u64,
     pub inodes: u64,
-    /// Bytes of the engine's temporary copy (the uncompressed tar).
+    /// Bytes of the layer's file in the engine's temporary copy (the
+    /// uncompressed tar, or the blob when sent as stored).
     pub tar_size: u64,
 }
 
@@ -479,6 +485,7 @@ struct Inflaters {
     jobs: usize,
     buffer_chunks: usize,
     guard: Option<Arc<SpaceGuard>>,
+    send_gzip: bool,
 }
 
 impl Inflaters {
@@ -489,6 +496,7 @@ impl Inflaters {
             jobs: options.jobs.max(1),
             buffer_chunks: (options.buffer_bytes / CHUNK).max(1),
             guard: options.guard.clone(),
+            send_gzip: options.send_gzip,
         };
         inflaters.fill();
         inflaters
@@ -502,7 +510,9 @@ impl Inflaters {
             let (tx, rx) = mpsc::sync_channel(self.buffer_chunks);
             let work = layer.clone();
             let guard = self.guard.clone();
-            std::thread::spawn(move || inflate_layer(&work, guard.as_deref(), &tx));
+            let raw = self.send_gzip
+                && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip);
+            std::thread::spawn(move || inflate_layer(&work, guard.as_deref(), raw, &tx));
             self.running.push_back((layer, rx));
         }
     }
@@ -732,10 +742,14 @@ struct Walked {
 /// the receiver went away. A layer the guard refuses is sent no further
 /// but read to its end, so that, if it is the layer it claims to be, what
 /// it really takes is recorded for the next plan.
+///
+/// `temp` is the engine's temporary copy of the layer when it is known up
+/// front (a blob sent as stored); otherwise the tar read so far counts.
 fn walk_layer(
     layer: &LayerSource,
     limit: Option<u64>,
     guard: Option<&SpaceGuard>,
+    temp: Option<u64>,
     forward: impl FnMut(Bytes) -> bool,
 ) -> Result<Option<Walked>, DockerError> {
     let read_so_far = Rc::new(Cell::new(0u64));
@@ -762,7 +776,7 @@ fn walk_layer(
             layer,
             walk.file_bytes(),
             walk.inodes(),
-            read_so_far.get(),
+            temp.unwrap_or_else(|| read_so_far.get()),
             &mut drawn,
         ) {
             refused = Some(e);
@@ -796,7 +810,9 @@ fn walk_layer(
         let refused = refused.or_else(|| {
             let (inodes, usage) = walk.footprint();
             let usage = crate::oci::format::usage_for_block_size(&usage, guard.block_size);
-            guard.admit(layer, usage, inodes, size, &mut drawn).err()
+            guard
+                .admit(layer, usage, inodes, temp.unwrap_or(size), &mut drawn)
+                .err()
         });
         if let Some(refused) = refused {
             if digest == layer.diff_id && limit.is_none_or(|l| l == size) {
@@ -808,14 +824,22 @@ fn walk_layer(
     Ok(Some(Walked { size, digest, walk }))
 }
 
-fn inflate_layer(layer: &LayerSource, guard: Option<&SpaceGuard>, tx: &mpsc::SyncSender<Piece>) {
+fn inflate_layer(
+    layer: &LayerSource,
+    guard: Option<&SpaceGuard>,
+    raw: bool,
+    tx: &mpsc::SyncSender<Piece>,
+) {
     let result = (|| -> Result<bool, DockerError> {
+        if raw {
+            return send_raw_layer(layer, guard, tx);
+        }
         match layer.tar_size {
             Some(size) => {
                 if tx.send(Piece::Size(size)).is_err() {
                     return Ok(false);
                 }
-                let Some(walked) = walk_layer(layer, Some(size), guard, |bytes| {
+                let Some(walked) = walk_layer(layer, Some(size), guard, None, |bytes| {
                     tx.send(Piece::Data(bytes)).is_ok()
                 })?
                 else {
@@ -829,7 +853,7 @@ fn inflate_layer(layer: &LayerSource, guard: Option<&SpaceGuard>, tx: &mpsc::Syn
             None => {
                 // A tar entry needs its size up front: count (and measure,
                 // and admit) by inflating once, then send.
-                let Some(walked) = walk_layer(layer, None, guard, |_| true)? else {
+                let Some(walked) = walk_layer(layer, None, guard, None, |_| true)? else {
                     return Ok(false);
                 };
                 check_layer(layer, None, walked.size, walked.digest)?;
@@ -856,6 +880,64 @@ fn inflate_layer(layer: &LayerSource, guard: Option<&SpaceGuard>, tx: &mpsc::Syn
         Ok(false) => Ok(()),
         Err(e) => tx.send(Piece::Failed(e)),
     };
+}
+
+/// Sends a gzip layer as stored: first inflated, hashed, walked and held
+/// to what the check counted (its temporary copy on the engine's side is
+/// the blob's size), then, only once it passed, its compressed bytes. The
+/// engine inflates it again and checks its `diff_id` itself.
+fn send_raw_layer(
+    layer: &LayerSource,
+    guard: Option<&SpaceGuard>,
+    tx: &mpsc::SyncSender<Piece>,
+) -> Result<bool, DockerError> {
+    let read_error = |source| DockerError::LayerRead {
+        diff_id: layer.diff_id.clone(),
+        path: layer.blob_path.clone(),
+        source,
+    };
+    let blob_len = std::fs::metadata(&layer.blob_path)
+        .map_err(read_error)?
+        .len();
+    let Some(walked) = walk_layer(layer, layer.tar_size, guard, Some(blob_len), |_| true)? else {
+        return Ok(false);
+    };
+    check_layer(layer, layer.tar_size, walked.size, walked.digest)?;
+    if tx.send(Piece::Size(blob_len)).is_err() {
+        return Ok(false);
+    }
+    let mut file = File::open(&layer.blob_path).map_err(read_error)?;
+    let mut sent = 0u64;
+    loop {
+        let mut buffer = vec![0u8; CHUNK];
+        let n = loop {
+            match file.read(&mut buffer) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_error(e)),
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        sent += n as u64;
+        if sent > blob_len {
+            break;
+        }
+        buffer.truncate(n);
+        if tx.send(Piece::Data(Bytes::from(buffer))).is_err() {
+            return Ok(false);
+        }
+    }
+    if sent != blob_len {
+        return Err(read_error(std::io::Error::other(format!(
+            "the blob changed while it was sent ({sent} bytes read, {blob_len} expected)"
+        ))));
+    }
+    if let Some(guard) = guard {
+        guard.record(layer, walked.size, &walked.walk);
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -901,7 +983,7 @@ mod tests {
     /// how it ended.
     fn inflate(layer: &LayerSource, guard: &SpaceGuard) -> (u64, Result<(), DockerError>) {
         let (tx, rx) = mpsc::sync_channel(100_000);
-        inflate_layer(layer, Some(guard), &tx);
+        inflate_layer(layer, Some(guard), false, &tx);
         let mut sent = 0;
         for piece in rx.try_iter() {
             match piece {
@@ -1077,7 +1159,7 @@ mod tests {
         layer.diff_id = Digest::of(&plain);
 
         let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, None, &tx);
+        inflate_layer(&layer, None, false, &tx);
         let mut received = Vec::new();
         let mut size = 0;
         for piece in rx.try_iter() {
@@ -1094,7 +1176,7 @@ mod tests {
         // The same blob claimed as another diff_id fails, naming both digests.
         layer.diff_id = digest(7);
         let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, None, &tx);
+        inflate_layer(&layer, None, false, &tx);
         let failure = rx.try_iter().find_map(|p| match p {
             Piece::Failed(e) => Some(e),
             _ => Option::None,
@@ -1121,7 +1203,7 @@ mod tests {
         for wrong in [right - 1, right + 1] {
             layer.tar_size = Some(wrong);
             let (tx, rx) = mpsc::sync_channel(100);
-            inflate_layer(&layer, None, &tx);
+            inflate_layer(&layer, None, false, &tx);
             let failure = rx.try_iter().find_map(|p| match p {
                 Piece::Failed(e) => Some(e),
                 _ => Option::None,

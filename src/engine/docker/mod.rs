@@ -714,9 +714,17 @@ impl DockerEngine {
     }
 
     /// Loads one image from its blobs, leaving out the leading layers whose
-    /// chain the engine holds. Should such a layer vanish between the check
-    /// and the load (its image removed meanwhile), the engine refuses the
-    /// archive, and the load is retried once with every layer.
+    /// chain the engine holds, ONE LAYER PER LOAD: each load carries one new
+    /// layer on top of the chain the engine already holds, under a
+    /// synthesized intermediate config (untagged, labelled
+    /// [`INTERMEDIATE_LABEL`]), and the last carries the image's own config
+    /// and tags. The engine's temporary copy is then one layer's file, not
+    /// the whole archive. The intermediate images are removed once the image
+    /// is there (its layers hold the chain), and also when a load fails, so
+    /// a failed image leaves nothing behind in the engine but the chains it
+    /// shares with others. Should a held layer vanish between the check and
+    /// the load (its image removed meanwhile), the engine refuses the first
+    /// archive, and the load starts again from the first layer.
     pub async fn load_image_with(
         &self,
         image: &ImageToLoad,
@@ -725,23 +733,99 @@ impl DockerEngine {
         validate_image(image)?;
         let diff_ids: Vec<Digest> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
         let skip = self.held_layers().await?.held_prefix_len(&diff_ids);
-        match self.load_archive(image, skip, options).await {
+        let mut intermediates = Vec::new();
+        let result = match self
+            .load_chain(image, skip, options, &mut intermediates)
+            .await
+        {
             Err(DockerError::LoadRefused { message, .. })
                 if skip > 0 && message.contains("layer.tar") =>
             {
-                self.load_archive(image, 0, options).await
+                self.load_chain(image, 0, options, &mut intermediates).await
             }
             other => other,
+        };
+        // The image (or nothing, after a failure) now holds the chain.
+        for id in intermediates.iter().rev() {
+            if let Err(e) = self.remove_image(&id.to_string()).await {
+                tracing::warn!("cannot remove the intermediate image {id}: {e}");
+            }
         }
+        result
     }
 
+    /// Loads layers `skip..` of `image` one per load (see
+    /// [`Self::load_image_with`]), pushing each intermediate image it made
+    /// to `intermediates` before loading it.
+    async fn load_chain(
+        &self,
+        image: &ImageToLoad,
+        skip: usize,
+        options: &LoadOptions,
+        intermediates: &mut Vec<Digest>,
+    ) -> Result<LoadReport, DockerError> {
+        let started = Instant::now();
+        let last = image.layers.len();
+        let mut bytes_sent = 0;
+        // Layer k is sent on top of layers ..k; the last load sends the
+        // last layer (or none, when the engine holds every one) with the
+        // image's own config.
+        for top in (skip + 1)..last {
+            let (config, id) = intermediate_config(image, top)?;
+            let step = ImageToLoad {
+                config,
+                config_digest: id.clone(),
+                repo_tags: Vec::new(),
+                layers: image.layers[..top].to_vec(),
+            };
+            if !intermediates.contains(&id) {
+                intermediates.push(id);
+            }
+            bytes_sent += self.load_archive(&step, top - 1, options, false).await?;
+        }
+        let from = last.saturating_sub(1).max(skip);
+        bytes_sent += self.load_archive(image, from, options, true).await?;
+        Ok(LoadReport {
+            layers_sent: last - skip,
+            layers_skipped: skip,
+            bytes_sent,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Removes intermediate images a killed install left behind (labelled
+    /// [`INTERMEDIATE_LABEL`]; stowage alone makes them). The caller holds
+    /// the apps lock, so no load of this root is running. Returns how many
+    /// were removed.
+    pub async fn remove_intermediate_images(&self) -> Result<usize, DockerError> {
+        let filters = HashMap::from([("label", vec![INTERMEDIATE_LABEL])]);
+        let images = self
+            .client
+            .list_images(Some(
+                ListImagesOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(self.api_error("list its intermediate images"))?;
+        let mut removed = 0;
+        for image in images {
+            self.remove_image(&image.id).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// One `POST /images/load` of `image` less its first `skip` layers;
+    /// the bytes sent. With `check`, the image must be there afterwards.
     async fn load_archive(
         &self,
         image: &ImageToLoad,
         skip: usize,
         options: &LoadOptions,
-    ) -> Result<LoadReport, DockerError> {
-        let started = Instant::now();
+        check: bool,
+    ) -> Result<u64, DockerError> {
         let name = image_name(image);
         let (body, producer) = stream_archive(image, skip, options);
         let client = self.client.clone().with_timeout(LOAD_TIMEOUT);
@@ -790,10 +874,11 @@ impl DockerEngine {
                 message,
             });
         }
-        if self
-            .image_exists(&image.config_digest.to_string())
-            .await?
-            .is_none()
+        if check
+            && self
+                .image_exists(&image.config_digest.to_string())
+                .await?
+                .is_none()
         {
             return Err(DockerError::LoadRefused {
                 image: name,
@@ -803,12 +888,7 @@ impl DockerEngine {
                 ),
             });
         }
-        Ok(LoadReport {
-            layers_sent: image.layers.len() - skip,
-            layers_skipped: skip,
-            bytes_sent,
-            elapsed: started.elapsed(),
-        })
+        Ok(bytes_sent)
     }
 }
 
@@ -826,6 +906,52 @@ fn image_store_of(driver_status: &[Vec<String>]) -> ImageStore {
     } else {
         ImageStore::GraphDriver
     }
+}
+
+/// The label of the intermediate images a layer-by-layer load makes; its
+/// value is the image they lead to.
+pub const INTERMEDIATE_LABEL: &str = "org.stowage.intermediate";
+
+/// The config of the intermediate image holding the first `layers` layers
+/// of `image` (same architecture and OS, no history), and its image ID.
+/// The label naming the final image keeps its ID apart from any image a
+/// user has.
+fn intermediate_config(
+    image: &ImageToLoad,
+    layers: usize,
+) -> Result<(Vec<u8>, Digest), DockerError> {
+    let invalid = |reason: String| DockerError::InvalidImage {
+        image: image_name(image),
+        reason,
+    };
+    let full: serde_json::Value = serde_json::from_slice(&image.config)
+        .map_err(|e| invalid(format!("its config is not JSON: {e}")))?;
+    let mut config = serde_json::Map::new();
+    for key in ["architecture", "os", "variant", "os.version"] {
+        if let Some(value) = full.get(key) {
+            config.insert(key.to_string(), value.clone());
+        }
+    }
+    config.insert(
+        "config".into(),
+        serde_json::json!({
+            "Labels": { INTERMEDIATE_LABEL: image.config_digest.to_string() }
+        }),
+    );
+    config.insert(
+        "rootfs".into(),
+        serde_json::json!({
+            "type": "layers",
+            "diff_ids": image.layers[..layers]
+                .iter()
+                .map(|l| l.diff_id.to_string())
+                .collect::<Vec<_>>(),
+        }),
+    );
+    let bytes = serde_json::to_vec(&serde_json::Value::Object(config))
+        .map_err(|e| invalid(e.to_string()))?;
+    let id = Digest::of(&bytes);
+    Ok((bytes, id))
 }
 
 /// Per-image disk use, like `docker system df -v`.
