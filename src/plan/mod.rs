@@ -19,6 +19,7 @@
 //! ([`space::Step`]).
 
 pub mod held;
+pub mod room;
 pub mod space;
 
 use std::collections::{BTreeMap, HashSet};
