@@ -57,6 +57,9 @@ pub struct ConfigFile {
     /// Which compose runs apps: "auto", "plugin" (`docker compose`) or
     /// "standalone" (`docker-compose`).
     pub compose: Option<String>,
+    /// What an update may free when it does not fit: "none", "prune" or
+    /// "drop-rollback" (see `--make-room`).
+    pub make_room: Option<MakeRoom>,
 }
 
 impl ConfigFile {
@@ -315,6 +318,52 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
     };
     Ok((value * mult as f64).round() as u64)
+}
+
+/// How much an update may free to make room (`--make-room`,
+/// `STOWAGE_MAKE_ROOM`, the agent's `make_room`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum MakeRoom {
+    /// Free nothing: a refusal lists the plan and stops.
+    #[default]
+    None,
+    /// Free stale partial downloads and what no app needs.
+    Prune,
+    /// Also the rollback copy, and the images of dropped apps if needed.
+    DropRollback,
+}
+
+impl MakeRoom {
+    pub const NAMES: [&'static str; 3] = ["none", "prune", "drop-rollback"];
+}
+
+impl std::fmt::Display for MakeRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MakeRoom::None => "none",
+            MakeRoom::Prune => "prune",
+            MakeRoom::DropRollback => "drop-rollback",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown make-room policy {0:?}: it is one of none, prune, drop-rollback")]
+pub struct UnknownMakeRoom(String);
+
+impl std::str::FromStr for MakeRoom {
+    type Err = UnknownMakeRoom;
+    fn from_str(s: &str) -> Result<MakeRoom, UnknownMakeRoom> {
+        match s {
+            "none" => Ok(MakeRoom::None),
+            "prune" => Ok(MakeRoom::Prune),
+            "drop-rollback" => Ok(MakeRoom::DropRollback),
+            other => Err(UnknownMakeRoom(other.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]

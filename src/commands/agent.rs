@@ -39,6 +39,8 @@ impl AgentOptions {
             interval: self.interval,
             update: UpdateOptions {
                 verify_timeout: self.verify_timeout,
+                // The config file's `make_room`, as `stowage update` takes it.
+                make_room: ctx.config.make_room.unwrap_or_default(),
             },
             once: self.once,
             cycle_deadline: self.cycle_timeout,

@@ -18,6 +18,9 @@ pub struct UpdateOptions {
     pub fit: FitOptions,
     pub jobs: Option<usize>,
     pub verify_timeout: Duration,
+    /// What it may free when it does not fit: the flag, else the config
+    /// file's `make_room`, else nothing.
+    pub make_room: Option<crate::config::MakeRoom>,
 }
 
 impl UpdateOptions {
@@ -49,6 +52,7 @@ impl UpdateOptions {
         device.layout = layout;
         let options = Transaction {
             verify_timeout: self.verify_timeout,
+            make_room: self.make_room.or(ctx.config.make_room).unwrap_or_default(),
         };
         let files = StateFiles::under(&ctx.root);
         let _lock = lock_updates(&ctx.root)?;

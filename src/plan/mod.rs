@@ -120,6 +120,10 @@ pub struct CheckReport {
     pub docker_data_root: PathBuf,
     #[serde(flatten)]
     pub fit: FitReport,
+    /// When it does not fit: what could be freed, in order of harm, and
+    /// the smallest part of that which makes it fit (see [`room`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub make_room: Option<room::RoomPlan>,
 }
 
 /// Where an update writes, on the device.
@@ -498,5 +502,6 @@ pub fn summarise(
         docker_reachable: docker.reachable,
         docker_data_root: docker.data_root.clone(),
         fit: plan.fit.clone(),
+        make_room: None,
     }
 }

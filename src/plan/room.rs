@@ -12,8 +12,6 @@
 //! (bytes only that kind frees, per volume) and carries the plan out.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -61,23 +59,9 @@ impl Freeable {
     }
 }
 
-/// How much an update may free to make room (`--make-room`,
-/// `STOWAGE_MAKE_ROOM`, the agent's `make_room`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MakeRoom {
-    /// Free nothing: a refusal lists the plan and stops.
-    #[default]
-    None,
-    /// Free stale partial downloads and what no app needs.
-    Prune,
-    /// Also the rollback copy, and the images of dropped apps if needed.
-    DropRollback,
-}
+pub use crate::config::{MakeRoom, UnknownMakeRoom};
 
 impl MakeRoom {
-    pub const NAMES: [&'static str; 3] = ["none", "prune", "drop-rollback"];
-
     /// Whether this policy may free `what`.
     pub fn allows(&self, what: Freeable) -> bool {
         match self {
@@ -93,32 +77,6 @@ impl MakeRoom {
             MakeRoom::Prune
         } else {
             MakeRoom::DropRollback
-        }
-    }
-}
-
-impl fmt::Display for MakeRoom {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MakeRoom::None => "none",
-            MakeRoom::Prune => "prune",
-            MakeRoom::DropRollback => "drop-rollback",
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("unknown make-room policy {0:?}: it is one of none, prune, drop-rollback")]
-pub struct UnknownMakeRoom(String);
-
-impl FromStr for MakeRoom {
-    type Err = UnknownMakeRoom;
-    fn from_str(s: &str) -> Result<MakeRoom, UnknownMakeRoom> {
-        match s {
-            "none" => Ok(MakeRoom::None),
-            "prune" => Ok(MakeRoom::Prune),
-            "drop-rollback" => Ok(MakeRoom::DropRollback),
-            other => Err(UnknownMakeRoom(other.to_string())),
         }
     }
 }

@@ -72,12 +72,24 @@ pub(crate) fn walk(
     extra_roots: &HashSet<Digest>,
     on_unreadable: OnUnreadable,
 ) -> Result<Walk> {
+    walk_refs(store, extra_roots, on_unreadable, &|_| true)
+}
+
+/// [`walk`] from only the named refs `follow` accepts (unnamed entries of
+/// `index.json` are always followed).
+fn walk_refs(
+    store: &Store,
+    extra_roots: &HashSet<Digest>,
+    on_unreadable: OnUnreadable,
+    follow: &dyn Fn(&str) -> bool,
+) -> Result<Walk> {
     let index = read_index(&store.index_path())?;
     let mut walk = Walk::default();
     // (digest, media type if known, declared size if known)
     let mut pending: Vec<(Digest, Option<String>, Option<u64>)> = index
         .manifests
         .into_iter()
+        .filter(|d| d.ref_name().is_none_or(follow))
         .map(|d| (d.digest, Some(d.media_type), Some(d.size)))
         .collect();
     pending.extend(extra_roots.iter().map(|d| (d.clone(), None, None)));
@@ -171,6 +183,18 @@ fn annotated_digest(value: &Value, key: &str) -> Option<Digest> {
 }
 
 impl Store {
+    /// The blobs reachable from the named refs `follow` accepts (unnamed
+    /// entries are always followed) and from `extra_roots`: what would stay
+    /// needed if the other refs were removed. A manifest it cannot read
+    /// makes it fail.
+    pub fn reachable_from(
+        &self,
+        follow: &dyn Fn(&str) -> bool,
+        extra_roots: &HashSet<Digest>,
+    ) -> Result<HashSet<Digest>> {
+        Ok(walk_refs(self, extra_roots, OnUnreadable::Fail, follow)?.reachable)
+    }
+
     /// Removes every blob that neither the refs nor `extra_roots` reach, and
     /// every partial download of a blob they do not reach. A dry run only
     /// reports. The caller holds [`super::LockMode::Exclusive`].

@@ -2,7 +2,7 @@
 //! transaction's steps ([`crate::update::transaction::DeviceOps`]) carried out with the
 //! blob store, the Docker Engine and compose.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use crate::engine::prune as docker_prune;
 use crate::engine::run::{self as run_cmd, AppStatus, Selection};
 use crate::oci::reference::{AppName, AppRef, ImageRef};
 use crate::oci::registry::RegistryClient;
+use crate::plan::room::{Candidate, Freeable};
 use crate::plan::space::Policy;
 use crate::plan::{CheckReport, DockerView, Paths, check_update, refuse_unless_fits};
 use crate::progress::Progress;
@@ -26,8 +27,8 @@ use crate::update::agent::AgentDevice;
 use crate::update::pull::PullOptions;
 use crate::update::reconcile::Supervised;
 use crate::update::transaction::{
-    AppSet, BlobsPruned, DeviceOps, ImagesPruned, PruneSummary, UpdateEvent, UpdateWrites,
-    VolumeWrites,
+    AppSet, BlobsPruned, DeviceOps, DeviceState, ImagesPruned, PruneSummary, UpdateEvent,
+    UpdateWrites, VolumeWrites,
 };
 
 /// The device as the update transaction drives it.
@@ -148,6 +149,94 @@ impl LiveDevice<'_> {
         let paths = Paths::under(&self.root);
         let (_, report) = check_update(apps, &self.store, &paths, &docker, self.policy)?;
         Ok(report)
+    }
+
+    /// Forgets stored apps outside `keep`, then prunes the blob store
+    /// (keeping `roots` too: the target's blobs, so that its partial
+    /// downloads survive) and the images stowage loaded, keeping the images
+    /// of every app in `keep`.
+    async fn prune_keeping(&self, keep: &[AppRef], roots: HashSet<Digest>) -> Result<PruneSummary> {
+        let keep_refs: BTreeSet<String> = keep.iter().map(AppRef::to_string).collect();
+        let store = self.store.clone();
+        // Store walks, lock waits and deletions: blocking file work.
+        let (keep_images, blobs) = crate::fsutil::blocking(move || {
+            let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
+            for app in crate::app::stored::list_apps(&store)? {
+                if keep_refs.contains(&app.reference) {
+                    keep_images.extend(
+                        app.images
+                            .iter()
+                            .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
+                    );
+                } else {
+                    admin::rm(&store, &app.reference)?;
+                }
+            }
+            let _lock = store.lock(crate::store::LockMode::Exclusive)?;
+            let blobs = store.prune(false, &roots)?;
+            anyhow::Ok((keep_images, blobs))
+        })
+        .await?;
+        let docker =
+            docker_prune::prune_docker_keeping(&self.root, &self.engine, false, &keep_images)
+                .await?;
+        Ok(PruneSummary {
+            blob_store: BlobsPruned {
+                removed_blobs: blobs.removed.len(),
+                freed_bytes: blobs.freed_bytes,
+                stale_ingest_bytes: blobs.stale_ingest_bytes,
+            },
+            docker: ImagesPruned {
+                removed_images: docker.removed.len(),
+                freed_bytes: docker.freed_bytes,
+            },
+        })
+    }
+
+    /// The image IDs of the stored apps among `refs`.
+    async fn images_of(&self, refs: &BTreeSet<String>) -> Result<BTreeSet<Digest>> {
+        let store = self.store.clone();
+        let refs = refs.clone();
+        crate::fsutil::blocking(move || {
+            let mut images = BTreeSet::new();
+            for app in crate::app::stored::list_apps(&store)? {
+                if refs.contains(&app.reference) {
+                    images.extend(
+                        app.images
+                            .iter()
+                            .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
+                    );
+                }
+            }
+            anyhow::Ok(images)
+        })
+        .await
+    }
+
+    /// Every blob the apps of `to` are made of, when they can be read (from
+    /// the store, or the registry's manifests); `None` when one cannot.
+    async fn target_blobs(&self, to: &AppSet) -> Option<HashSet<Digest>> {
+        let mut blobs = HashSet::new();
+        for reference in to.values() {
+            let one: AppSet = [(reference.name().ok()?, reference.clone())].into();
+            let app = match self.stored_apps(&one).await {
+                Ok(Some(mut apps)) => apps.pop()?,
+                _ if self.layout.is_some() => return None,
+                _ => crate::app::fetch_app_to(
+                    self.client,
+                    reference.image(),
+                    &self.architecture,
+                    crate::app::Depth::Plan,
+                )
+                .await
+                .ok()?,
+            };
+            blobs.insert(reference.image().digest.clone()?);
+            blobs.extend(app.meta_blobs.iter().map(|b| b.descriptor.digest.clone()));
+            blobs.extend(app.unfetched.iter().map(|d| d.digest.clone()));
+            blobs.extend(app.layers.iter().map(|l| l.descriptor.digest.clone()));
+        }
+        Some(blobs)
     }
 
     async fn docker_view(&self) -> DockerView {
@@ -304,40 +393,137 @@ impl DeviceOps for LiveDevice<'_> {
     /// Forgets stored apps outside `keep`, then prunes the blob store and the
     /// images stowage loaded, keeping the images of every app in `keep`.
     async fn prune(&self, keep: &[AppRef]) -> Result<PruneSummary> {
-        let keep_refs: BTreeSet<String> = keep.iter().map(AppRef::to_string).collect();
+        self.prune_keeping(keep, HashSet::new()).await
+    }
+
+    /// What each kind of [`Freeable`] would free: the blob store's side
+    /// measured by walking the refs with and without the apps each kind
+    /// drops, Docker's as a dry run of its prune. The images of dropped
+    /// apps are not offered: those apps run until the switch.
+    async fn room(&self, state: &DeviceState, to: &AppSet) -> Result<Vec<Candidate>> {
+        let sets = RoomSets::of(state, to);
+        let roots = self.target_blobs(to).await;
         let store = self.store.clone();
-        // Store walks, lock waits and deletions: blocking file work.
-        let (keep_images, blobs) = crate::fsutil::blocking(move || {
-            let mut keep_images: BTreeSet<Digest> = BTreeSet::new();
-            for app in crate::app::stored::list_apps(&store)? {
-                if keep_refs.contains(&app.reference) {
-                    keep_images.extend(
-                        app.images
-                            .iter()
-                            .filter_map(|i| i.config.as_ref().map(|c| c.digest.clone())),
-                    );
-                } else {
-                    admin::rm(&store, &app.reference)?;
+        let store_volume = crate::plan::space::Volume::of(&self.root.join("store"))?;
+        let (store_dev, block) = (store_volume.dev, store_volume.block_size);
+        let (kept, with_previous) = (sets.kept.clone(), sets.with_previous.clone());
+        let (partials, unneeded, rollback) = crate::fsutil::blocking(move || {
+            let _lock = store.lock(crate::store::LockMode::Shared)?;
+            let apps: BTreeSet<String> = crate::app::stored::list_apps(&store)?
+                .into_iter()
+                .map(|a| a.reference)
+                .collect();
+            let target = roots.clone().unwrap_or_default();
+            let reach = |keep: &BTreeSet<String>| {
+                store.reachable_from(&|n| !apps.contains(n) || keep.contains(n), &target)
+            };
+            let (need_kept, need_previous) = (reach(&kept)?, reach(&with_previous)?);
+            let (mut unneeded, mut rollback) = (0u64, 0u64);
+            for (digest, size) in store.list()? {
+                let disk = crate::plan::space::round_up(size, block);
+                if !need_previous.contains(&digest) {
+                    unneeded = unneeded.saturating_add(disk);
+                } else if !need_kept.contains(&digest) {
+                    rollback = rollback.saturating_add(disk);
                 }
             }
-            let blobs = admin::prune(&store, false)?;
-            anyhow::Ok((keep_images, blobs))
+            // Without the target's blobs, a partial download of one of
+            // them cannot be told from a stale one: none is offered.
+            let mut partials = 0u64;
+            if roots.is_some() {
+                for ingest in store.ingests()? {
+                    if !need_previous.contains(&ingest.digest) {
+                        partials =
+                            partials.saturating_add(store.partial_taken_bytes(&ingest.digest));
+                    }
+                }
+            }
+            anyhow::Ok((partials, unneeded, rollback))
         })
         .await?;
-        let docker =
-            docker_prune::prune_docker_keeping(&self.root, &self.engine, false, &keep_images)
+        let data_root = self.engine.info().await?.data_root;
+        let docker_dev = crate::plan::space::Volume::of(&data_root)?.dev;
+        let images_of_previous = self.images_of(&sets.with_previous).await?;
+        let images_kept = self.images_of(&sets.kept).await?;
+        let dry = |keep| docker_prune::prune_docker_keeping(&self.root, &self.engine, true, keep);
+        let docker_unneeded = dry(&images_of_previous).await?.freed_bytes;
+        let docker_with_rollback = dry(&images_kept).await?.freed_bytes;
+        let on = |pairs: &[(u64, u64)]| {
+            let mut bytes = std::collections::BTreeMap::new();
+            for (dev, n) in pairs {
+                let entry: &mut u64 = bytes.entry(*dev).or_default();
+                *entry = entry.saturating_add(*n);
+            }
+            bytes
+        };
+        Ok(vec![
+            Candidate {
+                what: Freeable::StalePartials,
+                bytes: on(&[(store_dev, partials)]),
+            },
+            Candidate {
+                what: Freeable::Unneeded,
+                bytes: on(&[(store_dev, unneeded), (docker_dev, docker_unneeded)]),
+            },
+            Candidate {
+                what: Freeable::RollbackCopy,
+                bytes: on(&[
+                    (store_dev, rollback),
+                    (
+                        docker_dev,
+                        docker_with_rollback.saturating_sub(docker_unneeded),
+                    ),
+                ]),
+            },
+        ])
+    }
+
+    async fn free(&self, what: Freeable, state: &DeviceState, to: &AppSet) -> Result<()> {
+        let sets = RoomSets::of(state, to);
+        let roots = self.target_blobs(to).await;
+        match what {
+            Freeable::StalePartials => {
+                let Some(roots) = roots else { return Ok(()) };
+                let store = self.store.clone();
+                let with_previous = sets.with_previous.clone();
+                crate::fsutil::blocking(move || {
+                    let _lock = store.lock(crate::store::LockMode::Exclusive)?;
+                    let apps: BTreeSet<String> = crate::app::stored::list_apps(&store)?
+                        .into_iter()
+                        .map(|a| a.reference)
+                        .collect();
+                    let need = store.reachable_from(
+                        &|n| !apps.contains(n) || with_previous.contains(n),
+                        &roots,
+                    )?;
+                    for ingest in store.ingests()? {
+                        if !need.contains(&ingest.digest) {
+                            match store.abort(&ingest.digest) {
+                                Ok(_) | Err(crate::store::StoreError::IngestBusy { .. }) => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                    }
+                    anyhow::Ok(())
+                })
                 .await?;
-        Ok(PruneSummary {
-            blob_store: BlobsPruned {
-                removed_blobs: blobs.removed.len(),
-                freed_bytes: blobs.freed_bytes,
-                stale_ingest_bytes: blobs.stale_ingest_bytes,
-            },
-            docker: ImagesPruned {
-                removed_images: docker.removed.len(),
-                freed_bytes: docker.freed_bytes,
-            },
-        })
+            }
+            Freeable::Unneeded | Freeable::RollbackCopy => {
+                let keep = if what == Freeable::Unneeded {
+                    &sets.with_previous
+                } else {
+                    &sets.kept
+                };
+                let keep: Vec<AppRef> = keep.iter().map(|r| r.parse()).collect::<Result<_, _>>()?;
+                self.prune_keeping(&keep, roots.unwrap_or_default()).await?;
+            }
+            Freeable::DroppedApps => {
+                bail!(
+                    "the images of dropped apps are not freed before the switch: the apps run until then"
+                )
+            }
+        }
+        Ok(())
     }
 
     async fn installed(&self) -> Result<AppSet> {
@@ -436,4 +622,28 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
         }
     }
     Ok(set)
+}
+
+/// The apps an attempt to make room keeps: `kept` (what runs and the
+/// target) and `with_previous` (those and the rollback copy), as references.
+struct RoomSets {
+    kept: BTreeSet<String>,
+    with_previous: BTreeSet<String>,
+}
+
+impl RoomSets {
+    fn of(state: &DeviceState, to: &AppSet) -> RoomSets {
+        let kept: BTreeSet<String> = state
+            .running
+            .values()
+            .chain(to.values())
+            .map(AppRef::to_string)
+            .collect();
+        let mut with_previous = kept.clone();
+        with_previous.extend(state.previous.values().map(AppRef::to_string));
+        RoomSets {
+            kept,
+            with_previous,
+        }
+    }
 }

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::fsutil::lock::{LockMode, Locked, lock_file};
 use crate::fsutil::write_atomic;
 use crate::oci::reference::{AppName, AppRef};
+use crate::plan::room::{Candidate, Freeable, MakeRoom, RoomPlan, plan_room};
 use crate::plan::{CheckReport, DoesNotFit};
 
 /// Where the transaction is; every value is written before the step starts.
@@ -212,6 +213,16 @@ pub trait DeviceOps {
     /// extracted bundles) before the commit points at it.
     async fn sync(&self) -> Result<()>;
     fn event(&self, event: UpdateEvent);
+    /// What each kind of [`Freeable`] would free now, per volume, for an
+    /// update from `state` to `to`; never counting what `state.running` or
+    /// `to` need. A device that cannot tell offers nothing.
+    async fn room(&self, _state: &DeviceState, _to: &AppSet) -> Result<Vec<Candidate>> {
+        Ok(Vec::new())
+    }
+    /// Frees one kind of [`Freeable`] that [`DeviceOps::room`] offered.
+    async fn free(&self, what: Freeable, _state: &DeviceState, _to: &AppSet) -> Result<()> {
+        anyhow::bail!("this device cannot free {}", what.label())
+    }
     /// What this update wrote so far, when the device counts it.
     fn writes(&self) -> Option<UpdateWrites> {
         None
@@ -233,6 +244,15 @@ pub enum UpdateEvent {
     },
     Check {
         report: Box<CheckReport>,
+    },
+    /// The update did not fit and `--make-room` allows the plan: what it
+    /// frees before checking again.
+    MakingRoom {
+        plan: Box<RoomPlan>,
+    },
+    /// One kind of [`Freeable`] was freed.
+    Freed {
+        what: Freeable,
     },
     Installed {
         app: AppName,
@@ -312,6 +332,8 @@ impl Outcome {
 
 pub struct UpdateOptions {
     pub verify_timeout: Duration,
+    /// What the update may free when it does not fit.
+    pub make_room: MakeRoom,
 }
 
 /// Runs the whole transaction towards `to`.
@@ -322,7 +344,7 @@ pub async fn update(
     options: &UpdateOptions,
 ) -> Result<Outcome> {
     recover(device, files, options).await?;
-    let state = match files.device_if_any()? {
+    let mut state = match files.device_if_any()? {
         Some(state) => state,
         None => DeviceState {
             running: device.installed().await?,
@@ -346,9 +368,12 @@ pub async fn update(
     });
     files.write_journal(&journal)?;
 
-    // Up to here a failure leaves what runs untouched.
+    // Up to here a failure leaves what runs untouched (making room frees
+    // only what neither the running apps nor the target need).
+    let pulled = pull_making_room(device, files, &mut state, &to, options).await;
+    let dropped_rollback = matches!(pulled, Ok((_, true)));
     let prepared = async {
-        let check = device.pull(&to).await?;
+        let (check, _) = pulled?;
         device.event(UpdateEvent::Check {
             report: Box::new(check),
         });
@@ -380,7 +405,14 @@ pub async fn update(
         Ok(()) => {
             let new_state = DeviceState {
                 running: to.clone(),
-                previous: changed(&state.running, &to),
+                // The rollback copy was dropped to make room: the
+                // replaced version is not kept either (the device has
+                // shown it lacks the room for one).
+                previous: if dropped_rollback {
+                    AppSet::new()
+                } else {
+                    changed(&state.running, &to)
+                },
                 last_update_writes: device.writes(),
             };
             // A committed state must never point at layers still in the page cache.
@@ -402,6 +434,71 @@ pub async fn update(
             Ok(Outcome::RolledBack(e))
         }
     }
+}
+
+/// The pull, and when it is refused for space, the plan to make room: a
+/// refusal carries the plan; when `options.make_room` allows the plan (and
+/// the plan makes the update fit) it is carried out, in order of harm, and
+/// the pull tried again. Returns the check and whether the rollback copy
+/// was dropped.
+async fn pull_making_room(
+    device: &impl DeviceOps,
+    files: &StateFiles,
+    state: &mut DeviceState,
+    to: &AppSet,
+    options: &UpdateOptions,
+) -> Result<(CheckReport, bool)> {
+    let mut refused = match device.pull(to).await {
+        Ok(check) => return Ok((check, false)),
+        Err(e) => e.downcast::<DoesNotFit>()?,
+    };
+    let plan = room_plan(device, state, to, &refused.report).await;
+    if !plan.allowed_by(options.make_room) {
+        // Nothing is freed: not allowed, or not enough even if it were.
+        refused.report.make_room = Some(plan);
+        return Err(refused.into());
+    }
+    device.event(UpdateEvent::MakingRoom {
+        plan: Box::new(plan.clone()),
+    });
+    let mut dropped = false;
+    for item in plan.chosen() {
+        if item.what == Freeable::RollbackCopy && !state.previous.is_empty() {
+            // The state stops naming the copy before it goes, so that a
+            // crash never leaves a state that points at removed images.
+            state.previous.clear();
+            files.write_device(state)?;
+        }
+        dropped |= item.what == Freeable::RollbackCopy;
+        device.free(item.what, state, to).await?;
+        device.event(UpdateEvent::Freed { what: item.what });
+    }
+    match device.pull(to).await {
+        Ok(check) => Ok((check, dropped)),
+        Err(e) => {
+            let mut refused = e.downcast::<DoesNotFit>()?;
+            refused.report.make_room = Some(room_plan(device, state, to, &refused.report).await);
+            Err(refused.into())
+        }
+    }
+}
+
+/// The plan to make room for a refused update; a device that cannot say
+/// what it could free offers nothing (and the refusal says so).
+async fn room_plan(
+    device: &impl DeviceOps,
+    state: &DeviceState,
+    to: &AppSet,
+    report: &CheckReport,
+) -> RoomPlan {
+    let candidates = match device.room(state, to).await {
+        Ok(candidates) => candidates,
+        Err(e) => {
+            tracing::warn!("cannot tell what could be freed to make room: {e:#}");
+            Vec::new()
+        }
+    };
+    plan_room(&report.fit, &candidates)
 }
 
 /// Steps 3 and 4: stop what goes, start what comes, verify.
@@ -651,6 +748,7 @@ mod tests {
     fn options() -> UpdateOptions {
         UpdateOptions {
             verify_timeout: Duration::from_secs(1),
+            make_room: MakeRoom::None,
         }
     }
 

@@ -142,6 +142,12 @@ pub struct UpdateArgs {
     /// Seconds the new apps have to be running and healthy
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub verify_timeout: u64,
+    /// When the update does not fit, what it may free first, in order of
+    /// harm: none; prune (stale partial downloads, then blobs and images no
+    /// app needs); drop-rollback (also the rollback copy) [default: the
+    /// config file's make_room, else none]
+    #[arg(long, value_name = "POLICY", env = "STOWAGE_MAKE_ROOM")]
+    pub make_room: Option<stowage::config::MakeRoom>,
     /// Every app the device should run (REGISTRY/REPO:TAG or @sha256:...); running apps not named are stopped
     #[arg(value_name = "REF", required = true)]
     pub apps: Vec<String>,

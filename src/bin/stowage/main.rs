@@ -255,6 +255,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 fit: args.fit.into(),
                 jobs: args.jobs,
                 verify_timeout: std::time::Duration::from_secs(args.verify_timeout),
+                make_room: args.make_room,
             };
             let outcome = options.run(&ctx, progress, events(json)).await?;
             output::update_outcome(outcome, json)

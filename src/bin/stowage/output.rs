@@ -334,6 +334,9 @@ pub fn check(report: &CheckReport, json: bool) -> Result<()> {
     for note in &report.fit.notes {
         out!("note: {note}");
     }
+    if let Some(plan) = &report.make_room {
+        out!("{}", plan.render().trim_end());
+    }
     out!(
         "{}",
         if report.fit.fits {
@@ -755,6 +758,11 @@ pub fn update_event(event: &stowage::update::transaction::UpdateEvent) {
             format!("recovering an update interrupted while {phase:?}").to_lowercase()
         }
         E::Check { .. } => "the update fits; apps pulled".to_string(),
+        E::MakingRoom { plan } => format!(
+            "the update does not fit: making room\n{}",
+            plan.render().trim_end()
+        ),
+        E::Freed { what } => format!("freed {}", what.label()),
         E::Installed { app, reference } => format!("installed {app} ({reference})"),
         E::Stopped { app } => format!("stopped {app}"),
         E::AppStarted { app, .. } => format!("started {app}"),
