@@ -409,13 +409,11 @@ impl DeviceOps for LiveDevice<'_> {
         let (kept, with_previous) = (sets.kept.clone(), sets.with_previous.clone());
         let (partials, unneeded, rollback) = crate::fsutil::blocking(move || {
             let _lock = store.lock(crate::store::LockMode::Shared)?;
-            let apps: BTreeSet<String> = crate::app::stored::list_apps(&store)?
-                .into_iter()
-                .map(|a| a.reference)
-                .collect();
+            let apps = crate::app::stored::list_apps(&store)?;
             let target = roots.clone().unwrap_or_default();
             let reach = |keep: &BTreeSet<String>| {
-                store.reachable_from(&|n| !apps.contains(n) || keep.contains(n), &target)
+                let dropped = dropped_refs(&apps, keep);
+                store.reachable_from(&|n| !dropped.contains(n), &target)
             };
             let (need_kept, need_previous) = (reach(&kept)?, reach(&with_previous)?);
             let (mut unneeded, mut rollback) = (0u64, 0u64);
@@ -488,14 +486,9 @@ impl DeviceOps for LiveDevice<'_> {
                 let with_previous = sets.with_previous.clone();
                 crate::fsutil::blocking(move || {
                     let _lock = store.lock(crate::store::LockMode::Exclusive)?;
-                    let apps: BTreeSet<String> = crate::app::stored::list_apps(&store)?
-                        .into_iter()
-                        .map(|a| a.reference)
-                        .collect();
-                    let need = store.reachable_from(
-                        &|n| !apps.contains(n) || with_previous.contains(n),
-                        &roots,
-                    )?;
+                    let apps = crate::app::stored::list_apps(&store)?;
+                    let dropped = dropped_refs(&apps, &with_previous);
+                    let need = store.reachable_from(&|n| !dropped.contains(n), &roots)?;
                     for ingest in store.ingests()? {
                         if !need.contains(&ingest.digest) {
                             match store.abort(&ingest.digest) {
@@ -622,6 +615,26 @@ pub async fn app_set(client: &RegistryClient, refs: &[ImageRef]) -> Result<AppSe
         }
     }
     Ok(set)
+}
+
+/// The store's refs that forgetting every stored app outside `keep` removes:
+/// those apps' own, and their images' that no kept app shares (as
+/// [`admin::rm`] removes them).
+fn dropped_refs(apps: &[admin::StoredApp], keep: &BTreeSet<String>) -> BTreeSet<String> {
+    let (kept, dropped): (Vec<_>, Vec<_>) = apps.iter().partition(|a| keep.contains(&a.reference));
+    let mut refs = BTreeSet::new();
+    for app in dropped {
+        refs.insert(app.reference.clone());
+        for image in &app.images {
+            if !kept
+                .iter()
+                .any(|k| k.images.iter().any(|i| i.pinned == image.pinned))
+            {
+                refs.insert(image.pinned.clone());
+            }
+        }
+    }
+    refs
 }
 
 /// The apps an attempt to make room keeps: `kept` (what runs and the

@@ -17,9 +17,13 @@
 //! A failure from step 3 on rolls back: the new apps stop and the previous
 //! ones start again from the local store and Docker, with no network. After a
 //! crash or power cut, [`recover`] reads the journal before anything else and
-//! finishes or rolls back the interrupted update. Whatever the outcome, both
-//! stores are pruned of what neither the running apps nor the rollback copy
-//! (nor, after a failure, a retry) need.
+//! finishes or rolls back the interrupted update. Whatever the outcome but a
+//! refusal for space, both stores are pruned of what neither the running
+//! apps nor the rollback copy (nor, after a failure, a retry) need.
+//!
+//! A refusal for space carries the plan to make room
+//! ([`crate::plan::room`]); with `make_room` allowing that plan, it is
+//! carried out in order of harm before the check runs again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -393,10 +397,14 @@ pub async fn update(
     .await;
     if let Err(e) = prepared {
         files.clear_journal()?;
-        prune_quietly(device, &keep(&[&state.running, &state.previous, &to])).await;
         return Ok(match e.downcast::<DoesNotFit>() {
+            // A refusal frees nothing (`--make-room` decides what may go,
+            // before the check); what the update downloaded is kept for a retry.
             Ok(refused) => Outcome::Refused(refused.report),
-            Err(e) => Outcome::Failed(e),
+            Err(e) => {
+                prune_quietly(device, &keep(&[&state.running, &state.previous, &to])).await;
+                Outcome::Failed(e)
+            }
         });
     }
 

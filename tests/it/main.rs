@@ -13,6 +13,7 @@ mod harness;
 mod hostile_server;
 mod install;
 mod lean;
+mod make_room;
 mod matrix;
 mod mount;
 mod publish;
