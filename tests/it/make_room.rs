@@ -177,6 +177,7 @@ fn an_update_just_over_is_refused_with_the_plan_and_make_room_prune_makes_it_fit
     let out = run_output(&mut device.stowage(&["update", &v2]));
     assert_eq!(out.status.code(), Some(100), "{}", say(&out));
     let text = say(&out);
+    eprintln!("the refusal, as people read it:\n{text}");
     assert!(
         text.contains("what could be freed, in order of harm"),
         "{text}"
