@@ -137,7 +137,9 @@ impl RoomPlan {
 
     /// Whether `policy` may carry out the plan.
     pub fn allowed_by(&self, policy: MakeRoom) -> bool {
-        self.fits_after && self.chosen().iter().all(|i| policy.allows(i.what))
+        policy != MakeRoom::None
+            && self.fits_after
+            && self.chosen().iter().all(|i| policy.allows(i.what))
     }
 
     /// The plan for people, one line each.
@@ -253,6 +255,9 @@ pub fn plan_room(fit: &FitReport, candidates: &[Candidate]) -> RoomPlan {
         if v.inodes_required > v.inodes_free || !bytes_short {
             unfixable.push(v.reason.clone());
         }
+    }
+    if !fit.fits && fit.volumes.iter().all(|v| v.fits) {
+        unfixable.push("the update does not fit for a reason no freeing changes".to_string());
     }
     let short_after = |n: usize| -> Vec<VolumeBytes> {
         fit.volumes

@@ -671,6 +671,10 @@ mod tests {
         fail_at: Option<&'static str>,
         /// The pull is refused for space.
         refuse: bool,
+        /// Refused for space while the volume lacks this many bytes; each
+        /// kind freed gives back what `room` offers for it.
+        short_by: Mutex<u64>,
+        offers: Vec<(Freeable, u64)>,
         log: Mutex<Vec<String>>,
         running: Mutex<AppSet>,
     }
@@ -688,6 +692,13 @@ mod tests {
     impl DeviceOps for FakeDevice {
         async fn pull(&self, _to: &AppSet) -> Result<CheckReport> {
             self.step("pull")?;
+            let short = *self.short_by.lock().unwrap();
+            if short > 0 {
+                return Err(DoesNotFit {
+                    report: Box::new(short_report(short)),
+                }
+                .into());
+            }
             if self.refuse {
                 return Err(DoesNotFit {
                     report: Box::new(CheckReport::default()),
@@ -732,6 +743,170 @@ mod tests {
             self.step("sync")
         }
         fn event(&self, _event: UpdateEvent) {}
+        async fn room(&self, _state: &DeviceState, _to: &AppSet) -> Result<Vec<Candidate>> {
+            Ok(self
+                .offers
+                .iter()
+                .map(|(what, bytes)| Candidate {
+                    what: *what,
+                    bytes: [(1, *bytes)].into(),
+                })
+                .collect())
+        }
+        async fn free(&self, what: Freeable, _state: &DeviceState, _to: &AppSet) -> Result<()> {
+            self.step(&format!("free {}", what.label()))?;
+            let bytes = self
+                .offers
+                .iter()
+                .find(|(w, _)| *w == what)
+                .map_or(0, |o| o.1);
+            let mut short = self.short_by.lock().unwrap();
+            *short = short.saturating_sub(bytes);
+            Ok(())
+        }
+    }
+
+    /// A report of one volume (dev 1) that lacks `short` bytes.
+    fn short_report(short: u64) -> CheckReport {
+        let mut report = CheckReport::default();
+        report.fit.volumes.push(crate::plan::space::VolumeReport {
+            paths: vec!["/store (blobs)".into()],
+            dev: 1,
+            block_size: 4096,
+            size: 1 << 30,
+            free: 100,
+            reserved: 0,
+            available: 100,
+            required: 100 + short,
+            required_parts: Default::default(),
+            peak_step: crate::plan::space::Step::Install,
+            steps: Default::default(),
+            sum_of_parts: 100 + short,
+            inodes_free: 10,
+            inodes_required: 1,
+            fits: false,
+            reason: "short".into(),
+        });
+        report
+    }
+
+    fn with_make_room(make_room: MakeRoom) -> UpdateOptions {
+        UpdateOptions {
+            make_room,
+            ..options()
+        }
+    }
+
+    fn short_device(short: u64) -> FakeDevice {
+        FakeDevice {
+            short_by: Mutex::new(short),
+            offers: vec![
+                (Freeable::StalePartials, 10),
+                (Freeable::Unneeded, 40),
+                (Freeable::RollbackCopy, 100),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_lists_the_plan_and_frees_nothing_without_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v1")]));
+        let device = short_device(30);
+        let outcome = update(&device, &files, set(&[("shop", "v2")]), &options())
+            .await
+            .unwrap();
+        let Outcome::Refused(report) = outcome else {
+            panic!("expected a refusal: {outcome:?}");
+        };
+        let plan = report.make_room.expect("a plan");
+        assert_eq!(plan.free_first, 2);
+        assert_eq!(plan.make_room, Some(MakeRoom::Prune));
+        let log = device.log.lock().unwrap().clone();
+        assert_eq!(log, ["pull"]);
+    }
+
+    #[tokio::test]
+    async fn make_room_frees_the_plan_in_order_and_the_update_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        files
+            .write_device(&DeviceState {
+                running: set(&[("shop", "v1")]),
+                previous: set(&[("shop", "v0")]),
+                last_update_writes: None,
+            })
+            .unwrap();
+        // 120 short: partials and unneeded (50) are not enough.
+        let device = short_device(120);
+        let outcome = update(
+            &device,
+            &files,
+            set(&[("shop", "v2")]),
+            &with_make_room(MakeRoom::Prune),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(outcome, Outcome::Refused(_)), "{outcome:?}");
+        assert!(
+            !device
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.starts_with("free")),
+            "prune does not allow the plan: nothing is freed"
+        );
+        assert_eq!(files.device().unwrap().previous, set(&[("shop", "v0")]));
+
+        let outcome = update(
+            &device,
+            &files,
+            set(&[("shop", "v2")]),
+            &with_make_room(MakeRoom::DropRollback),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(outcome, Outcome::Committed), "{outcome:?}");
+        let log = device.log.lock().unwrap().clone();
+        let frees: Vec<&String> = log.iter().filter(|l| l.starts_with("free")).collect();
+        assert_eq!(
+            frees,
+            [
+                "free stale partial downloads",
+                "free blobs and images no app needs (what `stowage prune` frees)",
+                "free the rollback copy"
+            ]
+        );
+        // The rollback copy is gone and none is kept after the commit.
+        let state = files.device().unwrap();
+        assert_eq!(state.running, set(&[("shop", "v2")]));
+        assert!(state.previous.is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_even_all_of_it_does_not_fit_nothing_is_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        start_at(&files, set(&[("shop", "v1")]));
+        let device = short_device(1000);
+        let outcome = update(
+            &device,
+            &files,
+            set(&[("shop", "v2")]),
+            &with_make_room(MakeRoom::DropRollback),
+        )
+        .await
+        .unwrap();
+        let Outcome::Refused(report) = outcome else {
+            panic!("expected a refusal: {outcome:?}");
+        };
+        let plan = report.make_room.expect("a plan");
+        assert!(!plan.fits_after);
+        assert_eq!(plan.still_short[0].bytes, 1000 - 150);
+        assert_eq!(device.log.lock().unwrap().clone(), ["pull"]);
     }
 
     /// App `name` at version `v`: `registry.local/NAME:V@sha256:...`, the
