@@ -391,6 +391,21 @@ mod tests {
     }
 
     #[test]
+    fn make_room_is_a_policy_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "make_room = \"drop-rollback\"\n").unwrap();
+        let config = ConfigFile::load(Some(&path)).unwrap();
+        assert_eq!(config.make_room, Some(MakeRoom::DropRollback));
+        std::fs::write(&path, "make_room = \"everything\"\n").unwrap();
+        let e = ConfigFile::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("make_room") || e.contains("everything"), "{e}");
+        for name in MakeRoom::NAMES {
+            assert_eq!(name.parse::<MakeRoom>().unwrap().to_string(), name);
+        }
+    }
+
+    #[test]
     fn sizes_take_binary_units() {
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("2G").unwrap(), 2 << 30);

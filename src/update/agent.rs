@@ -220,9 +220,24 @@ async fn poll_once(
         let fits = tokio::time::timeout_at(deadline, device.fits(&target.apps))
             .await
             .unwrap_or_else(|_| Err(late("checking the target")));
+        let state = files.device().unwrap_or_default();
         match fits {
             Ok(check) if check.fit.fits => {
                 tracing::info!("target {} fits now: applying it", target.reference)
+            }
+            // With a make-room policy (the config file's `make_room`), it is
+            // also tried again once the plan to make room is one the policy
+            // allows (the update frees it first).
+            Ok(check)
+                if options.update.make_room != crate::plan::room::MakeRoom::None
+                    && transaction::room_plan(device, &state, &target.apps, &check)
+                        .await
+                        .allowed_by(options.update.make_room) =>
+            {
+                tracing::info!(
+                    "target {} fits once room is made: applying it",
+                    target.reference
+                )
             }
             Ok(check) => {
                 status.last_result = AgentResult::WaitingForSpace;

@@ -493,7 +493,7 @@ async fn pull_making_room(
 
 /// The plan to make room for a refused update; a device that cannot say
 /// what it could free offers nothing (and the refusal says so).
-async fn room_plan(
+pub async fn room_plan(
     device: &impl DeviceOps,
     state: &DeviceState,
     to: &AppSet,
