@@ -329,6 +329,21 @@ impl<D: DeviceOps> DeviceOps for RecordingCheck<'_, D> {
     async fn installed(&self) -> Result<AppSet> {
         self.device.installed().await
     }
+    async fn room(
+        &self,
+        state: &transaction::DeviceState,
+        to: &AppSet,
+    ) -> Result<Vec<crate::plan::room::Candidate>> {
+        self.device.room(state, to).await
+    }
+    async fn free(
+        &self,
+        what: crate::plan::room::Freeable,
+        state: &transaction::DeviceState,
+        to: &AppSet,
+    ) -> Result<()> {
+        self.device.free(what, state, to).await
+    }
     async fn sync(&self) -> Result<()> {
         self.device.sync().await
     }

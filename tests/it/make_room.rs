@@ -252,3 +252,59 @@ fn an_update_that_fits_only_without_the_rollback_copy_needs_drop_rollback() {
     assert!(status.contains("rollback copy: none"), "{status}");
     device.ok(&["stop", "--all"]);
 }
+
+#[test]
+fn the_agent_takes_make_room_from_the_config_file() {
+    let mut shop = Shop::new();
+    let v1 = shop.publish("shop", 1, 8);
+    let v2 = shop.publish("shop", 2, 8);
+    let junk = shop.publish("junk", 1, 24);
+    let volume = LoopVolume::new(512);
+    let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
+    let device = device_on(&volume, &shop.registry, &dockerd);
+    let config = device.config.clone().unwrap();
+    let target = format!("{}/{}/fleet:main", shop.registry.host(), shop.name);
+    let agent_once = || {
+        run_output(&mut device.stowage(&[
+            "agent",
+            "--target",
+            &target,
+            "--once",
+            "--interval",
+            "1s",
+            "--verify-timeout",
+            "60",
+        ]))
+    };
+    device.json(&["target", "publish", &target, &v1]);
+    let out = agent_once();
+    assert_eq!(out.status.code(), Some(0), "{}", say(&out));
+    device.ok(&["pull", &junk]);
+
+    device.json(&["target", "publish", &target, &v2]);
+    let (peak, reserve) = peak_and_reserve(&device, &v2);
+    leave_available(
+        &volume,
+        &volume.path().join("filler"),
+        reserve,
+        peak - 6 * MIB,
+    );
+    // No make_room in the config: refused, then waiting, nothing freed.
+    for expected in ["refused", "waiting_for_space"] {
+        let out = agent_once();
+        assert_eq!(out.status.code(), Some(100), "{}", say(&out));
+        let status = device.json(&["status"]);
+        assert_eq!(status["last_result"], expected, "{status}");
+        assert!(device.ok(&["ls"]).contains("junk"));
+    }
+    // With it: the waiting target is applied, making room first.
+    std::fs::write(&config, "watermark = 99\nmake_room = \"prune\"\n").unwrap();
+    let out = agent_once();
+    assert_eq!(out.status.code(), Some(0), "{}", say(&out));
+    let status = device.json(&["status"]);
+    assert_eq!(status["last_result"], "committed", "{status}");
+    assert!(!device.ok(&["ls"]).contains("junk"));
+    let ps = device.json(&["ps"]);
+    assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
+    device.ok(&["stop", "--all"]);
+}
