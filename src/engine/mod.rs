@@ -7,6 +7,7 @@
 pub mod compose;
 pub mod docker;
 pub mod install;
+pub mod layers;
 pub mod prune;
 pub mod record;
 pub mod run;
