@@ -111,10 +111,7 @@ pub fn list_tar(tar: impl Read) -> io::Result<LayerListing> {
     for entry in archive.entries()? {
         let mut entry = entry?;
         let kind = entry.header().entry_type();
-        let Some(path) = std::str::from_utf8(&entry.path_bytes())
-            .ok()
-            .map(normalise)
-        else {
+        let Some(path) = std::str::from_utf8(&entry.path_bytes()).ok().map(normalise) else {
             unlisted += 1;
             continue;
         };
@@ -291,14 +288,26 @@ mod tests {
         let tar = tar_of(|b| {
             b.append_data(&mut header(tar::EntryType::Directory, 0), "./etc/", &[][..])
                 .unwrap();
-            b.append_data(&mut header(tar::EntryType::Regular, 3), "etc/a", &b"old"[..])
-                .unwrap();
-            b.append_data(&mut header(tar::EntryType::Regular, 5), "etc/a", &b"newer"[..])
-                .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 3),
+                "etc/a",
+                &b"old"[..],
+            )
+            .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 5),
+                "etc/a",
+                &b"newer"[..],
+            )
+            .unwrap();
             let mut link = header(tar::EntryType::Link, 0);
             b.append_link(&mut link, "etc/b", "etc/a").unwrap();
-            b.append_data(&mut header(tar::EntryType::Regular, 0), "etc/.wh.gone", &[][..])
-                .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 0),
+                "etc/.wh.gone",
+                &[][..],
+            )
+            .unwrap();
             b.append_data(&mut header(tar::EntryType::Directory, 0), "var/", &[][..])
                 .unwrap();
             b.append_data(

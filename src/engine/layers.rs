@@ -118,9 +118,8 @@ impl Listings {
             return Ok(listing.clone());
         }
         let (dir, store, wanted) = (self.dir.clone(), store.clone(), blob.clone());
-        let listing = Arc::new(
-            crate::fsutil::blocking(move || load_listing(&dir, &store, &wanted)).await?,
-        );
+        let listing =
+            Arc::new(crate::fsutil::blocking(move || load_listing(&dir, &store, &wanted)).await?);
         self.memory.insert(blob.clone(), listing.clone());
         Ok(listing)
     }
@@ -242,15 +241,12 @@ impl<'a> LayerChecker<'a> {
     ) -> Result<Option<(Vec<LayerDamage>, Option<String>)>> {
         let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
         let chains = crate::oci::digest::chain_ids(&diff_ids);
-        let (dirs, engine_error) = match self
-            .engine
-            .image_storage(&image.image_id.to_string())
-            .await
-        {
-            Ok(None) => return Ok(None),
-            Ok(Some(storage)) => (overlay_dirs(&storage.data, diff_ids.len()), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
+        let (dirs, engine_error) =
+            match self.engine.image_storage(&image.image_id.to_string()).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(storage)) => (overlay_dirs(&storage.data, diff_ids.len()), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
         let mut damaged = Vec::new();
         for (i, ((blob, diff_id), chain_id)) in image.layers.iter().zip(&chains).enumerate() {
             if let Some(verdict) = self.seen.get(chain_id) {
@@ -277,9 +273,10 @@ impl<'a> LayerChecker<'a> {
                 Ok(dir) => {
                     let listing = self.listings.get(self.store, blob).await?;
                     let (deep, check_dir) = (self.deep, dir.clone());
-                    let files =
-                        crate::fsutil::blocking(move || Ok::<_, std::io::Error>(check_layer_dir(&check_dir, &listing, deep)))
-                            .await?;
+                    let files = crate::fsutil::blocking(move || {
+                        Ok::<_, std::io::Error>(check_layer_dir(&check_dir, &listing, deep))
+                    })
+                    .await?;
                     files.map(|(problem, files, count)| LayerDamage {
                         diff_id: diff_id.clone(),
                         blob: blob.clone(),
@@ -296,6 +293,33 @@ impl<'a> LayerChecker<'a> {
             damaged.extend(verdict);
         }
         Ok(Some((damaged, engine_error)))
+    }
+
+    /// The torn layer database entries of an image the engine lacks: the
+    /// engine drops an image whose layer entry it cannot read, and then
+    /// refuses to load that layer again while the entry is there.
+    pub fn torn_entries(&self, image: &StoredLayers) -> Vec<LayerDamage> {
+        let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
+        let chains = crate::oci::digest::chain_ids(&diff_ids);
+        image
+            .layers
+            .iter()
+            .zip(&chains)
+            .filter_map(|((blob, diff_id), chain_id)| {
+                let torn = self.dir_from_layerdb(chain_id, diff_id).err()?;
+                torn.remove.as_ref()?;
+                Some(LayerDamage {
+                    diff_id: diff_id.clone(),
+                    blob: blob.clone(),
+                    chain_id: chain_id.clone(),
+                    dir: None,
+                    problem: torn.problem,
+                    files: Vec::new(),
+                    files_damaged: 0,
+                    remove_to_recover: torn.remove,
+                })
+            })
+            .collect()
     }
 
     /// A layer's `diff` directory from the layer database (its `cache-id`).
@@ -402,10 +426,9 @@ pub fn check_layer_dir(
     for entry in &listing.entries {
         let path = dir.join(&entry.path);
         let problem = match std::fs::symlink_metadata(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
-                "missing (the layer has a {})",
-                entry.kind.as_str()
-            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("missing (the layer has a {})", entry.kind.as_str()))
+            }
             Err(e) => Some(format!("unreadable: {e}")),
             Ok(m) => {
                 let t = m.file_type();
@@ -413,27 +436,25 @@ pub fn check_layer_dir(
                     EntryKind::File if !t.is_file() => {
                         Some("not a regular file (the layer has one)".to_string())
                     }
-                    EntryKind::File if m.len() != entry.size => Some(format!(
-                        "{} bytes, the layer has {}",
-                        m.len(),
-                        entry.size
-                    )),
-                    EntryKind::File if deep => match std::fs::File::open(&path)
-                        .and_then(|f| hash_reader(f, &mut buffer))
-                    {
-                        Ok((hash, _)) if Some(&hash) == entry.sha256.as_ref() => None,
-                        Ok(_) => Some("its content differs from the layer's".to_string()),
-                        Err(e) => Some(format!("unreadable: {e}")),
-                    },
+                    EntryKind::File if m.len() != entry.size => {
+                        Some(format!("{} bytes, the layer has {}", m.len(), entry.size))
+                    }
+                    EntryKind::File if deep => {
+                        match std::fs::File::open(&path).and_then(|f| hash_reader(f, &mut buffer)) {
+                            Ok((hash, _)) if Some(&hash) == entry.sha256.as_ref() => None,
+                            Ok(_) => Some("its content differs from the layer's".to_string()),
+                            Err(e) => Some(format!("unreadable: {e}")),
+                        }
+                    }
                     EntryKind::Dir if !t.is_dir() => {
                         Some("not a directory (the layer has one)".to_string())
                     }
                     EntryKind::OpaqueDir if !t.is_dir() => {
                         Some("not a directory (the layer has an opaque one)".to_string())
                     }
-                    EntryKind::OpaqueDir if !is_opaque(&path) => Some(
-                        "its opaque attribute (trusted.overlay.opaque) is missing".to_string(),
-                    ),
+                    EntryKind::OpaqueDir if !is_opaque(&path) => {
+                        Some("its opaque attribute (trusted.overlay.opaque) is missing".to_string())
+                    }
                     EntryKind::Symlink if !t.is_symlink() => {
                         Some("not a symbolic link (the layer has one)".to_string())
                     }
@@ -526,7 +547,10 @@ mod tests {
         std::fs::write(dir.path().join("opt/job.bin"), b"").unwrap();
         let (_, files, _) = check_layer_dir(dir.path(), &listing, false).unwrap();
         assert_eq!(files[0].path, "opt/job.bin");
-        assert!(files[0].problem.contains("0 bytes, the layer has 4"), "{files:?}");
+        assert!(
+            files[0].problem.contains("0 bytes, the layer has 4"),
+            "{files:?}"
+        );
         std::fs::remove_dir_all(dir.path().join("opt")).unwrap();
         let (_, files, count) = check_layer_dir(dir.path(), &listing, false).unwrap();
         assert_eq!(count, 3, "{files:?}");
@@ -548,6 +572,9 @@ mod tests {
         );
         assert_eq!(overlay_dirs(&data, 2), None);
         let single = HashMap::from([("UpperDir".to_string(), "/d/a/diff".to_string())]);
-        assert_eq!(overlay_dirs(&single, 1).unwrap(), vec![PathBuf::from("/d/a/diff")]);
+        assert_eq!(
+            overlay_dirs(&single, 1).unwrap(),
+            vec![PathBuf::from("/d/a/diff")]
+        );
     }
 }

@@ -10,4 +10,5 @@ pub mod install;
 pub mod layers;
 pub mod prune;
 pub mod record;
+pub mod repair;
 pub mod run;

@@ -74,6 +74,12 @@ pub struct PrivateDockerd {
 
 impl PrivateDockerd {
     pub fn start(data_root: &Path) -> PrivateDockerd {
+        PrivateDockerd::try_start(data_root).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts one, or says why it did not come up (for tests of an engine
+    /// that cannot start on the data root it is given).
+    pub fn try_start(data_root: &Path) -> Result<PrivateDockerd, String> {
         std::fs::create_dir_all(data_root)
             .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
         // Short paths: the socket and containerd's sockets live under it (108-byte
@@ -142,15 +148,20 @@ impl PrivateDockerd {
         });
         if let Some(status) = exited {
             dockerd.child = None;
-            panic!("private dockerd exited ({status}): {}", tail_file(&log, 30));
+            dockerd.kill_own_containerd();
+            dockerd.unmount_leftovers();
+            return Err(format!(
+                "private dockerd exited ({status}): {}",
+                tail_file(&log, 30)
+            ));
         }
         if !ready {
-            panic!(
+            return Err(format!(
                 "private dockerd did not answer within 60 s: {}",
                 tail_file(&log, 30)
-            );
+            ));
         }
-        dockerd
+        Ok(dockerd)
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -201,7 +212,12 @@ impl PrivateDockerd {
             let _ = child.kill();
         }
         let _ = child.wait();
-        // A containerd it started and could not stop: ours by its pidfile in our dir.
+        self.kill_own_containerd();
+        self.unmount_leftovers();
+    }
+
+    /// A containerd it started and could not stop: ours by its pidfile in our dir.
+    fn kill_own_containerd(&self) {
         let containerd_pid = self.run_dir.path().join("x/containerd/containerd.pid");
         if let Ok(text) = std::fs::read_to_string(&containerd_pid)
             && let Ok(pid) = text.trim().parse::<u32>()
@@ -213,6 +229,10 @@ impl PrivateDockerd {
                 send_signal(pid, libc::SIGKILL);
             }
         }
+    }
+
+    /// Unmounts what it left mounted under its directories and data root.
+    fn unmount_leftovers(&self) {
         // Under its directories, and the data root itself: dockerd bind-mounts
         // a data root that is not a mount point onto itself, and only a clean
         // shutdown undoes that.

@@ -737,9 +737,10 @@ impl DockerEngine {
                         .labels
                         .as_ref()
                         .and_then(|l| l.get(COMPOSE_PROJECT_LABEL).cloned()),
-                    running: c.state.as_ref().is_some_and(|s| {
-                        s.to_string().eq_ignore_ascii_case("running")
-                    }),
+                    running: c
+                        .state
+                        .as_ref()
+                        .is_some_and(|s| s.to_string().eq_ignore_ascii_case("running")),
                 })
             })
             .collect())
