@@ -202,9 +202,15 @@ pub(crate) async fn install_locked(
     let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
     let mut present = Vec::new();
     for planned in images.values() {
-        match engine.image_exists(&planned.image_id.to_string()).await? {
-            None => to_load.push(planned),
-            Some(summary) => {
+        match engine.image_exists(&planned.image_id.to_string()).await {
+            Ok(None) => to_load.push(planned),
+            // The engine knows the image but cannot describe it: its layer
+            // is gone (fsck found why). A load puts the layer back.
+            Err(e) => {
+                tracing::warn!("loading {} again: {e}", planned.image_id);
+                to_load.push(planned)
+            }
+            Ok(Some(summary)) => {
                 let missing: Vec<String> = planned
                     .tags
                     .iter()

@@ -245,9 +245,12 @@ async fn check_app(
     check: &mut InstalledCheck,
 ) -> Result<()> {
     for image in &app.images {
-        let ok = match device.engine.image_exists(&image.tag).await? {
-            Some(summary) => summary.id == image.image_id,
-            None => false,
+        // An engine that cannot describe the image (its layers torn) holds
+        // it still: the layer check below says what is wrong with it.
+        let ok = match device.engine.image_exists(&image.tag).await {
+            Ok(Some(summary)) => summary.id == image.image_id,
+            Ok(None) => false,
+            Err(_) => true,
         };
         if !ok && !check.missing_images.contains(&image.tag) {
             check.missing_images.push(image.tag.clone());
@@ -479,7 +482,13 @@ async fn clear_damaged(
         for tag in tags {
             engine.remove_image(tag).await?;
         }
-        if engine.image_exists(&id.to_string()).await?.is_some() {
+        if engine
+            .image_exists(&id.to_string())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
             engine.remove_image(&id.to_string()).await?;
         }
     }

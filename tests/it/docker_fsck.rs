@@ -114,8 +114,13 @@ impl Installed {
         let mut full = vec!["--json", "fsck"];
         full.extend_from_slice(args);
         let out = run_fails(&mut self.device.stowage(&full));
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
         assert_eq!(report["clean"], false, "{report:#}");
         let mut full = vec!["fsck"];
         full.extend_from_slice(args);
