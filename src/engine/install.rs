@@ -235,9 +235,15 @@ pub(crate) async fn install_locked(
     let mut guard = None;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let info = info?;
+        // Where fsck looks should the engine stop answering (saved below).
+        state.engine = Some(record::EngineSeen {
+            data_root: info.data_root.clone(),
+            driver: info.storage_driver,
+        });
         let docker = docker.insert(DockerView {
             reachable: true,
-            data_root: info?.data_root,
+            data_root: info.data_root,
             held: held?,
         });
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;

@@ -115,6 +115,97 @@ pub async fn verify_installed(
     let _store_lock = device.store.lock_async(LockMode::Shared).await?;
     let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
+    verify_locked(device, &mut state, None, verify, options, compose, progress).await
+}
+
+/// `stowage install NAME|REF`, repairing first what fsck would find
+/// damaged in an installed app's images (see [`verify_locked`]).
+pub async fn install_repairing(
+    device: Device<'_>,
+    name_or_ref: &str,
+    options: &InstallOptions,
+    compose: Option<&Compose>,
+    progress: &dyn Progress,
+) -> Result<crate::engine::install::InstallReport> {
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
+    let mut state = Installed::load(device.root)?;
+    let app = crate::engine::install::resolve_app(device.store, &state, name_or_ref)?;
+    repair_before_start(
+        device,
+        &mut state,
+        &[app.name.clone()],
+        options,
+        compose,
+        progress,
+    )
+    .await?;
+    install_locked(device, &mut state, &app, options, progress).await
+}
+
+/// The quick check and repair of the installed apps among `names`, for
+/// `install` and `run` (the caller holds the locks): an app whose damage
+/// cannot be repaired is an error naming it.
+pub async fn repair_before_start(
+    device: Device<'_>,
+    state: &mut Installed,
+    names: &[String],
+    options: &InstallOptions,
+    compose: Option<&Compose>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let only: BTreeSet<String> = names
+        .iter()
+        .filter(|n| state.apps.contains_key(n.as_str()))
+        .cloned()
+        .collect();
+    if only.is_empty() {
+        return Ok(());
+    }
+    let verify = VerifyOptions {
+        repair: true,
+        deep: false,
+    };
+    let checks = verify_locked(
+        device,
+        state,
+        Some(&only),
+        verify,
+        options,
+        compose,
+        progress,
+    )
+    .await?;
+    for check in checks {
+        if check.repaired {
+            progress.step(format!(
+                "{}: Docker's copy was damaged or incomplete; restored from the blob store",
+                check.name
+            ));
+        }
+        let damaged = !check.damaged_images.is_empty() || !check.missing_images.is_empty();
+        if let (true, Some(e)) = (damaged, &check.error) {
+            anyhow::bail!(
+                "app {}: Docker's copy of its images is damaged ({}) and cannot be restored: {e}",
+                check.name,
+                summary(&check)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// [`verify_installed`] with the locks held and the record loaded by the
+/// caller, for every installed app or those in `only`.
+pub async fn verify_locked(
+    device: Device<'_>,
+    state: &mut Installed,
+    only: Option<&BTreeSet<String>>,
+    verify: VerifyOptions,
+    options: &InstallOptions,
+    compose: Option<&Compose>,
+    progress: &dyn Progress,
+) -> Result<Vec<InstalledCheck>> {
     let info = device.engine.info().await?;
     let seen = EngineSeen {
         data_root: info.data_root.clone(),
@@ -139,6 +230,7 @@ pub async fn verify_installed(
     let apps: Vec<(String, InstalledApp)> = state
         .apps
         .iter()
+        .filter(|(n, _)| only.is_none_or(|only| only.contains(n.as_str())))
         .map(|(n, a)| (n.clone(), a.clone()))
         .collect();
     let mut checks = Vec::new();
@@ -182,7 +274,7 @@ pub async fn verify_installed(
     }
 
     // Damaged layers: clear the engine of stowage's images holding them.
-    let restart = clear_damaged(device, &state, &mut checks, progress).await?;
+    let restart = clear_damaged(device, state, &mut checks, progress).await?;
 
     // Reload from the blob store, then check again.
     checker.forget();
@@ -194,7 +286,7 @@ pub async fn verify_installed(
             continue;
         };
         progress.step(format!("restoring {name} from the blob store"));
-        if let Err(e) = install_locked(device, &mut state, stored, options, progress).await {
+        if let Err(e) = install_locked(device, state, stored, options, progress).await {
             check.error = Some(format!("{e:#}"));
             continue;
         }

@@ -138,6 +138,9 @@ impl DeviceOps for LiveDevice<'_> {
             &self.compose,
             &Selection::Named(vec![name.to_string()]),
             &self.install,
+            // Checked by the boot's and the agent's repair; the update's
+            // start is the app's downtime, and it has just been installed.
+            false,
             self.progress,
         )
         .await?;
@@ -286,6 +289,9 @@ impl Supervised for LiveDevice<'_> {
             &self.compose,
             &Selection::Named(vec![reference.to_string()]),
             &self.install,
+            // Checked by the boot's and the agent's repair; the update's
+            // start is the app's downtime, and it has just been installed.
+            false,
             self.progress,
         )
         .await?;

@@ -423,3 +423,36 @@ fn a_torn_layer_database_entry_is_named_with_the_command_that_recovers_it() {
     app.assert_running();
     assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
 }
+
+#[test]
+fn install_and_run_restore_a_damaged_image_before_they_go_on() {
+    let app = Installed::new();
+    let truncate = || {
+        let job = app.worker_upper_dir().join("opt/job.bin");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&job)
+            .and_then(|f| f.set_len(0))
+            .unwrap_or_else(|e| panic!("truncate {}: {e}", job.display()));
+    };
+    let job_size = || {
+        std::fs::metadata(app.worker_upper_dir().join("opt/job.bin"))
+            .map(|m| m.len())
+            .ok()
+    };
+
+    // install: the running app's damaged image is reloaded, the app started again.
+    truncate();
+    let out = run_ok(&mut app.device.stowage(&["install", &app.name]));
+    assert_eq!(job_size(), Some(JOB_BYTES as u64), "{out}");
+    app.assert_running();
+    assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
+
+    // run, on a stopped app.
+    app.device.ok(&["stop", &app.name]);
+    truncate();
+    app.device.ok(&["run", &app.name]);
+    assert_eq!(job_size(), Some(JOB_BYTES as u64));
+    app.assert_running();
+    assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
+}
