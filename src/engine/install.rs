@@ -335,11 +335,13 @@ pub(crate) async fn install_locked(
     }
 
     // The override marks the install done: the layers the engine applied
-    // (it does not fsync them) reach the disk first.
-    if let Some(docker) = &docker
-        && !to_load.is_empty()
-    {
-        flush_engine(&docker.data_root).await?;
+    // (it does not fsync them) and the tags it wrote reach the disk first.
+    if !to_load.is_empty() || !to_tag.is_empty() {
+        let data_root = match &docker {
+            Some(docker) => docker.data_root.clone(),
+            None => engine.info().await?.data_root,
+        };
+        flush_engine(&data_root).await?;
     }
     write_image_override(
         &dir.join(&app.compose_file),
@@ -451,7 +453,7 @@ fn forget_failed_install(root: &Path, state: &mut Installed, name: &str, dir: &P
 
 /// `syncfs` of Docker's data root, when this machine sees it (an engine
 /// reached over TCP may keep it elsewhere: then only a warning).
-async fn flush_engine(data_root: &Path) -> Result<()> {
+pub async fn flush_engine(data_root: &Path) -> Result<()> {
     let path = data_root.to_path_buf();
     match crate::fsutil::blocking(move || crate::fsutil::syncfs(&path)).await {
         Ok(()) => Ok(()),
