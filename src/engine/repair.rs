@@ -31,7 +31,7 @@ use crate::Digest;
 use crate::app::stored::{StoredApp, load_app};
 use crate::engine::compose::Compose;
 use crate::engine::install::{Device, InstallOptions, install_locked, read_marker};
-use crate::engine::layers::{EngineLayout, ImageDamage, LayerChecker, StoredLayers};
+use crate::engine::layers::{EngineLayout, ImageDamage, LayerChecker, Listings, StoredLayers};
 use crate::engine::record::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, EngineSeen, Installed, InstalledApp, OVERRIDE_FILE,
 };
@@ -115,7 +115,17 @@ pub async fn verify_installed(
     let _store_lock = device.store.lock_async(LockMode::Shared).await?;
     let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
-    verify_locked(device, &mut state, None, verify, options, compose, progress).await
+    let checks =
+        verify_locked(device, &mut state, None, verify, options, compose, progress).await?;
+    // Listings of layers the store no longer holds (pruned) go too.
+    let (listings, store) = (Listings::under(device.root), device.store.clone());
+    crate::fsutil::blocking(move || {
+        listings.forget_absent(&store);
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .await
+    .ok();
+    Ok(checks)
 }
 
 /// `stowage install NAME|REF`, repairing first what fsck would find
@@ -134,7 +144,7 @@ pub async fn install_repairing(
     repair_before_start(
         device,
         &mut state,
-        &[app.name.clone()],
+        std::slice::from_ref(&app.name),
         options,
         compose,
         progress,
