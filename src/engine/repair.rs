@@ -172,15 +172,31 @@ pub async fn repair_before_start(
     if only.is_empty() {
         return Ok(());
     }
-    let verify = VerifyOptions {
+    // First only look: what is missing or only in the directory, the
+    // install that follows restores (and reports) itself.
+    let look = VerifyOptions {
+        repair: false,
+        deep: false,
+    };
+    let damaged: BTreeSet<String> =
+        verify_locked(device, state, Some(&only), look, options, compose, progress)
+            .await?
+            .into_iter()
+            .filter(|c| !c.damaged_images.is_empty())
+            .map(|c| c.name)
+            .collect();
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let repair = VerifyOptions {
         repair: true,
         deep: false,
     };
     let checks = verify_locked(
         device,
         state,
-        Some(&only),
-        verify,
+        Some(&damaged),
+        repair,
         options,
         compose,
         progress,
@@ -189,7 +205,7 @@ pub async fn repair_before_start(
     for check in checks {
         if check.repaired {
             progress.step(format!(
-                "{}: Docker's copy was damaged or incomplete; restored from the blob store",
+                "{}: Docker's copy of its images was damaged; restored from the blob store",
                 check.name
             ));
         }
