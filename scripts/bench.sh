@@ -221,15 +221,6 @@ PY
     done
 }
 
-if [ "${BENCH_ONLY:-}" = fsck ]; then
-    fsck_section
-    echo
-    printf '| case | runs | wall, median |\n|---|---:|---:|\n'
-    jq -rs 'group_by(.case)[] | "| \(.[0].case) | \(length) | \((map(.wall_s) | sort | .[(length / 2 | floor)]) * 1000 | round) ms |"' "$results"
-    echo "fsck app: $FSCK_PATHS paths, $FSCK_BYTES bytes of files in its layers"
-    exit 0
-fi
-
 # make_image NAME RANDOM_MIB BASE64_MIB SEQ_LINES
 make_image() {
     local name=$1 random_mib=$2 b64_mib=$3 seq_lines=$4
@@ -287,6 +278,15 @@ PY
     docker build -q -t "$REG/bench/$name:1" "$ctx" >/dev/null
     built_images+=("$REG/bench/$name:1")
 }
+
+if [ "${BENCH_ONLY:-}" = fsck ]; then
+    fsck_section
+    echo
+    printf '| case | runs | wall, median |\n|---|---:|---:|\n'
+    jq -rs 'group_by(.case)[] | "| \(.[0].case) | \(length) | \((map(.wall_s) | sort | .[(length / 2 | floor)]) * 1000 | round) ms |"' "$results"
+    echo "fsck app: $FSCK_PATHS paths, $FSCK_BYTES bytes of files in its layers"
+    exit 0
+fi
 
 log "building images locally (about 700 MB of data)"
 for svc in a b c; do make_image "pub-$svc" 64 24 2000000; done
