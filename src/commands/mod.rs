@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use crate::config::{self, ConfigFile, CredentialStore};
-use crate::engine::compose::Compose;
+use crate::engine::compose::{Compose, ComposeChoice};
 use crate::engine::docker::{DockerEngine, LoadOptions, probe_view};
 use crate::engine::install::{Device, InstallOptions};
 use crate::oci::format::Arch;
@@ -66,6 +66,8 @@ pub struct GlobalOptions {
     pub min_transfer_rate: Option<String>,
     /// Seconds over which that rate is measured.
     pub transfer_window: Option<f64>,
+    /// Which compose runs apps (`--compose`, `STOWAGE_COMPOSE`).
+    pub compose: Option<ComposeChoice>,
 }
 
 /// The device-side settings of a command that plans or touches Docker.
@@ -89,6 +91,8 @@ pub struct Context {
     pub root: PathBuf,
     pub config: ConfigFile,
     pub registry: RegistryOptions,
+    /// Which compose runs apps: the flag, else the config file's, else auto.
+    pub compose: ComposeChoice,
 }
 
 impl Context {
@@ -113,10 +117,21 @@ impl Context {
             credentials: CredentialStore::from_docker_config()?,
             deadlines: deadlines(options, &config)?,
         };
+        let compose = match options.compose {
+            Some(choice) => choice,
+            None => match &config.compose {
+                Some(text) => text
+                    .parse()
+                    .map_err(anyhow::Error::msg)
+                    .context("the config file's `compose`")?,
+                None => ComposeChoice::Auto,
+            },
+        };
         Ok(Context {
             root,
             config,
             registry,
+            compose,
         })
     }
 
@@ -195,7 +210,7 @@ impl Context {
     }
 
     pub async fn compose(&self, docker_host: Option<&str>) -> Result<Compose> {
-        let compose = Compose::detect().await?;
+        let compose = Compose::detect_choice(self.compose).await?;
         Ok(match self.docker_host(docker_host) {
             Some(host) => compose.with_docker_host(&host),
             None => compose,
