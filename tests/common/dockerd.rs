@@ -112,6 +112,20 @@ impl PrivateDockerd {
 
     /// The dockerd `spec` names, privately.
     pub fn start_with(data_root: &Path, spec: impl Into<DaemonSpec>) -> PrivateDockerd {
+        PrivateDockerd::try_start_with(data_root, spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The machine's dockerd, or why it did not come up (for tests of an
+    /// engine that cannot start on the data root it is given).
+    pub fn try_start(data_root: &Path) -> Result<PrivateDockerd, String> {
+        PrivateDockerd::try_start_with(data_root, DaemonSpec::default())
+    }
+
+    /// [`PrivateDockerd::start_with`], saying why it did not come up.
+    pub fn try_start_with(
+        data_root: &Path,
+        spec: impl Into<DaemonSpec>,
+    ) -> Result<PrivateDockerd, String> {
         let spec = spec.into();
         std::fs::create_dir_all(data_root)
             .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
@@ -199,15 +213,20 @@ impl PrivateDockerd {
         });
         if let Some(status) = exited {
             dockerd.child = None;
-            panic!("private dockerd exited ({status}): {}", tail_file(&log, 30));
+            dockerd.kill_own_containerd();
+            dockerd.unmount_leftovers();
+            return Err(format!(
+                "private dockerd exited ({status}): {}",
+                tail_file(&log, 30)
+            ));
         }
         if !ready {
-            panic!(
+            return Err(format!(
                 "private dockerd did not answer within 60 s: {}",
                 tail_file(&log, 30)
-            );
+            ));
         }
-        dockerd
+        Ok(dockerd)
     }
 
     pub fn spec(&self) -> DaemonSpec {
@@ -272,7 +291,12 @@ impl PrivateDockerd {
             let _ = child.kill();
         }
         let _ = child.wait();
-        // A containerd it started and could not stop: ours by its pidfile in our dir.
+        self.kill_own_containerd();
+        self.unmount_leftovers();
+    }
+
+    /// A containerd it started and could not stop: ours by its pidfile in our dir.
+    fn kill_own_containerd(&self) {
         let containerd_pid = self.run_dir.path().join("x/containerd/containerd.pid");
         if let Ok(text) = std::fs::read_to_string(&containerd_pid)
             && let Ok(pid) = text.trim().parse::<u32>()
@@ -284,6 +308,10 @@ impl PrivateDockerd {
                 send_signal(pid, libc::SIGKILL);
             }
         }
+    }
+
+    /// Unmounts what it left mounted under its directories and data root.
+    fn unmount_leftovers(&self) {
         // Under its directories, and the data root itself: dockerd bind-mounts
         // a data root that is not a mount point onto itself, and only a clean
         // shutdown undoes that.
