@@ -22,6 +22,7 @@ pub mod docker_device;
 mod dockerd;
 pub mod hostile;
 mod images;
+pub mod powercut;
 mod registry;
 mod sandbox;
 pub mod seed;
