@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod compose_file;
 pub mod inspect;
 pub mod layer;
+pub mod listing;
 pub mod publish;
 pub mod stored;
 

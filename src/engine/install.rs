@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::app::bundle::{BundleLimits, STAGING_PREFIX, extract_bundle};
-use crate::app::stored::{StoredApp, find_apps, load_app};
+use crate::app::stored::{StoredApp, find_apps};
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::engine::compose::write_image_override;
 use crate::engine::docker::{
@@ -792,7 +792,7 @@ fn app_for_plan(
 const INCOMING_PREFIX: &str = ".incoming-";
 
 /// The bundle marker of an app directory, read without following a link.
-fn read_marker(dir: &Path) -> Option<String> {
+pub(crate) fn read_marker(dir: &Path) -> Option<String> {
     use std::io::Read as _;
     let mut marker = String::new();
     Dir::open(dir)
@@ -829,98 +829,4 @@ fn remove_stale_extractions(apps_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The state of one installed app as fsck sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstalledCheck {
-    pub name: String,
-    pub reference: String,
-    /// Local tags of images Docker lacks.
-    pub missing_images: Vec<String>,
-    /// The extracted bundle or the override file is missing.
-    pub directory_damaged: bool,
-    /// Reloaded from the blob store by `--repair`.
-    pub repaired: bool,
-    /// Why it could not be repaired.
-    pub error: Option<String>,
-}
-
-impl InstalledCheck {
-    pub fn is_healthy(&self) -> bool {
-        (self.missing_images.is_empty() && !self.directory_damaged || self.repaired)
-            && self.error.is_none()
-    }
-}
-
-/// Checks that Docker still has every installed app's images and that its
-/// directory is intact; with `repair`, reinstalls what is missing from the
-/// blob store (no network).
-pub async fn verify_installed(
-    device: Device<'_>,
-    repair: bool,
-    options: &InstallOptions,
-    progress: &dyn Progress,
-) -> Result<Vec<InstalledCheck>> {
-    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
-    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
-    let mut state = Installed::load(device.root)?;
-    let mut checks = Vec::new();
-    let apps: Vec<(String, InstalledApp)> = state
-        .apps
-        .iter()
-        .map(|(n, a)| (n.clone(), a.clone()))
-        .collect();
-    for (name, installed_app) in apps {
-        let mut check = InstalledCheck {
-            name: name.clone(),
-            reference: installed_app.reference.clone(),
-            missing_images: Vec::new(),
-            directory_damaged: false,
-            repaired: false,
-            error: None,
-        };
-        for image in &installed_app.images {
-            let ok = match device.engine.image_exists(&image.tag).await? {
-                Some(summary) => summary.id == image.image_id,
-                None => false,
-            };
-            if !ok && !check.missing_images.contains(&image.tag) {
-                check.missing_images.push(image.tag.clone());
-            }
-        }
-        let is_file = |name: &str| {
-            std::fs::symlink_metadata(installed_app.dir.join(name)).is_ok_and(|m| m.is_file())
-        };
-        check.directory_damaged = read_marker(&installed_app.dir)
-            .is_none_or(|m| m.trim() != installed_app.digest.to_string())
-            || !is_file(OVERRIDE_FILE)
-            || !is_file(&installed_app.compose_file);
-        if repair && (!check.missing_images.is_empty() || check.directory_damaged) {
-            let stored = match load_app(
-                device.store,
-                &installed_app.reference,
-                &installed_app.digest,
-            ) {
-                Ok(Some(app)) => Ok(app),
-                Ok(None) => Err(anyhow!(
-                    "the store no longer holds {}: pull it again",
-                    installed_app.reference
-                )),
-                Err(e) => Err(e),
-            };
-            match stored {
-                Ok(app) => {
-                    progress.step(format!("restoring {name} from the blob store"));
-                    match install_locked(device, &mut state, &app, options, progress).await {
-                        Ok(_) => check.repaired = true,
-                        Err(e) => check.error = Some(format!("{e:#}")),
-                    }
-                }
-                Err(e) => check.error = Some(format!("{e:#}")),
-            }
-        }
-        checks.push(check);
-    }
-    Ok(checks)
 }

@@ -77,9 +77,8 @@ impl PrivateDockerd {
         PrivateDockerd::try_start(data_root).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Like [`PrivateDockerd::start`], returning why the engine did not come
-    /// up (it exited, or did not answer within 60 s, with its log's tail)
-    /// instead of panicking: after a power cut that is an outcome to report.
+    /// Starts one, or says why it did not come up (for tests of an engine
+    /// that cannot start on the data root it is given).
     pub fn try_start(data_root: &Path) -> Result<PrivateDockerd, String> {
         std::fs::create_dir_all(data_root)
             .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
@@ -149,10 +148,12 @@ impl PrivateDockerd {
         });
         if let Some(status) = exited {
             dockerd.child = None;
-            let why = format!("private dockerd exited ({status}): {}", tail_file(&log, 30));
-            // Drop what it may have mounted before it died.
-            drop(dockerd);
-            return Err(why);
+            dockerd.kill_own_containerd();
+            dockerd.unmount_leftovers();
+            return Err(format!(
+                "private dockerd exited ({status}): {}",
+                tail_file(&log, 30)
+            ));
         }
         if !ready {
             return Err(format!(
@@ -246,7 +247,12 @@ impl PrivateDockerd {
             }
             let _ = child.wait();
         }
-        // A containerd it started and could not stop: ours by its pidfile in our dir.
+        self.kill_own_containerd();
+        self.unmount_leftovers();
+    }
+
+    /// A containerd it started and could not stop: ours by its pidfile in our dir.
+    fn kill_own_containerd(&self) {
         let containerd_pid = self.run_dir.path().join("x/containerd/containerd.pid");
         if let Ok(text) = std::fs::read_to_string(&containerd_pid)
             && let Ok(pid) = text.trim().parse::<u32>()
@@ -258,6 +264,10 @@ impl PrivateDockerd {
                 send_signal(pid, libc::SIGKILL);
             }
         }
+    }
+
+    /// Unmounts what it left mounted under its directories and data root.
+    fn unmount_leftovers(&self) {
         // Under its directories, and the data root itself: dockerd bind-mounts
         // a data root that is not a mount point onto itself, and only a clean
         // shutdown undoes that.

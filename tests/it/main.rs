@@ -7,6 +7,7 @@
 mod common;
 
 mod agent;
+mod docker_fsck;
 mod docker_load;
 mod harness;
 mod hostile_server;

@@ -307,10 +307,13 @@ pub struct PruneArgs {
 
 #[derive(Args)]
 pub struct FsckArgs {
-    /// Check sizes only, do not hash
+    /// Check the stored blobs by size only, do not hash
     #[arg(long)]
     pub quick: bool,
-    /// Reload from the blob store the images of installed apps that Docker lost
+    /// Also hash every file of the installed apps' layers in Docker (reads them all)
+    #[arg(long)]
+    pub deep: bool,
+    /// Restore from the blob store, with no network, the images of installed apps that Docker lost or damaged
     #[arg(long)]
     pub repair: bool,
     #[command(flatten)]

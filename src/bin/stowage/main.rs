@@ -14,6 +14,7 @@ use stowage::commands::{
     Context, agent, check, df, export, fsck, inspect, install, ls, prune, ps, publish, pull,
     reconcile, rm, run, status, stop, target, update,
 };
+use stowage::engine::layers::DamageFound;
 use stowage::plan::DoesNotFit;
 use stowage::update::transaction::UpdateEvent;
 
@@ -182,15 +183,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fsck(args) => {
             let options = fsck::FsckOptions {
                 quick: args.quick,
+                deep: args.deep,
                 repair: args.repair,
                 fit: args.fit.into(),
             };
             let report = options.run(&ctx, progress).await?;
-            output::fsck(&report.store, &report.installed, json)?;
+            output::fsck(&report.store, &report.installed, &report.engine, json)?;
             Ok(if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(1)
+                ExitCode::from(DamageFound::EXIT_CODE)
             })
         }
         Command::Install(args) => {

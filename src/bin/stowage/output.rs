@@ -17,8 +17,9 @@ use stowage::app::publish::PublishReport;
 use stowage::app::stored::RmReport;
 use stowage::app::stored::StoredApp;
 use stowage::commands::df::DfReport;
-use stowage::engine::install::{ImageAction, InstallReport, InstalledCheck};
+use stowage::engine::install::{ImageAction, InstallReport};
 use stowage::engine::prune::DockerPruneReport;
+use stowage::engine::repair::{EngineDamage, InstalledCheck};
 use stowage::engine::run::{AppStatus, RunReport, StopReport};
 use stowage::plan::CheckReport;
 use stowage::progress::{Event, NoProgress, Progress};
@@ -650,11 +651,17 @@ pub fn df(report: &DfReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Result<()> {
+pub fn fsck(
+    report: &FsckReport,
+    installed: &[InstalledCheck],
+    engine: &[EngineDamage],
+    json: bool,
+) -> Result<()> {
     let installed_clean = installed.iter().all(|c| c.is_healthy());
     if json {
         let value = serde_json::json!({
             "installed": installed,
+            "engine": engine,
             "quick": report.quick,
             "checked": report.checked,
             "bytes_hashed": report.bytes_hashed,
@@ -686,36 +693,83 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
         out!("ref {n} points at missing {d}: pull the app again");
     }
     for c in installed {
+        for image in &c.damaged_images {
+            let services = image.services.join(", ");
+            if let Some(e) = &image.engine_error {
+                out!(
+                    "app {}: image {} ({services}): the engine cannot describe it: {e}",
+                    c.name,
+                    image.tag
+                );
+            }
+            for layer in &image.layers {
+                out!(
+                    "app {}: image {} ({services}): layer {} (blob {}): {}",
+                    c.name,
+                    image.tag,
+                    layer.diff_id,
+                    layer.blob,
+                    layer.problem
+                );
+                for file in &layer.files {
+                    out!("  {}: {}", file.path, file.problem);
+                }
+                if layer.files_damaged > layer.files.len() {
+                    out!("  ... and {} more", layer.files_damaged - layer.files.len());
+                }
+            }
+        }
+        for why in &c.foreign {
+            out!("app {}: {why}", c.name);
+        }
+        if let Some(why) = &c.layers_not_checked {
+            out!("app {}: {why}", c.name);
+        }
         if c.repaired {
             out!(
-                "app {}: restored from the blob store ({} images were missing{})",
+                "app {}: restored from the blob store ({} images missing, {} damaged{})",
                 c.name,
                 c.missing_images.len(),
+                c.damaged_images.len(),
                 if c.directory_damaged {
                     ", directory rebuilt"
                 } else {
                     ""
                 }
             );
-        } else if !c.missing_images.is_empty() || c.directory_damaged {
+        } else if c.error.is_none()
+            && (!c.missing_images.is_empty() || !c.damaged_images.is_empty() || c.directory_damaged)
+        {
+            let mut what = Vec::new();
+            if !c.missing_images.is_empty() {
+                what.push(format!("Docker lacks {}", c.missing_images.join(", ")));
+            }
+            if !c.damaged_images.is_empty() {
+                what.push(format!(
+                    "Docker's copy of {} is damaged",
+                    c.damaged_images
+                        .iter()
+                        .map(|i| i.tag.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if c.directory_damaged {
+                what.push("its directory is damaged".into());
+            }
             out!(
-                "app {}: Docker lacks {}{}; run `stowage fsck --repair`",
+                "app {}: {}; run `stowage fsck --repair`",
                 c.name,
-                if c.missing_images.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    c.missing_images.join(", ")
-                },
-                if c.directory_damaged {
-                    " and its directory is damaged"
-                } else {
-                    ""
-                }
+                what.join(", ")
             );
         }
         if let Some(e) = &c.error {
             out!("app {}: cannot be restored: {e}", c.name);
         }
+    }
+    for damage in engine {
+        out!("engine: {}", damage.what);
+        out!("engine: recover with: {}", damage.recover);
     }
     if !installed.is_empty() {
         out!(
