@@ -226,13 +226,7 @@ pub async fn reconcile(
                             ..Tries::default()
                         };
                     }
-                    (
-                        AppState::Running,
-                        Action::Started {
-                            attempt,
-                            why,
-                        },
-                    )
+                    (AppState::Running, Action::Started { attempt, why })
                 }
                 Err(e) => (
                     seen.map_or(AppState::Stopped, |a| a.state),
@@ -447,7 +441,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = StateFiles::under(dir.path());
         device_state(&files, &[("shop", "r1")]);
-        let device = engine(vec![app("shop", &r("shop", "r1"), AppState::Degraded)], vec![]);
+        let device = engine(
+            vec![app("shop", &r("shop", "r1"), AppState::Degraded)],
+            vec![],
+        );
         for boot in 0..8 {
             let report = reconcile(&device, &files, dir.path(), 3).await.unwrap();
             assert!(

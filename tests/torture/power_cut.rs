@@ -110,12 +110,26 @@ struct Counts {
     failed: usize,
     fs_fixed: usize,
     lost_bytes: u64,
+    /// Installing cuts that ended on v1, then updated to v2 uninterrupted.
+    retried: usize,
 }
 
 impl Lab {
     fn stowage(&self, machine: &PowerCutMachine, args: &[&str]) -> Command {
         let mut cmd = stowage();
         cmd.env("DOCKER_HOST", machine.engine().host())
+            .arg("--root")
+            .arg(machine.root())
+            .args(["--insecure-registry", &self.host])
+            .args(args);
+        cmd
+    }
+
+    /// Like [`Lab::stowage`], for an engine at `host` (one that does not
+    /// answer, to see what fsck says of its data root).
+    fn stowage_on_host(&self, machine: &PowerCutMachine, host: &str, args: &[&str]) -> Command {
+        let mut cmd = stowage();
+        cmd.env("DOCKER_HOST", host)
             .arg("--root")
             .arg(machine.root())
             .args(["--insecure-registry", &self.host])
@@ -229,10 +243,13 @@ impl Lab {
                 )
             })?;
         if !others.is_empty() {
-            return Err(format!("containers left beside {}: {others:?}", version.label));
+            return Err(format!(
+                "containers left beside {}: {others:?}",
+                version.label
+            ));
         }
-        let status: Value =
-            serde_json::from_str(&self.ok(machine, &["--json", "status"])).map_err(|e| e.to_string())?;
+        let status: Value = serde_json::from_str(&self.ok(machine, &["--json", "status"]))
+            .map_err(|e| e.to_string())?;
         let recorded = status
             .get("apps")
             .or_else(|| status.get("running"))
@@ -246,7 +263,10 @@ impl Lab {
         let out = run_output(&mut self.stowage(machine, &["--json", "fsck"]));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         if !out.status.success() || report["clean"] != true {
-            return Err(format!("fsck after the recovery is not clean: {}", say(&out)));
+            return Err(format!(
+                "fsck after the recovery is not clean: {}",
+                say(&out)
+            ));
         }
         Ok(version)
     }
@@ -321,7 +341,13 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
     for (service, n, big) in [("web", 400, 0), ("db", 3, 3)] {
         for v in ["1", "2"] {
             let local = format!("{name}-{service}:{v}");
-            let image = build(&local, service, n, big, seed_of(&format!("{name}/{service}/{v}")));
+            let image = build(
+                &local,
+                service,
+                n,
+                big,
+                seed_of(&format!("{name}/{service}/{v}")),
+            );
             let remote = format!("{host}/{name}/{service}:{v}");
             let digest = push_image(&local, &remote);
             drop(image);
@@ -519,7 +545,11 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
         *modes.entry(mode.name()).or_default() += 1;
         let what = format!(
             "cut {k} ({phase:?}, journal {journal}, {at:?} in{}): {report}; disk since boot: {disk}",
-            if finished { ", the command had finished" } else { "" }
+            if finished {
+                ", the command had finished"
+            } else {
+                ""
+            }
         );
         println!("{what}");
 
@@ -538,18 +568,44 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
         machine.boot();
         let mut reset = false;
         if let Err(why) = machine.start_engine() {
-            // The engine's own metadata is torn: say so, and run the
-            // documented recovery.
+            // The engine's own metadata is torn: say so, ask stowage what
+            // it sees in the data root, and run the one command it prints
+            // (else the last resort the README gives).
             resets += 1;
             reset = true;
             c.engine_reset += 1;
-            println!(
-                "  the engine does not start after the cut: {why}\n  recovery (README, \"Power cuts\"): systemctl stop docker && mv /var/lib/docker /var/lib/docker.torn-$(date +%s) && systemctl start docker && stowage fsck --repair && stowage reconcile"
-            );
-            machine.move_data_root_aside(resets);
+            println!("  the engine does not start after the cut: {why}");
+            let out = run_output(&mut lab.stowage_on_host(
+                &machine,
+                &format!("unix://{}/no-engine.sock", machine.volume().display()),
+                &["--json", "fsck"],
+            ));
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let found = report["engine"].as_array().cloned().unwrap_or_default();
+            if found.is_empty() {
+                println!(
+                    "  stowage fsck names no cause ({}); last resort (README, \"Power cuts\"): systemctl stop docker && mv /var/lib/docker /var/lib/docker.torn && systemctl start docker && stowage fsck --repair && stowage reconcile",
+                    say(&out)
+                );
+                machine.move_data_root_aside(resets);
+            } else {
+                for damage in &found {
+                    println!(
+                        "  stowage fsck: {}\n  recover with: {}",
+                        damage["what"], damage["recover"]
+                    );
+                    // The command's first part; the engine's start and the
+                    // repair follow as the command says.
+                    if let Some(path) = damage["path"].as_str() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
             if let Err(why) = machine.start_engine() {
                 c.failed += 1;
-                failures.push(format!("{what}\n  a fresh engine does not start either: {why}"));
+                failures.push(format!(
+                    "{what}\n  a fresh engine does not start either: {why}"
+                ));
                 continue;
             }
         }
@@ -597,9 +653,38 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
                 println!(
                     "  recovered: {} runs{}{}",
                     version.label,
-                    if fsck.code != 0 { "; e2fsck fixed the file system" } else { "" },
-                    if reset { "; after the engine reset" } else { "" }
+                    if fsck.code != 0 {
+                        "; e2fsck fixed the file system"
+                    } else {
+                        ""
+                    },
+                    if reset {
+                        "; after the engine reset"
+                    } else {
+                        ""
+                    }
                 );
+                // A cut inside the engine's load left the device on v1: the
+                // next try of the update must work (in the case it
+                // failed again the same way, on layers the engine lost).
+                if phase == Phase::Installing && version.label == "v1" {
+                    let out = run_output(&mut lab.update(&machine, &lab.v2));
+                    match lab.check(&machine) {
+                        Ok(v) if out.status.success() && v.label == "v2" => {
+                            c.retried += 1;
+                            println!("  then the update to v2 again: v2 runs");
+                        }
+                        other => {
+                            c.failed += 1;
+                            let text = format!(
+                                "{what}\n  recovered on v1, but the update to v2 again: {}\n  then: {other:?}",
+                                say(&out)
+                            );
+                            println!("  FAILED: {text}");
+                            failures.push(text);
+                        }
+                    }
+                }
             }
             result => {
                 if let Err(e) = result {
@@ -619,13 +704,13 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
     }
 
     let mut table = String::from(
-        "phase        cuts  recovered  on v1  on v2  engine reset  e2fsck fixed  failed  lost bytes\n",
+        "phase        cuts  recovered  on v1  on v2  engine reset  e2fsck fixed  failed  lost bytes  v2 again\n",
     );
     let mut total = Counts::default();
     for (phase, c) in &counts {
         writeln!(
             table,
-            "{:<12} {:>4}  {:>9}  {:>5}  {:>5}  {:>12}  {:>12}  {:>6}  {:>10}",
+            "{:<12} {:>4}  {:>9}  {:>5}  {:>5}  {:>12}  {:>12}  {:>6}  {:>10}  {:>8}",
             format!("{phase:?}"),
             c.cuts,
             c.recovered,
@@ -634,7 +719,8 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             c.engine_reset,
             c.fs_fixed,
             c.failed,
-            c.lost_bytes
+            c.lost_bytes,
+            c.retried
         )
         .expect("a string");
         total.cuts += c.cuts;
