@@ -44,6 +44,10 @@ struct Boot {
 
 pub struct PowerCutMachine {
     dir: tempfile::TempDir,
+    /// Where the volume is mounted: the same path for every machine of a
+    /// test (one on at a time), as a device's paths are the same at every
+    /// boot (stowage records absolute paths).
+    volume: PathBuf,
     boot: Option<Boot>,
     /// `commit=` of the ext4 mount: how often the journal commits (and so
     /// flushes) on its own.
@@ -66,8 +70,9 @@ impl E2fsck {
 
 impl PowerCutMachine {
     /// A machine with a fresh ext4 disk of `size_mib` MiB (made on the
-    /// platter directly, before the disk is ever served).
-    pub fn new(size_mib: u64) -> PowerCutMachine {
+    /// platter directly, before the disk is ever served), mounted on
+    /// `volume` (an empty directory) when on.
+    pub fn new(size_mib: u64, volume: &Path) -> PowerCutMachine {
         let dir = temp_dir("stowage-powercut-");
         let platter = dir.path().join("platter");
         let file = std::fs::File::create(&platter).expect("create the platter");
@@ -79,19 +84,18 @@ impl PowerCutMachine {
                 .args(["-q", "-F", "-b", "4096", "-E", "nodiscard"])
                 .arg(&platter),
         );
-        for sub in ["fuse", "mnt"] {
-            std::fs::create_dir(dir.path().join(sub)).expect("create a mount point");
-        }
+        std::fs::create_dir(dir.path().join("fuse")).expect("create a mount point");
         PowerCutMachine {
             dir,
+            volume: volume.to_path_buf(),
             boot: None,
             commit_secs: 30,
         }
     }
 
     /// A machine whose disk starts as a copy of `platter` (a golden image
-    /// made by another machine's clean shutdown).
-    pub fn from_platter(platter: &Path) -> PowerCutMachine {
+    /// made by another machine's clean shutdown), mounted on `volume`.
+    pub fn from_platter(platter: &Path, volume: &Path) -> PowerCutMachine {
         let dir = temp_dir("stowage-powercut-");
         run_ok(
             Command::new("cp")
@@ -99,11 +103,10 @@ impl PowerCutMachine {
                 .arg(platter)
                 .arg(dir.path().join("platter")),
         );
-        for sub in ["fuse", "mnt"] {
-            std::fs::create_dir(dir.path().join(sub)).expect("create a mount point");
-        }
+        std::fs::create_dir(dir.path().join("fuse")).expect("create a mount point");
         PowerCutMachine {
             dir,
+            volume: volume.to_path_buf(),
             boot: None,
             commit_secs: 30,
         }
@@ -115,7 +118,7 @@ impl PowerCutMachine {
 
     /// The ext4 volume's mount point.
     pub fn volume(&self) -> PathBuf {
-        self.dir.path().join("mnt")
+        self.volume.clone()
     }
 
     /// stowage's root on the volume.
@@ -133,6 +136,11 @@ impl PowerCutMachine {
     /// that an engine that does not come up can be reported.
     pub fn boot(&mut self) {
         assert!(self.boot.is_none(), "the machine is already on");
+        assert!(
+            !mount_points().contains(&self.volume),
+            "{} is in use by another machine",
+            self.volume.display()
+        );
         let fuse = self.dir.path().join("fuse");
         let disk = Disk::mount(&self.platter(), &fuse)
             .unwrap_or_else(|e| panic!("serve the power-cut disk on {}: {e}", fuse.display()));

@@ -98,6 +98,8 @@ struct Lab {
     extra: String,
     extra_images: Vec<String>,
     logs: tempfile::TempDir,
+    /// Where every machine mounts its volume (one is on at a time).
+    volume: tempfile::TempDir,
 }
 
 #[derive(Default, Debug)]
@@ -112,6 +114,8 @@ struct Counts {
     lost_bytes: u64,
     /// Installing cuts that ended on v1, then updated to v2 uninterrupted.
     retried: usize,
+    /// Recoveries whose boot-time `fsck --repair` repaired an app.
+    repaired: usize,
 }
 
 impl Lab {
@@ -165,7 +169,7 @@ impl Lab {
     /// A machine booted from `golden`, with v1 running again (a clean
     /// shutdown stopped its containers).
     fn boot_from(&self, golden: &Path) -> PowerCutMachine {
-        let mut machine = PowerCutMachine::from_platter(golden);
+        let mut machine = PowerCutMachine::from_platter(golden, self.volume.path());
         machine.boot();
         machine
             .start_engine()
@@ -329,7 +333,8 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
 
     // Images: a shared busybox base; per version, web (a layer of 400
     // small files) and db (three files of about half a megabyte); an extra
-    // app's job (100 files). Each service checks its files before it runs.
+    // app's job (100 files). Each service checks its files before it runs,
+    // and stops at once on SIGTERM (a stop costs no grace period).
     let base = format!("{name}-base:1");
     let _base = busybox_image(&base);
     let mut images = BTreeMap::new();
@@ -365,7 +370,7 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
     drop(job_image);
     let service = |s: &str, image: &str| {
         format!(
-            "  {s}:\n    image: {image}\n    network_mode: none\n    stop_grace_period: 1s\n    command: [\"sh\", \"-c\", \"busybox sha256sum -c -s /pc/{s}.sums && exec sleep 3600\"]\n"
+            "  {s}:\n    image: {image}\n    network_mode: none\n    stop_grace_period: 1s\n    command: [\"sh\", \"-c\", \"busybox sha256sum -c -s /pc/{s}.sums || exit 1; trap 'exit 0' TERM; sleep 3600 & wait\"]\n"
         )
     };
     let publish = |app: &str, tag: &str, compose: String| {
@@ -413,13 +418,14 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             job_digest.trim_start_matches("sha256:")
         )],
         logs: temp_dir("powercut-logs-"),
+        volume: temp_dir("powercut-volume-"),
     };
 
     // The golden images, each by a clean shutdown: v1 running; v1 running
     // and an extra app installed, then removed (prune has both stores to
     // clean); v1 running and the extra app installed, its image then lost
     // by the engine (fsck --repair has an image to load).
-    let mut golden = PowerCutMachine::new(DISK_MIB);
+    let mut golden = PowerCutMachine::new(DISK_MIB, lab.volume.path());
     golden.boot();
     golden.start_engine().expect("a fresh engine starts");
     let out = run_output(&mut lab.update(&golden, &lab.v1));
@@ -614,6 +620,34 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
         let report: Value = serde_json::from_slice(&repair.stdout).unwrap_or(Value::Null);
         let corrupt = report["corrupt"].as_array().map(Vec::len);
         let moved = report["moved_aside"].as_array().map(Vec::len);
+        let repaired: Vec<String> = report["installed"]
+            .as_array()
+            .map(|apps| {
+                apps.iter()
+                    .filter(|a| a["repaired"] == true)
+                    .map(|a| {
+                        let damaged = a["damaged_images"].as_array().map_or(0, Vec::len);
+                        let missing = a["missing_images"].as_array().map_or(0, Vec::len);
+                        format!(
+                            "{} ({damaged} damaged, {missing} missing images{})",
+                            a["name"].as_str().unwrap_or("?"),
+                            if a["directory_damaged"] == true {
+                                ", directory damaged"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !repaired.is_empty() {
+            c.repaired += 1;
+            println!(
+                "  the boot-time fsck --repair repaired {}",
+                repaired.join(", ")
+            );
+        }
         let mut problems = Vec::new();
         if corrupt != Some(0) || moved != Some(0) {
             problems.push(format!(
@@ -704,13 +738,13 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
     }
 
     let mut table = String::from(
-        "phase        cuts  recovered  on v1  on v2  engine reset  e2fsck fixed  failed  lost bytes  v2 again\n",
+        "phase        cuts  recovered  on v1  on v2  engine reset  e2fsck fixed  failed  lost bytes  v2 again  fsck repaired\n",
     );
     let mut total = Counts::default();
     for (phase, c) in &counts {
         writeln!(
             table,
-            "{:<12} {:>4}  {:>9}  {:>5}  {:>5}  {:>12}  {:>12}  {:>6}  {:>10}  {:>8}",
+            "{:<12} {:>4}  {:>9}  {:>5}  {:>5}  {:>12}  {:>12}  {:>6}  {:>10}  {:>8}  {:>13}",
             format!("{phase:?}"),
             c.cuts,
             c.recovered,
@@ -720,7 +754,8 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             c.fs_fixed,
             c.failed,
             c.lost_bytes,
-            c.retried
+            c.retried,
+            c.repaired
         )
         .expect("a string");
         total.cuts += c.cuts;
