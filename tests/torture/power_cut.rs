@@ -55,6 +55,11 @@ enum Phase {
     Commit,
     Prune,
     Repair,
+    /// Not a phase of its own: a cut during `prune` after which the
+    /// engine's tag store is found torn (as a cut while dockerd rewrote it
+    /// leaves it), so that dockerd does not start: once per run, to test
+    /// the diagnosis and the command it prints.
+    TornTagStore,
 }
 
 impl Phase {
@@ -76,7 +81,7 @@ impl Phase {
             Phase::Stopping => Some("stopping"),
             Phase::Starting => Some("starting"),
             Phase::Commit => Some("verifying"),
-            Phase::Prune | Phase::Repair => None,
+            Phase::Prune | Phase::Repair | Phase::TornTagStore => None,
         }
     }
 }
@@ -116,6 +121,10 @@ struct Counts {
     retried: usize,
     /// Recoveries whose boot-time `fsck --repair` repaired an app.
     repaired: usize,
+    /// Cuts after which the engine's layer metadata was torn, and of those
+    /// how many stowage's fsck named.
+    torn_layers: usize,
+    torn_named: usize,
 }
 
 impl Lab {
@@ -286,6 +295,26 @@ impl Lab {
         ]));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// The engine's layer database entries (`image/overlay2/layerdb/sha256/*`)
+/// whose `cache-id` (the layer's directory under `overlay2/`) is missing or
+/// not an ID: what a cut while dockerd committed a layer leaves.
+fn torn_layer_entries(data_root: &Path) -> Vec<PathBuf> {
+    let dir = data_root.join("image/overlay2/layerdb/sha256");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut torn: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|entry| {
+            let id = std::fs::read_to_string(entry.join("cache-id")).unwrap_or_default();
+            id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .collect();
+    torn.sort();
+    torn
 }
 
 /// The journal's phase, when there is a journal that parses.
@@ -512,19 +541,27 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
     let mut failures: Vec<String> = Vec::new();
     let mut resets = 0;
     let first = rng.below(Phase::ALL.len() as u64) as usize;
-    for k in 0..wanted {
-        let phase = Phase::ALL[(first + k) % Phase::ALL.len()];
+    for k in 0..=wanted {
+        let phase = if k == wanted {
+            Phase::TornTagStore
+        } else {
+            Phase::ALL[(first + k) % Phase::ALL.len()]
+        };
         let mode = CutMode::ALL[rng.below(3) as usize];
         let cut_seed = rng.next_u64();
-        let delay = Duration::from_millis(rng.below(durations[&phase].as_millis() as u64 + 1));
+        let length = durations
+            .get(&phase)
+            .copied()
+            .unwrap_or(durations[&Phase::Prune]);
+        let delay = Duration::from_millis(rng.below(length.as_millis() as u64 + 1));
         let source = match phase {
-            Phase::Prune => &prune_golden,
+            Phase::Prune | Phase::TornTagStore => &prune_golden,
             Phase::Repair => &repair_golden,
             _ => &golden,
         };
         let mut machine = lab.boot_from(&source.platter());
         let cmd = match phase {
-            Phase::Prune => lab.stowage(&machine, &["prune"]),
+            Phase::Prune | Phase::TornTagStore => lab.stowage(&machine, &["prune"]),
             Phase::Repair => lab.stowage(&machine, &["fsck", "--repair"]),
             _ => lab.update(&machine, &lab.v2),
         };
@@ -572,7 +609,19 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             continue;
         }
         machine.boot();
+        if phase == Phase::TornTagStore {
+            let tags = machine.data_root().join("image/overlay2/repositories.json");
+            let bytes = std::fs::read(&tags).unwrap_or_default();
+            std::fs::write(&tags, &bytes[..bytes.len() / 2])
+                .unwrap_or_else(|e| panic!("tear {}: {e}", tags.display()));
+            println!(
+                "  the engine's tag store torn: {} of {} bytes left",
+                bytes.len() / 2,
+                bytes.len()
+            );
+        }
         let mut reset = false;
+        let mut diagnosed = false;
         if let Err(why) = machine.start_engine() {
             // The engine's own metadata is torn: say so, ask stowage what
             // it sees in the data root, and run the one command it prints
@@ -595,6 +644,7 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
                 );
                 machine.move_data_root_aside(resets);
             } else {
+                diagnosed = true;
                 for damage in &found {
                     println!(
                         "  stowage fsck: {}\n  recover with: {}",
@@ -611,6 +661,45 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
                 c.failed += 1;
                 failures.push(format!(
                     "{what}\n  a fresh engine does not start either: {why}"
+                ));
+                continue;
+            }
+        }
+        // The engine's layer metadata torn by the cut (a layer database
+        // entry whose cache-id was lost): the engine answers 500 `readlink
+        // .../overlay2: invalid argument` for every image on that layer, and
+        // stowage cannot repair it through the engine. Detected here, the
+        // one command that recovers it printed, and run.
+        let torn = torn_layer_entries(&machine.data_root());
+        if !torn.is_empty() {
+            c.torn_layers += 1;
+            let paths: Vec<String> = torn.iter().map(|p| p.display().to_string()).collect();
+            let out = run_output(&mut lab.stowage(&machine, &["fsck"]));
+            let named = paths
+                .iter()
+                .any(|p| String::from_utf8_lossy(&out.stdout).contains(p.as_str()));
+            if named {
+                c.torn_named += 1;
+            }
+            println!(
+                "  the engine's layer metadata is torn: {} (no cache-id); stowage fsck {}: {}\n  recover with: systemctl stop docker && rm -rf {} && systemctl start docker && stowage fsck --repair",
+                paths.join(", "),
+                if named {
+                    "names it"
+                } else {
+                    "does not name it"
+                },
+                say(&out).replace('\n', " | "),
+                paths.join(" ")
+            );
+            machine.stop_engine();
+            for path in &torn {
+                let _ = std::fs::remove_dir_all(path);
+            }
+            if let Err(why) = machine.start_engine() {
+                c.failed += 1;
+                failures.push(format!(
+                    "{what}\n  the engine does not start after the torn layer entries were removed: {why}"
                 ));
                 continue;
             }
@@ -653,6 +742,12 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             problems.push(format!(
                 "the repair found blobs failing verification or files moved aside: {}",
                 say(&repair)
+            ));
+        }
+        if phase == Phase::TornTagStore && !(reset && diagnosed) {
+            problems.push(format!(
+                "the torn tag store: dockerd started anyway ({}), or fsck did not name it ({})",
+                !reset, !diagnosed
             ));
         }
         if reset {
@@ -738,13 +833,13 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
     }
 
     let mut table = String::from(
-        "phase        cuts  recovered  on v1  on v2  engine reset  e2fsck fixed  failed  lost bytes  v2 again  fsck repaired\n",
+        "phase        cuts  recovered  on v1  on v2  engine reset  e2fsck fixed  failed  lost bytes  v2 again  fsck repaired  torn layer (named)\n",
     );
     let mut total = Counts::default();
     for (phase, c) in &counts {
         writeln!(
             table,
-            "{:<12} {:>4}  {:>9}  {:>5}  {:>5}  {:>12}  {:>12}  {:>6}  {:>10}  {:>8}  {:>13}",
+            "{:<12} {:>4}  {:>9}  {:>5}  {:>5}  {:>12}  {:>12}  {:>6}  {:>10}  {:>8}  {:>13}  {:>14}",
             format!("{phase:?}"),
             c.cuts,
             c.recovered,
@@ -755,7 +850,8 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             c.failed,
             c.lost_bytes,
             c.retried,
-            c.repaired
+            c.repaired,
+            format!("{} ({})", c.torn_layers, c.torn_named)
         )
         .expect("a string");
         total.cuts += c.cuts;
@@ -776,5 +872,5 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
         total.cuts,
         failures.join("\n\n")
     );
-    assert_eq!(total.cuts, wanted);
+    assert_eq!(total.cuts, wanted + 1);
 }
