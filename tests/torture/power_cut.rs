@@ -17,10 +17,13 @@
 //!   no other container of it, no journal left, and the state names the
 //!   version that runs.
 //!
-//! Where the engine does not start after a cut (its own metadata torn), the
-//! test says what happened, prints the one recovery command (README,
-//! "Power cuts") and runs it: the data root moved aside, a fresh engine,
-//! `stowage fsck --repair`, `stowage reconcile`; the same checks follow.
+//! Where a cut leaves what stowage cannot repair through the engine, the
+//! test says what happened, prints the one command that recovers it
+//! (README, "Power cuts") and runs it; the same checks follow: a layer
+//! database entry torn (every image on it answers 500), and an engine that
+//! does not start (the command `stowage fsck` prints for it, else the data
+//! root moved aside). Once per run the tag store is torn on purpose, so the
+//! second path is always exercised.
 //!
 //! Every cut starts from a golden image of the disk (v1 running, made once
 //! by clean shutdowns), so each is independent and replays alone.
