@@ -202,9 +202,15 @@ pub(crate) async fn install_locked(
     let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
     let mut present = Vec::new();
     for planned in images.values() {
-        match engine.image_exists(&planned.image_id.to_string()).await? {
-            None => to_load.push(planned),
-            Some(summary) => {
+        match engine.image_exists(&planned.image_id.to_string()).await {
+            Ok(None) => to_load.push(planned),
+            // The engine knows the image but cannot describe it: its layer
+            // is gone (fsck found why). A load puts the layer back.
+            Err(e) => {
+                tracing::warn!("loading {} again: {e}", planned.image_id);
+                to_load.push(planned)
+            }
+            Ok(Some(summary)) => {
                 let missing: Vec<String> = planned
                     .tags
                     .iter()
@@ -229,9 +235,15 @@ pub(crate) async fn install_locked(
     let mut guard = None;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let info = info?;
+        // Where fsck looks should the engine stop answering (saved below).
+        state.engine = Some(record::EngineSeen {
+            data_root: info.data_root.clone(),
+            driver: info.storage_driver,
+        });
         let docker = docker.insert(DockerView {
             reachable: true,
-            data_root: info?.data_root,
+            data_root: info.data_root,
             held: held?,
         });
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
@@ -323,11 +335,13 @@ pub(crate) async fn install_locked(
     }
 
     // The override marks the install done: the layers the engine applied
-    // (it does not fsync them) reach the disk first.
-    if let Some(docker) = &docker
-        && !to_load.is_empty()
-    {
-        flush_engine(&docker.data_root).await?;
+    // (it does not fsync them) and the tags it wrote reach the disk first.
+    if !to_load.is_empty() || !to_tag.is_empty() {
+        let data_root = match &docker {
+            Some(docker) => docker.data_root.clone(),
+            None => engine.info().await?.data_root,
+        };
+        flush_engine(&data_root).await?;
     }
     write_image_override(
         &dir.join(&app.compose_file),
@@ -439,7 +453,7 @@ fn forget_failed_install(root: &Path, state: &mut Installed, name: &str, dir: &P
 
 /// `syncfs` of Docker's data root, when this machine sees it (an engine
 /// reached over TCP may keep it elsewhere: then only a warning).
-async fn flush_engine(data_root: &Path) -> Result<()> {
+pub async fn flush_engine(data_root: &Path) -> Result<()> {
     let path = data_root.to_path_buf();
     match crate::fsutil::blocking(move || crate::fsutil::syncfs(&path)).await {
         Ok(()) => Ok(()),

@@ -330,7 +330,7 @@ impl<'a> LayerChecker<'a> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !entry.exists() => {
                 return Err(Torn {
                     problem: format!(
-                        "the engine has no layer database entry {} for it",
+                        "the engine has no layer database entry {} for it: the layer is gone (a load puts it back)",
                         entry.display()
                     ),
                     remove: None,

@@ -31,7 +31,7 @@ use crate::Digest;
 use crate::app::stored::{StoredApp, load_app};
 use crate::engine::compose::Compose;
 use crate::engine::install::{Device, InstallOptions, install_locked, read_marker};
-use crate::engine::layers::{EngineLayout, ImageDamage, LayerChecker, StoredLayers};
+use crate::engine::layers::{EngineLayout, ImageDamage, LayerChecker, Listings, StoredLayers};
 use crate::engine::record::{
     self, APPS_LOCK_TIMEOUT, BUNDLE_MARKER, EngineSeen, Installed, InstalledApp, OVERRIDE_FILE,
 };
@@ -115,6 +115,123 @@ pub async fn verify_installed(
     let _store_lock = device.store.lock_async(LockMode::Shared).await?;
     let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
     let mut state = Installed::load(device.root)?;
+    let checks =
+        verify_locked(device, &mut state, None, verify, options, compose, progress).await?;
+    // Listings of layers the store no longer holds (pruned) go too.
+    let (listings, store) = (Listings::under(device.root), device.store.clone());
+    crate::fsutil::blocking(move || {
+        listings.forget_absent(&store);
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .await
+    .ok();
+    Ok(checks)
+}
+
+/// `stowage install NAME|REF`, repairing first what fsck would find
+/// damaged in an installed app's images (see [`verify_locked`]).
+pub async fn install_repairing(
+    device: Device<'_>,
+    name_or_ref: &str,
+    options: &InstallOptions,
+    compose: Option<&Compose>,
+    progress: &dyn Progress,
+) -> Result<crate::engine::install::InstallReport> {
+    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
+    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
+    let mut state = Installed::load(device.root)?;
+    let app = crate::engine::install::resolve_app(device.store, &state, name_or_ref)?;
+    repair_before_start(
+        device,
+        &mut state,
+        std::slice::from_ref(&app.name),
+        options,
+        compose,
+        progress,
+    )
+    .await?;
+    install_locked(device, &mut state, &app, options, progress).await
+}
+
+/// The quick check and repair of the installed apps among `names`, for
+/// `install` and `run` (the caller holds the locks): an app whose damage
+/// cannot be repaired is an error naming it.
+pub async fn repair_before_start(
+    device: Device<'_>,
+    state: &mut Installed,
+    names: &[String],
+    options: &InstallOptions,
+    compose: Option<&Compose>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let only: BTreeSet<String> = names
+        .iter()
+        .filter(|n| state.apps.contains_key(n.as_str()))
+        .cloned()
+        .collect();
+    if only.is_empty() {
+        return Ok(());
+    }
+    // First only look: what is missing or only in the directory, the
+    // install that follows restores (and reports) itself.
+    let look = VerifyOptions {
+        repair: false,
+        deep: false,
+    };
+    let damaged: BTreeSet<String> =
+        verify_locked(device, state, Some(&only), look, options, compose, progress)
+            .await?
+            .into_iter()
+            .filter(|c| !c.damaged_images.is_empty())
+            .map(|c| c.name)
+            .collect();
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let repair = VerifyOptions {
+        repair: true,
+        deep: false,
+    };
+    let checks = verify_locked(
+        device,
+        state,
+        Some(&damaged),
+        repair,
+        options,
+        compose,
+        progress,
+    )
+    .await?;
+    for check in checks {
+        if check.repaired {
+            progress.step(format!(
+                "{}: Docker's copy of its images was damaged; restored from the blob store",
+                check.name
+            ));
+        }
+        let damaged = !check.damaged_images.is_empty() || !check.missing_images.is_empty();
+        if let (true, Some(e)) = (damaged, &check.error) {
+            anyhow::bail!(
+                "app {}: Docker's copy of its images is damaged ({}) and cannot be restored: {e}",
+                check.name,
+                summary(&check)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// [`verify_installed`] with the locks held and the record loaded by the
+/// caller, for every installed app or those in `only`.
+pub async fn verify_locked(
+    device: Device<'_>,
+    state: &mut Installed,
+    only: Option<&BTreeSet<String>>,
+    verify: VerifyOptions,
+    options: &InstallOptions,
+    compose: Option<&Compose>,
+    progress: &dyn Progress,
+) -> Result<Vec<InstalledCheck>> {
     let info = device.engine.info().await?;
     let seen = EngineSeen {
         data_root: info.data_root.clone(),
@@ -139,6 +256,7 @@ pub async fn verify_installed(
     let apps: Vec<(String, InstalledApp)> = state
         .apps
         .iter()
+        .filter(|(n, _)| only.is_none_or(|only| only.contains(n.as_str())))
         .map(|(n, a)| (n.clone(), a.clone()))
         .collect();
     let mut checks = Vec::new();
@@ -182,7 +300,7 @@ pub async fn verify_installed(
     }
 
     // Damaged layers: clear the engine of stowage's images holding them.
-    let restart = clear_damaged(device, &state, &mut checks, progress).await?;
+    let restart = clear_damaged(device, state, &mut checks, progress).await?;
 
     // Reload from the blob store, then check again.
     checker.forget();
@@ -194,7 +312,7 @@ pub async fn verify_installed(
             continue;
         };
         progress.step(format!("restoring {name} from the blob store"));
-        if let Err(e) = install_locked(device, &mut state, stored, options, progress).await {
+        if let Err(e) = install_locked(device, state, stored, options, progress).await {
             check.error = Some(format!("{e:#}"));
             continue;
         }
@@ -245,9 +363,12 @@ async fn check_app(
     check: &mut InstalledCheck,
 ) -> Result<()> {
     for image in &app.images {
-        let ok = match device.engine.image_exists(&image.tag).await? {
-            Some(summary) => summary.id == image.image_id,
-            None => false,
+        // An engine that cannot describe the image (its layers torn) holds
+        // it still: the layer check below says what is wrong with it.
+        let ok = match device.engine.image_exists(&image.tag).await {
+            Ok(Some(summary)) => summary.id == image.image_id,
+            Ok(None) => false,
+            Err(_) => true,
         };
         if !ok && !check.missing_images.contains(&image.tag) {
             check.missing_images.push(image.tag.clone());
@@ -479,7 +600,13 @@ async fn clear_damaged(
         for tag in tags {
             engine.remove_image(tag).await?;
         }
-        if engine.image_exists(&id.to_string()).await?.is_some() {
+        if engine
+            .image_exists(&id.to_string())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
             engine.remove_image(&id.to_string()).await?;
         }
     }

@@ -114,8 +114,13 @@ impl Installed {
         let mut full = vec!["--json", "fsck"];
         full.extend_from_slice(args);
         let out = run_fails(&mut self.device.stowage(&full));
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
         assert_eq!(report["clean"], false, "{report:#}");
         let mut full = vec!["fsck"];
         full.extend_from_slice(args);
@@ -415,6 +420,39 @@ fn a_torn_layer_database_entry_is_named_with_the_command_that_recovers_it() {
     let report = app.device.json(&["fsck", "--repair"]);
     assert_eq!(report["clean"], true, "{report:#}");
     app.device.ok(&["run", &app.name]);
+    app.assert_running();
+    assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
+}
+
+#[test]
+fn install_and_run_restore_a_damaged_image_before_they_go_on() {
+    let app = Installed::new();
+    let truncate = || {
+        let job = app.worker_upper_dir().join("opt/job.bin");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&job)
+            .and_then(|f| f.set_len(0))
+            .unwrap_or_else(|e| panic!("truncate {}: {e}", job.display()));
+    };
+    let job_size = || {
+        std::fs::metadata(app.worker_upper_dir().join("opt/job.bin"))
+            .map(|m| m.len())
+            .ok()
+    };
+
+    // install: the running app's damaged image is reloaded, the app started again.
+    truncate();
+    let out = run_ok(&mut app.device.stowage(&["install", &app.name]));
+    assert_eq!(job_size(), Some(JOB_BYTES as u64), "{out}");
+    app.assert_running();
+    assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
+
+    // run, on a stopped app.
+    app.device.ok(&["stop", &app.name]);
+    truncate();
+    app.device.ok(&["run", &app.name]);
+    assert_eq!(job_size(), Some(JOB_BYTES as u64));
     app.assert_running();
     assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
 }
