@@ -684,22 +684,32 @@ fn power_cuts_at_random_moments_leave_one_whole_version_running() {
             if named {
                 c.torn_named += 1;
             }
-            println!(
-                "  the engine's layer metadata is torn: {} (no cache-id); stowage fsck {}: {}\n  recover with: systemctl stop docker && rm -rf {} && systemctl start docker && stowage fsck --repair",
-                paths.join(", "),
-                if named {
-                    "names it"
-                } else {
-                    "does not name it"
-                },
-                say(&out).replace('\n', " | "),
-                paths.join(" ")
-            );
-            machine.stop_engine();
-            for path in &torn {
-                let _ = std::fs::remove_dir_all(path);
-            }
-            if let Err(why) = machine.start_engine() {
+            let restarted = if named {
+                // The command fsck prints: `rm -rf ENTRY... && stowage fsck
+                // --repair` (the repair follows below).
+                println!(
+                    "  the engine's layer metadata is torn: {} (no cache-id); stowage fsck names it: {}",
+                    paths.join(", "),
+                    say(&out).replace('\n', " | ")
+                );
+                for path in &torn {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+                Ok(())
+            } else {
+                println!(
+                    "  the engine's layer metadata is torn: {} (no cache-id); stowage fsck does not name it: {}\n  recover with: systemctl stop docker && rm -rf {} && systemctl start docker && stowage fsck --repair",
+                    paths.join(", "),
+                    say(&out).replace('\n', " | "),
+                    paths.join(" ")
+                );
+                machine.stop_engine();
+                for path in &torn {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+                machine.start_engine()
+            };
+            if let Err(why) = restarted {
                 c.failed += 1;
                 failures.push(format!(
                     "{what}\n  the engine does not start after the torn layer entries were removed: {why}"
