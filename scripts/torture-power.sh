@@ -15,5 +15,5 @@ cargo test --test torture power_cut -- --nocapture --test-threads 1 >"$log" 2>&1
 rc=$?
 set -e
 # The cuts, their recoveries and the table; the engines' own chatter stays in the log.
-grep -E '^(seed |update v1|set-up|cut [0-9]|  (recovered|FAILED|the engine)|power cuts|phase |[A-Z][a-z]+ +[0-9])|test result' "$log" || true
+grep -E '^(seed |update v1|set-up|cut [0-9]|  (recovered|FAILED|the engine)|power cuts|phase |[A-Z][A-Za-z]+ +[0-9])|test result' "$log" || true
 exit "$rc"
