@@ -70,6 +70,16 @@ else
     log "all packages present"
 fi
 
+# The power-cut tests serve their disk through FUSE (mounted by root directly, so no
+# fusermount is needed) and attach loop devices to it.
+if [ ! -e /dev/fuse ]; then
+    modprobe fuse 2>/dev/null || true
+fi
+if [ ! -e /dev/fuse ]; then
+    log "/dev/fuse is missing and 'modprobe fuse' did not make it: the power-cut tests cannot run"
+    exit 1
+fi
+
 # dockerd: start it when the default socket does not answer.
 if ! docker info >/dev/null 2>&1; then
     logfile=/var/log/stowage-dockerd.log

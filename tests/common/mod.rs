@@ -23,6 +23,7 @@ mod dockerd;
 pub mod engines;
 pub mod hostile;
 mod images;
+pub mod powercut;
 mod registry;
 mod sandbox;
 pub mod seed;
