@@ -48,6 +48,10 @@ pub struct ConfigFile {
     pub min_transfer_rate: Option<String>,
     /// Seconds over which that rate is measured.
     pub transfer_window: Option<f64>,
+    /// The TUF root installed at provisioning: targets must be signed.
+    pub trusted_root: Option<PathBuf>,
+    /// The device's hardware or group tag, matched against signed targets.
+    pub hardware: Option<String>,
 }
 
 impl ConfigFile {

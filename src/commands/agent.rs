@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::{Context, FitOptions};
 use crate::progress::Progress;
-use crate::update::agent::{AgentOptions as Agent, AgentStatus, run_agent};
+use crate::update::agent::{AgentOptions as Agent, AgentStatus, SignedTarget, run_agent};
+use crate::update::tuf::transport::Source;
 use crate::update::transaction::{UpdateEvent, UpdateOptions, lock_updates};
 
 pub struct AgentOptions {
@@ -34,8 +35,23 @@ impl AgentOptions {
         let device = ctx
             .live_device(&self.fit, &client, progress, None, events)
             .await?;
+        let target: crate::oci::reference::ImageRef = self.target.parse()?;
+        let signed = match ctx.trust() {
+            None => None,
+            Some(trust) => Some(SignedTarget {
+                trust,
+                source: Source::Registry {
+                    client: std::sync::Arc::new(ctx.registry_client()?),
+                    repo: target.clone(),
+                },
+                name: target.tag.clone().with_context(|| {
+                    format!("--target {target}: name the signed target (REGISTRY/REPO:NAME)")
+                })?,
+            }),
+        };
         let options = Agent {
-            target: self.target.parse()?,
+            target,
+            signed,
             interval: self.interval,
             update: UpdateOptions {
                 verify_timeout: self.verify_timeout,

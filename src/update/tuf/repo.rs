@@ -688,6 +688,34 @@ impl RepoDir {
             .await
     }
 
+    /// Verifies the repository as a device would, from its first root, and
+    /// reads every target: what is published is what devices accept.
+    pub async fn verify_all(&self) -> Result<()> {
+        use crate::update::tuf::client::{classify, limits};
+        use crate::update::tuf::transport::{Source, TufTransport, metadata_url, targets_url};
+        use tough::IntoVec as _;
+        let what = self.dir.display().to_string();
+        let root = std::fs::read(self.metadata().join("1.root.json"))
+            .with_context(|| format!("{what} has no metadata/1.root.json"))?;
+        let transport = TufTransport::new(Source::Dir(self.dir.clone()), None);
+        let repository = tough::RepositoryLoader::new(&root, metadata_url(), targets_url())
+            .transport(transport)
+            .limits(limits())
+            .load()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        for name in repository.targets().signed.targets.keys() {
+            if let Some(stream) = repository
+                .read_target(name)
+                .await
+                .map_err(|e| classify(e, &what))?
+            {
+                stream.into_vec().await.map_err(|e| classify(e, &what))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every file a client may read: the roots, the newest targets and
     /// snapshot, the target files, then the timestamp.
     pub fn files(&self) -> Result<Vec<(RepoFile, Vec<u8>)>> {
@@ -846,5 +874,66 @@ fn set_role(root: &mut Root, role: RoleType, keys: &[Key], threshold: Option<u64
             _extra: HashMap::new(),
         },
     );
+    Ok(())
+}
+
+/// Where `publish` puts a repository.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A registry repository (the one the devices follow).
+    Registry(crate::oci::reference::ImageRef),
+    /// An export directory: the files go to `DIR/tuf/`.
+    Export(PathBuf),
+}
+
+impl Destination {
+    pub fn parse(s: &str) -> Result<Destination> {
+        Ok(match s.strip_prefix("oci:") {
+            Some(dir) => Destination::Export(PathBuf::from(dir)),
+            None => Destination::Registry(s.parse()?),
+        })
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Registry(r) => write!(f, "{}", r.name()),
+            Destination::Export(d) => write!(f, "oci:{}", d.display()),
+        }
+    }
+}
+
+/// Copies `files` (the timestamp last, so that a client never sees a
+/// timestamp naming a snapshot not there yet) to `to`.
+pub async fn upload(
+    client: &crate::oci::registry::RegistryClient,
+    files: &[(RepoFile, Vec<u8>)],
+    to: &Destination,
+) -> Result<()> {
+    match to {
+        Destination::Registry(repo) => {
+            for (file, bytes) in files {
+                crate::update::tuf::transport::push_file(client, repo, file, bytes)
+                    .await
+                    .with_context(|| format!("cannot publish {} to {}", file.file_name(), repo.name()))?;
+            }
+        }
+        Destination::Export(dir) => {
+            let dir = dir.join("tuf");
+            let files = files.to_vec();
+            crate::fsutil::blocking(move || -> Result<()> {
+                for sub in ["metadata", "targets"] {
+                    std::fs::create_dir_all(dir.join(sub))?;
+                }
+                for (file, bytes) in &files {
+                    write_atomic(&dir.join(file.path()), bytes)
+                        .with_context(|| format!("cannot write {}", dir.join(file.path()).display()))?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+    }
     Ok(())
 }

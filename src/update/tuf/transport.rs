@@ -300,6 +300,68 @@ async fn get_from_registry(
     Ok(Some(bytes))
 }
 
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileManifestOut {
+    schema_version: u32,
+    media_type: &'static str,
+    artifact_type: &'static str,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// Stores `bytes` as the repository file `file` in the registry repository
+/// `repo`: its blob, then the manifest at the file's tag (the file
+/// embedded when small).
+pub async fn push_file(
+    client: &RegistryClient,
+    repo: &ImageRef,
+    file: &RepoFile,
+    bytes: &[u8],
+) -> Result<(), RegistryError> {
+    let at = ImageRef {
+        tag: Some(file.tag()),
+        digest: None,
+        ..repo.clone()
+    };
+    let config = Descriptor::of(media::EMPTY, format::EMPTY_CONFIG);
+    client
+        .push_blob(&at, &config.digest, format::EMPTY_CONFIG.to_vec().into())
+        .await?;
+    let mut layer = Descriptor::of(FILE_MEDIA_TYPE, bytes);
+    layer.annotations.insert(
+        "org.opencontainers.image.title".to_string(),
+        file.file_name(),
+    );
+    if bytes.len() as u64 <= EMBED_LIMIT {
+        layer.extra.insert(
+            "data".to_string(),
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        );
+    }
+    client
+        .push_blob(&at, &layer.digest, bytes.to_vec().into())
+        .await?;
+    let manifest = FileManifestOut {
+        schema_version: 2,
+        media_type: media::OCI_MANIFEST,
+        artifact_type: METADATA_ARTIFACT,
+        config,
+        layers: vec![layer],
+        annotations: [(TUF_ANNOTATION.to_string(), "v1".to_string())].into(),
+    };
+    let manifest = format::to_json(&manifest).map_err(|e| RegistryError::Protocol {
+        host: at.registry.clone(),
+        what: format!("the manifest of {}", file.file_name()),
+        message: e.to_string(),
+    })?;
+    client
+        .push_manifest(&at, media::OCI_MANIFEST, &manifest)
+        .await?;
+    Ok(())
+}
+
 /// A tough transport over a [`Source`], serving immutable files from the
 /// device's verified copies in `cache` and keeping what it fetched in
 /// `fetched` (saved by the client only once the metadata verified).
