@@ -31,6 +31,12 @@ impl AgentOptions {
         progress: &dyn Progress,
         events: &(dyn Fn(&UpdateEvent) + Send + Sync),
     ) -> Result<AgentStatus> {
+        if ctx.trust().is_none() {
+            tracing::warn!(
+                "no trusted root is configured (--trusted-root, STOWAGE_TRUSTED_ROOT, trusted_root in the config file): target {} is applied without verifying who signed it",
+                self.target
+            );
+        }
         let client = ctx.registry_client()?;
         let device = ctx
             .live_device(&self.fit, &client, progress, None, events)

@@ -188,12 +188,6 @@ pub async fn run_agent(
     options: &AgentOptions,
 ) -> Result<AgentStatus> {
     let files = StateFiles::under(root);
-    if options.signed.is_none() {
-        tracing::warn!(
-            "no trusted root is configured (--trusted-root, STOWAGE_TRUSTED_ROOT, trusted_root in the config file): target {} is applied without verifying who signed it",
-            options.target
-        );
-    }
     // An interrupted update is finished or rolled back before anything else.
     transaction::recover(device, &files, &options.update).await?;
     let mut status = read_status(root)?.unwrap_or_default();

@@ -437,6 +437,16 @@ pub fn classify(e: tough::error::Error, repo: &str) -> anyhow::Error {
             fetched,
             expected,
             ..
+        } if fetched < expected => TrustError::Rollback {
+            repo,
+            role: role.to_string(),
+            detail: format!("version {fetched} was served where version {expected} is signed"),
+        },
+        E::VersionMismatch {
+            role,
+            fetched,
+            expected,
+            ..
         } => TrustError::Mismatch {
             repo,
             role: role.to_string(),
