@@ -249,9 +249,7 @@ fn nz(v: u64) -> NonZeroU64 {
 }
 
 fn in_a_day() -> jiff::Timestamp {
-    jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_hours(24))
-        .unwrap()
+    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + 86_400).unwrap()
 }
 
 fn metafile(bytes: &[u8], version: u64) -> Metafile {
@@ -663,8 +661,15 @@ meta, targets = os.path.join(work, "meta"), os.path.join(work, "targets")
 os.makedirs(meta)
 os.makedirs(targets)
 with open(os.path.join(repo, "metadata", "1.root.json"), "rb") as f:
-    open(os.path.join(meta, "root.json"), "wb").write(f.read())
-updater = Updater(meta, "file://" + repo + "/metadata/", targets, "file://" + repo + "/targets/", fetcher=Files())
+    root = f.read()
+updater = Updater(
+    metadata_dir=meta,
+    metadata_base_url="file://" + repo + "/metadata/",
+    target_dir=targets,
+    target_base_url="file://" + repo + "/targets/",
+    fetcher=Files(),
+    bootstrap=root,
+)
 updater.refresh()
 info = updater.get_targetinfo(name)
 if info is None:

@@ -129,8 +129,14 @@ pub fn load_public_key(path: &Path) -> Result<Key> {
 
 /// When metadata expires: `90d`, `12h`, `30m`, `45s` from now, or an RFC
 /// 3339 time (`2030-01-01T00:00:00Z`, which may be in the past: a test
-/// repository's expired timestamp).
+/// repository's expired timestamp). Whole seconds: the TUF specification's
+/// format has no fraction, and python-tuf refuses one.
 pub fn parse_expiry(s: &str) -> Result<jiff::Timestamp> {
+    let t = parse_time(s)?;
+    jiff::Timestamp::from_second(t.as_second()).context("expiry out of range")
+}
+
+fn parse_time(s: &str) -> Result<jiff::Timestamp> {
     if let Ok(t) = s.parse::<jiff::Timestamp>() {
         return Ok(t);
     }
