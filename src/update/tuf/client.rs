@@ -25,7 +25,7 @@ use crate::fsutil::{blocking, ensure_dir, write_atomic};
 use crate::update::target::{TargetContent, apps_of};
 use crate::update::transaction::AppSet;
 use crate::update::tuf::transport::{
-    RepoFile, Source, TufTransport, metadata_url, targets_url,
+    FetchError, RepoFile, Source, TufTransport, metadata_url, targets_url,
 };
 use crate::update::tuf::{METADATA_CAP, TargetCustom, TrustError, version_at_least};
 
@@ -366,23 +366,36 @@ fn save_target_file(
 /// A tough error as what was refused and why; a repository that could not
 /// be reached stays a plain error (not a refusal).
 pub fn classify(e: tough::error::Error, repo: &str) -> anyhow::Error {
+    match refusal(&e, repo) {
+        Some(refused) => refused.into(),
+        None => anyhow::Error::new(e).context(format!("cannot read the TUF metadata of {repo}")),
+    }
+}
+
+/// The refusal `e` is, if it is one. A download's stream carries tough's
+/// own checks (hash, size) as the cause of a transport error: the causes
+/// are searched too.
+fn refusal(e: &tough::error::Error, repo: &str) -> Option<TrustError> {
     use tough::error::Error as E;
     use tough::schema::Error as S;
     let repo = repo.to_string();
-    let threshold = |role: String, source: &S| -> Option<TrustError> {
+    let threshold = |role: String, source: &S| -> TrustError {
         match source {
             S::SignatureThreshold {
                 threshold, valid, ..
-            } => Some(TrustError::Threshold {
+            } => TrustError::Threshold {
                 repo: repo.clone(),
                 role,
                 threshold: *threshold,
                 valid: *valid,
-            }),
-            _ => None,
+            },
+            _ => TrustError::Invalid {
+                repo: repo.clone(),
+                detail: e.to_string(),
+            },
         }
     };
-    let refusal = match &e {
+    Some(match e {
         E::ExpiredMetadata { role, .. } => TrustError::Expired {
             repo,
             role: role.to_string(),
@@ -395,7 +408,9 @@ pub fn classify(e: tough::error::Error, repo: &str) -> anyhow::Error {
         } => TrustError::Rollback {
             repo,
             role: role.to_string(),
-            detail: format!("version {new_version} was offered, version {current_version} is trusted"),
+            detail: format!(
+                "version {new_version} was offered, version {current_version} is trusted"
+            ),
         },
         E::OlderSnapshotInTimestamp { .. } => TrustError::Rollback {
             repo,
@@ -407,21 +422,9 @@ pub fn classify(e: tough::error::Error, repo: &str) -> anyhow::Error {
             role: role.clone(),
             detail: e.to_string(),
         },
-        E::VerifyMetadata { role, source, .. } => threshold(role.to_string(), source)
-            .unwrap_or_else(|| TrustError::Invalid {
-                repo: repo.clone(),
-                detail: e.to_string(),
-            }),
-        E::VerifyRoleMetadata { role, source, .. } => threshold(role.clone(), source)
-            .unwrap_or_else(|| TrustError::Invalid {
-                repo: repo.clone(),
-                detail: e.to_string(),
-            }),
-        E::VerifyTrustedMetadata { source, .. } => threshold("root".into(), source)
-            .unwrap_or_else(|| TrustError::Invalid {
-                repo: repo.clone(),
-                detail: e.to_string(),
-            }),
+        E::VerifyMetadata { role, source, .. } => threshold(role.to_string(), source),
+        E::VerifyRoleMetadata { role, source, .. } => threshold(role.clone(), source),
+        E::VerifyTrustedMetadata { source, .. } => threshold("root".into(), source),
         E::HashMismatch {
             context,
             calculated,
@@ -458,24 +461,27 @@ pub fn classify(e: tough::error::Error, repo: &str) -> anyhow::Error {
             cap: METADATA_CAP,
         },
         E::Transport { source, .. } => {
-            let cause = std::error::Error::source(source)
-                .and_then(|c| c.downcast_ref::<super::transport::FetchError>());
-            match cause {
-                Some(super::transport::FetchError::TooLarge { what, cap }) => TrustError::TooLarge {
-                    repo,
-                    what: what.clone(),
-                    cap: *cap,
-                },
-                _ => {
-                    return anyhow::Error::new(e)
-                        .context(format!("cannot read the TUF metadata of {repo}"));
+            let mut cause = std::error::Error::source(source);
+            while let Some(c) = cause {
+                if let Some(FetchError::TooLarge { what, cap }) = c.downcast_ref::<FetchError>() {
+                    return Some(TrustError::TooLarge {
+                        repo,
+                        what: what.clone(),
+                        cap: *cap,
+                    });
                 }
+                if let Some(inner) = c.downcast_ref::<tough::error::Error>()
+                    && let Some(refused) = refusal(inner, &repo)
+                {
+                    return Some(refused);
+                }
+                cause = c.source();
             }
+            return None;
         }
         _ => TrustError::Invalid {
             repo,
             detail: e.to_string(),
         },
-    };
-    refusal.into()
+    })
 }
