@@ -8,8 +8,8 @@ use anyhow::{Context as _, Result};
 use super::{Context, FitOptions};
 use crate::progress::Progress;
 use crate::update::agent::{AgentOptions as Agent, AgentStatus, SignedTarget, run_agent};
-use crate::update::tuf::transport::Source;
 use crate::update::transaction::{UpdateEvent, UpdateOptions, lock_updates};
+use crate::update::tuf::transport::Source;
 
 pub struct AgentOptions {
     pub target: String,

@@ -58,7 +58,10 @@ impl InitOptions {
             paths.iter().map(|p| load_public_key(p)).collect()
         };
         let keys = HashMap::from([
-            (RoleType::Root, (load(&self.root_keys)?, self.root_threshold)),
+            (
+                RoleType::Root,
+                (load(&self.root_keys)?, self.root_threshold),
+            ),
             (
                 RoleType::Targets,
                 (load(&self.targets_keys)?, self.targets_threshold),
@@ -185,8 +188,7 @@ impl PublishOptions {
         if self.timestamp_only {
             repo.timestamp(&keys, timestamp_expires).await?;
         } else {
-            let snapshot_expires =
-                expiry(self.snapshot_expires.as_deref(), repo::SNAPSHOT_EXPIRY)?;
+            let snapshot_expires = expiry(self.snapshot_expires.as_deref(), repo::SNAPSHOT_EXPIRY)?;
             repo.commit(&keys, snapshot_expires, timestamp_expires)
                 .await?;
         }

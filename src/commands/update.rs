@@ -9,11 +9,11 @@ use super::{Context, FitOptions, parse_refs};
 use crate::progress::Progress;
 use crate::update::device::app_set;
 use crate::update::export::LayoutRef;
-use crate::update::tuf::TrustError;
-use crate::update::tuf::transport::Source;
 use crate::update::transaction::{
     Outcome, StateFiles, UpdateEvent, UpdateOptions as Transaction, lock_updates, update,
 };
+use crate::update::tuf::TrustError;
+use crate::update::tuf::transport::Source;
 
 pub struct UpdateOptions {
     pub apps: Vec<String>,
@@ -49,7 +49,9 @@ impl UpdateOptions {
                     }
                     .into());
                 }
-                let verified = trust.verify(Source::Dir(tuf), layout.app.as_deref()).await?;
+                let verified = trust
+                    .verify(Source::Dir(tuf), layout.app.as_deref())
+                    .await?;
                 let only = verified
                     .apps
                     .values()

@@ -20,12 +20,12 @@ use crate::oci::registry::RegistryClient;
 use crate::plan::{CheckReport, DoesNotFit};
 use crate::update::reconcile::{ReconcileReport, Supervised, reconcile};
 use crate::update::target::{Target, fetch_target};
-use crate::update::tuf::TrustError;
-use crate::update::tuf::client::Trust;
-use crate::update::tuf::transport::Source;
 use crate::update::transaction::{
     self, AppSet, DeviceOps, Outcome, PruneSummary, StateFiles, UpdateEvent, UpdateOptions,
 };
+use crate::update::tuf::TrustError;
+use crate::update::tuf::client::Trust;
+use crate::update::tuf::transport::Source;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -240,18 +240,17 @@ async fn poll_once(
             options.cycle_deadline
         )
     };
-    let target =
-        match tokio::time::timeout_at(deadline, next_target(client, options)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) if e.is::<TrustError>() => {
-                return failed(status, AgentResult::Untrusted, e, options.interval);
-            }
-            Ok(Err(e)) => return failed(status, AgentResult::Failed, e, options.interval),
-            Err(_) => {
-                let e = late("fetching the target");
-                return failed(status, AgentResult::Failed, e, options.interval);
-            }
-        };
+    let target = match tokio::time::timeout_at(deadline, next_target(client, options)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) if e.is::<TrustError>() => {
+            return failed(status, AgentResult::Untrusted, e, options.interval);
+        }
+        Ok(Err(e)) => return failed(status, AgentResult::Failed, e, options.interval),
+        Err(_) => {
+            let e = late("fetching the target");
+            return failed(status, AgentResult::Failed, e, options.interval);
+        }
+    };
     status.target_digest = Some(target.digest.clone());
     let running = files.device().map(|s| s.running).unwrap_or_default();
     if status.applied_digest.as_ref() == Some(&target.digest) && running == target.apps {

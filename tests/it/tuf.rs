@@ -58,7 +58,16 @@ impl Release {
             host: host.to_string(),
             repo: format!("{host}/fleet-{name}/tuf"),
         };
-        for key in ["root-a", "root-b", "targets-a", "targets-b", "targets-c", "snapshot", "timestamp", "evil"] {
+        for key in [
+            "root-a",
+            "root-b",
+            "targets-a",
+            "targets-b",
+            "targets-c",
+            "snapshot",
+            "timestamp",
+            "evil",
+        ] {
             release.ok(&["key", "gen", release.key(key).to_str().unwrap()]);
         }
         // Two targets keys of which both must sign, held in separate files.
@@ -111,7 +120,14 @@ impl Release {
     fn sign(&self, role: &str, keys: &[&str]) {
         for key in keys {
             // One invocation per key file: each holder signs on their own.
-            self.ok(&["sign", self.path(), "--role", role, "--key", self.key(key).to_str().unwrap()]);
+            self.ok(&[
+                "sign",
+                self.path(),
+                "--role",
+                role,
+                "--key",
+                self.key(key).to_str().unwrap(),
+            ]);
         }
     }
 
@@ -145,7 +161,12 @@ impl Release {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (r["role"].as_str().unwrap().to_string(), r["version"].as_u64().unwrap()))
+            .map(|r| {
+                (
+                    r["role"].as_str().unwrap().to_string(),
+                    r["version"].as_u64().unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -207,7 +228,13 @@ impl Release {
         self.forge(snapshot, &["snapshot"])
     }
 
-    fn forge_timestamp(&self, version: u64, snapshot: &[u8], snapshot_version: u64, expires: jiff::Timestamp) -> Vec<u8> {
+    fn forge_timestamp(
+        &self,
+        version: u64,
+        snapshot: &[u8],
+        snapshot_version: u64,
+        expires: jiff::Timestamp,
+    ) -> Vec<u8> {
         let mut timestamp = Timestamp::new("1.0.0".into(), nz(version), expires);
         timestamp
             .meta
@@ -221,7 +248,8 @@ impl Release {
     fn attacker_publishes_targets(&self, name: &str, app: &str, keys: &[&str]) {
         let v = self.versions();
         let current: Signed<Targets> =
-            serde_json::from_slice(&self.metadata(&format!("{}.targets.json", v["targets"]))).unwrap();
+            serde_json::from_slice(&self.metadata(&format!("{}.targets.json", v["targets"])))
+                .unwrap();
         let mut targets = current.signed;
         targets.version = nz(v["targets"] + 1);
         let content = serde_json::to_vec(&serde_json::json!({ "apps": [app] })).unwrap();
@@ -236,7 +264,8 @@ impl Release {
         let targets_version = v["targets"] + 1;
         let targets = self.forge(targets, keys);
         let snapshot = self.forge_snapshot(v["snapshot"] + 1, &targets, targets_version);
-        let timestamp = self.forge_timestamp(v["timestamp"] + 1, &snapshot, v["snapshot"] + 1, in_a_day());
+        let timestamp =
+            self.forge_timestamp(v["timestamp"] + 1, &snapshot, v["snapshot"] + 1, in_a_day());
         self.attacker_pushes(&format!("{hex}.{name}"), &content);
         self.attacker_pushes(&format!("{targets_version}.targets.json"), &targets);
         self.attacker_pushes(&format!("{}.snapshot.json", v["snapshot"] + 1), &snapshot);
@@ -257,7 +286,9 @@ fn metafile(bytes: &[u8], version: u64) -> Metafile {
     Metafile {
         length: Some(bytes.len() as u64),
         hashes: Some(Hashes {
-            sha256: hex::decode(sha.trim_start_matches("sha256:")).unwrap().into(),
+            sha256: hex::decode(sha.trim_start_matches("sha256:"))
+                .unwrap()
+                .into(),
             _extra: HashMap::new(),
         }),
         version: nz(version),
@@ -275,7 +306,11 @@ struct TrustedDevice {
 impl TrustedDevice {
     fn provision(release: &Release) -> TrustedDevice {
         let etc = temp_dir("etc-stowage-");
-        std::fs::write(etc.path().join("root.json"), release.metadata("1.root.json")).unwrap();
+        std::fs::write(
+            etc.path().join("root.json"),
+            release.metadata("1.root.json"),
+        )
+        .unwrap();
         TrustedDevice {
             root: temp_dir("root-"),
             etc,
@@ -335,20 +370,37 @@ fn two_versions(registry: &Registry, name: &str) -> (String, String) {
         let compose = format!(
             "services:\n  web:\n    image: {web}\n    command: [\"sleep\", \"3600\"]\n  db:\n    image: {base}\n    command: [\"sleep\", \"3600\"]\n"
         );
-        refs.push(publish_compose_app(registry, name, &format!("v{v}"), &compose));
+        refs.push(publish_compose_app(
+            registry,
+            name,
+            &format!("v{v}"),
+            &compose,
+        ));
     }
     (refs[0].clone(), refs[1].clone())
 }
 
 /// The agent refused for trust, said `reason`, downloaded no blob, and the
 /// running app is what it was.
-fn assert_refused(device: &TrustedDevice, out: &Output, reason: &str, registry: &Registry, mark: u64, app: &str, running: &[String]) {
+fn assert_refused(
+    device: &TrustedDevice,
+    out: &Output,
+    reason: &str,
+    registry: &Registry,
+    mark: u64,
+    app: &str,
+    running: &[String],
+) {
     assert_eq!(out.status.code(), Some(101), "{}", say(out));
     let status = device.status();
     assert_eq!(status["last_result"], "untrusted", "{status}");
     let error = status["last_error"].as_str().unwrap_or_default();
     assert!(error.contains(reason), "expected {reason:?} in: {error}");
-    assert_eq!(registry.blob_gets_since(mark, "/"), 0, "a blob was downloaded");
+    assert_eq!(
+        registry.blob_gets_since(mark, "/"),
+        0,
+        "a blob was downloaded"
+    );
     assert_eq!(running_images(app), running, "the running app changed");
 }
 
@@ -377,14 +429,22 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["role"].as_str().unwrap().to_string(), r["version"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["role"].as_str().unwrap().to_string(),
+                r["version"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let expected: Vec<(String, u64)> = ["root", "timestamp", "snapshot", "targets"]
         .iter()
         .map(|r| (r.to_string(), 1))
         .collect();
     assert_eq!(roles, expected, "{status}");
-    assert!(status["trust"]["roles"][1]["expires"].as_str().is_some(), "{status}");
+    assert!(
+        status["trust"]["roles"][1]["expires"].as_str().is_some(),
+        "{status}"
+    );
     let running = running_images(&name);
     assert_eq!(running.len(), 2, "{running:?}");
 
@@ -408,7 +468,8 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
 
     // Rollback of the timestamp: version 1 replayed.
     let old_timestamp = {
-        let mut t: Signed<Timestamp> = serde_json::from_slice(&release.metadata("timestamp.json")).unwrap();
+        let mut t: Signed<Timestamp> =
+            serde_json::from_slice(&release.metadata("timestamp.json")).unwrap();
         t.signed.version = nz(1);
         // The genuine version 1 is gone from the directory; one signed by
         // the real key is what a replay would bring.
@@ -421,8 +482,21 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_pushes("timestamp.json", &old_timestamp);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "timestamp metadata of", &registry, mark, &name, &running);
-    assert!(device.status()["last_error"].as_str().unwrap().contains("(rollback)"));
+    assert_refused(
+        &device,
+        &out,
+        "timestamp metadata of",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
+    assert!(
+        device.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("(rollback)")
+    );
     release.restore();
 
     // Rollback of the snapshot: a newer timestamp (stolen timestamp key)
@@ -431,8 +505,21 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_pushes("timestamp.json", &timestamp);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "snapshot metadata of", &registry, mark, &name, &running);
-    assert!(device.status()["last_error"].as_str().unwrap().contains("(rollback)"));
+    assert_refused(
+        &device,
+        &out,
+        "snapshot metadata of",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
+    assert!(
+        device.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("(rollback)")
+    );
     release.restore();
 
     // Freeze: a timestamp signed with the real key but expired.
@@ -445,15 +532,36 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_pushes("timestamp.json", &frozen);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "timestamp metadata of", &registry, mark, &name, &running);
-    assert!(device.status()["last_error"].as_str().unwrap().contains("expired"));
+    assert_refused(
+        &device,
+        &out,
+        "timestamp metadata of",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
+    assert!(
+        device.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
     release.restore();
 
     // Endless data: a timestamp of 5 MiB is refused before a byte of it is read.
     let mark = registry.log_mark();
     release.attacker_pushes("timestamp.json", &vec![b' '; 5 << 20]);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "(endless data)", &registry, mark, &name, &running);
+    assert_refused(
+        &device,
+        &out,
+        "(endless data)",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
     release.restore();
 
     // Arbitrary software: targets naming v2 signed by a key the root does
@@ -461,14 +569,30 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_publishes_targets("prod", &v2, &["evil"]);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "0 valid signature(s) of the 2", &registry, mark, &name, &running);
+    assert_refused(
+        &device,
+        &out,
+        "0 valid signature(s) of the 2",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
     release.restore();
 
     // A compromised key below the threshold: targets-a alone.
     let mark = registry.log_mark();
     release.attacker_publishes_targets("prod", &v2, &["targets-a"]);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "1 valid signature(s) of the 2", &registry, mark, &name, &running);
+    assert_refused(
+        &device,
+        &out,
+        "1 valid signature(s) of the 2",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
     release.restore();
 
     // Mix-and-match: the release engineer publishes snapshot 3, and the
@@ -477,7 +601,15 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_pushes("3.snapshot.json", &release.metadata("2.snapshot.json"));
     let out = device.agent(&target);
-    assert_refused(&device, &out, "does not match the signed metadata", &registry, mark, &name, &running);
+    assert_refused(
+        &device,
+        &out,
+        "does not match the signed metadata",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
     release.restore();
     let out = device.agent(&target);
     assert_eq!(out.status.code(), Some(0), "{}", say(&out));
@@ -491,7 +623,11 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = release.tuf(&args);
     assert!(!out.status.success(), "{}", say(&out));
-    assert!(say(&out).contains("not signed by enough targets keys"), "{}", say(&out));
+    assert!(
+        say(&out).contains("not signed by enough targets keys"),
+        "{}",
+        say(&out)
+    );
 
     // Key rotation the device follows: the root key and a targets key
     // replaced; root 2 signed by the old and the new root keys; v2 signed by
@@ -534,7 +670,15 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_publishes_targets("prod", &v1, &["targets-a", "targets-b"]);
     let out = device.agent(&target);
-    assert_refused(&device, &out, "1 valid signature(s) of the 2", &registry, mark, &name, &running);
+    assert_refused(
+        &device,
+        &out,
+        "1 valid signature(s) of the 2",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
     release.restore();
 
     // Rollback of the targets: a new snapshot (stolen snapshot key) naming
@@ -543,13 +687,19 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let older = v["targets"] - 1;
     let old_targets = release.metadata(&format!("{older}.targets.json"));
     let snapshot = release.forge_snapshot(v["snapshot"] + 1, &old_targets, older);
-    let timestamp = release.forge_timestamp(v["timestamp"] + 1, &snapshot, v["snapshot"] + 1, in_a_day());
+    let timestamp =
+        release.forge_timestamp(v["timestamp"] + 1, &snapshot, v["snapshot"] + 1, in_a_day());
     let mark = registry.log_mark();
     release.attacker_pushes(&format!("{}.snapshot.json", v["snapshot"] + 1), &snapshot);
     release.attacker_pushes("timestamp.json", &timestamp);
     let out = device.agent(&target);
     assert_refused(&device, &out, "targets", &registry, mark, &name, &running);
-    assert!(device.status()["last_error"].as_str().unwrap().contains("(rollback)"));
+    assert!(
+        device.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("(rollback)")
+    );
     release.restore();
 
     // Rollback of the root: the genuine root 2 served as root 3. (Last:
@@ -557,8 +707,21 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let mark = registry.log_mark();
     release.attacker_pushes("3.root.json", &release.metadata("2.root.json"));
     let out = device.agent(&target);
-    assert_refused(&device, &out, "root metadata of", &registry, mark, &name, &running);
-    assert!(device.status()["last_error"].as_str().unwrap().contains("(rollback)"));
+    assert_refused(
+        &device,
+        &out,
+        "root metadata of",
+        &registry,
+        mark,
+        &name,
+        &running,
+    );
+    assert!(
+        device.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("(rollback)")
+    );
 }
 
 #[test]
@@ -583,7 +746,10 @@ fn a_signed_target_on_an_export_updates_an_offline_device() {
         &["export", &name, medium.path().to_str().unwrap()],
     ));
     let mut args = release.publish_args();
-    args.extend(["--to".to_string(), format!("oci:{}", medium.path().display())]);
+    args.extend([
+        "--to".to_string(),
+        format!("oci:{}", medium.path().display()),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     release.ok(&args);
 
@@ -624,10 +790,8 @@ fn a_signed_target_on_an_export_updates_an_offline_device() {
         &host,
         &["export", &name, bare.path().to_str().unwrap()],
     ));
-    let out = run_output(&mut device.stowage(&[
-        "update",
-        &format!("oci:{}", bare.path().display()),
-    ]));
+    let out =
+        run_output(&mut device.stowage(&["update", &format!("oci:{}", bare.path().display())]));
     assert_eq!(out.status.code(), Some(101), "{}", say(&out));
     assert!(say(&out).contains("not signed"), "{}", say(&out));
     assert_eq!(running_images(&name), running);
@@ -702,7 +866,11 @@ fn python_tuf_verifies_the_repository() {
     let release = Release::new(&host, &name);
     release.add_target("prod", &app);
     release.sign("targets", &["targets-a", "targets-b"]);
-    release.ok(&release.publish_args().iter().map(String::as_str).collect::<Vec<_>>());
+    release.ok(&release
+        .publish_args()
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
     // A rotation too, so that the reference client follows a root chain.
     release.ok(&[
         "rotate",
@@ -716,7 +884,11 @@ fn python_tuf_verifies_the_repository() {
     ]);
     release.sign("root", &["root-a", "root-b"]);
     release.sign("targets", &["targets-a", "targets-b"]);
-    release.ok(&release.publish_args().iter().map(String::as_str).collect::<Vec<_>>());
+    release.ok(&release
+        .publish_args()
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
 
     let work = temp_dir("python-tuf-");
     let out = run_output(
@@ -730,7 +902,10 @@ fn python_tuf_verifies_the_repository() {
     assert!(out.status.success(), "python-tuf: {}", say(&out));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["root"], 2, "{result}");
-    assert_eq!(result["custom"]["stowage"]["hardware"], HARDWARE, "{result}");
+    assert_eq!(
+        result["custom"]["stowage"]["hardware"], HARDWARE,
+        "{result}"
+    );
     assert_eq!(result["content"]["apps"][0], app.as_str(), "{result}");
 
     // And it refuses what stowage refuses: a target file changed on disk.
@@ -749,7 +924,11 @@ fn python_tuf_verifies_the_repository() {
             .arg(work.path().join("client2"))
             .arg("prod"),
     );
-    assert!(!out.status.success(), "python-tuf took a changed target: {}", say(&out));
+    assert!(
+        !out.status.success(),
+        "python-tuf took a changed target: {}",
+        say(&out)
+    );
 }
 
 #[test]
@@ -785,4 +964,3 @@ fn without_a_trusted_root_the_agent_warns_and_with_one_unsigned_updates_are_refu
     assert_eq!(out.status.code(), Some(101), "{}", say(&out));
     assert!(say(&out).contains("is not signed"), "{}", say(&out));
 }
-

@@ -67,12 +67,7 @@ pub struct Cli {
     )]
     pub transfer_window: Option<f64>,
     /// The TUF root installed at provisioning: the agent and `update` apply only targets it verifies
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        env = "STOWAGE_TRUSTED_ROOT"
-    )]
+    #[arg(long, global = true, value_name = "FILE", env = "STOWAGE_TRUSTED_ROOT")]
     pub trusted_root: Option<PathBuf>,
     /// This device's hardware or group tag: a signed target for another tag is refused
     #[arg(long, global = true, value_name = "TAG", env = "STOWAGE_HARDWARE")]

@@ -14,9 +14,9 @@ use stowage::commands::{
     Context, agent, check, df, export, fsck, inspect, install, ls, prune, ps, publish, pull,
     reconcile, rm, run, status, stop, target, tuf, update,
 };
-use stowage::update::tuf::TrustError;
 use stowage::plan::DoesNotFit;
 use stowage::update::transaction::UpdateEvent;
+use stowage::update::tuf::TrustError;
 
 mod args;
 mod output;
@@ -304,9 +304,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn run_tuf(ctx: &stowage::commands::Context, command: TufCommand, json: bool) -> Result<ExitCode> {
+async fn run_tuf(
+    ctx: &stowage::commands::Context,
+    command: TufCommand,
+    json: bool,
+) -> Result<ExitCode> {
     match command {
-        TufCommand::Key(TufKeyCommand::Gen { file }) => output::tuf_key(&tuf::key_gen(&file)?, json)?,
+        TufCommand::Key(TufKeyCommand::Gen { file }) => {
+            output::tuf_key(&tuf::key_gen(&file)?, json)?
+        }
         TufCommand::Init {
             dir,
             root_keys,

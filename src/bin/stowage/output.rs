@@ -1019,7 +1019,9 @@ pub fn tuf_repo(report: &stowage::update::tuf::repo::RepoReport, json: bool) -> 
     out!("repository {}", report.dir.display());
     for (label, roles) in [("published", &report.roles), ("staged", &report.staged)] {
         for r in roles {
-            let threshold = r.threshold.map_or_else(|| "?".to_string(), |t| t.to_string());
+            let threshold = r
+                .threshold
+                .map_or_else(|| "?".to_string(), |t| t.to_string());
             out!(
                 "{label:<10} {:<10} version {:<5} expires {}  signatures {}/{}",
                 r.role,
@@ -1032,7 +1034,11 @@ pub fn tuf_repo(report: &stowage::update::tuf::repo::RepoReport, json: bool) -> 
     }
     for t in &report.targets {
         let hardware = t.custom.hardware.as_deref().unwrap_or("any");
-        out!("target     {:<20} hardware {hardware:<12} {}", t.name, t.apps.join(" "));
+        out!(
+            "target     {:<20} hardware {hardware:<12} {}",
+            t.name,
+            t.apps.join(" ")
+        );
     }
     Ok(())
 }

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tough::schema::RoleType;
-use tough::{ExpirationEnforcement, IntoVec as _, Limits, Repository, RepositoryLoader, TargetName};
+use tough::{
+    ExpirationEnforcement, IntoVec as _, Limits, Repository, RepositoryLoader, TargetName,
+};
 
 use crate::Digest;
 use crate::fsutil::{blocking, ensure_dir, write_atomic};
@@ -30,7 +32,12 @@ use crate::update::tuf::transport::{
 use crate::update::tuf::{METADATA_CAP, TargetCustom, TrustError, version_at_least};
 
 /// The roles whose last trusted copy is kept, in the order they are saved.
-const TRUSTED_FILES: [&str; 4] = ["root.json", "timestamp.json", "snapshot.json", "targets.json"];
+const TRUSTED_FILES: [&str; 4] = [
+    "root.json",
+    "timestamp.json",
+    "snapshot.json",
+    "targets.json",
+];
 
 /// The device's trust settings.
 #[derive(Debug, Clone)]
@@ -184,10 +191,11 @@ impl Trust {
         let Some(target) = targets.get(&target_name) else {
             return Err(not_signed().into());
         };
-        let custom = TargetCustom::from_custom(&target.custom).map_err(|e| TrustError::Invalid {
-            repo: repo.clone(),
-            detail: format!("target {name:?} has malformed custom fields: {e}"),
-        })?;
+        let custom =
+            TargetCustom::from_custom(&target.custom).map_err(|e| TrustError::Invalid {
+                repo: repo.clone(),
+                detail: format!("target {name:?} has malformed custom fields: {e}"),
+            })?;
         self.check_fits(&name, &custom)?;
         let stream = repository
             .read_target(&target_name)

@@ -118,7 +118,11 @@ pub enum TrustError {
         detail: String,
     },
     #[error("refused: {what} from {repo} is larger than the {cap}-byte limit (endless data)")]
-    TooLarge { repo: String, what: String, cap: u64 },
+    TooLarge {
+        repo: String,
+        what: String,
+        cap: u64,
+    },
     #[error(
         "refused: target {target:?} is not signed: the verified targets metadata of {repo} does not name it"
     )]

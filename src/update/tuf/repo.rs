@@ -25,8 +25,8 @@ use serde::de::DeserializeOwned;
 use tough::schema::decoded::{Decoded, Hex};
 use tough::schema::key::Key;
 use tough::schema::{
-    Hashes, Metafile, Role, RoleKeys, RoleType, Root, Signature, Signed, Snapshot, Target,
-    Targets, Timestamp,
+    Hashes, Metafile, Role, RoleKeys, RoleType, Root, Signature, Signed, Snapshot, Target, Targets,
+    Timestamp,
 };
 use tough::sign::Sign;
 
@@ -40,7 +40,9 @@ pub const SPEC_VERSION: &str = "1.0.0";
 
 /// A key's id, as the root names it.
 pub fn key_id(key: &Key) -> Result<String> {
-    Ok(hex::encode(key.key_id().context("cannot compute the key id")?))
+    Ok(hex::encode(
+        key.key_id().context("cannot compute the key id")?,
+    ))
 }
 
 /// What `key gen` made.
@@ -93,8 +95,12 @@ fn parse_private_key(bytes: &[u8], path: &Path) -> Result<Box<dyn Sign>> {
         ),
         Err(_) => bytes.to_vec(),
     };
-    let key = tough::sign::parse_keypair(&der)
-        .with_context(|| format!("{} is not an ed25519 or ECDSA P-256 PKCS#8 key", path.display()))?;
+    let key = tough::sign::parse_keypair(&der).with_context(|| {
+        format!(
+            "{} is not an ed25519 or ECDSA P-256 PKCS#8 key",
+            path.display()
+        )
+    })?;
     Ok(Box::new(key))
 }
 
@@ -107,7 +113,8 @@ pub struct SigningKey {
 
 impl SigningKey {
     pub fn load(path: &Path) -> Result<SigningKey> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read key {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read key {}", path.display()))?;
         let signer = parse_private_key(&bytes, path)?;
         let keyid = key_id(&signer.tuf_key())?;
         Ok(SigningKey {
@@ -120,7 +127,8 @@ impl SigningKey {
 
 /// A public key from a `.pub.json` file, or from a private key file.
 pub fn load_public_key(path: &Path) -> Result<Key> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read key {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read key {}", path.display()))?;
     if let Ok(key) = serde_json::from_slice::<Key>(&bytes) {
         return Ok(key);
     }
@@ -198,7 +206,11 @@ pub struct TargetReport {
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => {
-            crate::oci::format::check_cap(&path.display().to_string(), bytes.len() as u64, METADATA_CAP)?;
+            crate::oci::format::check_cap(
+                &path.display().to_string(),
+                bytes.len() as u64,
+                METADATA_CAP,
+            )?;
             Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
                 format!("{} is not valid TUF metadata", path.display())
             })?))
@@ -310,7 +322,10 @@ impl RepoDir {
         let suffix = format!(".{role}.json");
         for entry in entries {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(v) = name.strip_suffix(&suffix).and_then(|v| v.parse::<u64>().ok()) {
+            if let Some(v) = name
+                .strip_suffix(&suffix)
+                .and_then(|v| v.parse::<u64>().ok())
+            {
                 newest = newest.max(Some(v));
             }
         }
@@ -355,7 +370,11 @@ impl RepoDir {
 
     /// Stages root version 1 with the given keys; the root keys then sign
     /// it (`sign --role root`), one file each.
-    pub fn init(&self, keys: &HashMap<RoleType, (Vec<Key>, u64)>, expires: jiff::Timestamp) -> Result<()> {
+    pub fn init(
+        &self,
+        keys: &HashMap<RoleType, (Vec<Key>, u64)>,
+        expires: jiff::Timestamp,
+    ) -> Result<()> {
         if self.newest("root")?.is_some() || self.staged("root").exists() {
             bail!("{} already holds a repository", self.dir.display());
         }
@@ -368,7 +387,12 @@ impl RepoDir {
             roles: HashMap::new(),
             _extra: HashMap::new(),
         };
-        for role in [RoleType::Root, RoleType::Targets, RoleType::Snapshot, RoleType::Timestamp] {
+        for role in [
+            RoleType::Root,
+            RoleType::Targets,
+            RoleType::Snapshot,
+            RoleType::Timestamp,
+        ] {
             let Some((role_keys, threshold)) = keys.get(&role) else {
                 bail!("give at least one {role} key");
             };
@@ -516,11 +540,19 @@ impl RepoDir {
     /// Adds the signatures of `keys` to the staged `role` (root or targets;
     /// the current targets are staged again when none are, to be signed
     /// by keys a rotation brought in).
-    pub async fn sign(&self, role: RoleType, keys: &[SigningKey], expires: Option<jiff::Timestamp>) -> Result<()> {
+    pub async fn sign(
+        &self,
+        role: RoleType,
+        keys: &[SigningKey],
+        expires: Option<jiff::Timestamp>,
+    ) -> Result<()> {
         match role {
             RoleType::Root => {
                 let mut staged = self.staged_root()?.with_context(|| {
-                    format!("{} has no staged root to sign (`tuf init` or `tuf rotate`)", self.dir.display())
+                    format!(
+                        "{} has no staged root to sign (`tuf init` or `tuf rotate`)",
+                        self.dir.display()
+                    )
                 })?;
                 if let Some(e) = expires {
                     staged.signed.expires = e;
@@ -547,7 +579,9 @@ impl RepoDir {
                 add_signatures(&mut staged, &[&root.signed], &keys).await?;
                 self.write_staged("targets", &staged)
             }
-            other => bail!("{other} is signed by `tuf publish` and `tuf timestamp` with their keys"),
+            other => {
+                bail!("{other} is signed by `tuf publish` and `tuf timestamp` with their keys")
+            }
         }
     }
 
@@ -565,7 +599,9 @@ impl RepoDir {
         let root = match self.staged_root()? {
             Some(staged) => {
                 staged.signed.verify_role(&staged).map_err(|e| {
-                    anyhow::anyhow!("the staged root is not signed by enough of its own root keys: {e}")
+                    anyhow::anyhow!(
+                        "the staged root is not signed by enough of its own root keys: {e}"
+                    )
                 })?;
                 if let Some(p) = &previous {
                     if staged.signed.version != next(p.signed.version) {
@@ -583,7 +619,9 @@ impl RepoDir {
                 }
                 let bytes = role_bytes(&staged)?;
                 write_atomic(
-                    &self.metadata().join(format!("{}.root.json", staged.signed.version)),
+                    &self
+                        .metadata()
+                        .join(format!("{}.root.json", staged.signed.version)),
                     &bytes,
                 )?;
                 write_atomic(&self.metadata().join("root.json"), &bytes)?;
@@ -600,7 +638,9 @@ impl RepoDir {
                 })?;
                 let bytes = role_bytes(&staged)?;
                 write_atomic(
-                    &self.metadata().join(format!("{}.targets.json", staged.signed.version)),
+                    &self
+                        .metadata()
+                        .join(format!("{}.targets.json", staged.signed.version)),
                     &bytes,
                 )?;
                 std::fs::remove_file(self.staged("targets"))?;
@@ -627,23 +667,39 @@ impl RepoDir {
             Some(s) => next(s.signed.version),
             None => NonZeroU64::MIN,
         };
-        let mut snapshot = Snapshot::new(SPEC_VERSION.to_string(), snapshot_version, snapshot_expires);
-        snapshot.meta.insert("targets.json".to_string(), targets_meta);
+        let mut snapshot =
+            Snapshot::new(SPEC_VERSION.to_string(), snapshot_version, snapshot_expires);
+        snapshot
+            .meta
+            .insert("targets.json".to_string(), targets_meta);
         let mut snapshot = Signed {
             signed: snapshot,
             signatures: Vec::new(),
         };
-        add_signatures(&mut snapshot, &[&root.signed], keys_for(&root.signed, RoleType::Snapshot, keys)?.as_slice()).await?;
-        root.signed.verify_role(&snapshot).map_err(|e| {
-            anyhow::anyhow!("give enough snapshot keys (--key): {e}")
-        })?;
+        add_signatures(
+            &mut snapshot,
+            &[&root.signed],
+            keys_for(&root.signed, RoleType::Snapshot, keys)?.as_slice(),
+        )
+        .await?;
+        root.signed
+            .verify_role(&snapshot)
+            .map_err(|e| anyhow::anyhow!("give enough snapshot keys (--key): {e}"))?;
         let snapshot_bytes = role_bytes(&snapshot)?;
         write_atomic(
-            &self.metadata().join(format!("{snapshot_version}.snapshot.json")),
+            &self
+                .metadata()
+                .join(format!("{snapshot_version}.snapshot.json")),
             &snapshot_bytes,
         )?;
-        self.write_timestamp(&root.signed, &snapshot_bytes, snapshot_version, keys, timestamp_expires)
-            .await
+        self.write_timestamp(
+            &root.signed,
+            &snapshot_bytes,
+            snapshot_version,
+            keys,
+            timestamp_expires,
+        )
+        .await
     }
 
     async fn write_timestamp(
@@ -654,7 +710,8 @@ impl RepoDir {
         keys: &[SigningKey],
         expires: jiff::Timestamp,
     ) -> Result<()> {
-        let version = match read_json::<Signed<Timestamp>>(&self.metadata().join("timestamp.json"))? {
+        let version = match read_json::<Signed<Timestamp>>(&self.metadata().join("timestamp.json"))?
+        {
             Some(t) => next(t.signed.version),
             None => NonZeroU64::MIN,
         };
@@ -675,10 +732,18 @@ impl RepoDir {
             signed: timestamp,
             signatures: Vec::new(),
         };
-        add_signatures(&mut timestamp, &[root], keys_for(root, RoleType::Timestamp, keys)?.as_slice()).await?;
+        add_signatures(
+            &mut timestamp,
+            &[root],
+            keys_for(root, RoleType::Timestamp, keys)?.as_slice(),
+        )
+        .await?;
         root.verify_role(&timestamp)
             .map_err(|e| anyhow::anyhow!("give enough timestamp keys (--key): {e}"))?;
-        write_atomic(&self.metadata().join("timestamp.json"), &role_bytes(&timestamp)?)?;
+        write_atomic(
+            &self.metadata().join("timestamp.json"),
+            &role_bytes(&timestamp)?,
+        )?;
         Ok(())
     }
 
@@ -688,7 +753,8 @@ impl RepoDir {
         let version = self
             .newest("snapshot")?
             .context("nothing published yet: `stowage tuf publish` first")?;
-        let snapshot_bytes = std::fs::read(self.metadata().join(format!("{version}.snapshot.json")))?;
+        let snapshot_bytes =
+            std::fs::read(self.metadata().join(format!("{version}.snapshot.json")))?;
         let version = NonZeroU64::new(version).context("snapshot version 0")?;
         self.write_timestamp(&root.signed, &snapshot_bytes, version, keys, expires)
             .await
@@ -842,7 +908,11 @@ impl RepoDir {
 }
 
 /// The keys of `keys` that sign `role` in `root` (others are for other roles).
-fn keys_for<'a>(root: &Root, role: RoleType, keys: &'a [SigningKey]) -> Result<Vec<&'a SigningKey>> {
+fn keys_for<'a>(
+    root: &Root,
+    role: RoleType,
+    keys: &'a [SigningKey],
+) -> Result<Vec<&'a SigningKey>> {
     let ids = &role_keys(root, role)?.keyids;
     Ok(keys
         .iter()
@@ -870,7 +940,10 @@ fn set_role(root: &mut Root, role: RoleType, keys: &[Key], threshold: Option<u64
         root.keys.insert(id, key.clone());
     }
     if (keyids.len() as u64) < threshold {
-        bail!("the {role} role has {} distinct keys, fewer than its threshold {threshold}", keyids.len());
+        bail!(
+            "the {role} role has {} distinct keys, fewer than its threshold {threshold}",
+            keyids.len()
+        );
     }
     root.roles.insert(
         role,
@@ -922,7 +995,9 @@ pub async fn upload(
             for (file, bytes) in files {
                 crate::update::tuf::transport::push_file(client, repo, file, bytes)
                     .await
-                    .with_context(|| format!("cannot publish {} to {}", file.file_name(), repo.name()))?;
+                    .with_context(|| {
+                        format!("cannot publish {} to {}", file.file_name(), repo.name())
+                    })?;
             }
         }
         Destination::Export(dir) => {
@@ -933,8 +1008,9 @@ pub async fn upload(
                     std::fs::create_dir_all(dir.join(sub))?;
                 }
                 for (file, bytes) in &files {
-                    write_atomic(&dir.join(file.path()), bytes)
-                        .with_context(|| format!("cannot write {}", dir.join(file.path()).display()))?;
+                    write_atomic(&dir.join(file.path()), bytes).with_context(|| {
+                        format!("cannot write {}", dir.join(file.path()).display())
+                    })?;
                 }
                 Ok(())
             })

@@ -140,7 +140,8 @@ impl RepoFile {
     fn immutable(&self) -> bool {
         match self {
             RepoFile::Metadata(name) => {
-                name.as_bytes().first().is_some_and(u8::is_ascii_digit) && !name.ends_with("root.json")
+                name.as_bytes().first().is_some_and(u8::is_ascii_digit)
+                    && !name.ends_with("root.json")
             }
             RepoFile::Target { .. } => true,
         }
@@ -266,15 +267,17 @@ async fn get_from_registry(
         Err(e) => return Err(registry_error(e)),
     };
     let what = format!("TUF file {} ({at})", file.file_name());
-    let manifest: FileManifest = format::parse_json(&fetched.bytes, &what)
-        .map_err(|e| FetchError::Other(e.to_string()))?;
+    let manifest: FileManifest =
+        format::parse_json(&fetched.bytes, &what).map_err(|e| FetchError::Other(e.to_string()))?;
     if manifest.annotations.get(TUF_ANNOTATION).map(String::as_str) != Some("v1") {
         return Err(FetchError::Other(format!(
             "{what} is not a stowage TUF file (no {TUF_ANNOTATION}: v1 annotation)"
         )));
     }
     let [layer] = manifest.layers.as_slice() else {
-        return Err(FetchError::Other(format!("{what} has not exactly one layer")));
+        return Err(FetchError::Other(format!(
+            "{what} has not exactly one layer"
+        )));
     };
     if layer.size > METADATA_CAP {
         return Err(FetchError::TooLarge {
@@ -362,6 +365,9 @@ pub async fn push_file(
     Ok(())
 }
 
+/// A file read from the source, and its bytes.
+pub type FetchedFile = (RepoFile, Vec<u8>);
+
 /// A tough transport over a [`Source`], serving immutable files from the
 /// device's verified copies in `cache` and keeping what it fetched in
 /// `fetched` (saved by the client only once the metadata verified).
@@ -369,7 +375,7 @@ pub async fn push_file(
 pub struct TufTransport {
     pub source: Source,
     pub cache: Option<PathBuf>,
-    pub fetched: Arc<Mutex<Vec<(RepoFile, Vec<u8>)>>>,
+    pub fetched: Arc<Mutex<Vec<FetchedFile>>>,
     /// Requests that went to the source (for the benchmark and the status).
     pub requests: Arc<Mutex<Vec<String>>>,
 }
