@@ -16,6 +16,7 @@ use crate::update::tuf::repo::{
     self, Destination, KeyReport, RepoDir, RepoReport, SigningKey, TargetReport, key_id,
     load_public_key, parse_expiry,
 };
+use crate::update::tuf::transport::valid_target_name;
 
 pub fn key_gen(path: &Path) -> Result<KeyReport> {
     repo::generate_key(path)
@@ -119,6 +120,12 @@ pub struct AddTargetOptions {
 impl AddTargetOptions {
     /// Resolves each app to its digest in its registry and stages the target.
     pub async fn run(self, ctx: &Context) -> Result<TargetReport> {
+        if !valid_target_name(&self.name) {
+            bail!(
+                "target name {:?}: use letters, digits, '.', '_' and '-' (at most 100)",
+                self.name
+            );
+        }
         let client = ctx.registry_client()?;
         let apps = pin_apps(&client, &parse_refs(&self.apps)?).await?;
         let custom = TargetCustom {

@@ -964,3 +964,108 @@ fn without_a_trusted_root_the_agent_warns_and_with_one_unsigned_updates_are_refu
     assert_eq!(out.status.code(), Some(101), "{}", say(&out));
     assert!(say(&out).contains("is not signed"), "{}", say(&out));
 }
+
+#[test]
+fn release_engineer_mistakes_are_refused_and_change_nothing() {
+    let registry = Registry::start();
+    let host = registry.host();
+    let name = unique("tufme");
+    let release = Release::new(&host, &name);
+    let show = || release.ok(&["--json", "show", release.path()]);
+    let refused = |args: &[&str], says: &str| {
+        let before = show();
+        let out = release.tuf(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", say(&out));
+        assert!(
+            say(&out).contains(says),
+            "{args:?}: expected {says:?} in {}",
+            say(&out)
+        );
+        assert_eq!(show(), before, "{args:?} changed the repository");
+    };
+
+    // A key is never overwritten.
+    let key = release.key("targets-a");
+    let bytes = std::fs::read(&key).unwrap();
+    refused(
+        &["key", "gen", key.to_str().unwrap()],
+        "is never overwritten",
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), bytes);
+
+    // A second init, a threshold above the number of keys.
+    let public = |k: &str| release.public(k).display().to_string();
+    let init = |dir: &str, threshold: &str| -> Vec<String> {
+        [
+            "init",
+            dir,
+            "--root-key",
+            &public("root-a"),
+            "--targets-key",
+            &public("targets-a"),
+            "--targets-threshold",
+            threshold,
+            "--snapshot-key",
+            &public("snapshot"),
+            "--timestamp-key",
+            &public("timestamp"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = init(release.path(), "1");
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "already holds a repository",
+    );
+    let other = temp_dir("tuf-other-");
+    let args = init(other.path().to_str().unwrap(), "2");
+    let out = release.tuf(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(1), "{}", say(&out));
+    assert!(say(&out).contains("threshold must be 1-1"), "{}", say(&out));
+
+    // A key of another role signs nothing.
+    let snapshot_key = release.key("snapshot").display().to_string();
+    refused(
+        &[
+            "sign",
+            release.path(),
+            "--role",
+            "root",
+            "--key",
+            &snapshot_key,
+        ],
+        "is not a root key",
+    );
+    // A bad target name; removing a key the role does not have.
+    refused(
+        &["add-target", release.path(), "../prod", "x/y@sha256:00"],
+        "target name",
+    );
+    refused(
+        &[
+            "rotate",
+            release.path(),
+            "--role",
+            "targets",
+            "--remove-key",
+            "abcd",
+        ],
+        "is not a targets key",
+    );
+    // Nothing is published without signed targets.
+    let mut args = release.publish_args();
+    args.extend(["--to".to_string(), release.repo.clone()]);
+    let out = release.tuf(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(1), "{}", say(&out));
+    assert!(say(&out).contains("no targets yet"), "{}", say(&out));
+    assert_eq!(
+        registry
+            .gets_since(0)
+            .iter()
+            .filter(|g| g.contains("/manifests/"))
+            .count(),
+        0
+    );
+}

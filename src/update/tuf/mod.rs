@@ -156,3 +156,34 @@ impl TrustError {
     /// 100 does not fit).
     pub const EXIT_CODE: u8 = 101;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_as_numbers() {
+        assert!(version_at_least("0.10.0", "0.9.1"));
+        assert!(version_at_least("1.0.0", "1"));
+        assert!(version_at_least("0.1.0", "0.1.0"));
+        assert!(!version_at_least("0.1.0", "0.2.0"));
+        assert!(!version_at_least("0.1.9", "0.1.10"));
+    }
+
+    #[test]
+    fn custom_fields_round_trip_under_their_key() {
+        let custom = TargetCustom {
+            hardware: Some("rpi4".into()),
+            min_stowage_version: Some("0.2.0".into()),
+        };
+        let map = custom.to_custom();
+        assert_eq!(map[CUSTOM_KEY]["hardware"], "rpi4");
+        assert_eq!(TargetCustom::from_custom(&map).unwrap(), custom);
+        assert_eq!(
+            TargetCustom::from_custom(&HashMap::new()).unwrap(),
+            TargetCustom::default()
+        );
+        let bad = HashMap::from([(CUSTOM_KEY.to_string(), serde_json::json!(3))]);
+        assert!(TargetCustom::from_custom(&bad).is_err());
+    }
+}

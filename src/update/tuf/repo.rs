@@ -1019,3 +1019,22 @@ pub async fn upload(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_whole_seconds_from_now_or_a_time() {
+        let now = jiff::Timestamp::now().as_second();
+        let day = parse_expiry("1d").unwrap();
+        assert_eq!(day.subsec_nanosecond(), 0);
+        assert!((day.as_second() - now - 86_400).abs() <= 2);
+        assert_eq!(
+            parse_expiry("2001-01-01T00:00:00Z").unwrap().as_second(),
+            978_307_200
+        );
+        assert!(parse_expiry("12x").is_err());
+        assert!(parse_expiry("soon").is_err());
+    }
+}
