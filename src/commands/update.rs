@@ -62,11 +62,28 @@ impl UpdateOptions {
                 (verified.apps, Some(layout))
             }
             (None, Some(trust)) => {
-                return Err(TrustError::Unsigned {
-                    root: trust.root_file.display().to_string(),
-                    what: "a list of app references".to_string(),
-                }
-                .into());
+                // One REGISTRY/REPO:NAME: the signed target NAME of the TUF
+                // repository there, verified as the agent verifies it.
+                let [one] = self.apps.as_slice() else {
+                    return Err(TrustError::Unsigned {
+                        root: trust.root_file.display().to_string(),
+                        what: "a list of app references".to_string(),
+                    }
+                    .into());
+                };
+                let repo: crate::oci::reference::ImageRef = one.parse()?;
+                let Some(name) = repo.tag.clone() else {
+                    return Err(TrustError::Unsigned {
+                        root: trust.root_file.display().to_string(),
+                        what: format!("{one} (name a signed target: REGISTRY/REPO:NAME)"),
+                    }
+                    .into());
+                };
+                let source = Source::Registry {
+                    client: std::sync::Arc::new(ctx.registry_client()?),
+                    repo,
+                };
+                (trust.verify(source, Some(&name)).await?.apps, None)
             }
             (Some(layout), None) => (
                 layout

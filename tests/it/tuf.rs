@@ -665,6 +665,10 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     assert!(registry.blob_gets_since(mark, "/") > 0, "v2 was downloaded");
     let running = running_images(&name);
     assert_ne!(running, Vec::<String>::new());
+    // `update` verifies the same signed target as the agent does.
+    let out = run_output(&mut device.stowage(&["update", &target, "--verify-timeout", "60"]));
+    assert_eq!(out.status.code(), Some(0), "{}", say(&out));
+    assert_eq!(running_images(&name), running);
 
     // The rotated-out targets key no longer signs anything the device takes.
     let mark = registry.log_mark();
@@ -958,11 +962,40 @@ fn without_a_trusted_root_the_agent_warns_and_with_one_unsigned_updates_are_refu
     let etc = temp_dir("etc-");
     std::fs::write(etc.path().join("root.json"), b"{}").unwrap();
     let out = run_output(
+        stowage_on(
+            root.path(),
+            &host,
+            &[
+                "update",
+                &format!("{host}/apps/x:1"),
+                &format!("{host}/apps/y:1"),
+            ],
+        )
+        .env("STOWAGE_TRUSTED_ROOT", etc.path().join("root.json")),
+    );
+    assert_eq!(out.status.code(), Some(101), "{}", say(&out));
+    assert!(say(&out).contains("is not signed"), "{}", say(&out));
+    // One reference is a signed target's: a repository without metadata
+    // is refused, and so is a root that is not one.
+    let release = Release::new(&host, "unsigned");
+    let signed_root = release.dir.path().join("staged").join("root.json");
+    let out = run_output(
+        stowage_on(root.path(), &host, &["update", &format!("{host}/apps/x:1")])
+            .env("STOWAGE_TRUSTED_ROOT", &signed_root),
+    );
+    assert_eq!(out.status.code(), Some(101), "{}", say(&out));
+    assert!(
+        say(&out).contains("it has no 1.root.json")
+            || say(&out).contains("it has no timestamp.json"),
+        "{}",
+        say(&out)
+    );
+    let out = run_output(
         stowage_on(root.path(), &host, &["update", &format!("{host}/apps/x:1")])
             .env("STOWAGE_TRUSTED_ROOT", etc.path().join("root.json")),
     );
     assert_eq!(out.status.code(), Some(101), "{}", say(&out));
-    assert!(say(&out).contains("is not signed"), "{}", say(&out));
+    assert!(say(&out).contains("trusted root"), "{}", say(&out));
 }
 
 #[test]

@@ -468,6 +468,17 @@ fn refusal(e: &tough::error::Error, repo: &str) -> Option<TrustError> {
             what: e.to_string(),
             cap: METADATA_CAP,
         },
+        E::Transport { source, url, .. }
+            if source.kind() == tough::TransportErrorKind::FileNotFound =>
+        {
+            TrustError::Invalid {
+                repo,
+                detail: format!(
+                    "it has no {} (not a signed repository, or not published yet: `stowage tuf publish`)",
+                    url.path().rsplit('/').next().unwrap_or_default()
+                ),
+            }
+        }
         E::Transport { source, .. } => {
             let mut cause = std::error::Error::source(source);
             while let Some(c) = cause {
