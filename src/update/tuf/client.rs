@@ -331,7 +331,7 @@ fn save_trusted(
 ) -> Result<()> {
     for file in TRUSTED_FILES {
         match std::fs::read(work.join(file)) {
-            Ok(bytes) => write_atomic(&state.join(file), &bytes)?,
+            Ok(bytes) => write_if_changed(&state.join(file), &bytes)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
@@ -340,9 +340,19 @@ fn save_trusted(
     for (file, bytes) in fetched {
         let name = file.file_name();
         if matches!(file, RepoFile::Metadata(_)) && keep_meta.contains(&name) {
-            write_atomic(&cache.join(name), bytes)?;
+            write_if_changed(&cache.join(name), bytes)?;
         }
     }
+    Ok(())
+}
+
+/// `write_atomic`, unless the file already holds `bytes`: a poll that
+/// found nothing new writes (and flushes) nothing.
+fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    write_atomic(path, bytes)?;
     Ok(())
 }
 
@@ -355,7 +365,7 @@ fn save_target_file(
     keep_targets: &BTreeSet<String>,
 ) -> Result<()> {
     let cache = state.join("cache");
-    write_atomic(&cache.join(file.file_name()), bytes)?;
+    write_if_changed(&cache.join(file.file_name()), bytes)?;
     for entry in std::fs::read_dir(&cache)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
