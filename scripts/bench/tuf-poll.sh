@@ -26,7 +26,8 @@ cleanup() {
     for app in "${apps[@]}"; do
         docker ps -aq --filter "label=com.docker.compose.project=$app" | xargs -r docker rm -f >/dev/null
     done
-    docker rmi -f "$base" >/dev/null 2>&1
+    # The base as built, and as the devices' installs tagged it.
+    docker images --format '{{.Repository}}:{{.Tag}}' | grep "^$REG/" | xargs -r docker rmi -f >/dev/null 2>&1
     [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
     rm -rf "$work"
 }
