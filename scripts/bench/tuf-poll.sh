@@ -20,6 +20,7 @@ STOWAGE=$CARGO_TARGET_DIR/release/stowage
 
 work=$(mktemp -d /var/tmp/stowage-bench-tuf.XXXXXX)
 registry_pid=
+REG=none.invalid
 apps=()
 cleanup() {
     set +e
