@@ -17,14 +17,18 @@
 #      data root is a loop-mounted ext4 volume (so the peak extra disk during a
 #      load is the engine's alone): wall time, peak RSS of the tool, peak growth
 #      of dockerd's RSS, peak extra disk. Skipped for stowage when the binary
-#      has no `install` verb; the Docker baselines are measured anyway.
+#      has no `install` verb; the Docker baselines are measured anyway. On each
+#      engine of the test matrix: Debian 12's dockerd 20.10 and Debian 13's
+#      26.1 (from scripts/setup.sh), and 26.1 with the containerd image store,
+#      where stowage's refusal is checked and only Docker's ways are measured.
 #
 # Everything runs against ONE local docker-registry (own config, free loopback
 # port) holding images built here; nothing is pulled from the internet.
 # Prints a table at the end and writes it into docs/benchmarks.md between the
 # results markers (BENCH_WRITE_DOC=0 leaves the doc alone).
 #
-# Knobs: BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
+# Knobs: BENCH_ENGINES (default "20.10 26.1 26.1-containerd"),
+# BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
 # (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -133,18 +137,44 @@ mkfs.ext4 -q -F "$work/docker.img"
 mkdir -p "$work/dockerfs"
 mount -o loop "$work/docker.img" "$work/dockerfs"
 volume_mounted=$work/dockerfs
-# Short paths: dockerd's and containerd's sockets live under the run dir.
-dockerd_run=$(mktemp -d /tmp/sbXXXX)
-echo '{}' >"$dockerd_run/daemon.json"
-dockerd --config-file "$dockerd_run/daemon.json" --data-root "$work/dockerfs/docker" \
-    --exec-root "$dockerd_run/x" --pidfile "$dockerd_run/docker.pid" \
-    -H "unix://$dockerd_run/docker.sock" --bridge=none --iptables=false --ip-masq=false \
-    --storage-driver=overlay2 --log-level=warn >"$work/logs/dockerd.log" 2>&1 </dev/null &
-dockerd_pid=$!
-DH=unix://$dockerd_run/docker.sock
-for _ in $(seq 120); do docker -H "$DH" info >/dev/null 2>&1 && break; sleep 0.5; done
-docker -H "$DH" info >/dev/null 2>&1 || { log "the private dockerd did not start"; exit 1; }
-log "private dockerd (pid $dockerd_pid), data root on a $volume_size ext4 loop volume"
+# start_dockerd DOCKERD DAEMON_JSON DATA_ROOT [ARG...]: a private dockerd (its own
+# run dir, exec root and socket; no bridge, no iptables) whose address is DH.
+start_dockerd() {
+    local bin=$1 daemon_json=$2 data_root=$3
+    shift 3
+    # Short paths: dockerd's and containerd's sockets live under the run dir.
+    dockerd_run=$(mktemp -d /tmp/sbXXXX)
+    echo "$daemon_json" >"$dockerd_run/daemon.json"
+    # Docker 26.1's own docker-proxy first on its PATH; containerd, runc and tini
+    # are the machine's (bookworm's), as in the test matrix.
+    local path=$PATH
+    case $bin in */*) path=$(dirname "$bin"):$PATH ;; esac
+    PATH=$path "$bin" --config-file "$dockerd_run/daemon.json" \
+        --data-root "$data_root" --exec-root "$dockerd_run/x" --pidfile "$dockerd_run/docker.pid" \
+        -H "unix://$dockerd_run/docker.sock" --bridge=none --iptables=false --ip-masq=false \
+        --log-level=warn "$@" >>"$work/logs/dockerd.log" 2>&1 </dev/null &
+    dockerd_pid=$!
+    DH=unix://$dockerd_run/docker.sock
+    for _ in $(seq 120); do docker -H "$DH" info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker -H "$DH" info >/dev/null 2>&1 || { log "the private dockerd did not start"; exit 1; }
+    log "private dockerd $(docker -H "$DH" version --format '{{.Server.Version}}') (pid $dockerd_pid, $(docker -H "$DH" info --format '{{.Driver}}')), data root on a $volume_size ext4 loop volume"
+}
+# stop_dockerd: stops it and empties its data root, so the next engine starts
+# on the same free space.
+stop_dockerd() {
+    local data_root
+    data_root=$(docker -H "$DH" info --format '{{.DockerRootDir}}' 2>/dev/null || true)
+    kill "$dockerd_pid"
+    for _ in $(seq 300); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$dockerd_pid" 2>/dev/null || true
+    wait "$dockerd_pid" 2>/dev/null || true
+    dockerd_pid=
+    grep -o " $volume_mounted/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l || true
+    rm -rf "$dockerd_run"
+    dockerd_run=
+    [ -n "$data_root" ] && rm -rf "$data_root"
+}
+start_dockerd dockerd '{}' "$work/dockerfs/docker" --storage-driver=overlay2
 
 # ------------------------------------------------------------------ images
 # A busybox rootfs as the shared base, then per service one layer of
@@ -353,30 +383,41 @@ docker_pull_at_once() {
     return $status
 }
 export -f docker_pull_all docker_pull_at_once
-export DH
-watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs")
 filesref=$("$STOWAGE" publish --dir "$work/apps/filesapp" --cache-dir "$work/cache" \
     "$REG/bench/filesapp:1" 2>/dev/null | tail -n 1)
 "$STOWAGE" inspect --json "$filesref" >"$work/filesapp.json"
 
-# install_cases SECTION APP_REF IMAGE...: the three ways into the engine.
+# install_cases SECTION APP_REF IMAGE...: the three ways into the engine
+# (stowage's only when $engine_takes_stowage is 1).
 install_cases() {
     local section=$1 ref=$2
     shift 2
-    local tags=("$@") name=${section//[^a-z]/}
+    local tags=("$@") name=${section//[^a-z0-9]/}
+    export DH
+    local watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs")
     for tag in "${tags[@]}"; do docker -H "$DH" pull -q "$tag" >/dev/null; done
     docker -H "$DH" save -o "$work/$name.tar" "${tags[@]}"
     docker_forget "${tags[@]}"
     if [ "$have_install" = 1 ]; then
         DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-root" pull $fit "$ref" >/dev/null
     fi
+    if [ "$have_install" = 1 ] && [ "$engine_takes_stowage" = 0 ]; then
+        rm -rf "$work/$name-run"
+        cp -a "$work/$name-root" "$work/$name-run"
+        if DOCKER_HOST=$DH STOWAGE_WATERMARK=99 "$STOWAGE" --root "$work/$name-run" install "$ref" \
+            >/dev/null 2>"$work/logs/refused.log"; then
+            log "$section: stowage installed into an engine it should refuse"
+            exit 1
+        fi
+        log "$section: stowage install refuses: $(tail -n 1 "$work/logs/refused.log" | cut -c1-160)..."
+    fi
     for i in $(seq "$REPS"); do
-        if [ "$have_install" = 1 ]; then
+        if [ "$have_install" = 1 ] && [ "$engine_takes_stowage" = 1 ]; then
             rm -rf "$work/$name-run"
             cp -a "$work/$name-root" "$work/$name-run"
             settle
             measure "$section: stowage install" "${watch[@]}" -- \
-                env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/$name-run" install "$ref"
+                env DOCKER_HOST="$DH" STOWAGE_WATERMARK=99 "$STOWAGE" --root "$work/$name-run" install "$ref"
             docker_forget "${tags[@]}"
         fi
         settle
@@ -394,9 +435,35 @@ install_cases() {
     done
     rm -f "$work/$name.tar"
 }
-install_cases install "$pullref" "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
-install_cases "install, files app" "$filesref" \
-    "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
+# On each engine of the test matrix (BENCH_ENGINES, default all three): Debian 12's
+# dockerd 20.10 (overlay2), Debian 13's 26.1 (overlay2), and 26.1 with the
+# containerd image store, which stowage refuses (measured for the Docker ways in,
+# as the figures for a later import path into that store).
+engines_root=${STOWAGE_TEST_ENGINES:-$repo/target/engines}/root
+for engine in ${BENCH_ENGINES:-20.10 26.1 26.1-containerd}; do
+    engine_takes_stowage=1
+    case $engine in
+        20.10) suffix="" ;;
+        26.1)
+            stop_dockerd
+            start_dockerd "$engines_root/usr/sbin/dockerd" '{}' "$work/dockerfs/docker26" \
+                --storage-driver=overlay2
+            suffix=" (Docker 26.1)"
+            ;;
+        26.1-containerd)
+            stop_dockerd
+            start_dockerd "$engines_root/usr/sbin/dockerd" \
+                '{"features": {"containerd-snapshotter": true}}' "$work/dockerfs/docker26c"
+            suffix=" (Docker 26.1, containerd store)"
+            engine_takes_stowage=0
+            ;;
+        *) log "unknown engine $engine in BENCH_ENGINES (20.10, 26.1, 26.1-containerd)"; exit 1 ;;
+    esac
+    install_cases "install$suffix" "$pullref" \
+        "$REG/bench/pull-a:1" "$REG/bench/pull-b:1" "$REG/bench/pull-c:1"
+    install_cases "install, files app$suffix" "$filesref" \
+        "$REG/bench/files-a:1" "$REG/bench/files-b:1" "$REG/bench/files-c:1"
+done
 if [ "$have_install" = 0 ]; then
     log "SKIPPED stowage install: this stowage has no install verb (the Docker baselines were measured)"
 fi

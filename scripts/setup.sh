@@ -104,3 +104,78 @@ if ! docker info >/dev/null 2>&1; then
     fi
 fi
 log "dockerd answers ($(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?'))"
+
+# The second engine and compose of the test matrix (README, "Tested versions"): Debian
+# trixie's docker.io 26.1 and docker-compose 2.26 (v2, a docker CLI plugin), fetched as
+# .debs with apt's own client but a sources list, lists and cache of their own (nothing
+# on the machine is installed, upgraded or replaced), checked against the pins below, and
+# unpacked with `dpkg -x` under the build directory, where tests/common/engines.rs finds
+# them. The 26.1 dockerd runs on this machine's containerd 1.6, runc 1.1 and tini
+# (bookworm's, installed above): tried, and it needs nothing newer. Cached: a rerun with
+# the unpacked tree in place asks no network.
+engines_dir=${STOWAGE_TEST_ENGINES:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/engines}
+engine_debs=(
+    "docker.io=26.1.5+dfsg1-9+deb13u1+b1 53ae1a99f15113f0a0d2226808ec0d24ee31b3b87b87ab8ec35be09a1a2ee13b"
+    "docker-compose=2.26.1-4 47681197cb2b1ab88206b42a1a92fc75f50d9530a6322d03494a473eed0408ea"
+)
+engines_stamp=$(printf '%s\n' "${engine_debs[@]}" | sha256sum | cut -c1-16)
+fetch_engines() {
+    local apt="$engines_dir/apt" debs="$engines_dir/debs"
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$debs"
+    cat >"$apt/trixie.sources" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    : >"$apt/status"
+    local opts=(
+        -o "Dir::Etc::sourcelist=$apt/trixie.sources" -o Dir::Etc::sourceparts=-
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::State::status=$apt/status"
+        -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root
+    )
+    local entry spec sum file need_update=1
+    for entry in "${engine_debs[@]}"; do
+        spec=${entry% *}
+        sum=${entry#* }
+        file=$debs/${spec%%=*}.deb
+        if [ -f "$file" ] && sha256sum "$file" | grep -q "^$sum "; then
+            continue
+        fi
+        if [ "$need_update" = 1 ]; then
+            log "fetching trixie's package lists (private apt state in $apt)"
+            apt-get "${opts[@]}" update -qq
+            need_update=0
+        fi
+        log "downloading $spec"
+        rm -f "$debs"/*.deb.part
+        if ! (cd "$debs" && apt-get "${opts[@]}" download -qq "$spec"); then
+            log "trixie no longer offers $spec ($(apt-cache "${opts[@]}" policy "${spec%%=*}" | grep -m1 Candidate)); update the pins in scripts/setup.sh"
+            return 1
+        fi
+        # apt names the file after the version; keep one stable name per package.
+        mv "$(ls -t "$debs/${spec%%=*}"_*.deb | head -n1)" "$file.part"
+        if ! sha256sum "$file.part" | grep -q "^$sum "; then
+            log "$spec: sha256 $(sha256sum "$file.part" | cut -d' ' -f1) is not the pinned $sum"
+            rm -f "$file.part"
+            return 1
+        fi
+        mv "$file.part" "$file"
+    done
+    local staging="$engines_dir/root.new"
+    rm -rf "$staging"
+    mkdir -p "$staging"
+    for entry in "${engine_debs[@]}"; do
+        spec=${entry% *}
+        dpkg -x "$debs/${spec%%=*}.deb" "$staging"
+    done
+    rm -rf "$staging/usr/share/man" "$staging/usr/share/doc"
+    echo "$engines_stamp" >"$staging/.stowage-engines"
+    rm -rf "$engines_dir/root"
+    mv "$staging" "$engines_dir/root"
+}
+if [ "$(cat "$engines_dir/root/.stowage-engines" 2>/dev/null)" != "$engines_stamp" ]; then
+    fetch_engines
+fi
+log "test engines: $("$engines_dir/root/usr/sbin/dockerd" --version), compose $("$engines_dir/root/usr/libexec/docker/cli-plugins/docker-compose" version --short) (in $engines_dir/root)"

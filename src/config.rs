@@ -26,6 +26,12 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("the Docker config {path} is not valid JSON: {message}")]
     DockerConfig { path: PathBuf, message: String },
+    #[error("the Docker credential helper {program} failed for {host}: {message}")]
+    CredentialHelper {
+        program: String,
+        host: String,
+        message: String,
+    },
 }
 
 /// The config file's keys. Every key is optional and mirrors a flag.
@@ -52,6 +58,9 @@ pub struct ConfigFile {
     pub trusted_root: Option<PathBuf>,
     /// The device's hardware or group tag, matched against signed targets.
     pub hardware: Option<String>,
+    /// Which compose runs apps: "auto", "plugin" (`docker compose`) or
+    /// "standalone" (`docker-compose`).
+    pub compose: Option<String>,
 }
 
 impl ConfigFile {
@@ -90,9 +99,14 @@ impl std::fmt::Debug for Credentials {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct DockerConfigJson {
     #[serde(default)]
     auths: BTreeMap<String, DockerAuth>,
+    #[serde(default)]
+    creds_store: Option<String>,
+    #[serde(default)]
+    cred_helpers: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -103,11 +117,23 @@ struct DockerAuth {
 }
 
 /// Credentials per registry host from `$DOCKER_CONFIG/config.json` or
-/// `~/.docker/config.json`. Credential helpers are not consulted.
+/// `~/.docker/config.json`, as the docker CLI finds them: the host's entry
+/// in `credHelpers`, else `credsStore`, names a helper program
+/// `docker-credential-NAME` (run as `docker-credential-NAME get` with the
+/// host on its standard input, answering `{"Username", "Secret"}` as JSON);
+/// without either, the `auths` entry. A helper's answer is kept for the
+/// process's life, so it runs once per registry.
 #[derive(Debug, Clone, Default)]
 pub struct CredentialStore {
     by_host: BTreeMap<String, Credentials>,
+    creds_store: Option<String>,
+    cred_helpers: BTreeMap<String, String>,
+    asked: std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, Option<Credentials>>>>,
 }
+
+/// How long a credential helper may take (a cloud helper may make a
+/// network request of its own).
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl CredentialStore {
     pub fn from_docker_config() -> Result<CredentialStore, ConfigError> {
@@ -154,9 +180,42 @@ impl CredentialStore {
             };
             by_host.insert(normalise_host(&key), creds);
         }
-        Ok(CredentialStore { by_host })
+        Ok(CredentialStore {
+            by_host,
+            creds_store: config.creds_store.filter(|s| !s.is_empty()),
+            cred_helpers: config
+                .cred_helpers
+                .into_iter()
+                .map(|(k, v)| (normalise_host(&k), v))
+                .collect(),
+            asked: Default::default(),
+        })
     }
 
+    /// The helper the docker CLI would use for `host`, if any.
+    pub fn helper_for(&self, host: &str) -> Option<&str> {
+        self.cred_helpers
+            .get(&normalise_host(host))
+            .or(self.creds_store.as_ref())
+            .map(String::as_str)
+    }
+
+    /// The credentials for `host`: from its helper when the Docker config
+    /// names one (none when the helper has none), else from `auths`.
+    pub async fn lookup(&self, host: &str) -> Result<Option<Credentials>, ConfigError> {
+        let Some(helper) = self.helper_for(host) else {
+            return Ok(self.get(host).cloned());
+        };
+        let mut asked = self.asked.lock().await;
+        if let Some(answer) = asked.get(host) {
+            return Ok(answer.clone());
+        }
+        let answer = run_helper(helper, host).await?;
+        asked.insert(host.to_string(), answer.clone());
+        Ok(answer)
+    }
+
+    /// The `auths` entry for `host`.
     pub fn get(&self, host: &str) -> Option<&Credentials> {
         self.by_host.get(&normalise_host(host)).or_else(|| {
             // Docker Hub credentials are stored under its legacy index URL.
@@ -167,6 +226,70 @@ impl CredentialStore {
             }
         })
     }
+}
+
+/// Runs `docker-credential-HELPER get` for `host`, as the docker CLI does.
+async fn run_helper(helper: &str, host: &str) -> Result<Option<Credentials>, ConfigError> {
+    use tokio::io::AsyncWriteExt as _;
+    let program = format!("docker-credential-{helper}");
+    let failed = |message: String| ConfigError::CredentialHelper {
+        program: program.clone(),
+        host: host.to_string(),
+        message,
+    };
+    let mut child = tokio::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            failed(format!(
+                "cannot run it ({e}); install it in PATH or remove credsStore/credHelpers from the Docker config"
+            ))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(host.as_bytes())
+            .await
+            .map_err(|e| failed(format!("cannot write to it: {e}")))?;
+    }
+    let output = tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| failed(format!("no answer in {} s", HELPER_TIMEOUT.as_secs())))?
+        .map_err(|e| failed(e.to_string()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        // The helpers' protocol: this message means "none stored".
+        if stdout.contains("credentials not found") {
+            return Ok(None);
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let said = format!("{} {}", stdout.trim(), stderr.trim());
+        return Err(failed(format!("{} ({})", output.status, said.trim())));
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username", default)]
+        username: String,
+        #[serde(rename = "Secret", default)]
+        secret: String,
+    }
+    let answer: Answer = serde_json::from_slice(&output.stdout)
+        .map_err(|e| failed(format!("its answer is not the expected JSON: {e}")))?;
+    if answer.username == "<token>" {
+        return Err(failed(
+            "it gave an identity token, which stowage does not support yet (a user name and password or access token are)".into(),
+        ));
+    }
+    if answer.username.is_empty() && answer.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Credentials {
+        username: answer.username,
+        password: answer.secret,
+    }))
 }
 
 /// `https://host:port/v1/` and `host:port` name the same registry.
@@ -209,6 +332,17 @@ mod tests {
         assert_eq!(store.get("reg.example:5000").unwrap().password, "pass");
         assert_eq!(store.get("other").unwrap().username, "a");
         assert!(store.get("nowhere").is_none());
+    }
+
+    #[test]
+    fn the_helper_docker_would_use_is_chosen() {
+        let json = br#"{"auths":{"a.example":{"auth":"dXNlcjpwYXNz"}},"credsStore":"desktop","credHelpers":{"https://ecr.example/":"ecr-login"}}"#;
+        let store = CredentialStore::parse(json, Path::new("x")).unwrap();
+        assert_eq!(store.helper_for("ecr.example"), Some("ecr-login"));
+        assert_eq!(store.helper_for("a.example"), Some("desktop"));
+        let json = br#"{"auths":{"a.example":{"auth":"dXNlcjpwYXNz"}},"credHelpers":{"ecr.example":"ecr-login"}}"#;
+        let store = CredentialStore::parse(json, Path::new("x")).unwrap();
+        assert_eq!(store.helper_for("a.example"), None);
     }
 
     #[test]

@@ -6,9 +6,15 @@
 //! 0:0 without names, dated 0, with modes normalised to 0644/0755, and the
 //! gzip header carries no time and no file name.
 //!
+//! The pinned compose file is always bundled as `docker-compose.yml`, the
+//! only name Foundries' devices read.
+//!
 //! Extraction is all or nothing and durable: the bundle is unpacked into a
 //! fresh directory beside the destination, every regular file checked against
-//! the bundle index and every file and directory fsync'd, then renamed into
+//! the bundle index (or, for an app published without one, the bundle against
+//! its digest and each file read back against its tar entry), modes kept
+//! without setuid, setgid, sticky or world-write bits, and every file and
+//! directory fsync'd, then renamed into
 //! place and the parent directory fsync'd. On any error the partial directory
 //! is removed and the destination is untouched. Each refusal names the path
 //! at fault: absolute paths, `..`, links leaving the directory, devices and
@@ -132,6 +138,8 @@ pub enum BundleError {
         expected: Digest,
         actual: Digest,
     },
+    #[error("the bundle's bytes have digest {actual}, but the app manifest says {expected}")]
+    BundleDigest { expected: Digest, actual: Digest },
     #[error("the bundle index lists {path}, which the bundle does not hold")]
     MissingFromBundle { path: String },
     #[error("the bundle holds no compose file ({})", COMPOSE_FILE_NAMES.join(", "))]
@@ -146,31 +154,42 @@ pub enum BundleError {
     },
 }
 
-/// Builds the reproducible bundle of `app_dir`, with the content of
-/// `compose_file_name` (at the top of `app_dir`) replaced by `pinned_compose`.
+/// The name the compose file has in every bundle stowage writes: the only
+/// one Foundries' devices read (FORMAT.md, "Bundle").
+pub const BUNDLED_COMPOSE_NAME: &str = "docker-compose.yml";
+
+/// Builds the reproducible bundle of `app_dir`, carrying `pinned_compose`
+/// as the top-level `docker-compose.yml`. `compose_file_name`, the
+/// project's own compose file (a path relative to `app_dir`, when it lies
+/// there), is left out: the pinned copy takes its place, whatever it was
+/// called. A `docker-compose.yml` the project has beside another compose
+/// file is replaced too (a device would read only that one).
 pub fn create_bundle(
     app_dir: &Path,
-    compose_file_name: &str,
+    compose_file_name: Option<&str>,
     pinned_compose: &[u8],
 ) -> Result<Bundle, BundleError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::ReadApp { path, source }
     };
-    let compose_path = app_dir.join(compose_file_name);
-    match fs::symlink_metadata(&compose_path) {
-        Ok(m) if m.is_file() => {}
-        _ => {
-            return Err(BundleError::NoComposeInApp {
-                dir: app_dir.to_path_buf(),
-                name: compose_file_name.to_string(),
-            });
+    if let Some(name) = compose_file_name {
+        match fs::symlink_metadata(app_dir.join(name)) {
+            Ok(m) if m.is_file() => {}
+            _ => {
+                return Err(BundleError::NoComposeInApp {
+                    dir: app_dir.to_path_buf(),
+                    name: name.to_string(),
+                });
+            }
         }
     }
     let ignores = load_ignores(app_dir)?;
 
     let mut paths = Vec::new();
     collect(app_dir, app_dir, &ignores, &mut paths)?;
+    paths.retain(|(rel, _)| rel != BUNDLED_COMPOSE_NAME && Some(rel.as_str()) != compose_file_name);
+    paths.push((BUNDLED_COMPOSE_NAME.to_string(), Kind::Compose));
     // Sorted by path bytes: a directory comes before what it holds.
     paths.sort_by(|a, b| a.0.cmp(&b.0));
 
@@ -199,10 +218,11 @@ pub fn create_bundle(
                 header.set_size(0);
                 tar.append_link(&mut header, rel, target)
             }
-            Kind::File { executable } => {
+            Kind::File { .. } | Kind::Compose => {
                 header.set_entry_type(tar::EntryType::Regular);
-                header.set_mode(if *executable { 0o755 } else { 0o644 });
-                let content = if rel == compose_file_name {
+                let executable = matches!(kind, Kind::File { executable: true });
+                header.set_mode(if executable { 0o755 } else { 0o644 });
+                let content = if matches!(kind, Kind::Compose) {
                     pinned_compose.to_vec()
                 } else {
                     fs::read(&full).map_err(read_err(&full))?
@@ -232,8 +252,12 @@ pub fn index_json(index: &BTreeMap<String, Digest>) -> Result<Vec<u8>, serde_jso
 
 enum Kind {
     Dir,
-    File { executable: bool },
+    File {
+        executable: bool,
+    },
     Symlink(PathBuf),
+    /// The pinned compose file, written as `docker-compose.yml`.
+    Compose,
 }
 
 fn load_ignores(app_dir: &Path) -> Result<ignore::gitignore::Gitignore, BundleError> {
@@ -432,14 +456,34 @@ pub fn read_compose_from_bundle(
         .ok_or(BundleError::NoComposeInBundle)
 }
 
-/// Extracts a bundle to `dest` (which must not exist), verifying every
-/// regular file against `index`. Nothing is left behind on error, and
-/// nothing is written outside the staging directory: every entry is made
-/// under its directory descriptor, exclusively and without following a
-/// link ([`crate::fsutil::beneath`]).
+/// What an extraction checks the bundle against.
+#[derive(Debug, Clone, Copy)]
+pub enum Verify<'a> {
+    /// The bundle index: every regular file, symlink and hard link must be
+    /// in it (a link with the digest of empty content, as composectl lists
+    /// links, or a hard link with its target's), and everything it lists
+    /// must be in the bundle.
+    Index(&'a BTreeMap<String, Digest>),
+    /// No index (legacy apps, `APP_BUNDLE_INDEX_OFF=1`): the bundle's bytes
+    /// must have this digest (hashed as they are extracted), and every
+    /// file, read back from disk, must match what its tar entry held.
+    Digest(&'a Digest),
+}
+
+/// Extracts a bundle to `dest` (which must not exist), verifying it as
+/// `verify` says. Nothing is left behind on error, and nothing is written
+/// outside the staging directory: every entry is made under its directory
+/// descriptor, exclusively and without following a link
+/// ([`crate::fsutil::beneath`]).
+///
+/// Modes are kept within safe limits: the permission bits of files and
+/// directories as the tar has them, without setuid, setgid, sticky or
+/// world-write bits (a directory keeps its owner's rwx); devices and fifos
+/// are refused. Owners are not kept: everything belongs to the extracting
+/// user (root on a device).
 pub fn extract_bundle(
     bundle: impl Read,
-    index: &BTreeMap<String, Digest>,
+    verify: Verify<'_>,
     dest: &Path,
     limits: &BundleLimits,
 ) -> Result<(), BundleError> {
@@ -461,8 +505,32 @@ pub fn extract_bundle(
         path: staging.path.clone(),
         source,
     })?;
-    unpack(bundle, index, &root, limits)?;
+    unpack(bundle, verify, &root, limits)?;
     staging.commit(dest)
+}
+
+/// The mode a file extracted from a tar entry of `mode` gets.
+pub fn safe_file_mode(mode: u32) -> u32 {
+    mode & 0o775
+}
+
+/// The mode a directory extracted from a tar entry of `mode` gets.
+pub fn safe_dir_mode(mode: u32) -> u32 {
+    (mode & 0o775) | 0o700
+}
+
+/// Hashes what passes through.
+struct Hashing<R> {
+    inner: R,
+    hasher: std::rc::Rc<std::cell::RefCell<Sha256>>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.borrow_mut().update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// Names of the staging directories [`extract_bundle`] makes beside its
@@ -547,12 +615,26 @@ pub const RESERVED_PREFIX: &str = ".stowage-";
 
 fn unpack(
     bundle: impl Read,
-    index: &BTreeMap<String, Digest>,
+    verify: Verify<'_>,
     root: &Dir,
     limits: &BundleLimits,
 ) -> Result<(), BundleError> {
     let exceeded = Default::default();
+    let hasher = std::rc::Rc::new(std::cell::RefCell::new(Sha256::new()));
+    let bundle = Hashing {
+        inner: bundle,
+        hasher: hasher.clone(),
+    };
     let mut archive = open_bundle(bundle, limits.bundle, &exceeded);
+    let index = match verify {
+        Verify::Index(index) => Some(index),
+        Verify::Digest(_) => None,
+    };
+    let empty: Digest = crate::oci::format::EMPTY_SHA256
+        .parse()
+        .map_err(|_| BundleError::Corrupt("the empty digest does not parse".into()))?;
+    // Directories and their modes, set once everything under them is made.
+    let mut dir_modes: Vec<(String, u32)> = Vec::new();
     let fail = |e| stream_error(e, limits, &exceeded);
     let write_err = |rel: &str| {
         let path = root.path().join(rel);
@@ -596,9 +678,7 @@ fn unpack(
         match kind {
             T::Directory => {
                 make_dirs(root, &path, &mut dirs)?;
-                root.open_dir(&path)
-                    .and_then(|d| d.set_mode(0o755))
-                    .map_err(write_err(&path))?;
+                dir_modes.push((path, safe_dir_mode(mode)));
             }
             T::Regular | T::Continuous => {
                 let size = entry.size();
@@ -619,8 +699,12 @@ fn unpack(
                         limit: limits.file,
                     });
                 }
-                let Some(expected) = index.get(&path) else {
-                    return Err(BundleError::NotInIndex { path });
+                let expected = match index {
+                    Some(index) => match index.get(&path) {
+                        Some(d) => Some(d),
+                        None => return Err(BundleError::NotInIndex { path }),
+                    },
+                    None => None,
                 };
                 make_dirs(root, parent_rel, &mut dirs)?;
                 let mut file = root.create_file(&path, 0o600).map_err(write_err(&path))?;
@@ -634,15 +718,16 @@ fn unpack(
                     file.write_all(&buf[..n]).map_err(write_err(&path))?;
                 }
                 let actual = Digest::from_hasher(hasher);
-                if actual != *expected {
+                if let Some(expected) = expected
+                    && actual != *expected
+                {
                     return Err(BundleError::DigestMismatch {
                         path,
                         expected: expected.clone(),
                         actual,
                     });
                 }
-                let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
-                file.set_permissions(fs::Permissions::from_mode(mode))
+                file.set_permissions(fs::Permissions::from_mode(safe_file_mode(mode)))
                     .and_then(|()| file.sync_all())
                     .map_err(write_err(&path))?;
                 files.insert(path, actual);
@@ -651,6 +736,18 @@ fn unpack(
                 let link = link_name(&entry, &path)?;
                 if link.is_empty() || resolve_link(parent_rel, &link).is_none() {
                     return Err(BundleError::LinkEscapes { path, target: link });
+                }
+                // composectl's index lists a link with the digest of its
+                // (empty) tar body; stowage's leaves links out.
+                if let Some(index) = index
+                    && let Some(expected) = index.get(&path)
+                    && *expected != empty
+                {
+                    return Err(BundleError::DigestMismatch {
+                        path,
+                        expected: expected.clone(),
+                        actual: empty.clone(),
+                    });
                 }
                 make_dirs(root, parent_rel, &mut dirs)?;
                 root.symlink(&link, &path).map_err(write_err(&path))?;
@@ -665,9 +762,12 @@ fn unpack(
                 let Some(digest) = files.get(&link_path).cloned() else {
                     return Err(BundleError::BadHardLink { path, target: link });
                 };
-                match index.get(&path) {
-                    None => return Err(BundleError::NotInIndex { path }),
-                    Some(expected) if *expected != digest => {
+                match index.map(|index| index.get(&path)) {
+                    None => {}
+                    Some(None) => return Err(BundleError::NotInIndex { path }),
+                    // composectl lists a hard link with the digest of its
+                    // empty tar body; stowage with its target's.
+                    Some(Some(expected)) if *expected != digest && *expected != empty => {
                         return Err(BundleError::DigestMismatch {
                             path,
                             expected: expected.clone(),
@@ -688,10 +788,56 @@ fn unpack(
         }
     }
 
-    if let Some(missing) = index.keys().find(|p| !files.contains_key(*p)) {
+    if let Some(index) = index
+        && let Some(missing) = index
+            .keys()
+            .find(|p| !files.contains_key(*p) && !symlinks.contains(*p))
+    {
         return Err(BundleError::MissingFromBundle {
             path: missing.clone(),
         });
+    }
+    if let Verify::Digest(expected) = verify {
+        // The whole blob, to its last byte (the tar reader stops at the
+        // end-of-archive blocks, before the gzip trailer).
+        let mut rest = archive.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(fail)?;
+        let mut raw = rest.inner.into_inner();
+        io::copy(&mut raw, &mut io::sink()).map_err(fail)?;
+        let actual = Digest::from_hasher(hasher.replace(Sha256::new()));
+        if actual != *expected {
+            return Err(BundleError::BundleDigest {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        // The tree as written, against what the tar's entries held.
+        for (path, digest) in &files {
+            let mut file = root.open_file(path).map_err(write_err(path))?;
+            let mut hasher = Sha256::new();
+            loop {
+                let n = file.read(&mut buf).map_err(write_err(path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            let on_disk = Digest::from_hasher(hasher);
+            if on_disk != *digest {
+                return Err(BundleError::DigestMismatch {
+                    path: path.clone(),
+                    expected: digest.clone(),
+                    actual: on_disk,
+                });
+            }
+        }
+    }
+    // Directory modes last, deepest first, once nothing more is made in them.
+    dir_modes.sort_by_key(|(d, _)| std::cmp::Reverse(d.matches('/').count()));
+    for (dir, mode) in &dir_modes {
+        root.open_dir(dir)
+            .and_then(|d| d.set_mode(*mode))
+            .map_err(write_err(dir))?;
     }
     // Every link against the tree as extracted: its target may not pass
     // through another link (which could take it anywhere), whatever the
@@ -870,7 +1016,7 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let result = extract_bundle(
             bytes,
-            index,
+            Verify::Index(index),
             &parent.path().join("app"),
             &BundleLimits::default(),
         );
@@ -940,8 +1086,8 @@ mod tests {
     #[test]
     fn the_same_app_gives_the_same_bytes_whatever_the_mtimes_and_owners() {
         let a = app_dir();
-        let first = create_bundle(a.path(), "docker-compose.yml", PINNED).unwrap();
-        let again = create_bundle(a.path(), "docker-compose.yml", PINNED).unwrap();
+        let first = create_bundle(a.path(), Some("docker-compose.yml"), PINNED).unwrap();
+        let again = create_bundle(a.path(), Some("docker-compose.yml"), PINNED).unwrap();
         assert_eq!(first, again);
 
         let b = app_dir();
@@ -964,7 +1110,7 @@ mod tests {
             fs::Permissions::from_mode(0o600),
         )
         .unwrap();
-        let other = create_bundle(b.path(), "docker-compose.yml", PINNED).unwrap();
+        let other = create_bundle(b.path(), Some("docker-compose.yml"), PINNED).unwrap();
         assert_eq!(first.bytes, other.bytes);
         assert_eq!(first.digest, Digest::of(&other.bytes));
 
@@ -975,7 +1121,7 @@ mod tests {
     #[test]
     fn bundle_is_sorted_normalised_pinned_and_honours_ignores() {
         let app = app_dir();
-        let bundle = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        let bundle = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap();
         let listed = entries(&bundle.bytes);
         let names: Vec<&str> = listed.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
@@ -1023,7 +1169,7 @@ mod tests {
     #[test]
     fn a_verified_bundle_extracts_into_place() {
         let app = app_dir();
-        let bundle = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        let bundle = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap();
         let (parent, result) = extract(&bundle.bytes, &bundle.index);
         result.unwrap();
         let dest = parent.path().join("app");
@@ -1047,7 +1193,7 @@ mod tests {
         // A second extraction to the same place does not clobber it.
         let err = extract_bundle(
             &bundle.bytes[..],
-            &bundle.index,
+            Verify::Index(&bundle.index),
             &dest,
             &BundleLimits::default(),
         )
@@ -1139,8 +1285,13 @@ mod tests {
         let mut h = Hostile::new();
         let bytes = h.file("a", &[1; 500]).file("big.bin", &[2; 1001]).finish();
         let parent = tempfile::tempdir().unwrap();
-        let err =
-            extract_bundle(&bytes[..], &h.index, &parent.path().join("app"), &small).unwrap_err();
+        let err = extract_bundle(
+            &bytes[..],
+            Verify::Index(&h.index),
+            &parent.path().join("app"),
+            &small,
+        )
+        .unwrap_err();
         assert!(matches!(err, BundleError::FileTooLarge { .. }), "{err}");
         assert!(err.to_string().contains("big.bin"), "{err}");
         assert!(leftovers(parent.path()).is_empty());
@@ -1150,8 +1301,13 @@ mod tests {
             h.file(&format!("f{i}"), &[i; 900]);
         }
         let bytes = h.finish();
-        let err =
-            extract_bundle(&bytes[..], &h.index, &parent.path().join("app"), &small).unwrap_err();
+        let err = extract_bundle(
+            &bytes[..],
+            Verify::Index(&h.index),
+            &parent.path().join("app"),
+            &small,
+        )
+        .unwrap_err();
         assert!(matches!(err, BundleError::BundleTooLarge { .. }), "{err}");
         assert!(leftovers(parent.path()).is_empty());
     }
@@ -1230,22 +1386,22 @@ mod tests {
     fn an_app_holding_a_name_stowage_keeps_cannot_be_bundled() {
         let app = app_dir();
         fs::write(app.path().join("config/.stowage-images.yml"), "x").unwrap();
-        let err = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap_err();
+        let err = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap_err();
         assert!(matches!(err, BundleError::ReservedInApp { .. }), "{err}");
         fs::write(app.path().join(IGNORE_FILE), ".stowage-*\n").unwrap();
-        create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap();
+        create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap();
     }
 
     #[test]
     fn an_app_with_a_symlink_out_of_it_cannot_be_bundled() {
         let app = app_dir();
         symlink("../../etc/passwd", app.path().join("config/pw")).unwrap();
-        let err = create_bundle(app.path(), "docker-compose.yml", PINNED).unwrap_err();
+        let err = create_bundle(app.path(), Some("docker-compose.yml"), PINNED).unwrap_err();
         assert!(
             matches!(err, BundleError::SymlinkOutsideApp { .. }),
             "{err}"
         );
-        let err = create_bundle(app.path(), "compose.yml", PINNED).unwrap_err();
+        let err = create_bundle(app.path(), Some("compose.yml"), PINNED).unwrap_err();
         assert!(matches!(err, BundleError::NoComposeInApp { .. }), "{err}");
     }
 
@@ -1363,9 +1519,16 @@ mod tests {
             .raw(tar::EntryType::Symlink, "x", "y", b"")
             .file("x", b"overwritten")
             .finish();
+        // The index vouches for the link as composectl lists links (the
+        // digest of empty content), so only the duplicate check stands in
+        // the way.
+        h.index.insert(
+            "x".into(),
+            crate::oci::format::EMPTY_SHA256.parse().unwrap(),
+        );
         let err = extract_bundle(
             &bytes[..],
-            &h.index,
+            Verify::Index(&h.index),
             &parent.path().join("app"),
             &BundleLimits::default(),
         )
@@ -1373,5 +1536,141 @@ mod tests {
         assert!(matches!(err, BundleError::Duplicate { .. }), "{err}");
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(leftovers(parent.path()), ["victim"]);
+    }
+
+    /// A bundle as composectl writes one: Go's tar of the app directory,
+    /// modes and links kept, every non-directory entry in the index (links
+    /// with the digest of their empty body).
+    fn composectl_bundle() -> (Vec<u8>, BTreeMap<String, Digest>) {
+        let empty: Digest = crate::oci::format::EMPTY_SHA256.parse().unwrap();
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut index = BTreeMap::new();
+        let mut add = |name: &str, kind: tar::EntryType, mode: u32, link: &str, body: &[u8]| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_size(body.len() as u64);
+            h.set_mtime(0);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            tar.append_data(&mut h, name, body).unwrap();
+            if kind != tar::EntryType::Directory {
+                index.insert(name.trim_end_matches('/').to_string(), Digest::of(body));
+            }
+        };
+        add("conf/", tar::EntryType::Directory, 0o750, "", b"");
+        add(
+            "conf/app.conf",
+            tar::EntryType::Regular,
+            0o644,
+            "",
+            b"port=80\n",
+        );
+        add("conf/secret", tar::EntryType::Regular, 0o600, "", b"s3cret");
+        add("conf/link", tar::EntryType::Symlink, 0o777, "app.conf", b"");
+        add(
+            "conf/hard",
+            tar::EntryType::Link,
+            0o644,
+            "conf/app.conf",
+            b"",
+        );
+        add(
+            "docker-compose.yml",
+            tar::EntryType::Regular,
+            0o644,
+            "",
+            PINNED,
+        );
+        add(
+            "run.sh",
+            tar::EntryType::Regular,
+            0o4755,
+            "",
+            b"#!/bin/sh\n",
+        );
+        add("shared", tar::EntryType::Regular, 0o666, "", b"w");
+        assert_eq!(index["conf/link"], empty);
+        assert_eq!(index["conf/hard"], empty);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&tar.into_inner().unwrap()).unwrap();
+        (gz.finish().unwrap(), index)
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_composectl_bundle_extracts_with_its_links_and_safe_modes() {
+        let (bytes, index) = composectl_bundle();
+        let (parent, result) = extract(&bytes, &index);
+        result.unwrap();
+        let app = parent.path().join("app");
+        assert_eq!(fs::read(app.join("conf/link")).unwrap(), b"port=80\n");
+        assert_eq!(
+            fs::read_link(app.join("conf/link")).unwrap(),
+            Path::new("app.conf")
+        );
+        assert_eq!(fs::read(app.join("conf/hard")).unwrap(), b"port=80\n");
+        assert_eq!(mode_of(&app.join("conf/secret")), 0o600, "kept");
+        assert_eq!(mode_of(&app.join("conf")), 0o750, "kept");
+        assert_eq!(mode_of(&app.join("run.sh")), 0o755, "setuid dropped");
+        assert_eq!(mode_of(&app.join("shared")), 0o664, "world-write dropped");
+
+        // A link the index gives a content digest is refused.
+        let mut lying = index.clone();
+        lying.insert("conf/link".into(), Digest::of(b"port=80\n"));
+        assert_refused(&bytes, &lying, "conf/link");
+    }
+
+    #[test]
+    fn without_an_index_the_bundle_digest_and_the_tar_vouch_for_it() {
+        let (bytes, _) = composectl_bundle();
+        let digest = Digest::of(&bytes);
+        let parent = tempfile::tempdir().unwrap();
+        let dest = parent.path().join("app");
+        extract_bundle(
+            &bytes[..],
+            Verify::Digest(&digest),
+            &dest,
+            &BundleLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(dest.join("conf/secret")).unwrap(), b"s3cret");
+        assert_eq!(mode_of(&dest.join("conf/secret")), 0o600);
+
+        // Other bytes than the manifest names: refused, nothing left.
+        let other = Digest::of(b"another bundle");
+        let parent = tempfile::tempdir().unwrap();
+        let err = extract_bundle(
+            &bytes[..],
+            Verify::Digest(&other),
+            &parent.path().join("app"),
+            &BundleLimits::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, BundleError::BundleDigest { .. }), "{err}");
+        assert_eq!(leftovers(parent.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_compose_file_is_bundled_as_docker_compose_yml_whatever_its_name() {
+        let app = app_dir();
+        fs::rename(
+            app.path().join("docker-compose.yml"),
+            app.path().join("compose.yaml"),
+        )
+        .unwrap();
+        let bundle = create_bundle(app.path(), Some("compose.yaml"), PINNED).unwrap();
+        let names: Vec<String> = entries(&bundle.bytes).into_iter().map(|e| e.0).collect();
+        assert!(
+            names.contains(&"docker-compose.yml".to_string()),
+            "{names:?}"
+        );
+        assert!(!names.contains(&"compose.yaml".to_string()), "{names:?}");
+        assert_eq!(bundle.index["docker-compose.yml"], Digest::of(PINNED));
+        assert!(!bundle.index.contains_key("compose.yaml"));
     }
 }

@@ -57,6 +57,18 @@ pub enum ComposeFileError {
     Write { path: PathBuf, message: String },
 }
 
+/// How compose files are decoded: as Go's yaml.v3 decodes them (compose and
+/// composectl are Go), so that `yes`, `on` and the like stay strings (only
+/// `true`/`false` in their three spellings are booleans) and `0755` is the
+/// octal number it is there. A publish that rewrote `FLAG: yes` as
+/// `FLAG: true` would change what the service runs with.
+pub fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.legacy_octal_numbers = true;
+    options
+}
+
 /// A parsed compose file.
 #[derive(Debug, Clone)]
 pub struct ComposeFile {
@@ -98,9 +110,11 @@ impl ComposeFile {
 
     pub fn parse(path: &Path, text: &str) -> Result<ComposeFile, ComposeFileError> {
         let document: Value =
-            serde_saphyr::from_str(text).map_err(|e| ComposeFileError::Syntax {
-                path: path.to_path_buf(),
-                message: e.to_string().lines().next().unwrap_or("").to_string(),
+            serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
+                ComposeFileError::Syntax {
+                    path: path.to_path_buf(),
+                    message: e.to_string().lines().next().unwrap_or("").to_string(),
+                }
             })?;
         let file = ComposeFile {
             path: path.to_path_buf(),
@@ -122,6 +136,52 @@ impl ComposeFile {
             .unwrap_or_default()
     }
 
+    /// The image a service without one gets through `extends` (a service
+    /// of this file, or of another file beside it), as compose resolves it;
+    /// chains are followed a few steps deep.
+    fn extended_image(&self, def: &Value, depth: usize) -> Option<String> {
+        if depth > 8 {
+            return None;
+        }
+        let (file, service) = match def.get("extends")? {
+            Value::String(service) => (None, service.clone()),
+            Value::Object(m) => (
+                m.get("file").and_then(Value::as_str).map(str::to_string),
+                m.get("service")?.as_str()?.to_string(),
+            ),
+            _ => return None,
+        };
+        let other;
+        let source = match file {
+            None => self,
+            Some(file) => {
+                let dir = self.path.parent().unwrap_or(Path::new("."));
+                other = ComposeFile::load(&dir.join(file)).ok()?;
+                &other
+            }
+        };
+        let base = source.services().get(&service)?.clone();
+        match base.get("image").and_then(Value::as_str) {
+            Some(image) => Some(image.to_string()),
+            None => source.extended_image(&base, depth + 1),
+        }
+    }
+
+    /// Services `compose up` leaves alone unless their profile is enabled:
+    /// those with a non-empty `profiles` list. stowage enables none, so an
+    /// app runs when every other service does.
+    pub fn profiled_services(&self) -> std::collections::BTreeSet<String> {
+        self.services()
+            .into_iter()
+            .filter(|(_, def)| {
+                def.get("profiles")
+                    .and_then(Value::as_array)
+                    .is_some_and(|p| !p.is_empty())
+            })
+            .map(|(name, _)| name)
+            .collect()
+    }
+
     /// Service name -> image, interpolated with `lookup`.
     pub fn images(
         &self,
@@ -129,12 +189,18 @@ impl ComposeFile {
     ) -> Result<BTreeMap<String, String>, ComposeFileError> {
         let mut images = BTreeMap::new();
         for (service, def) in self.services() {
-            let raw = def.get("image").and_then(Value::as_str).ok_or_else(|| {
-                ComposeFileError::NoImage {
+            let extended = match def.get("image") {
+                Some(_) => None,
+                None => self.extended_image(&def, 0),
+            };
+            let raw = def
+                .get("image")
+                .and_then(Value::as_str)
+                .or(extended.as_deref())
+                .ok_or_else(|| ComposeFileError::NoImage {
                     path: self.path.clone(),
                     service: service.clone(),
-                }
-            })?;
+                })?;
             let image = interpolate(raw, lookup).map_err(|e| match e {
                 Interpolation::Unresolved(variable) => ComposeFileError::Unresolved {
                     path: self.path.clone(),
@@ -152,8 +218,14 @@ impl ComposeFile {
         Ok(images)
     }
 
-    /// The file with every service's image replaced by its pinned reference
-    /// and `build` sections removed, as YAML.
+    /// The file with every service's image replaced by its pinned reference,
+    /// `build` sections removed and every service labelled with its
+    /// `io.compose-spec.config-hash`, as YAML.
+    ///
+    /// The hash is composectl's: the sha256, in hex, of what Go's yaml.v3
+    /// writes for the service's map once pinned and without `build`, before
+    /// the label is added ([`super::goyaml`]). The labels become a map (a
+    /// list of `KEY=VALUE` is converted, as compose's loader does).
     pub fn pinned(&self, pins: &BTreeMap<String, String>) -> Result<Vec<u8>, ComposeFileError> {
         let mut document = self.document.clone();
         if let Some(services) = document.get_mut("services").and_then(Value::as_object_mut) {
@@ -163,15 +235,54 @@ impl ComposeFile {
                     if let Some(pin) = pins.get(name) {
                         def.insert("image".into(), Value::String(pin.clone()));
                     }
+                    let hash = service_config_hash(def);
+                    let mut labels = labels_map(def.get("labels"));
+                    labels.insert(CONFIG_HASH_LABEL.into(), Value::String(hash));
+                    def.insert("labels".into(), Value::Object(labels));
                 }
             }
         }
-        serde_saphyr::to_string(&document)
-            .map(String::into_bytes)
-            .map_err(|e| ComposeFileError::Write {
-                path: self.path.clone(),
-                message: e.to_string(),
+        // Written as composectl writes it (yaml.v3's `Marshal` of the whole
+        // file): the same bytes for the same project and pins, and every
+        // string a YAML 1.1 reader (docker-compose 1.x) could take for
+        // something else (`yes`, `80:80`, `2024-01-01`) quoted.
+        Ok(super::goyaml::marshal(&document).into_bytes())
+    }
+}
+
+/// The label composectl's `ps` and aktualizr-lite match containers by.
+pub const CONFIG_HASH_LABEL: &str = "io.compose-spec.config-hash";
+
+/// composectl's service hash: sha256 (hex) of yaml.v3's `Marshal` of the
+/// service's map.
+pub fn service_config_hash(service: &serde_json::Map<String, Value>) -> String {
+    let yaml = super::goyaml::marshal(&Value::Object(service.clone()));
+    crate::Digest::of(yaml.as_bytes()).hex().to_string()
+}
+
+/// A service's `labels`, map or `KEY=VALUE` list, as a map of strings.
+fn labels_map(labels: Option<&Value>) -> serde_json::Map<String, Value> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    match labels {
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(text(v))))
+            .collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                let item = text(item);
+                match item.split_once('=') {
+                    Some((k, v)) => (k.to_string(), Value::String(v.to_string())),
+                    None => (item, Value::String(String::new())),
+                }
             })
+            .collect(),
+        _ => serde_json::Map::new(),
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod compose_file;
+pub mod goyaml;
 pub mod inspect;
 pub mod layer;
 pub mod publish;
@@ -323,6 +324,28 @@ pub async fn fetch_app_to(
             None => Ok(None),
         }
     };
+    // A layer index is pushed as a manifest (composectl, the legacy
+    // publisher) and so is read through `/manifests/`. Nothing on the device
+    // needs it, and composectl no longer writes one: one the source cannot
+    // give is left out, not an error.
+    let layer_index = |d: Option<Descriptor>| {
+        let pinned = &pinned;
+        async move {
+            let d = d?;
+            let at = pinned.pinned(&d.digest);
+            match client
+                .get_manifest(&at, &[media::OCI_INDEX], format::MANIFEST_CAP)
+                .await
+            {
+                Ok(m) if m.bytes.len() as u64 == d.size => Some(m.bytes),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!("the layer index {} of {pinned}: {e:#}", d.digest);
+                    None
+                }
+            }
+        }
+    };
     let bundle_and_images = fetch_bundle_and_images(
         client,
         &pinned,
@@ -339,19 +362,12 @@ pub async fn fetch_app_to(
         if depth == Depth::Plan {
             return Ok(None);
         }
-        let (config, index, layer_index) = tokio::try_join!(
+        let (config, index, layer_index) = tokio::join!(
             blob(config_desc.clone(), format::MANIFEST_CAP, "config".into()),
-            blob(
-                index_desc.clone(),
-                format::MANIFEST_CAP,
-                "bundle index".into()
-            ),
-            optional(
-                layer_index_desc.clone(),
-                format!("{architecture} layer index")
-            ),
-        )?;
-        anyhow::Ok(Some((config, index, layer_index)))
+            optional(index_desc.clone(), "bundle index".into()),
+            layer_index(layer_index_desc.clone()),
+        );
+        anyhow::Ok(Some((config?, index?, layer_index)))
     };
     let (app_blobs, bundle_and_images) = tokio::join!(app_blobs, bundle_and_images);
     let app_blobs = app_blobs?;
@@ -365,10 +381,10 @@ pub async fn fetch_app_to(
     } = bundle_and_images?;
     let mut unfetched = Vec::new();
     let (config, index, layer_index_bytes) = match app_blobs {
-        Some((config, index, layer_index)) => (Some(config), Some(index), layer_index),
+        Some((config, index, layer_index)) => (Some(config), index, layer_index),
         None => {
-            unfetched.extend([config_desc.clone(), index_desc.clone()]);
-            unfetched.extend(layer_index_desc.clone());
+            unfetched.push(config_desc.clone());
+            unfetched.extend(index_desc.clone());
             (None, None, None)
         }
     };
@@ -384,25 +400,31 @@ pub async fn fetch_app_to(
         descriptor: bundle_desc,
         bytes: bundle.clone(),
     });
-    if let Some(bytes) = index {
+    if let (Some(bytes), Some(descriptor)) = (index, index_desc) {
         format::parse_bundle_index(&bytes)?;
         meta_blobs.push(MetaBlob {
             what: "bundle index".into(),
-            descriptor: index_desc,
+            descriptor,
             bytes,
         });
     }
 
     let mut arch_meta: Option<ArchLayers> = None;
+    // Said with an image's refusal of the architecture, when the
+    // layers-meta lacks it too.
+    let mut unpublished: Option<String> = None;
     if let (Some(meta_desc), Some(bytes), Some(parsed)) = (meta_desc, meta_bytes, parsed_meta) {
+        // An architecture the layers-meta lacks is planned with FORMAT.md's
+        // estimate for every layer (the check says so); whether the app
+        // runs here at all is for its images to say.
         let mut all = parsed?;
-        if !all.contains_key(architecture) {
-            bail!(
-                "{what} is not published for {architecture} (it has: {})",
-                all.keys().cloned().collect::<Vec<_>>().join(", ")
-            );
-        }
         arch_meta = all.remove(architecture);
+        if arch_meta.is_none() {
+            unpublished = Some(format!(
+                "{what} is not published for {architecture} (its layers-meta has: {})",
+                all.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
         meta_blobs.push(MetaBlob {
             what: "layers-meta".into(),
             descriptor: meta_desc,
@@ -419,16 +441,25 @@ pub async fn fetch_app_to(
 
     // An app not published for this architecture is refused as such, before
     // whatever its images' fetches ran into.
-    let fetched_images = fetched_images.into_iter().collect::<Result<Vec<_>>>()?;
-    let Assembled { images, layers } = assemble_images(
-        fetched_images,
-        &what,
-        &arch,
-        arch_meta.as_ref(),
-        &known_diff_ids,
-        &mut meta_blobs,
-        &mut unfetched,
-    )?;
+    let assembled = fetched_images
+        .into_iter()
+        .collect::<Result<Vec<_>>>()
+        .and_then(|fetched| {
+            assemble_images(
+                fetched,
+                &what,
+                &arch,
+                arch_meta.as_ref(),
+                &known_diff_ids,
+                &mut meta_blobs,
+                &mut unfetched,
+            )
+        });
+    let Assembled { images, layers } = match (assembled, unpublished) {
+        (Ok(assembled), _) => assembled,
+        (Err(e), Some(sentence)) => return Err(e.context(sentence)),
+        (Err(e), None) => return Err(e),
+    };
     // Several services may share blobs: keep each once.
     let mut seen = std::collections::HashSet::new();
     meta_blobs.retain(|b| seen.insert(b.descriptor.digest.clone()));

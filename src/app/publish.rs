@@ -18,12 +18,12 @@ use crate::app::bundle;
 use crate::app::compose_file::{ComposeFile, read_dotenv};
 use crate::app::layer;
 use crate::oci::format::{
-    self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerIndex,
-    LayerMeta, LayersMeta, Platform,
+    self, AppManifest, ArchLayers, Descriptor, ImageConfig, ImageIndex, ImageManifest, LayerMeta,
+    LayersMeta,
 };
 use crate::oci::media;
 use crate::oci::reference::ImageRef;
-use crate::oci::registry::{BlobBody, RegistryClient, RegistryError};
+use crate::oci::registry::{BlobBody, BlobPush, RegistryClient};
 use crate::progress::Progress;
 
 pub struct Publish {
@@ -42,6 +42,10 @@ pub struct Publish {
     pub cache_dir: PathBuf,
     /// How many layers are downloaded and analysed at once.
     pub jobs: usize,
+    /// Repositories of the target's registry that may hold the app's blobs
+    /// already (an app promoted from a staging repository): a blob found
+    /// there is mounted into the target rather than uploaded.
+    pub mount_from: Vec<ImageRef>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,8 +74,11 @@ pub struct PublishReport {
     pub services: BTreeMap<String, String>,
     pub architectures: BTreeMap<String, ArchSummary>,
     pub pushed: Vec<PushedBlob>,
-    /// Whether the app manifest lists the layer indexes in `manifests`
-    /// (false when the registry refused that optional field).
+    /// How many of the `pushed` blobs were mounted from another repository
+    /// of the registry (`--mount-from`) rather than uploaded.
+    pub mounted: usize,
+    /// Whether the app manifest lists layer indexes in `manifests`: never,
+    /// as composectl by default (FORMAT.md); kept for scripts that read it.
     pub layer_indexes_referenced: bool,
     #[serde(skip)]
     pub manifest: Vec<u8>,
@@ -98,7 +105,6 @@ struct Resolved {
 /// Every architecture's layers, analysed.
 struct Analysed {
     meta: LayersMeta,
-    layer_indexes: Vec<(String, Vec<u8>)>,
     summaries: BTreeMap<String, ArchSummary>,
 }
 
@@ -119,7 +125,7 @@ impl Publish {
     ) -> Result<PublishReport> {
         let resolved = self.resolve(client, progress).await?;
         let analysed = self.analyse(client, &resolved, progress).await?;
-        let artifact = self.assemble(&resolved, analysed.meta, analysed.layer_indexes)?;
+        let artifact = self.assemble(&resolved, analysed.meta)?;
         self.push(client, artifact, analysed.summaries, progress)
             .await
     }
@@ -166,10 +172,9 @@ impl Publish {
     ) -> Result<Analysed> {
         let cache = Arc::new(LayerCache::new(&self.cache_dir));
         let mut meta: LayersMeta = BTreeMap::new();
-        let mut layer_indexes = Vec::new();
         let mut summaries = BTreeMap::new();
         for arch in &resolved.archs {
-            let (layers, index) = self
+            let layers = self
                 .analyse_arch(client, &resolved.images, arch, &cache, progress)
                 .await?;
             let summary = ArchSummary {
@@ -187,23 +192,16 @@ impl Publish {
                     layers,
                 },
             );
-            layer_indexes.push((arch.clone(), format::to_json(&index)?));
         }
 
-        Ok(Analysed {
-            meta,
-            layer_indexes,
-            summaries,
-        })
+        Ok(Analysed { meta, summaries })
     }
 
-    /// The bundle, layers-meta, layer indexes and the app manifest naming them.
-    fn assemble(
-        &self,
-        resolved: &Resolved,
-        meta: LayersMeta,
-        layer_indexes: Vec<(String, Vec<u8>)>,
-    ) -> Result<Artifact> {
+    /// The bundle, its index, the layers-meta and the app manifest naming
+    /// them (layers-meta at `layers[1]`, where Foundries' readers look; no
+    /// `manifests` list of layer indexes, which composectl leaves out by
+    /// default and registries from distribution 2.8 on refuse).
+    fn assemble(&self, resolved: &Resolved, meta: LayersMeta) -> Result<Artifact> {
         let pinned: BTreeMap<String, String> = resolved
             .images
             .iter()
@@ -215,14 +213,14 @@ impl Publish {
             })
             .collect();
         let pinned_compose = resolved.compose.pinned(&pinned)?;
-        // The bundle carries the pinned file in place of the app directory's
-        // own compose file; one given with -f from elsewhere takes the
-        // place of docker-compose.yml.
-        let compose_name = match resolved.compose_path.strip_prefix(&self.app_dir) {
-            Ok(rel) => rel.to_string_lossy().into_owned(),
-            Err(_) => "docker-compose.yml".to_string(),
-        };
-        let bundle = bundle::create_bundle(&self.app_dir, &compose_name, &pinned_compose)
+        // The bundle carries the pinned file as docker-compose.yml, in place
+        // of the app directory's own compose file whatever its name.
+        let compose_name = resolved
+            .compose_path
+            .strip_prefix(&self.app_dir)
+            .ok()
+            .map(|rel| rel.to_string_lossy().into_owned());
+        let bundle = bundle::create_bundle(&self.app_dir, compose_name.as_deref(), &pinned_compose)
             .with_context(|| format!("cannot bundle {}", self.app_dir.display()))?;
         let bundle_index = bundle::index_json(&bundle.index)?;
         let meta_bytes = format::to_json(&meta)?;
@@ -244,25 +242,13 @@ impl Publish {
         meta_desc
             .annotations
             .insert(format::LAYERS_META_ANNOTATION.into(), "v1".into());
-        let manifests = layer_indexes
-            .iter()
-            .map(|(arch, bytes)| {
-                let mut d = Descriptor::of(media::OCI_INDEX, bytes);
-                d.platform = Some(Platform {
-                    architecture: arch.clone(),
-                    os: String::new(),
-                    variant: None,
-                });
-                d
-            })
-            .collect();
         let manifest = AppManifest {
             schema_version: 2,
             media_type: media::OCI_MANIFEST.into(),
             artifact_type: Some(media::APP_ARTIFACT.into()),
             config: Descriptor::of(media::EMPTY, format::EMPTY_CONFIG),
             layers: vec![bundle_desc, meta_desc],
-            manifests,
+            manifests: Vec::new(),
             annotations: BTreeMap::from([(format::APP_ANNOTATION.into(), "v1".into())]),
         };
         format::check_cap(
@@ -271,15 +257,12 @@ impl Publish {
             format::APP_MANIFEST_CAP,
         )?;
 
-        let mut blobs: Vec<(String, Vec<u8>)> = vec![
+        let blobs: Vec<(String, Vec<u8>)> = vec![
             ("config".into(), format::EMPTY_CONFIG.to_vec()),
             ("bundle".into(), bundle.bytes),
             ("bundle index".into(), bundle_index),
             ("layers-meta".into(), meta_bytes),
         ];
-        for (arch, bytes) in layer_indexes {
-            blobs.push((format!("layer index {arch}"), bytes));
-        }
         Ok(Artifact {
             services: pinned,
             blobs,
@@ -297,21 +280,26 @@ impl Publish {
         progress: &dyn Progress,
     ) -> Result<PublishReport> {
         let mut pushed = Vec::new();
+        let mut mounted = 0;
         let Artifact {
             services,
             blobs,
-            mut manifest,
+            manifest,
         } = artifact;
-        let mut manifest_bytes = manifest.to_bytes()?;
+        let manifest_bytes = manifest.to_bytes()?;
         for (what, bytes) in blobs {
             let blob_digest = Digest::of(&bytes);
             let size = bytes.len() as u64;
             if !self.dry_run {
                 progress.step(format!("pushing {what} {blob_digest} ({size} bytes)"));
-                client
-                    .push_blob(&self.target, &blob_digest, bytes.into())
+                let outcome = client
+                    .push_blob_mounting(&self.target, &blob_digest, bytes.into(), &self.mount_from)
                     .await
                     .with_context(|| format!("cannot push the app's {what}"))?;
+                if let BlobPush::Mounted { from } = outcome {
+                    progress.step(format!("mounted {what} {blob_digest} from {from}"));
+                    mounted += 1;
+                }
             }
             pushed.push(PushedBlob {
                 what,
@@ -319,36 +307,12 @@ impl Publish {
                 size,
             });
         }
-        let mut layer_indexes_referenced = true;
         if !self.dry_run {
             progress.step(format!("pushing the app manifest to {}", self.target));
-            let first = client
+            client
                 .push_manifest(&self.target, media::OCI_MANIFEST, &manifest_bytes)
-                .await;
-            match first {
-                Ok(_) => {}
-                // Registries built on CNCF distribution 2.7.2 and later refuse
-                // an image manifest that also has a `manifests` list. The field
-                // is optional (older devices read it): push without it, keep
-                // the layer index blobs, and say so.
-                Err(RegistryError::Status {
-                    status: 400,
-                    ref body,
-                    ..
-                }) if body.contains("MANIFEST_INVALID") => {
-                    progress.step(
-                        "the registry refuses the optional `manifests` list of layer indexes; pushing the app manifest without it".into(),
-                    );
-                    manifest.manifests.clear();
-                    manifest_bytes = manifest.to_bytes()?;
-                    layer_indexes_referenced = false;
-                    client
-                        .push_manifest(&self.target, media::OCI_MANIFEST, &manifest_bytes)
-                        .await
-                        .context("cannot push the app manifest")?;
-                }
-                Err(e) => return Err(anyhow::Error::new(e).context("cannot push the app manifest")),
-            }
+                .await
+                .context("cannot push the app manifest")?;
         }
         let digest = Digest::of(&manifest_bytes);
         pushed.push(PushedBlob {
@@ -364,7 +328,8 @@ impl Publish {
             services,
             architectures: summaries,
             pushed,
-            layer_indexes_referenced,
+            mounted,
+            layer_indexes_referenced: !manifest.manifests.is_empty(),
             manifest: manifest_bytes,
         })
     }
@@ -378,7 +343,7 @@ impl Publish {
         arch: &str,
         cache: &Arc<LayerCache>,
         progress: &dyn Progress,
-    ) -> Result<(BTreeMap<Digest, LayerMeta>, LayerIndex)> {
+    ) -> Result<BTreeMap<Digest, LayerMeta>> {
         // (layer descriptor, image it came from, diff_id its config expects)
         let mut wanted: BTreeMap<Digest, (Descriptor, ImageRef, Digest)> = BTreeMap::new();
         for image in resolved {
@@ -455,8 +420,7 @@ impl Publish {
             .buffer_unordered(jobs)
             .try_collect()
             .await?;
-        let index = LayerIndex::new(arch, wanted.into_values().map(|(d, _, _)| d).collect());
-        Ok((analysed.into_iter().collect(), index))
+        Ok(analysed.into_iter().collect())
     }
 }
 

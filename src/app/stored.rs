@@ -118,10 +118,11 @@ pub fn load_app(store: &Store, ref_name: &str, digest: &Digest) -> Result<Option
         .parse()
         .with_context(|| format!("the store's ref {ref_name:?} is not a reference"))?;
     // The bundle index, named in the bundle's annotations, is the app's too.
-    let bundle_index = manifest.bundle_index(ref_name).ok();
+    // (The layer indexes of `manifests` are optional and not needed: a
+    // pull stores only its own architecture's, when the registry has it.)
+    let bundle_index = manifest.bundle_index(ref_name).ok().flatten();
     for d in std::iter::once(&manifest.config)
         .chain(manifest.layers.iter())
-        .chain(manifest.manifests.iter())
         .chain(bundle_index.iter())
     {
         present(&d.digest, &mut missing, &mut stored_bytes);

@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use crate::config::{self, ConfigFile, CredentialStore};
-use crate::engine::compose::Compose;
+use crate::engine::compose::{Compose, ComposeChoice};
 use crate::engine::docker::{DockerEngine, LoadOptions, probe_view};
 use crate::engine::install::{Device, InstallOptions};
 use crate::oci::format::Arch;
@@ -72,6 +72,8 @@ pub struct GlobalOptions {
     pub trusted_root: Option<PathBuf>,
     /// The device's hardware or group tag.
     pub hardware: Option<String>,
+    /// Which compose runs apps (`--compose`, `STOWAGE_COMPOSE`).
+    pub compose: Option<ComposeChoice>,
 }
 
 /// The device-side settings of a command that plans or touches Docker.
@@ -99,6 +101,8 @@ pub struct Context {
     pub trusted_root: Option<PathBuf>,
     /// The device's hardware or group tag.
     pub hardware: Option<String>,
+    /// Which compose runs apps: the flag, else the config file's, else auto.
+    pub compose: ComposeChoice,
 }
 
 impl Context {
@@ -128,12 +132,23 @@ impl Context {
             .clone()
             .or_else(|| config.trusted_root.clone());
         let hardware = options.hardware.clone().or_else(|| config.hardware.clone());
+        let compose = match options.compose {
+            Some(choice) => choice,
+            None => match &config.compose {
+                Some(text) => text
+                    .parse()
+                    .map_err(anyhow::Error::msg)
+                    .context("the config file's `compose`")?,
+                None => ComposeChoice::Auto,
+            },
+        };
         Ok(Context {
             root,
             config,
             registry,
             trusted_root,
             hardware,
+            compose,
         })
     }
 
@@ -222,7 +237,7 @@ impl Context {
     }
 
     pub async fn compose(&self, docker_host: Option<&str>) -> Result<Compose> {
-        let compose = Compose::detect().await?;
+        let compose = Compose::detect_choice(self.compose).await?;
         Ok(match self.docker_host(docker_host) {
             Some(host) => compose.with_docker_host(&host),
             None => compose,

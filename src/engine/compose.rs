@@ -2,7 +2,12 @@
 //!
 //! This module owns starting and stopping an app's project with compose,
 //! whichever compose the device has: the `docker compose` plugin (v2) or the
-//! standalone `docker-compose` (v1), detected once. It promises that compose
+//! standalone `docker-compose` (v1; trixie's package of that name is v2), found
+//! once per command in that order, or the one the user chose
+//! ([`ComposeChoice`]). What a version can do is told by the version it
+//! reports, not by how it is called. Both name containers their own way
+//! (`app_svc_1` for v1, `app-svc-1` for v2), so nothing here goes by container
+//! names: a project's containers are found by their labels. It promises that compose
 //! never pulls: before `up`, every service's image is looked up in the engine,
 //! and a missing one stops `up` with an error naming the service and image
 //! (v1 has no `--pull never`). Service state is read from the Engine API by
@@ -36,6 +41,10 @@ pub enum ComposeError {
         "neither `docker compose` (v2) nor `docker-compose` (v1) is installed; install one of them"
     )]
     NotInstalled,
+    #[error(
+        "`{command}` was chosen (--compose, STOWAGE_COMPOSE or the config's `compose`) but it does not work here: {reason}"
+    )]
+    ChosenNotInstalled { command: String, reason: String },
     #[error("cannot run `{command}`: {source}")]
     Spawn {
         command: String,
@@ -75,6 +84,43 @@ pub enum ComposeFlavour {
     V1Standalone,
 }
 
+/// Which compose to run: the first that answers of `docker compose` and
+/// `docker-compose` (auto), or only the one named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComposeChoice {
+    #[default]
+    Auto,
+    /// `docker compose` (also spelled `v2`).
+    Plugin,
+    /// `docker-compose` (also spelled `v1`).
+    Standalone,
+}
+
+impl std::str::FromStr for ComposeChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ComposeChoice, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(ComposeChoice::Auto),
+            "plugin" | "v2" | "docker compose" => Ok(ComposeChoice::Plugin),
+            "standalone" | "v1" | "docker-compose" => Ok(ComposeChoice::Standalone),
+            other => Err(format!(
+                "{other:?} is not a compose choice: give auto, plugin (v2, `docker compose`) or standalone (v1, `docker-compose`)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ComposeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComposeChoice::Auto => "auto",
+            ComposeChoice::Plugin => "plugin",
+            ComposeChoice::Standalone => "standalone",
+        })
+    }
+}
+
 /// The compose found on this machine.
 #[derive(Debug, Clone)]
 pub struct Compose {
@@ -99,27 +145,64 @@ pub struct ServiceState {
 impl Compose {
     /// Finds `docker compose` (preferred) or `docker-compose`.
     pub async fn detect() -> Result<Compose, ComposeError> {
-        for flavour in [ComposeFlavour::V2Plugin, ComposeFlavour::V1Standalone] {
-            let mut probe = Compose {
+        Compose::detect_choice(ComposeChoice::Auto).await
+    }
+
+    /// Finds the compose `choice` names: with [`ComposeChoice::Auto`],
+    /// `docker compose` when the docker CLI has the plugin, else
+    /// `docker-compose`; otherwise exactly the one chosen, or an error that
+    /// says why it does not answer.
+    pub async fn detect_choice(choice: ComposeChoice) -> Result<Compose, ComposeError> {
+        let flavours: &[ComposeFlavour] = match choice {
+            ComposeChoice::Auto => &[ComposeFlavour::V2Plugin, ComposeFlavour::V1Standalone],
+            ComposeChoice::Plugin => &[ComposeFlavour::V2Plugin],
+            ComposeChoice::Standalone => &[ComposeFlavour::V1Standalone],
+        };
+        let mut why = String::new();
+        for &flavour in flavours {
+            let unprobed = Compose {
                 flavour,
                 version: String::new(),
                 docker_host: None,
-            }
-            .command();
-            probe.args(["version", "--short"]);
-            let Ok(output) = probe.output().await else {
-                continue;
             };
-            if output.status.success() {
-                let version = String::from_utf8_lossy(&output.stdout).trim().to_string();
-                return Ok(Compose {
-                    flavour,
-                    version,
-                    docker_host: None,
-                });
+            let mut probe = unprobed.command();
+            probe.args(["version", "--short"]);
+            match probe.output().await {
+                Ok(output) if output.status.success() => {
+                    let version = String::from_utf8_lossy(&output.stdout).trim().to_string();
+                    return Ok(Compose {
+                        flavour,
+                        version,
+                        docker_host: None,
+                    });
+                }
+                Ok(output) => {
+                    why = format!(
+                        "`{}` exited with {}: {}",
+                        unprobed.describe(&["version", "--short"]),
+                        output.status,
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    )
+                }
+                Err(e) => why = format!("cannot run it: {e}"),
             }
         }
-        Err(ComposeError::NotInstalled)
+        match choice {
+            ComposeChoice::Auto => Err(ComposeError::NotInstalled),
+            ComposeChoice::Plugin | ComposeChoice::Standalone => {
+                Err(ComposeError::ChosenNotInstalled {
+                    command: Compose {
+                        flavour: flavours[0],
+                        version: String::new(),
+                        docker_host: None,
+                    }
+                    .describe(&[])
+                    .trim()
+                    .to_string(),
+                    reason: why,
+                })
+            }
+        }
     }
 
     /// Runs compose against this engine address (set as `DOCKER_HOST`)
@@ -133,9 +216,21 @@ impl Compose {
         self.flavour
     }
 
-    /// What `compose version --short` printed, e.g. "1.29.2".
+    /// What `compose version --short` printed, e.g. "1.29.2" or "2.26.1-4"
+    /// (some v2 builds print a leading "v").
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The major version it reports: 1 for the Python tool; 2 or more for
+    /// the Go rewrite, whether a plugin or a standalone `docker-compose`
+    /// (Debian 13's package of that name). An unreadable version counts as
+    /// what its flavour usually is.
+    pub fn major_version(&self) -> u32 {
+        major_of(&self.version).unwrap_or(match self.flavour {
+            ComposeFlavour::V2Plugin => 2,
+            ComposeFlavour::V1Standalone => 1,
+        })
     }
 
     fn command(&self) -> tokio::process::Command {
@@ -260,7 +355,8 @@ impl Compose {
             }
         }
         let mut args = vec!["up", "--detach", "--remove-orphans", "--no-build"];
-        if self.flavour == ComposeFlavour::V2Plugin {
+        // v1 has no --pull; the check above is what keeps it from pulling.
+        if self.major_version() >= 2 {
             args.extend(["--pull", "never"]);
         }
         self.run(project_dir, project_name, files, &args).await?;
@@ -364,6 +460,13 @@ pub async fn ps(
     }
     states.sort_by(|a, b| (&a.service, &a.container).cmp(&(&b.service, &b.container)));
     Ok(states)
+}
+
+/// "1.29.2" -> 1, "v2.26.1" -> 2, "2.26.1-4" -> 2.
+fn major_of(version: &str) -> Option<u32> {
+    let version = version.trim();
+    let version = version.strip_prefix('v').unwrap_or(version);
+    version.split('.').next()?.parse().ok()
 }
 
 fn parse_service_images(resolved: &str) -> Result<BTreeMap<String, Option<String>>, String> {
@@ -508,6 +611,33 @@ pub fn write_image_override(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compose_choice_reads_its_names_and_the_version_its_major() {
+        for (text, choice) in [
+            ("auto", ComposeChoice::Auto),
+            ("plugin", ComposeChoice::Plugin),
+            ("V2", ComposeChoice::Plugin),
+            ("docker compose", ComposeChoice::Plugin),
+            ("standalone", ComposeChoice::Standalone),
+            ("v1", ComposeChoice::Standalone),
+            ("docker-compose", ComposeChoice::Standalone),
+        ] {
+            assert_eq!(text.parse::<ComposeChoice>(), Ok(choice), "{text}");
+        }
+        let err = "v3".parse::<ComposeChoice>().unwrap_err();
+        assert!(err.contains("auto, plugin"), "{err}");
+        assert_eq!(major_of("1.29.2"), Some(1));
+        assert_eq!(major_of("2.26.1-4"), Some(2));
+        assert_eq!(major_of("v2.27.0"), Some(2));
+        assert_eq!(major_of("unknown"), None);
+        let standalone_v2 = Compose {
+            flavour: ComposeFlavour::V1Standalone,
+            version: "2.26.1-4".into(),
+            docker_host: None,
+        };
+        assert_eq!(standalone_v2.major_version(), 2);
+    }
 
     #[test]
     fn resolved_config_gives_every_service_image() {

@@ -34,7 +34,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::Digest;
-use crate::app::bundle::{BundleLimits, STAGING_PREFIX, extract_bundle};
+use crate::app::bundle::{BundleLimits, STAGING_PREFIX, Verify, extract_bundle};
 use crate::app::stored::{StoredApp, find_apps, load_app};
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::engine::compose::write_image_override;
@@ -229,9 +229,12 @@ pub(crate) async fn install_locked(
     let mut guard = None;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
+        let info = info?;
+        // Before anything is written: the loads could not be found there.
+        engine.require_graph_driver(&info)?;
         let docker = docker.insert(DockerView {
             reachable: true,
-            data_root: info?.data_root,
+            data_root: info.data_root,
             held: held?,
         });
         let plan_app = app_for_plan(store, app, manifest.clone(), options, &meta)?;
@@ -387,10 +390,18 @@ fn extract_app_bundle(
     dir: &Path,
 ) -> Result<()> {
     let (reference, name, digest) = (app.reference.as_str(), &app.name, &app.digest);
-    let index_desc = manifest.bundle_index(reference)?;
-    let index =
-        format::parse_bundle_index(&store.read_capped(&index_desc.digest, format::MANIFEST_CAP)?)?;
-    let bundle = store.open_blob(&manifest.bundle().digest)?;
+    let index = match manifest.bundle_index(reference)? {
+        Some(d) => Some(format::parse_bundle_index(
+            &store.read_capped(&d.digest, format::MANIFEST_CAP)?,
+        )?),
+        None => None,
+    };
+    let bundle_digest = &manifest.bundle().digest;
+    let verify = match &index {
+        Some(index) => Verify::Index(index),
+        None => Verify::Digest(bundle_digest),
+    };
+    let bundle = store.open_blob(bundle_digest)?;
     crate::fsutil::ensure_dir(apps_dir, 0o700)
         .with_context(|| format!("cannot create {}", apps_dir.display()))?;
     // Another version's directory may be there (an update): extract
@@ -400,7 +411,7 @@ fn extract_app_bundle(
         std::fs::remove_dir_all(&incoming)
             .with_context(|| format!("cannot remove {}", incoming.display()))?;
     }
-    extract_bundle(bundle, &index, &incoming, &BundleLimits::default())
+    extract_bundle(bundle, verify, &incoming, &BundleLimits::default())
         .with_context(|| format!("the bundle of {} is refused", reference))?;
     if dir.exists() {
         std::fs::remove_dir_all(dir)

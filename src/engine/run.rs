@@ -197,8 +197,14 @@ pub async fn ps(device: Device<'_>) -> Result<Vec<AppStatus>> {
         let mut declared: Vec<&str> = record.images.iter().map(|i| i.service.as_str()).collect();
         declared.sort();
         declared.dedup();
+        // A service behind a profile is not started by `compose up`: its
+        // absence leaves the app running.
+        let profiled =
+            crate::app::compose_file::ComposeFile::load(&record.dir.join(&record.compose_file))
+                .map(|c| c.profiled_services())
+                .unwrap_or_default();
         for service in declared {
-            if !services.iter().any(|s| s.service == service) {
+            if !services.iter().any(|s| s.service == service) && !profiled.contains(service) {
                 services.push(ServiceStatus {
                     service: service.to_string(),
                     container: String::new(),

@@ -136,6 +136,8 @@ impl AppManifest {
                 "the manifest has no bundle layer".into(),
             ));
         }
+        // A bundle index is optional (legacy apps, APP_BUNDLE_INDEX_OFF=1),
+        // but one named badly is refused.
         manifest.bundle_index(what)?;
         Ok(manifest)
     }
@@ -150,21 +152,25 @@ impl AppManifest {
         &self.layers[0]
     }
 
-    /// The bundle index descriptor, read from the bundle's annotations.
-    pub fn bundle_index(&self, what: &str) -> Result<Descriptor, FormatError> {
+    /// The bundle index descriptor, read from the bundle's annotations:
+    /// `None` when the bundle has neither annotation (an app published with
+    /// `APP_BUNDLE_INDEX_OFF=1`, or by the legacy publisher), an error when
+    /// only one is there or either is malformed.
+    pub fn bundle_index(&self, what: &str) -> Result<Option<Descriptor>, FormatError> {
         let bundle = self.layers.first().ok_or_else(|| {
             FormatError::NotAnApp(what.to_string(), "the manifest has no bundle layer".into())
         })?;
-        let digest = bundle
-            .annotations
-            .get(BUNDLE_INDEX_DIGEST)
-            .and_then(|d| d.parse::<Digest>().ok());
-        let size = bundle
-            .annotations
-            .get(BUNDLE_INDEX_SIZE)
-            .and_then(|s| s.parse::<u64>().ok());
+        let digest = bundle.annotations.get(BUNDLE_INDEX_DIGEST);
+        let size = bundle.annotations.get(BUNDLE_INDEX_SIZE);
+        if digest.is_none() && size.is_none() {
+            return Ok(None);
+        }
+        let digest = digest.and_then(|d| d.parse::<Digest>().ok());
+        let size = size.and_then(|s| s.parse::<u64>().ok());
         match (digest, size) {
-            (Some(digest), Some(size)) => Ok(Descriptor::new(media::LAYERS_META, digest, size)),
+            (Some(digest), Some(size)) => {
+                Ok(Some(Descriptor::new(media::LAYERS_META, digest, size)))
+            }
             _ => Err(FormatError::NotAnApp(
                 what.to_string(),
                 "the bundle lacks a valid bundle index annotation".into(),
@@ -172,14 +178,20 @@ impl AppManifest {
         }
     }
 
-    /// The layers-meta descriptor, recognised by its annotation, not position.
+    /// The layers-meta descriptor: `layers[1]` when annotated
+    /// `layers-meta: v1` (where Foundries' readers look), else the first
+    /// layer so annotated.
     pub fn layers_meta(&self) -> Option<&Descriptor> {
-        self.layers.iter().find(|d| {
+        let is_meta = |d: &&Descriptor| {
             d.annotations
                 .get(LAYERS_META_ANNOTATION)
                 .map(String::as_str)
                 == Some("v1")
-        })
+        };
+        self.layers
+            .get(1)
+            .filter(is_meta)
+            .or_else(|| self.layers.iter().find(is_meta))
     }
 
     pub fn layer_index_for(&self, architecture: &str) -> Option<&Descriptor> {
@@ -236,6 +248,11 @@ pub fn usage_for_block_size(map: &BTreeMap<u64, u64>, block_size: u64) -> u64 {
         _ => 0,
     }
 }
+
+/// The sha256 of empty content: what composectl's bundle index gives a
+/// symlink or a hard link (their tar entries have no body).
+pub const EMPTY_SHA256: &str =
+    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// The FORMAT.md rule for a layer an app's layers-meta does not describe.
 pub fn fallback_usage(archive_size: u64) -> u64 {

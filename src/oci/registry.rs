@@ -16,7 +16,7 @@
 //! must keep up a minimum rate over each window of time, or it is cut off
 //! (to be resumed by the next attempt or the next pull).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -40,6 +40,8 @@ pub enum RegistryError {
         "registry {host} requires credentials and the Docker config has none for it (run `docker login {host}`)"
     )]
     NoCredentials { host: String },
+    #[error("{0}")]
+    CredentialHelper(String),
     #[error("registry {host} refused the credentials of user {user:?}")]
     Unauthorized { host: String, user: String },
     #[error("{what} does not exist in registry {host}")]
@@ -167,6 +169,26 @@ pub struct FetchedManifest {
     pub digest: Digest,
 }
 
+/// What became of a blob pushed with [`RegistryClient::push_blob_mounting`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobPush {
+    /// The repository had it already.
+    Present,
+    /// Mounted from another repository of the same registry (named here).
+    Mounted { from: String },
+    /// Uploaded.
+    Uploaded,
+}
+
+/// The answer to a cross-repository mount.
+enum Mount {
+    Mounted,
+    /// The source does not have the blob (the registry opened an upload).
+    Absent,
+    /// The token did not grant all the scopes the mount needs.
+    Refused,
+}
+
 /// The answer to a blob request.
 pub enum BlobBody {
     /// The whole blob from byte 0 (also the answer to a resume the registry
@@ -187,6 +209,9 @@ pub struct RegistryClient {
     options: RegistryOptions,
     /// Authorization header values by (host, scope).
     auth: Mutex<HashMap<(String, String), HeaderValue>>,
+    /// (host, target repository, source repository) whose mounts the
+    /// registry refused for want of scope: not asked again by this client.
+    refused_mounts: Mutex<HashSet<(String, String, String)>>,
 }
 
 fn client_builder() -> reqwest::ClientBuilder {
@@ -236,6 +261,7 @@ impl RegistryClient {
             ca_certs,
             options,
             auth: Mutex::new(HashMap::new()),
+            refused_mounts: Mutex::new(HashSet::new()),
         })
     }
 
@@ -281,11 +307,21 @@ impl RegistryClient {
         format!("{scheme}://{}/v2/{}", image.api_host(), image.repository)
     }
 
-    fn credentials(&self, image: &ImageRef) -> Option<&Credentials> {
-        self.options
-            .credentials
-            .get(&image.registry)
-            .or_else(|| self.options.credentials.get(image.api_host()))
+    /// The credentials for the image's registry, from the Docker config's
+    /// `auths` or its credential helper.
+    async fn credentials(&self, image: &ImageRef) -> Result<Option<Credentials>, RegistryError> {
+        let store = &self.options.credentials;
+        let host = if store.helper_for(&image.registry).is_some()
+            || store.get(&image.registry).is_some()
+        {
+            image.registry.as_str()
+        } else {
+            image.api_host()
+        };
+        store
+            .lookup(host)
+            .await
+            .map_err(|e| RegistryError::CredentialHelper(e.to_string()))
     }
 
     /// Sends a request built by `make`, authenticating on a 401 challenge and
@@ -298,12 +334,28 @@ impl RegistryClient {
         deadline: Option<Duration>,
         make: impl Fn(&Client) -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
-        let host = image.registry.clone();
         let actions = if push { "pull,push" } else { "pull" };
-        let key = (
-            host.clone(),
-            format!("repository:{}:{actions}", image.repository),
-        );
+        let scopes = [format!("repository:{}:{actions}", image.repository)];
+        self.send_scoped(image, &scopes, false, what, deadline, make)
+            .await
+    }
+
+    /// [`Self::send`] with a token for all of `scopes` (one token request
+    /// with a `scope` parameter each, as the docker CLI asks when it mounts a
+    /// blob from another repository). With `keep_refusal`, a second 401 (a
+    /// token that grants only part of the scopes) is returned to the caller
+    /// rather than turned into an error.
+    async fn send_scoped(
+        &self,
+        image: &ImageRef,
+        scopes: &[String],
+        keep_refusal: bool,
+        what: &str,
+        deadline: Option<Duration>,
+        make: impl Fn(&Client) -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
+        let host = image.registry.clone();
+        let key = (host.clone(), scopes.join(" "));
         let cached = self.auth.lock().ok().and_then(|m| m.get(&key).cloned());
         let send_once = |authorization: Option<HeaderValue>| {
             let host = &host;
@@ -347,19 +399,19 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let header = self.authenticate(image, &key.1, &challenge, what).await?;
+        let header = self.authenticate(image, scopes, &challenge, what).await?;
         if let Ok(mut m) = self.auth.lock() {
             m.insert(key, header.clone());
         }
         let response = send_once(Some(header)).await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
-            return Err(self.refused(image));
+        if response.status() == StatusCode::UNAUTHORIZED && !keep_refusal {
+            return Err(self.refused(image).await);
         }
         Ok(response)
     }
 
-    fn refused(&self, image: &ImageRef) -> RegistryError {
-        match self.credentials(image) {
+    async fn refused(&self, image: &ImageRef) -> RegistryError {
+        match self.credentials(image).await.ok().flatten() {
             Some(c) => RegistryError::Unauthorized {
                 host: image.registry.clone(),
                 user: c.username.clone(),
@@ -373,12 +425,12 @@ impl RegistryClient {
     async fn authenticate(
         &self,
         image: &ImageRef,
-        scope: &str,
+        scopes: &[String],
         challenge: &str,
         what: &str,
     ) -> Result<HeaderValue, RegistryError> {
         let host = image.registry.clone();
-        let creds = self.credentials(image).cloned();
+        let creds = self.credentials(image).await?;
         let basic = creds.as_ref().map(|c| {
             base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", c.username, c.password))
@@ -406,7 +458,9 @@ impl RegistryClient {
             what: what.to_string(),
             message: format!("a Bearer realm that is not a URL ({e})"),
         })?;
-        token_url.query_pairs_mut().append_pair("scope", scope);
+        for scope in scopes {
+            token_url.query_pairs_mut().append_pair("scope", scope);
+        }
         if let Some(service) = params.get("service") {
             token_url.query_pairs_mut().append_pair("service", service);
         }
@@ -423,7 +477,7 @@ impl RegistryClient {
         if response.status() == StatusCode::UNAUTHORIZED
             || response.status() == StatusCode::FORBIDDEN
         {
-            return Err(self.refused(image));
+            return Err(self.refused(image).await);
         }
         if !response.status().is_success() {
             return Err(status_error(&host, "the token request", response).await);
@@ -663,6 +717,122 @@ impl RegistryClient {
         }
     }
 
+    /// Pushes a blob to `image`'s repository, unless it has it already:
+    /// mounted from the first of `sources` (repositories of the same
+    /// registry; others are ignored) that holds it, else uploaded. A mount
+    /// asks for one token covering `repository:<target>:pull,push` and
+    /// `repository:<source>:pull`; when the registry refuses the mount for
+    /// want of scope (a token server may grant part of what is asked), the
+    /// blob is uploaded instead, with a warning, and that source is not
+    /// tried again by this client.
+    pub async fn push_blob_mounting(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+        sources: &[ImageRef],
+    ) -> Result<BlobPush, RegistryError> {
+        if self.blob_exists(image, digest).await? {
+            return Ok(BlobPush::Present);
+        }
+        for source in sources {
+            if source.registry != image.registry || source.repository == image.repository {
+                continue;
+            }
+            let key = (
+                image.registry.clone(),
+                image.repository.clone(),
+                source.repository.clone(),
+            );
+            if self
+                .refused_mounts
+                .lock()
+                .is_ok_and(|refused| refused.contains(&key))
+            {
+                continue;
+            }
+            match self.mount_blob(image, digest, source).await? {
+                Mount::Mounted => {
+                    return Ok(BlobPush::Mounted {
+                        from: source.repository.clone(),
+                    });
+                }
+                Mount::Absent => {}
+                Mount::Refused => {
+                    tracing::warn!(
+                        "registry {} refused to mount blobs from {} into {}: the token lacks pull on {} or push on {}; uploading instead",
+                        image.registry,
+                        source.repository,
+                        image.repository,
+                        source.repository,
+                        image.repository
+                    );
+                    if let Ok(mut refused) = self.refused_mounts.lock() {
+                        refused.insert(key);
+                    }
+                }
+            }
+        }
+        self.upload_blob(image, digest, bytes).await?;
+        Ok(BlobPush::Uploaded)
+    }
+
+    /// `POST /v2/<target>/blobs/uploads/?mount=<digest>&from=<source>` with
+    /// a token for both repositories. A 202 (the source lacks the blob) opens
+    /// an upload, which is cancelled: the caller uploads in its own session.
+    async fn mount_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        source: &ImageRef,
+    ) -> Result<Mount, RegistryError> {
+        let what = format!(
+            "the mount of blob {digest} from {} into {}",
+            source.repository,
+            image.name()
+        );
+        let mut url = reqwest::Url::parse(&format!("{}/blobs/uploads/", self.base(image)))
+            .map_err(|e| RegistryError::Protocol {
+                host: image.registry.clone(),
+                what: what.clone(),
+                message: e.to_string(),
+            })?;
+        url.query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", &source.repository);
+        let scopes = [
+            format!("repository:{}:pull,push", image.repository),
+            format!("repository:{}:pull", source.repository),
+        ];
+        let limit = Some(self.options.deadlines.request);
+        let response = self
+            .send_scoped(image, &scopes, true, &what, limit, |c| {
+                c.post(url.clone()).header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        match response.status() {
+            StatusCode::CREATED => Ok(Mount::Mounted),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(Mount::Refused),
+            StatusCode::ACCEPTED => {
+                let location = response
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| url.join(l).ok());
+                if let Some(location) = location {
+                    // Best effort: a registry purges abandoned uploads itself.
+                    let _ = self
+                        .send_scoped(image, &scopes[..1], true, &what, limit, |c| {
+                            c.delete(location.clone())
+                        })
+                        .await;
+                }
+                Ok(Mount::Absent)
+            }
+            _ => Err(status_error(&image.registry, &what, response).await),
+        }
+    }
+
     /// Uploads a blob in one request, unless the repository already has it.
     pub async fn push_blob(
         &self,
@@ -673,6 +843,16 @@ impl RegistryClient {
         if self.blob_exists(image, digest).await? {
             return Ok(());
         }
+        self.upload_blob(image, digest, bytes).await
+    }
+
+    /// Uploads a blob in one request (a POST, then a PUT of all of it).
+    async fn upload_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+    ) -> Result<(), RegistryError> {
         let host = image.registry.clone();
         let what = format!("the upload of blob {digest} to {}", image.name());
         let start_url = format!("{}/blobs/uploads/", self.base(image));

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Digest;
 use crate::app::{App, LayerNeed};
+use crate::oci::format::{self, LayerMeta};
 use crate::plan::held::{HeldLayers, IMAGES_AT_ONCE, load_temp_bytes};
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
@@ -92,6 +93,10 @@ pub struct AppSummary {
     pub layers: usize,
     pub layers_missing: usize,
     pub download_bytes: u64,
+    /// Layers whose disk usage is an estimate: the app's layers-meta lacks
+    /// them (or lacks the architecture), and no install measured them.
+    #[serde(default)]
+    pub layers_estimated: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -139,7 +144,7 @@ pub fn check_update(
     policy: Policy,
 ) -> Result<(UpdatePlan, CheckReport)> {
     let plan = plan_update(apps, store, paths, docker, policy)?;
-    let report = summarise(apps, &plan, docker);
+    let report = summarise(apps, &plan, docker, &store.layer_facts());
     Ok((plan, report))
 }
 
@@ -318,6 +323,20 @@ pub fn plan_update(
     });
 
     let mut fit = space::plan(&demands, policy, &Volume::of)?;
+    // Layers no layers-meta describes and no install measured: their usage
+    // is FORMAT.md's guess, and the report says so.
+    let guessed: Vec<&LayerNeed> = docker_layers
+        .values()
+        .filter(|l| l.meta.is_none())
+        .collect();
+    if !guessed.is_empty() {
+        fit.notes.push(format!(
+            "{} layer(s) ({} compressed) are not described by the app's layers-meta for this architecture: their disk usage is an estimate, {}x their compressed size as Foundries' readers assume, not a measure (a layer that compresses better than that needs more)",
+            guessed.len(),
+            human_bytes(saturating_sum(guessed.iter().map(|l| l.descriptor.size))),
+            format::fallback_usage(1)
+        ));
+    }
     for (dev, sentence) in absurd {
         if let Some(volume) = fit.volumes.iter_mut().find(|v| v.dev == dev) {
             volume.fits = false;
@@ -354,7 +373,12 @@ fn saturating_sum(figures: impl Iterator<Item = u64>) -> u64 {
     figures.fold(0u64, u64::saturating_add)
 }
 
-pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckReport {
+pub fn summarise(
+    apps: &[App],
+    plan: &UpdatePlan,
+    docker: &DockerView,
+    facts: &BTreeMap<Digest, LayerMeta>,
+) -> CheckReport {
     let missing: HashSet<&Digest> = plan
         .missing_layers
         .iter()
@@ -379,6 +403,11 @@ pub fn summarise(apps: &[App], plan: &UpdatePlan, docker: &DockerView) -> CheckR
                         .filter(|l| missing.contains(&l.descriptor.digest))
                         .map(|l| l.descriptor.size),
                 ),
+                layers_estimated: a
+                    .layers
+                    .iter()
+                    .filter(|l| l.meta.is_none() && !facts.contains_key(&l.descriptor.digest))
+                    .count(),
             })
             .collect(),
         docker_reachable: docker.reachable,

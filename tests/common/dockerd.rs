@@ -2,8 +2,11 @@
 //! answer, and left running for later tests), and private dockerds, each with its own
 //! data root, exec root and socket, stopped by pid when their handle drops.
 
+use super::engines::Engine;
 use super::volumes::unmount;
-use super::{run_ok_bytes, run_ok_with_stdin, run_output, send_signal, tail_file, wait_until};
+use super::{
+    run_ok, run_ok_bytes, run_ok_with_stdin, run_output, send_signal, tail_file, wait_until,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -62,18 +65,54 @@ pub fn ensure_dockerd() {
     });
 }
 
+/// Which dockerd a [`PrivateDockerd`] runs, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonSpec {
+    pub engine: Engine,
+    /// Docker 26's containerd image store (`features.containerd-snapshotter`
+    /// in daemon.json; its storage driver is then containerd's `overlayfs`).
+    pub containerd_snapshotter: bool,
+}
+
+impl Default for DaemonSpec {
+    fn default() -> DaemonSpec {
+        DaemonSpec {
+            engine: Engine::Docker20,
+            containerd_snapshotter: false,
+        }
+    }
+}
+
+impl From<Engine> for DaemonSpec {
+    fn from(engine: Engine) -> DaemonSpec {
+        DaemonSpec {
+            engine,
+            containerd_snapshotter: false,
+        }
+    }
+}
+
 /// A second dockerd with its own data root (for example on a LoopVolume), exec root,
-/// pidfile and socket; no bridge, no iptables. Dropping it stops it (SIGTERM, then
-/// SIGKILL) and unmounts what it left under its directories and on its data root. The
-/// data root's contents stay (they belong to the caller).
+/// pidfile, config file and socket; no bridge, no iptables, so it touches neither the
+/// machine's dockerd nor another test's. Dropping it stops it (SIGTERM, then SIGKILL)
+/// and unmounts what it left under its directories and on its data root. The data
+/// root's contents stay (they belong to the caller).
 pub struct PrivateDockerd {
     run_dir: tempfile::TempDir,
     data_root: PathBuf,
     child: Option<Child>,
+    spec: DaemonSpec,
 }
 
 impl PrivateDockerd {
+    /// The machine's dockerd (20.10), privately.
     pub fn start(data_root: &Path) -> PrivateDockerd {
+        PrivateDockerd::start_with(data_root, DaemonSpec::default())
+    }
+
+    /// The dockerd `spec` names, privately.
+    pub fn start_with(data_root: &Path, spec: impl Into<DaemonSpec>) -> PrivateDockerd {
+        let spec = spec.into();
         std::fs::create_dir_all(data_root)
             .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
         // Short paths: the socket and containerd's sockets live under it (108-byte
@@ -89,11 +128,29 @@ impl PrivateDockerd {
             .tempdir_in(parent)
             .expect("create dockerd run dir");
         let run = run_dir.path();
-        std::fs::write(run.join("daemon.json"), "{}\n").expect("write daemon.json");
+        let daemon_json = if spec.containerd_snapshotter {
+            "{\"features\": {\"containerd-snapshotter\": true}}\n"
+        } else {
+            "{}\n"
+        };
+        std::fs::write(run.join("daemon.json"), daemon_json).expect("write daemon.json");
         let log = run.join("dockerd.log");
         let file = std::fs::File::create(&log).expect("create dockerd log");
         let err = file.try_clone().expect("clone log handle");
-        let child = Command::new("dockerd")
+        let mut command = Command::new(spec.engine.dockerd());
+        let dirs = spec.engine.path_dirs();
+        if !dirs.is_empty() {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let joined =
+                std::env::join_paths(dirs.iter().cloned().chain(std::env::split_paths(&path)))
+                    .expect("join PATH");
+            command.env("PATH", joined);
+        }
+        // The graph driver; the containerd store names its own (overlayfs).
+        if !spec.containerd_snapshotter {
+            command.arg("--storage-driver=overlay2");
+        }
+        let child = command
             .arg("--config-file")
             .arg(run.join("daemon.json"))
             .arg("--data-root")
@@ -108,19 +165,19 @@ impl PrivateDockerd {
                 "--bridge=none",
                 "--iptables=false",
                 "--ip-masq=false",
-                "--storage-driver=overlay2",
                 "--log-level=warn",
             ])
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("could not run dockerd: {e}"));
+            .unwrap_or_else(|e| panic!("could not run {:?}: {e}", spec.engine.dockerd()));
         let host = format!("unix://{}", run.join("docker.sock").display());
         let mut dockerd = PrivateDockerd {
             run_dir,
             data_root: data_root.to_path_buf(),
             child: Some(child),
+            spec,
         };
         let mut exited = None;
         let ready = wait_until(Duration::from_secs(60), || {
@@ -151,6 +208,20 @@ impl PrivateDockerd {
             );
         }
         dockerd
+    }
+
+    pub fn spec(&self) -> DaemonSpec {
+        self.spec
+    }
+
+    /// The server version the engine reports (e.g. "26.1.5+dfsg1").
+    pub fn server_version(&self) -> String {
+        run_ok(
+            self.docker()
+                .args(["version", "--format", "{{.Server.Version}}"]),
+        )
+        .trim()
+        .to_string()
     }
 
     pub fn socket(&self) -> PathBuf {

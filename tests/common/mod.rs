@@ -20,15 +20,18 @@ mod apps;
 pub mod device;
 pub mod docker_device;
 mod dockerd;
+pub mod engines;
 pub mod hostile;
 mod images;
 mod registry;
 mod sandbox;
 pub mod seed;
+pub mod token_server;
 mod volumes;
 
 pub use apps::{AppCleanup, publish_compose_app, running_images, say, stowage_on};
-pub use dockerd::{PrivateDockerd, ensure_dockerd};
+pub use dockerd::{DaemonSpec, PrivateDockerd, ensure_dockerd};
+pub use engines::{ComposeSetup, ComposeVersion, Engine};
 pub use images::{
     LocalImage, build_from_context, build_image, busybox_image, busybox_image_of_its_own,
     many_files_image, push_image, push_multiarch, remove_image, skopeo_inspect_raw, tag_image,

@@ -7,6 +7,7 @@
 //! `push_image` and `skopeo_inspect_raw` find its credentials and CA from the
 //! reference alone.
 
+use super::token_server::TokenServer;
 use super::{lock, run_ok, run_output, tail_file, temp_dir};
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
@@ -72,6 +73,8 @@ pub struct Registry {
     dir: tempfile::TempDir,
     port: u16,
     options: RegistryOptions,
+    /// `auth: token` with this realm and root certificate (from a [`TokenServer`]).
+    token: Option<(String, PathBuf)>,
     child: Option<Child>,
 }
 
@@ -83,12 +86,26 @@ impl Registry {
 
     /// A registry protected as `options` says. Returns once `/v2/` answers.
     pub fn start_with(options: RegistryOptions) -> Registry {
+        Registry::start_full(options, None)
+    }
+
+    /// A plain-HTTP registry with token authentication: it trusts the tokens `server`
+    /// signs and sends clients to it for them.
+    pub fn start_with_token(server: &TokenServer) -> Registry {
+        Registry::start_full(
+            RegistryOptions::default(),
+            Some((server.realm(), server.cert_file())),
+        )
+    }
+
+    fn start_full(options: RegistryOptions, token: Option<(String, PathBuf)>) -> Registry {
         let dir = temp_dir("stowage-registry-");
         std::fs::create_dir_all(dir.path().join("storage")).expect("create registry storage");
         let mut registry = Registry {
             dir,
             port: 0,
             options,
+            token,
             child: None,
         };
         if let Some((user, password)) = &registry.options.htpasswd {
@@ -433,6 +450,14 @@ impl Registry {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: stowage-test\n    path: {}\n",
                 self.htpasswd_file().display()
+            ));
+        }
+        if let Some((realm, cert)) = &self.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                super::token_server::SERVICE,
+                super::token_server::ISSUER,
+                cert.display()
             ));
         }
         std::fs::write(dir.join("config.yml"), config).expect("write registry config");

@@ -71,6 +71,7 @@ impl Sandbox {
             "STOWAGE_TRANSFER_WINDOW",
             "STOWAGE_TRUSTED_ROOT",
             "STOWAGE_HARDWARE",
+            "STOWAGE_COMPOSE",
             "XDG_CONFIG_HOME",
         ] {
             cmd.env_remove(var);

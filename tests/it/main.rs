@@ -8,9 +8,12 @@ mod common;
 
 mod agent;
 mod docker_load;
+mod foundries;
 mod harness;
 mod hostile_server;
 mod install;
+mod matrix;
+mod mount;
 mod publish;
 mod pull;
 mod pull_hostile;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use stowage::commands::{FitOptions, GlobalOptions, JOBS};
+use stowage::engine::compose::ComposeChoice;
 use stowage::engine::run::Selection;
 use stowage::update::reconcile::DEFAULT_RESTART_LIMIT;
 
@@ -72,6 +73,15 @@ pub struct Cli {
     /// This device's hardware or group tag: a signed target for another tag is refused
     #[arg(long, global = true, value_name = "TAG", env = "STOWAGE_HARDWARE")]
     pub hardware: Option<String>,
+    /// Which compose runs apps: auto (`docker compose` when the docker CLI has
+    /// the plugin, else `docker-compose`), plugin (v2) or standalone (v1)
+    #[arg(
+        long,
+        global = true,
+        value_name = "auto|plugin|standalone",
+        env = "STOWAGE_COMPOSE"
+    )]
+    pub compose: Option<ComposeChoice>,
     /// Config file whose keys mirror these flags [default: /etc/stowage/config.toml]
     #[arg(long, global = true, value_name = "FILE", env = "STOWAGE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -456,12 +466,12 @@ pub struct FsckArgs {
 
 #[derive(Args)]
 pub struct PublishArgs {
-    /// The compose file (default: docker-compose.yml, compose.yml or compose.yaml in the app directory)
+    /// The compose file (default: docker-compose.yml, compose.yml or compose.yaml in the app directory); one only
     #[arg(short = 'f', long = "file", value_name = "COMPOSE_FILE")]
-    pub file: Option<PathBuf>,
-    /// The app directory
-    #[arg(long, default_value = ".", value_name = "DIR")]
-    pub dir: PathBuf,
+    pub file: Vec<PathBuf>,
+    /// The app directory [default: the compose file's directory with -f, else .]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
     /// Architectures to publish, comma separated (default: all that every image provides)
     #[arg(long, value_delimiter = ',', value_name = "ARCH,...")]
     pub arch: Vec<String>,
@@ -477,6 +487,14 @@ pub struct PublishArgs {
     /// Where analysed layers are cached [default: ~/.cache/stowage]
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Repositories of the target's registry that may hold the app's blobs (as when promoting an app): mount them from there instead of uploading, comma separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "REGISTRY/REPO,...",
+        env = "STOWAGE_MOUNT_FROM"
+    )]
+    pub mount_from: Vec<String>,
     /// Where to push the app
     #[arg(value_name = "REGISTRY/REPO:TAG")]
     pub target: String,
@@ -501,6 +519,7 @@ impl Cli {
             transfer_window: self.transfer_window,
             trusted_root: self.trusted_root.clone(),
             hardware: self.hardware.clone(),
+            compose: self.compose,
         }
     }
 }

@@ -120,13 +120,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Publish(args) => {
             let options = publish::PublishOptions {
                 app_dir: args.dir,
-                compose_file: args.file,
+                compose_files: args.file,
                 archs: args.arch,
                 pinned_images: args.pinned_images,
                 dry_run: args.dry_run,
                 target: args.target,
                 cache_dir: args.cache_dir,
                 jobs: args.jobs,
+                mount_from: args.mount_from,
             };
             output::publish(&options.run(&ctx, progress).await?, json)?;
             Ok(ExitCode::SUCCESS)

@@ -133,6 +133,27 @@ pub enum DockerError {
     InvalidImage { image: String, reason: String },
     #[error("{reference:?} is not a usable image reference: {reason}")]
     InvalidReference { reference: String, reason: String },
+    #[error(
+        "the Docker Engine at {host} ({version}) keeps its images in containerd's image store (the `containerd-snapshotter` feature: its info names driver-type {CONTAINERD_SNAPSHOTTER_DRIVER_TYPE}), which stowage cannot install into: that store names an image by its manifest, not by its config digest, so stowage cannot find what it loaded. Turn the feature off (\"features\": {{\"containerd-snapshotter\": false}} in daemon.json) and restart dockerd; nothing was installed"
+    )]
+    ContainerdImageStore { host: String, version: String },
+}
+
+/// What `GET /info`'s `DriverStatus` names as `driver-type` when the engine
+/// keeps images in containerd (Docker 24 and later, with the
+/// `containerd-snapshotter` feature).
+pub const CONTAINERD_SNAPSHOTTER_DRIVER_TYPE: &str = "io.containerd.snapshotter.v1";
+
+/// Where the engine keeps its images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageStore {
+    /// Its own graph driver (overlay2 and the like): an image's ID is its
+    /// config digest, and `POST /images/load` unpacks into the driver. What
+    /// stowage installs into.
+    GraphDriver,
+    /// containerd's content store and snapshotter: an image's ID is its
+    /// manifest's digest. stowage refuses to install into it.
+    Containerd,
 }
 
 /// A connection to one Docker Engine, at the API version both sides speak.
@@ -156,6 +177,8 @@ pub struct EngineInfo {
     /// `DockerRootDir`: the volume the space check must count Docker's layers on.
     pub data_root: PathBuf,
     pub storage_driver: String,
+    /// Where it keeps images (from `DriverStatus`).
+    pub image_store: ImageStore,
     /// The API version this connection negotiated (e.g. "1.41" for dockerd 20.10).
     pub api_version: String,
     pub server_version: String,
@@ -441,15 +464,34 @@ impl DockerEngine {
             reason: "it does not name its data root (DockerRootDir)".into(),
         })?;
         let negotiated = self.client.client_version();
+        let image_store = image_store_of(info.driver_status.as_deref().unwrap_or_default());
         Ok(EngineInfo {
             data_root: PathBuf::from(data_root),
             storage_driver: info.driver.unwrap_or_default(),
+            image_store,
             api_version: format!("{}.{}", negotiated.major_version, negotiated.minor_version),
             server_version: info
                 .server_version
                 .or_else(|| self.server.clone())
                 .unwrap_or_default(),
         })
+    }
+
+    /// Fails with [`DockerError::ContainerdImageStore`] when `info` says the
+    /// engine keeps images in containerd: what install calls before it
+    /// writes anything.
+    pub fn require_graph_driver(&self, info: &EngineInfo) -> Result<(), DockerError> {
+        match info.image_store {
+            ImageStore::GraphDriver => Ok(()),
+            ImageStore::Containerd => Err(DockerError::ContainerdImageStore {
+                host: self.host.clone(),
+                version: if info.server_version.is_empty() {
+                    format!("API {}", info.api_version)
+                } else {
+                    format!("Docker {}", info.server_version)
+                },
+            }),
+        }
     }
 
     /// The layers of every image the engine holds (intermediate images too).
@@ -770,6 +812,22 @@ impl DockerEngine {
     }
 }
 
+/// The image store `DriverStatus` (pairs of name and value) describes:
+/// containerd's when a `driver-type` names its snapshotter plugin type
+/// (`[["driver-type", "io.containerd.snapshotter.v1"]]` on Docker 26).
+fn image_store_of(driver_status: &[Vec<String>]) -> ImageStore {
+    let containerd = driver_status.iter().any(|pair| {
+        matches!(pair.as_slice(), [name, value]
+            if name.eq_ignore_ascii_case("driver-type")
+                && value.starts_with(CONTAINERD_SNAPSHOTTER_DRIVER_TYPE))
+    });
+    if containerd {
+        ImageStore::Containerd
+    } else {
+        ImageStore::GraphDriver
+    }
+}
+
 /// Per-image disk use, like `docker system df -v`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageDiskUsage {
@@ -893,6 +951,34 @@ mod tests {
         assert!(parse_ping("HTTP/1.0 404 Not Found\r\n\r\n").is_none());
         assert!(parse_ping("SSH-2.0-OpenSSH_9.2\r\n").is_none());
         assert!(parse_ping("HTTP/1.0 200 OK\r\nApi-Version: one\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn the_containerd_image_store_is_told_from_the_driver_status() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<Vec<String>> {
+            list.iter()
+                .map(|(a, b)| vec![a.to_string(), b.to_string()])
+                .collect()
+        };
+        // Docker 26.1 with the containerd-snapshotter feature.
+        assert_eq!(
+            image_store_of(&pairs(&[("driver-type", "io.containerd.snapshotter.v1")])),
+            ImageStore::Containerd
+        );
+        // Docker 20.10 and 26.1 on overlay2.
+        assert_eq!(
+            image_store_of(&pairs(&[
+                ("Backing Filesystem", "extfs"),
+                ("Supports d_type", "true"),
+                ("Native Overlay Diff", "true"),
+            ])),
+            ImageStore::GraphDriver
+        );
+        assert_eq!(image_store_of(&[]), ImageStore::GraphDriver);
+        assert_eq!(
+            image_store_of(&[vec!["driver-type".into()]]),
+            ImageStore::GraphDriver
+        );
     }
 
     #[test]
