@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::{Context, FitOptions};
 use crate::engine::repair::{VerifyOptions, verify_installed};
 use crate::progress::Progress;
-use crate::update::agent::{AgentOptions as Agent, AgentStatus, run_agent};
+use crate::update::agent::{AgentOptions as Agent, AgentStatus, SignedTarget, run_agent};
 use crate::update::transaction::{UpdateEvent, UpdateOptions, lock_updates};
+use crate::update::tuf::transport::Source;
 
 pub struct AgentOptions {
     pub target: String,
@@ -31,12 +32,33 @@ impl AgentOptions {
         progress: &dyn Progress,
         events: &(dyn Fn(&UpdateEvent) + Send + Sync),
     ) -> Result<AgentStatus> {
+        if ctx.trust().is_none() {
+            tracing::warn!(
+                "no trusted root is configured (--trusted-root, STOWAGE_TRUSTED_ROOT, trusted_root in the config file): target {} is applied without verifying who signed it",
+                self.target
+            );
+        }
         let client = ctx.registry_client()?;
         let device = ctx
             .live_device(&self.fit, &client, progress, None, events)
             .await?;
+        let target: crate::oci::reference::ImageRef = self.target.parse()?;
+        let signed = match ctx.trust() {
+            None => None,
+            Some(trust) => Some(SignedTarget {
+                trust,
+                source: Source::Registry {
+                    client: std::sync::Arc::new(ctx.registry_client()?),
+                    repo: target.clone(),
+                },
+                name: target.tag.clone().with_context(|| {
+                    format!("--target {target}: name the signed target (REGISTRY/REPO:NAME)")
+                })?,
+            }),
+        };
         let options = Agent {
-            target: self.target.parse()?,
+            target,
+            signed,
             interval: self.interval,
             update: UpdateOptions {
                 verify_timeout: self.verify_timeout,

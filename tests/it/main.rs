@@ -22,5 +22,6 @@ mod pull_hostile;
 mod reconcile;
 mod security;
 mod store;
+mod tuf;
 mod update;
 mod usage_accuracy;

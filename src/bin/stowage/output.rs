@@ -970,6 +970,27 @@ pub fn status(report: &stowage::commands::status::StatusReport, json: bool) -> R
             human_bytes(writes.engine_temp_bytes)
         );
     }
+    match &report.trust {
+        None => out!("signed targets: off (no trusted root configured)"),
+        Some(trust) => {
+            out!(
+                "signed targets: root {} (hardware tag {})",
+                trust.trusted_root.display(),
+                trust.hardware.as_deref().unwrap_or("none")
+            );
+            if trust.roles.is_empty() {
+                out!("  nothing verified yet");
+            }
+            for role in &trust.roles {
+                out!(
+                    "  {:<10} version {:<6} expires {}",
+                    role.role,
+                    role.version,
+                    role.expires
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1060,5 +1081,83 @@ pub fn import(report: &stowage::update::export::ImportReport, json: bool) -> Res
         human_bytes(report.imported_bytes),
         report.apps.join(", ")
     );
+    Ok(())
+}
+
+pub fn tuf_key(report: &stowage::update::tuf::repo::KeyReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    out!(
+        "key {} written: private {} (keep it off devices), public {}",
+        report.keyid,
+        report.private_key.display(),
+        report.public_key.display()
+    );
+    Ok(())
+}
+
+pub fn tuf_repo(report: &stowage::update::tuf::repo::RepoReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    out!("repository {}", report.dir.display());
+    for (label, roles) in [("published", &report.roles), ("staged", &report.staged)] {
+        for r in roles {
+            let threshold = r
+                .threshold
+                .map_or_else(|| "?".to_string(), |t| t.to_string());
+            out!(
+                "{label:<10} {:<10} version {:<5} expires {}  signatures {}/{}",
+                r.role,
+                r.version,
+                r.expires,
+                r.signatures,
+                threshold
+            );
+        }
+    }
+    for t in &report.targets {
+        let hardware = t.custom.hardware.as_deref().unwrap_or("any");
+        out!(
+            "target     {:<20} hardware {hardware:<12} {}",
+            t.name,
+            t.apps.join(" ")
+        );
+    }
+    Ok(())
+}
+
+pub fn tuf_target(report: &stowage::update::tuf::repo::TargetReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    out!(
+        "staged target {} (sha256 {}): {}; sign it with `stowage tuf sign DIR --role targets --key FILE`",
+        report.name,
+        report.sha256,
+        report.apps.join(" ")
+    );
+    Ok(())
+}
+
+pub fn tuf_publish(report: &stowage::commands::tuf::PublishReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    tuf_repo(&report.repository, false)?;
+    if report.published_to.is_empty() {
+        out!("signed; not copied anywhere (give --to REGISTRY/REPO or --to oci:DIR)");
+    } else {
+        out!(
+            "published {} files to {}",
+            report.files.len(),
+            report.published_to.join(", ")
+        );
+    }
     Ok(())
 }
