@@ -404,6 +404,12 @@ fn assert_refused(
     assert_eq!(running_images(app), running, "the running app changed");
 }
 
+fn assert_last_error_has(device: &TrustedDevice, what: &str) {
+    let status = device.status();
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains(what), "expected {what:?} in: {error}");
+}
+
 #[test]
 fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     ensure_dockerd();
@@ -447,6 +453,14 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     );
     let running = running_images(&name);
     assert_eq!(running.len(), 2, "{running:?}");
+    // An attack: what the attacker does to the registry, then a poll that
+    // must be refused for `reason` with nothing downloaded and the app as it ran.
+    let attack = |attacker: &dyn Fn(), reason: &str| {
+        let mark = registry.log_mark();
+        attacker();
+        let out = device.agent(&target);
+        assert_refused(&device, &out, reason, &registry, mark, &name, &running);
+    };
 
     // Nothing changed: the poll asks for the next root and the timestamp,
     // one request each, and nothing else.
@@ -479,47 +493,25 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
         );
         release.forge(t.signed, &["timestamp"])
     };
-    let mark = registry.log_mark();
-    release.attacker_pushes("timestamp.json", &old_timestamp);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_pushes("timestamp.json", &old_timestamp);
+        },
         "timestamp metadata of",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
-    assert!(
-        device.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("(rollback)")
-    );
+    assert_last_error_has(&device, "(rollback)");
     release.restore();
 
     // Rollback of the snapshot: a newer timestamp (stolen timestamp key)
     // naming snapshot 1 again.
     let timestamp = release.forge_timestamp(3, &release.metadata("1.snapshot.json"), 1, in_a_day());
-    let mark = registry.log_mark();
-    release.attacker_pushes("timestamp.json", &timestamp);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_pushes("timestamp.json", &timestamp);
+        },
         "snapshot metadata of",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
-    assert!(
-        device.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("(rollback)")
-    );
+    assert_last_error_has(&device, "(rollback)");
     release.restore();
 
     // Freeze: a timestamp signed with the real key but expired.
@@ -529,86 +521,51 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
         2,
         "2001-01-01T00:00:00Z".parse().unwrap(),
     );
-    let mark = registry.log_mark();
-    release.attacker_pushes("timestamp.json", &frozen);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_pushes("timestamp.json", &frozen);
+        },
         "timestamp metadata of",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
-    assert!(
-        device.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("expired")
-    );
+    assert_last_error_has(&device, "expired");
     release.restore();
 
     // Endless data: a timestamp of 5 MiB is refused before a byte of it is read.
-    let mark = registry.log_mark();
-    release.attacker_pushes("timestamp.json", &vec![b' '; 5 << 20]);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_pushes("timestamp.json", &vec![b' '; 5 << 20]);
+        },
         "(endless data)",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
     release.restore();
 
     // Arbitrary software: targets naming v2 signed by a key the root does
     // not know (with the snapshot and timestamp keys stolen too).
-    let mark = registry.log_mark();
-    release.attacker_publishes_targets("prod", &v2, &["evil"]);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_publishes_targets("prod", &v2, &["evil"]);
+        },
         "0 valid signature(s) of the 2",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
     release.restore();
 
     // A compromised key below the threshold: targets-a alone.
-    let mark = registry.log_mark();
-    release.attacker_publishes_targets("prod", &v2, &["targets-a"]);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_publishes_targets("prod", &v2, &["targets-a"]);
+        },
         "1 valid signature(s) of the 2",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
     release.restore();
 
     // Mix-and-match: the release engineer publishes snapshot 3, and the
     // attacker serves snapshot 2's bytes under its name.
     release.publish();
-    let mark = registry.log_mark();
-    release.attacker_pushes("3.snapshot.json", &release.metadata("2.snapshot.json"));
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_pushes("3.snapshot.json", &release.metadata("2.snapshot.json"));
+        },
         "does not match the signed metadata",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
     release.restore();
     let out = device.agent(&target);
@@ -664,6 +621,14 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     assert_eq!(status["trust"]["roles"][0]["version"], 2, "{status}");
     assert!(registry.blob_gets_since(mark, "/") > 0, "v2 was downloaded");
     let running = running_images(&name);
+    // An attack: what the attacker does to the registry, then a poll that
+    // must be refused for `reason` with nothing downloaded and the app as it ran.
+    let attack = |attacker: &dyn Fn(), reason: &str| {
+        let mark = registry.log_mark();
+        attacker();
+        let out = device.agent(&target);
+        assert_refused(&device, &out, reason, &registry, mark, &name, &running);
+    };
     assert_ne!(running, Vec::<String>::new());
     // `update` verifies the same signed target as the agent does.
     let out = run_output(&mut device.stowage(&["update", &target, "--verify-timeout", "60"]));
@@ -671,17 +636,11 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     assert_eq!(running_images(&name), running);
 
     // The rotated-out targets key no longer signs anything the device takes.
-    let mark = registry.log_mark();
-    release.attacker_publishes_targets("prod", &v1, &["targets-a", "targets-b"]);
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_publishes_targets("prod", &v1, &["targets-a", "targets-b"]);
+        },
         "1 valid signature(s) of the 2",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
     release.restore();
 
@@ -693,39 +652,25 @@ fn a_signed_target_updates_a_device_and_each_attack_is_refused() {
     let snapshot = release.forge_snapshot(v["snapshot"] + 1, &old_targets, older);
     let timestamp =
         release.forge_timestamp(v["timestamp"] + 1, &snapshot, v["snapshot"] + 1, in_a_day());
-    let mark = registry.log_mark();
-    release.attacker_pushes(&format!("{}.snapshot.json", v["snapshot"] + 1), &snapshot);
-    release.attacker_pushes("timestamp.json", &timestamp);
-    let out = device.agent(&target);
-    assert_refused(&device, &out, "targets", &registry, mark, &name, &running);
-    assert!(
-        device.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("(rollback)")
+    attack(
+        &|| {
+            release.attacker_pushes(&format!("{}.snapshot.json", v["snapshot"] + 1), &snapshot);
+            release.attacker_pushes("timestamp.json", &timestamp);
+        },
+        "targets",
     );
+    assert_last_error_has(&device, "(rollback)");
     release.restore();
 
     // Rollback of the root: the genuine root 2 served as root 3. (Last:
     // the registry keeps the forged tag.)
-    let mark = registry.log_mark();
-    release.attacker_pushes("3.root.json", &release.metadata("2.root.json"));
-    let out = device.agent(&target);
-    assert_refused(
-        &device,
-        &out,
+    attack(
+        &|| {
+            release.attacker_pushes("3.root.json", &release.metadata("2.root.json"));
+        },
         "root metadata of",
-        &registry,
-        mark,
-        &name,
-        &running,
     );
-    assert!(
-        device.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("(rollback)")
-    );
+    assert_last_error_has(&device, "(rollback)");
 }
 
 #[test]
