@@ -209,28 +209,7 @@ impl Lab {
     /// service -> image of every running container of the app, and the
     /// containers of the app that do not run.
     fn containers(&self, machine: &PowerCutMachine) -> (BTreeMap<String, String>, Vec<String>) {
-        let out = run_ok(machine.engine().docker().args([
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label=com.docker.compose.project={}", self.name),
-            "--format",
-            "{{.Label \"com.docker.compose.service\"}} {{.Image}} {{.State}}",
-        ]));
-        let mut running = BTreeMap::new();
-        let mut others = Vec::new();
-        for line in out.lines() {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                [service, image, "running"] => {
-                    if let Some(other) = running.insert(service.to_string(), image.to_string()) {
-                        others.push(format!("a second {service} running {other}"));
-                    }
-                }
-                _ => others.push(line.to_string()),
-            }
-        }
-        (running, others)
+        compose_containers(&mut machine.engine().docker(), &self.name)
     }
 
     /// The checks after a recovery; the version that runs, or what is wrong.
