@@ -21,6 +21,14 @@
 #      engine of the test matrix: Debian 12's dockerd 20.10 and Debian 13's
 #      26.1 (from scripts/setup.sh), and 26.1 with the containerd image store,
 #      where stowage's refusal is checked and only Docker's ways are measured.
+#   4. fsck: an app of about 5,000 files installed into the private dockerd;
+#      `stowage fsck --quick` (Docker's side: every path of every layer
+#      against the stored layer's listing, by size) and `--quick --deep`
+#      (every file hashed) against reading every file of the same layer
+#      directories (`tar -c | wc -c`), all with a warm page cache; and the
+#      first fsck, which lists each stored layer once (target: quick well
+#      under a second, deep about the speed of reading the files).
+#      BENCH_ONLY=fsck runs this section alone.
 #
 # Everything runs against ONE local docker-registry (own config, free loopback
 # port) holding images built here; nothing is pulled from the internet.
@@ -209,6 +217,62 @@ base=$REG/bench/base:1
 tar -C "$work/rootfs" -c . | docker import -c 'CMD ["sleep","1000000"]' - "$base" >/dev/null
 built_images+=("$base")
 
+# ------------------------------------------------------------------- fsck
+# fsck_section: an app of one image, the shared base plus one layer of
+# FSCK_FILES files (default 5,000) of varied sizes, installed into the
+# private dockerd; then the fsck timings.
+fsck_section() {
+    log "4. fsck"
+    local n=${FSCK_FILES:-5000} ctx=$work/ctx/fsck-many root=$work/fsck-root
+    mkdir -p "$ctx/files"
+    python3 - "$ctx/files" "$n" <<'PY'
+import os, random, sys
+dst, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(5000)
+dirs = [f"d{d:03}/e{d % 7:02}" for d in range(max(1, n // 25))]
+for i in range(n):
+    r = rng.randrange(100)
+    size = 0 if r < 5 else rng.randrange(512) if r < 45 else 512 + rng.randrange(3584) \
+        if r < 75 else 4096 + rng.randrange(28 * 1024) if r < 95 else 32 * 1024 + rng.randrange(480 * 1024)
+    path = os.path.join(dst, rng.choice(dirs), f"file{i:05}.bin")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(os.urandom(size) if rng.randrange(2) else (b"the quick brown fox\n" * (size // 20 + 1))[:size])
+PY
+    printf 'FROM %s\nCOPY files /srv/many\n' "$base" >"$ctx/Dockerfile"
+    docker build -q -t "$REG/bench/fsck-many:1" "$ctx" >/dev/null
+    built_images+=("$REG/bench/fsck-many:1")
+    # The base is in the registry already when the other sections ran.
+    for image in "$base" "$REG/bench/fsck-many:1"; do
+        docker image inspect "$image" >/dev/null 2>&1 || continue
+        skopeo copy -q --dest-tls-verify=false "docker-daemon:$image" "docker://$image"
+    done
+    write_app "$work/apps/fsckapp" "many=$REG/bench/fsck-many:1"
+    local ref
+    ref=$("$STOWAGE" --insecure-registry "$REG" publish --dir "$work/apps/fsckapp" \
+        --cache-dir "$work/cache-fsck" "$REG/bench/fsckapp:1" 2>/dev/null | tail -n 1)
+    DOCKER_HOST=$DH "$STOWAGE" --insecure-registry "$REG" --root "$root" pull --watermark 99 "$ref" >/dev/null
+    DOCKER_HOST=$DH "$STOWAGE" --root "$root" install --watermark 99 "$ref" >/dev/null
+    local tag dirs
+    tag=$(docker -H "$DH" images --format '{{.Repository}}:{{.Tag}}' | grep '/fsck-many:stowage-' | head -n 1)
+    dirs=$(docker -H "$DH" image inspect --format '{{.GraphDriver.Data.UpperDir}}:{{.GraphDriver.Data.LowerDir}}' "$tag" | tr ':' ' ')
+    FSCK_PATHS=$(find $dirs -mindepth 1 | wc -l)
+    FSCK_BYTES=$(find $dirs -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+    log "fsck app: $FSCK_PATHS paths, $FSCK_BYTES bytes of files in its layers"
+    settle
+    measure "fsck: first stowage fsck --quick (lists each stored layer once)" -- \
+        env DOCKER_HOST="$DH" "$STOWAGE" --root "$root" fsck --quick
+    for i in $(seq "$REPS"); do
+        measure "fsck: stowage fsck --quick" -- \
+            env DOCKER_HOST="$DH" "$STOWAGE" --root "$root" fsck --quick
+        measure "fsck: stowage fsck --quick --deep" -- \
+            env DOCKER_HOST="$DH" "$STOWAGE" --root "$root" fsck --quick --deep
+        # shellcheck disable=SC2086
+        measure "fsck: read every file of its layers (tar -c | wc -c)" -- \
+            bash -c 'tar -c "$@" 2>/dev/null | wc -c >/dev/null' _ $dirs
+    done
+}
+
 # make_image NAME RANDOM_MIB BASE64_MIB SEQ_LINES
 make_image() {
     local name=$1 random_mib=$2 b64_mib=$3 seq_lines=$4
@@ -266,6 +330,15 @@ PY
     docker build -q -t "$REG/bench/$name:1" "$ctx" >/dev/null
     built_images+=("$REG/bench/$name:1")
 }
+
+if [ "${BENCH_ONLY:-}" = fsck ]; then
+    fsck_section
+    echo
+    printf '| case | runs | wall, median |\n|---|---:|---:|\n'
+    jq -rs 'group_by(.case)[] | "| \(.[0].case) | \(length) | \((map(.wall_s) | sort | .[(length / 2 | floor)]) * 1000 | round) ms |"' "$results"
+    echo "fsck app: $FSCK_PATHS paths, $FSCK_BYTES bytes of files in its layers"
+    exit 0
+fi
 
 log "building images locally (about 700 MB of data)"
 if want publish; then
@@ -537,6 +610,11 @@ fi
 if [ "$have_install" = 0 ]; then
     log "SKIPPED stowage install: this stowage has no install verb (the Docker baselines were measured)"
 fi
+
+# fsck on the machine's dockerd again (overlay2: the driver fsck checks).
+stop_dockerd
+start_dockerd dockerd '{}' "$work/dockerfs/docker" --storage-driver=overlay2
+fsck_section
 
 # ------------------------------------------------------------------ report
 pubarg=()

@@ -70,6 +70,33 @@ else
     log "all packages present"
 fi
 
+# The power-cut tests serve their disk through FUSE (mounted by root directly, so no
+# fusermount is needed) and attach loop devices to it.
+if [ ! -e /dev/fuse ]; then
+    modprobe fuse 2>/dev/null || true
+fi
+if [ ! -e /dev/fuse ]; then
+    log "/dev/fuse is missing and 'modprobe fuse' did not make it: the power-cut tests cannot run"
+    exit 1
+fi
+
+# python-tuf, the reference TUF client, for the interoperability test
+# (tests/it/tuf.rs): in a venv under the test cache, never the user's home.
+# The test finds it at this fixed path, or at STOWAGE_PYTHON_TUF.
+tuf_venv=${STOWAGE_TEST_CACHE:-/var/cache/stowage-test}/python-tuf
+if ! "$tuf_venv/bin/python" -c 'import tuf.ngclient, cryptography' >/dev/null 2>&1; then
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        log "installing: python3-venv"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/tmp/stowage-apt.log 2>&1
+    fi
+    log "installing python-tuf into $tuf_venv"
+    mkdir -p "$(dirname "$tuf_venv")"
+    python3 -m venv "$tuf_venv"
+    "$tuf_venv/bin/pip" install -q 'tuf==7.0.1' 'securesystemslib[crypto]==1.6.0'
+else
+    log "python-tuf present in $tuf_venv"
+fi
+
 # dockerd: start it when the default socket does not answer.
 if ! docker info >/dev/null 2>&1; then
     logfile=/var/log/stowage-dockerd.log

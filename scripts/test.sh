@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up of the machine, formatting, lints, a build of every test
 # target, the main suite (unit tests and the `it` integration binary, against the real
-# services), then the torture group (the `torture` binary: kill loops) as a step of its
+# services), then the torture group (the `torture` binary: kill loops and power cuts) as a step of its
 # own. Prints each step's time and a summary. Extra arguments go to both `cargo test`
 # runs (a test name filter, or `-- --nocapture`); `STOWAGE_TEST_SEED=N` replays the
 # randomised tests.
@@ -49,8 +49,8 @@ bash scripts/setup.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "layering: scripts/check-layers.sh"
 bash scripts/check-layers.sh
@@ -60,6 +60,9 @@ cargo test --no-run --lib --bins --test it --test torture
 
 step "main suite: cargo test --lib --bins --test it $*"
 cargo test --no-fail-fast --lib --bins --test it "$@"
+
+step "the power-cut disk's unit tests: cargo test -p powercut-disk"
+cargo test --no-fail-fast -p powercut-disk
 
 step "torture group: cargo test --test torture $*"
 cargo test --no-fail-fast --test torture "$@"

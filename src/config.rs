@@ -54,6 +54,10 @@ pub struct ConfigFile {
     pub min_transfer_rate: Option<String>,
     /// Seconds over which that rate is measured.
     pub transfer_window: Option<f64>,
+    /// The TUF root installed at provisioning: targets must be signed.
+    pub trusted_root: Option<PathBuf>,
+    /// The device's hardware or group tag, matched against signed targets.
+    pub hardware: Option<String>,
     /// Which compose runs apps: "auto", "plugin" (`docker compose`) or
     /// "standalone" (`docker-compose`).
     pub compose: Option<String>,

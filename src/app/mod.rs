@@ -9,6 +9,7 @@ pub mod compose_file;
 pub mod goyaml;
 pub mod inspect;
 pub mod layer;
+pub mod listing;
 pub mod publish;
 pub mod stored;
 

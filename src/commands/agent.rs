@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::{Context, FitOptions};
+use crate::engine::repair::{VerifyOptions, verify_installed};
 use crate::progress::Progress;
-use crate::update::agent::{AgentOptions as Agent, AgentStatus, run_agent};
+use crate::update::agent::{AgentOptions as Agent, AgentStatus, SignedTarget, run_agent};
 use crate::update::transaction::{UpdateEvent, UpdateOptions, lock_updates};
+use crate::update::tuf::transport::Source;
 
 pub struct AgentOptions {
     pub target: String,
@@ -30,12 +32,33 @@ impl AgentOptions {
         progress: &dyn Progress,
         events: &(dyn Fn(&UpdateEvent) + Send + Sync),
     ) -> Result<AgentStatus> {
+        if ctx.trust().is_none() {
+            tracing::warn!(
+                "no trusted root is configured (--trusted-root, STOWAGE_TRUSTED_ROOT, trusted_root in the config file): target {} is applied without verifying who signed it",
+                self.target
+            );
+        }
         let client = ctx.registry_client()?;
         let device = ctx
             .live_device(&self.fit, &client, progress, None, events)
             .await?;
+        let target: crate::oci::reference::ImageRef = self.target.parse()?;
+        let signed = match ctx.trust() {
+            None => None,
+            Some(trust) => Some(SignedTarget {
+                trust,
+                source: Source::Registry {
+                    client: std::sync::Arc::new(ctx.registry_client()?),
+                    repo: target.clone(),
+                },
+                name: target.tag.clone().with_context(|| {
+                    format!("--target {target}: name the signed target (REGISTRY/REPO:NAME)")
+                })?,
+            }),
+        };
         let options = Agent {
-            target: self.target.parse()?,
+            target,
+            signed,
             interval: self.interval,
             update: UpdateOptions {
                 verify_timeout: self.verify_timeout,
@@ -47,6 +70,45 @@ impl AgentOptions {
             restart_limit: self.restart_limit,
         };
         let _lock = lock_updates(&ctx.root)?;
+        // Before anything runs: Docker's copy of the installed apps, which a
+        // power cut may have damaged, restored from the blob store (a boot
+        // unit may have done it already; then this is a quick check).
+        repair_at_start(&device, progress).await;
         run_agent(&device, &client, &ctx.root, &options).await
+    }
+}
+
+/// `fsck --repair`'s Docker side, quick; what it cannot repair is logged
+/// (the update's recovery and the reconciliation then report the apps).
+async fn repair_at_start(device: &crate::update::device::LiveDevice<'_>, progress: &dyn Progress) {
+    let target = crate::engine::install::Device {
+        root: &device.root,
+        store: &device.store,
+        engine: &device.engine,
+    };
+    let verify = VerifyOptions {
+        repair: true,
+        deep: false,
+    };
+    match verify_installed(
+        target,
+        verify,
+        &device.install,
+        Some(&device.compose),
+        progress,
+    )
+    .await
+    {
+        Ok(checks) => {
+            for check in checks {
+                if check.repaired {
+                    tracing::warn!("{}: restored Docker's copy from the blob store", check.name);
+                }
+                if let Some(e) = &check.error {
+                    tracing::error!("{}: {e}", check.name);
+                }
+            }
+        }
+        Err(e) => tracing::error!("cannot check Docker's copy of the installed apps: {e:#}"),
     }
 }

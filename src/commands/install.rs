@@ -5,7 +5,8 @@
 use anyhow::Result;
 
 use super::{Context, FitOptions};
-use crate::engine::install::{InstallReport, install};
+use crate::engine::install::InstallReport;
+use crate::engine::repair::install_repairing;
 use crate::progress::Progress;
 
 pub struct InstallOptions {
@@ -18,6 +19,16 @@ impl InstallOptions {
         let store = ctx.store()?;
         let engine = ctx.engine(self.fit.docker_host.as_deref()).await?;
         let options = ctx.install_options(&self.fit)?;
-        install(ctx.device(&store, &engine), &self.app, &options, progress).await
+        // Compose only to start again apps whose damaged images a repair
+        // took away; without it they are started by `run` or the agent.
+        let compose = ctx.compose(self.fit.docker_host.as_deref()).await.ok();
+        install_repairing(
+            ctx.device(&store, &engine),
+            &self.app,
+            &options,
+            compose.as_ref(),
+            progress,
+        )
+        .await
     }
 }

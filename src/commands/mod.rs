@@ -22,6 +22,7 @@ pub mod run;
 pub mod status;
 pub mod stop;
 pub mod target;
+pub mod tuf;
 pub mod update;
 
 use std::ops::RangeInclusive;
@@ -43,6 +44,7 @@ use crate::progress::Progress;
 use crate::store::Store;
 use crate::update::device::LiveDevice;
 use crate::update::transaction::UpdateEvent;
+use crate::update::tuf::client::{Trust, state_dir as tuf_state_dir};
 
 /// The file under the root that remembers the layers of Docker's images.
 const DOCKER_LAYER_CACHE: &str = "docker-layers.json";
@@ -66,6 +68,10 @@ pub struct GlobalOptions {
     pub min_transfer_rate: Option<String>,
     /// Seconds over which that rate is measured.
     pub transfer_window: Option<f64>,
+    /// The TUF root installed at provisioning.
+    pub trusted_root: Option<PathBuf>,
+    /// The device's hardware or group tag.
+    pub hardware: Option<String>,
     /// Which compose runs apps (`--compose`, `STOWAGE_COMPOSE`).
     pub compose: Option<ComposeChoice>,
 }
@@ -91,6 +97,10 @@ pub struct Context {
     pub root: PathBuf,
     pub config: ConfigFile,
     pub registry: RegistryOptions,
+    /// The TUF root installed at provisioning, when targets must be signed.
+    pub trusted_root: Option<PathBuf>,
+    /// The device's hardware or group tag.
+    pub hardware: Option<String>,
     /// Which compose runs apps: the flag, else the config file's, else auto.
     pub compose: ComposeChoice,
 }
@@ -117,6 +127,11 @@ impl Context {
             credentials: CredentialStore::from_docker_config()?,
             deadlines: deadlines(options, &config)?,
         };
+        let trusted_root = options
+            .trusted_root
+            .clone()
+            .or_else(|| config.trusted_root.clone());
+        let hardware = options.hardware.clone().or_else(|| config.hardware.clone());
         let compose = match options.compose {
             Some(choice) => choice,
             None => match &config.compose {
@@ -131,6 +146,8 @@ impl Context {
             root,
             config,
             registry,
+            trusted_root,
+            hardware,
             compose,
         })
     }
@@ -138,6 +155,16 @@ impl Context {
     pub fn store(&self) -> Result<Store> {
         Store::open(&self.root)
             .with_context(|| format!("cannot open the store at {}", self.root.display()))
+    }
+
+    /// The device's trust settings: `None` without a trusted root, when
+    /// targets are applied unsigned (as before signing existed).
+    pub fn trust(&self) -> Option<Trust> {
+        self.trusted_root.as_ref().map(|root_file| Trust {
+            root_file: root_file.clone(),
+            state_dir: tuf_state_dir(&self.root),
+            hardware: self.hardware.clone(),
+        })
     }
 
     pub fn registry_client(&self) -> Result<RegistryClient> {

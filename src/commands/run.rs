@@ -23,6 +23,7 @@ impl RunOptions {
             &compose,
             &self.apps,
             &options,
+            true,
             progress,
         )
         .await

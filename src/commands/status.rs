@@ -10,6 +10,7 @@ use crate::engine::run::{AppState, AppStatus, ps};
 use crate::update::agent::{AgentStatus, read_status};
 use crate::update::reconcile::{Restart, failed_apps, last_restart};
 use crate::update::transaction::{DeviceState, StateFiles, UpdateWrites};
+use crate::update::tuf::client::{TrustedRole, trusted_roles};
 
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
@@ -28,6 +29,17 @@ pub struct StatusReport {
     pub docker_error: Option<String>,
     /// What the last committed update wrote to each volume (flash wear).
     pub last_update_writes: Option<UpdateWrites>,
+    /// What the device trusts, when a trusted root is configured.
+    pub trust: Option<TrustStatus>,
+}
+
+/// The trusted root and the versions and expiry of each role the device
+/// verified last (empty before the first verification).
+#[derive(Debug, Serialize)]
+pub struct TrustStatus {
+    pub trusted_root: std::path::PathBuf,
+    pub hardware: Option<String>,
+    pub roles: Vec<TrustedRole>,
 }
 
 pub async fn run(ctx: &Context, docker_host: Option<&str>) -> Result<StatusReport> {
@@ -51,6 +63,14 @@ pub async fn run(ctx: &Context, docker_host: Option<&str>) -> Result<StatusRepor
             app.state = AppState::Failed;
         }
     }
+    let trust = match ctx.trust() {
+        Some(trust) => Some(TrustStatus {
+            roles: trusted_roles(&trust.state_dir)?,
+            trusted_root: trust.root_file,
+            hardware: trust.hardware,
+        }),
+        None => None,
+    };
     Ok(StatusReport {
         agent,
         device,
@@ -58,6 +78,7 @@ pub async fn run(ctx: &Context, docker_host: Option<&str>) -> Result<StatusRepor
         last_restart: last_restart(&ctx.root)?,
         docker_error,
         last_update_writes,
+        trust,
     })
 }
 

@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::Digest;
 use crate::app::bundle::{BundleLimits, STAGING_PREFIX, Verify, extract_bundle};
-use crate::app::stored::{StoredApp, find_apps, load_app};
+use crate::app::stored::{StoredApp, find_apps};
 use crate::app::{App, LayerNeed, ServiceImage};
 use crate::engine::compose::write_image_override;
 use crate::engine::docker::{
@@ -202,9 +202,15 @@ pub(crate) async fn install_locked(
     let mut to_tag: Vec<(&PlannedImage, Vec<String>)> = Vec::new();
     let mut present = Vec::new();
     for planned in images.values() {
-        match engine.image_exists(&planned.image_id.to_string()).await? {
-            None => to_load.push(planned),
-            Some(summary) => {
+        match engine.image_exists(&planned.image_id.to_string()).await {
+            Ok(None) => to_load.push(planned),
+            // The engine knows the image but cannot describe it: its layer
+            // is gone (fsck found why). A load puts the layer back.
+            Err(e) => {
+                tracing::warn!("loading {} again: {e}", planned.image_id);
+                to_load.push(planned)
+            }
+            Ok(Some(summary)) => {
                 let missing: Vec<String> = planned
                     .tags
                     .iter()
@@ -233,6 +239,11 @@ pub(crate) async fn install_locked(
         let info = info?;
         // Before anything is written: the loads could not be found there.
         engine.require_graph_driver(&info)?;
+        // Where fsck looks should the engine stop answering (saved below).
+        state.engine = Some(record::EngineSeen {
+            data_root: info.data_root.clone(),
+            driver: info.storage_driver.clone(),
+        });
         let docker = docker.insert(DockerView {
             reachable: true,
             data_root: info.data_root,
@@ -332,11 +343,13 @@ pub(crate) async fn install_locked(
     }
 
     // The override marks the install done: the layers the engine applied
-    // (it does not fsync them) reach the disk first.
-    if let Some(docker) = &docker
-        && !to_load.is_empty()
-    {
-        flush_engine(&docker.data_root).await?;
+    // (it does not fsync them) and the tags it wrote reach the disk first.
+    if !to_load.is_empty() || !to_tag.is_empty() {
+        let data_root = match &docker {
+            Some(docker) => docker.data_root.clone(),
+            None => engine.info().await?.data_root,
+        };
+        flush_engine(&data_root).await?;
     }
     write_image_override(
         &dir.join(&app.compose_file),
@@ -456,7 +469,7 @@ fn forget_failed_install(root: &Path, state: &mut Installed, name: &str, dir: &P
 
 /// `syncfs` of Docker's data root, when this machine sees it (an engine
 /// reached over TCP may keep it elsewhere: then only a warning).
-async fn flush_engine(data_root: &Path) -> Result<()> {
+pub async fn flush_engine(data_root: &Path) -> Result<()> {
     let path = data_root.to_path_buf();
     match crate::fsutil::blocking(move || crate::fsutil::syncfs(&path)).await {
         Ok(()) => Ok(()),
@@ -824,7 +837,7 @@ fn app_for_plan(
 const INCOMING_PREFIX: &str = ".incoming-";
 
 /// The bundle marker of an app directory, read without following a link.
-fn read_marker(dir: &Path) -> Option<String> {
+pub(crate) fn read_marker(dir: &Path) -> Option<String> {
     use std::io::Read as _;
     let mut marker = String::new();
     Dir::open(dir)
@@ -861,98 +874,4 @@ fn remove_stale_extractions(apps_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The state of one installed app as fsck sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstalledCheck {
-    pub name: String,
-    pub reference: String,
-    /// Local tags of images Docker lacks.
-    pub missing_images: Vec<String>,
-    /// The extracted bundle or the override file is missing.
-    pub directory_damaged: bool,
-    /// Reloaded from the blob store by `--repair`.
-    pub repaired: bool,
-    /// Why it could not be repaired.
-    pub error: Option<String>,
-}
-
-impl InstalledCheck {
-    pub fn is_healthy(&self) -> bool {
-        (self.missing_images.is_empty() && !self.directory_damaged || self.repaired)
-            && self.error.is_none()
-    }
-}
-
-/// Checks that Docker still has every installed app's images and that its
-/// directory is intact; with `repair`, reinstalls what is missing from the
-/// blob store (no network).
-pub async fn verify_installed(
-    device: Device<'_>,
-    repair: bool,
-    options: &InstallOptions,
-    progress: &dyn Progress,
-) -> Result<Vec<InstalledCheck>> {
-    let _store_lock = device.store.lock_async(LockMode::Shared).await?;
-    let _apps_lock = record::lock_apps_async(device.root, APPS_LOCK_TIMEOUT).await?;
-    let mut state = Installed::load(device.root)?;
-    let mut checks = Vec::new();
-    let apps: Vec<(String, InstalledApp)> = state
-        .apps
-        .iter()
-        .map(|(n, a)| (n.clone(), a.clone()))
-        .collect();
-    for (name, installed_app) in apps {
-        let mut check = InstalledCheck {
-            name: name.clone(),
-            reference: installed_app.reference.clone(),
-            missing_images: Vec::new(),
-            directory_damaged: false,
-            repaired: false,
-            error: None,
-        };
-        for image in &installed_app.images {
-            let ok = match device.engine.image_exists(&image.tag).await? {
-                Some(summary) => summary.id == image.image_id,
-                None => false,
-            };
-            if !ok && !check.missing_images.contains(&image.tag) {
-                check.missing_images.push(image.tag.clone());
-            }
-        }
-        let is_file = |name: &str| {
-            std::fs::symlink_metadata(installed_app.dir.join(name)).is_ok_and(|m| m.is_file())
-        };
-        check.directory_damaged = read_marker(&installed_app.dir)
-            .is_none_or(|m| m.trim() != installed_app.digest.to_string())
-            || !is_file(OVERRIDE_FILE)
-            || !is_file(&installed_app.compose_file);
-        if repair && (!check.missing_images.is_empty() || check.directory_damaged) {
-            let stored = match load_app(
-                device.store,
-                &installed_app.reference,
-                &installed_app.digest,
-            ) {
-                Ok(Some(app)) => Ok(app),
-                Ok(None) => Err(anyhow!(
-                    "the store no longer holds {}: pull it again",
-                    installed_app.reference
-                )),
-                Err(e) => Err(e),
-            };
-            match stored {
-                Ok(app) => {
-                    progress.step(format!("restoring {name} from the blob store"));
-                    match install_locked(device, &mut state, &app, options, progress).await {
-                        Ok(_) => check.repaired = true,
-                        Err(e) => check.error = Some(format!("{e:#}")),
-                    }
-                }
-                Err(e) => check.error = Some(format!("{e:#}")),
-            }
-        }
-        checks.push(check);
-    }
-    Ok(checks)
 }

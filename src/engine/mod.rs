@@ -7,6 +7,8 @@
 pub mod compose;
 pub mod docker;
 pub mod install;
+pub mod layers;
 pub mod prune;
 pub mod record;
+pub mod repair;
 pub mod run;

@@ -105,6 +105,17 @@ pub struct Installed {
     /// loaded or built by someone else), with the image each names.
     #[serde(default)]
     pub foreign_tags: BTreeMap<String, Digest>,
+    /// Where the engine keeps its data, as fsck last saw it: where fsck
+    /// looks when the engine does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineSeen>,
+}
+
+/// The engine's data root and storage driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSeen {
+    pub data_root: PathBuf,
+    pub driver: String,
 }
 
 impl Installed {

@@ -34,12 +34,15 @@ pub struct RunReport {
     pub installs: Vec<InstallReport>,
 }
 
-/// Installs (where needed) and starts each selected app.
+/// Installs (where needed) and starts each selected app; with
+/// `check_layers`, the installed ones' images are checked first as a quick
+/// `fsck` does, and what is damaged is restored from the blob store.
 pub async fn run(
     device: Device<'_>,
     compose: &Compose,
     selection: &Selection,
     options: &InstallOptions,
+    check_layers: bool,
     progress: &dyn Progress,
 ) -> Result<RunReport> {
     let _store_lock = device.store.lock_async(LockMode::Shared).await?;
@@ -51,6 +54,17 @@ pub async fn run(
     };
     if names.is_empty() {
         bail!("no app is installed: name the apps to run (`stowage run NAME`)");
+    }
+    if check_layers {
+        crate::engine::repair::repair_before_start(
+            device,
+            &mut state,
+            &names,
+            options,
+            Some(compose),
+            progress,
+        )
+        .await?;
     }
     let mut report = RunReport {
         started: Vec::new(),

@@ -19,10 +19,13 @@ use crate::oci::reference::{AppName, AppRef, ImageRef};
 use crate::oci::registry::RegistryClient;
 use crate::plan::{CheckReport, DoesNotFit};
 use crate::update::reconcile::{ReconcileReport, Supervised, reconcile};
-use crate::update::target::fetch_target;
+use crate::update::target::{Target, fetch_target};
 use crate::update::transaction::{
     self, AppSet, DeviceOps, Outcome, PruneSummary, StateFiles, UpdateEvent, UpdateOptions,
 };
+use crate::update::tuf::TrustError;
+use crate::update::tuf::client::Trust;
+use crate::update::tuf::transport::Source;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -66,6 +69,9 @@ pub enum AgentResult {
     Refused,
     /// Still refused for space at a later poll; nothing was downloaded.
     WaitingForSpace,
+    /// The target's metadata did not verify (or the target is not for this
+    /// device); nothing was downloaded.
+    Untrusted,
 }
 
 impl AgentResult {
@@ -78,15 +84,17 @@ impl AgentResult {
             AgentResult::Failed => "failed",
             AgentResult::Refused => "refused",
             AgentResult::WaitingForSpace => "waiting_for_space",
+            AgentResult::Untrusted => "untrusted",
         }
     }
 
     /// `stowage agent --once`'s exit code: 0 applied or unchanged, 100 refused
-    /// for space, 1 otherwise.
+    /// for space, 101 refused for trust, 1 otherwise.
     pub fn exit_code(self) -> u8 {
         match self {
             AgentResult::Committed | AgentResult::Unchanged => 0,
             AgentResult::Refused | AgentResult::WaitingForSpace => DoesNotFit::EXIT_CODE,
+            AgentResult::Untrusted => TrustError::EXIT_CODE,
             AgentResult::RolledBack | AgentResult::Failed => 1,
         }
     }
@@ -139,6 +147,38 @@ pub struct AgentOptions {
     pub cycle_deadline: Duration,
     /// Tries an app that keeps going down gets before it is left down.
     pub restart_limit: u32,
+    /// With a trusted root: the target is the TUF target of this name,
+    /// verified from `source`; an unsigned target is never applied.
+    pub signed: Option<SignedTarget>,
+}
+
+/// Where the agent reads a signed target.
+pub struct SignedTarget {
+    pub trust: Trust,
+    pub source: Source,
+    pub name: String,
+}
+
+/// The target `options` name: verified when a trusted root is configured.
+async fn next_target(client: &RegistryClient, options: &AgentOptions) -> Result<Target> {
+    let Some(signed) = &options.signed else {
+        return fetch_target(client, &options.target).await;
+    };
+    let verified = signed
+        .trust
+        .verify(signed.source.clone(), Some(&signed.name))
+        .await?;
+    tracing::info!(
+        "target {} of {} verified (asked the repository for {})",
+        verified.name,
+        verified.repository,
+        verified.requests.join(", ")
+    );
+    Ok(Target {
+        reference: format!("{}:{}", verified.repository, verified.name),
+        digest: verified.digest,
+        apps: verified.apps,
+    })
 }
 
 pub async fn run_agent(
@@ -200,15 +240,17 @@ async fn poll_once(
             options.cycle_deadline
         )
     };
-    let target =
-        match tokio::time::timeout_at(deadline, fetch_target(client, &options.target)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return failed(status, AgentResult::Failed, e, options.interval),
-            Err(_) => {
-                let e = late("fetching the target");
-                return failed(status, AgentResult::Failed, e, options.interval);
-            }
-        };
+    let target = match tokio::time::timeout_at(deadline, next_target(client, options)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) if e.is::<TrustError>() => {
+            return failed(status, AgentResult::Untrusted, e, options.interval);
+        }
+        Ok(Err(e)) => return failed(status, AgentResult::Failed, e, options.interval),
+        Err(_) => {
+            let e = late("fetching the target");
+            return failed(status, AgentResult::Failed, e, options.interval);
+        }
+    };
     status.target_digest = Some(target.digest.clone());
     let running = files.device().map(|s| s.running).unwrap_or_default();
     if status.applied_digest.as_ref() == Some(&target.digest) && running == target.apps {
@@ -424,6 +466,7 @@ mod tests {
             (AgentResult::Failed, "failed", 1),
             (AgentResult::Refused, "refused", 100),
             (AgentResult::WaitingForSpace, "waiting_for_space", 100),
+            (AgentResult::Untrusted, "untrusted", 101),
         ] {
             assert_eq!(serde_json::to_value(result).unwrap(), name);
             assert_eq!(result.as_str(), name);

@@ -322,6 +322,9 @@ impl DeviceOps for LiveDevice<'_> {
             &self.compose,
             &Selection::Named(vec![name.to_string()]),
             &self.install,
+            // Checked by the boot's and the agent's repair; the update's
+            // start is the app's downtime, and it has just been installed.
+            false,
             self.progress,
         )
         .await?;
@@ -531,15 +534,14 @@ impl DeviceOps for LiveDevice<'_> {
     /// `syncfs` of Docker's data root and of the stowage root: the engine
     /// does not fsync the layer files it applies.
     async fn sync(&self) -> Result<()> {
+        // Docker's data root (an engine on another machine: only a warning),
+        // then the stowage root (store, apps directory, state).
         let data_root = self.engine.info().await?.data_root;
+        install::flush_engine(&data_root).await?;
         let root = self.root.clone();
         crate::fsutil::blocking(move || {
-            for path in [&data_root, &root] {
-                crate::fsutil::syncfs(path).with_context(|| {
-                    format!("cannot flush the file system of {}", path.display())
-                })?;
-            }
-            anyhow::Ok(())
+            crate::fsutil::syncfs(&root)
+                .with_context(|| format!("cannot flush the file system of {}", root.display()))
         })
         .await
     }
@@ -564,6 +566,9 @@ impl Supervised for LiveDevice<'_> {
             &self.compose,
             &Selection::Named(vec![reference.to_string()]),
             &self.install,
+            // Checked by the boot's and the agent's repair; the update's
+            // start is the app's downtime, and it has just been installed.
+            false,
             self.progress,
         )
         .await?;

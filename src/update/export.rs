@@ -30,6 +30,9 @@ pub struct LayoutRef {
     pub dir: PathBuf,
     /// An app name, reference or digest; all apps in the layout when `None`.
     pub app: Option<String>,
+    /// Only these apps (by manifest digest): a signed target's, when the
+    /// update was verified.
+    pub only: Option<Vec<Digest>>,
 }
 
 impl LayoutRef {
@@ -40,10 +43,12 @@ impl LayoutRef {
             Some((dir, app)) => LayoutRef {
                 dir: PathBuf::from(dir),
                 app: Some(app.to_string()),
+                only: None,
             },
             None => LayoutRef {
                 dir: PathBuf::from(rest),
                 app: None,
+                only: None,
             },
         })
     }
@@ -64,10 +69,19 @@ impl LayoutRef {
 
     /// The apps of the layout this names.
     pub fn apps(&self, layout: &Store) -> Result<Vec<StoredApp>> {
-        let apps = match &self.app {
-            Some(name) => find_apps(layout, name)?,
-            None => list_apps(layout)?,
+        let mut apps = match (&self.app, &self.only) {
+            (_, Some(_)) | (None, None) => list_apps(layout)?,
+            (Some(name), None) => find_apps(layout, name)?,
         };
+        if let Some(only) = &self.only {
+            apps.retain(|a| only.contains(&a.digest));
+            if let Some(missing) = only.iter().find(|d| !apps.iter().any(|a| &a.digest == *d)) {
+                bail!(
+                    "{} lacks app {missing} of the signed target: export it too",
+                    self.dir.display()
+                );
+            }
+        }
         if apps.is_empty() {
             bail!(
                 "no app {}in {}",

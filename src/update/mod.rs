@@ -11,3 +11,4 @@ pub mod pull;
 pub mod reconcile;
 pub mod target;
 pub mod transaction;
+pub mod tuf;

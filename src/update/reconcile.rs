@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -212,14 +212,22 @@ pub async fn reconcile(
                 at: now(),
                 why: why.clone(),
             });
+            let attempt = tries.attempts;
             match device.restart(name, reference).await {
-                Ok(()) => (
-                    AppState::Running,
-                    Action::Started {
-                        attempt: tries.attempts,
-                        why,
-                    },
-                ),
+                Ok(()) => {
+                    // A try that brings the app up for good restores its
+                    // budget at once: after a power cut the next
+                    // reconciliation may be the next boot's, and a device
+                    // whose power fails again before that must not count
+                    // each boot as a crash.
+                    if stays_up(device, name, reference).await {
+                        *tries = Tries {
+                            reference: reference.clone(),
+                            ..Tries::default()
+                        };
+                    }
+                    (AppState::Running, Action::Started { attempt, why })
+                }
                 Err(e) => (
                     seen.map_or(AppState::Stopped, |a| a.state),
                     Action::Error {
@@ -239,6 +247,20 @@ pub async fn reconcile(
     report.last_restart = restarts.last.clone();
     save(root, &restarts)?;
     Ok(report)
+}
+
+/// How long a started app must be seen running for its try to count as a
+/// success (the update's verification sees services twice a second apart).
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Whether app `name` at `reference` still runs [`SETTLE`] after a start.
+async fn stays_up(device: &impl Supervised, name: &str, reference: &str) -> bool {
+    tokio::time::sleep(SETTLE).await;
+    device.status().await.is_ok_and(|status| {
+        status
+            .iter()
+            .any(|a| a.name == name && a.reference == reference && a.state == AppState::Running)
+    })
 }
 
 /// Which apps the reconciliation gave up on, for `stowage status`.
@@ -340,7 +362,7 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_exited_app_of_the_device_state_is_started_and_a_running_one_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let files = StateFiles::under(dir.path());
@@ -370,7 +392,7 @@ mod tests {
         assert_eq!(device.restarts.lock().unwrap().len(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_crash_loop_gets_its_budget_with_backoff_then_is_failed_and_left_down() {
         let dir = tempfile::tempdir().unwrap();
         let files = StateFiles::under(dir.path());
@@ -411,7 +433,33 @@ mod tests {
         assert!(matches!(shop.action, Action::Started { attempt: 1, .. }));
     }
 
-    #[tokio::test]
+    /// A device whose power fails again and again, each time before a
+    /// second reconciliation sees the app running: each boot starts it at
+    /// once, as the first (a power-cut torture found the app left down at
+    /// the third boot, waiting out a backoff meant for crash loops).
+    #[tokio::test(start_paused = true)]
+    async fn an_app_that_stays_up_after_each_start_is_started_at_every_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::under(dir.path());
+        device_state(&files, &[("shop", "r1")]);
+        let device = engine(
+            vec![app("shop", &r("shop", "r1"), AppState::Degraded)],
+            vec![],
+        );
+        for boot in 0..8 {
+            let report = reconcile(&device, &files, dir.path(), 3).await.unwrap();
+            assert!(
+                matches!(report.apps[0].action, Action::Started { attempt: 1, .. }),
+                "boot {boot}: {:?}",
+                report.apps[0].action
+            );
+            // The power fails: the services are down at the next boot.
+            device.apps.lock().unwrap()[0] = app("shop", &r("shop", "r1"), AppState::Degraded);
+        }
+        assert!(failed_apps(dir.path()).unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn without_a_device_state_started_apps_are_kept_running_and_stopped_ones_left() {
         let dir = tempfile::tempdir().unwrap();
         let files = StateFiles::under(dir.path());

@@ -55,15 +55,7 @@ pub async fn publish_target(
     at: &ImageRef,
     apps: &[ImageRef],
 ) -> Result<Target> {
-    let mut pinned = Vec::new();
-    for app in apps {
-        let fetched = client
-            .get_manifest(app, &[media::OCI_MANIFEST], format::APP_MANIFEST_CAP)
-            .await
-            .with_context(|| format!("cannot resolve app {app}"))?;
-        format::AppManifest::parse(&fetched.bytes, &app.to_string())?;
-        pinned.push(app.pinned(&fetched.digest).to_string());
-    }
+    let pinned = pin_apps(client, apps).await?;
     let content = format::to_json(&TargetContent { apps: pinned })?;
     let layer = Descriptor::of(TARGET_MEDIA_TYPE, &content);
     let config = Descriptor::of(media::EMPTY, format::EMPTY_CONFIG);
@@ -116,19 +108,40 @@ pub async fn fetch_target(client: &RegistryClient, at: &ImageRef) -> Result<Targ
         .get_blob(&pinned, &layer.digest, layer.size, TARGET_CAP)
         .await?;
     let content: TargetContent = format::parse_json(&bytes, &format!("target {at}"))?;
+    Ok(Target {
+        reference: pinned.to_string(),
+        digest: fetched.digest,
+        apps: apps_of(content, &format!("target {at}"))?,
+    })
+}
+
+/// The apps a target's content names, by name; `what` names the target in
+/// errors. Every app must be pinned by digest, and named once.
+pub fn apps_of(content: TargetContent, what: &str) -> Result<AppSet> {
     let mut apps = AppSet::new();
     for app in content.apps {
         let reference: AppRef = app
             .parse()
-            .with_context(|| format!("target {at} names app {app}"))?;
+            .with_context(|| format!("{what} names app {app}"))?;
         let name = reference.name()?;
         if let Some(other) = apps.insert(name.clone(), reference.clone()) {
-            bail!("target {at} names two versions of app {name}: {other} and {reference}");
+            bail!("{what} names two versions of app {name}: {other} and {reference}");
         }
     }
-    Ok(Target {
-        reference: pinned.to_string(),
-        digest: fetched.digest,
-        apps,
-    })
+    Ok(apps)
+}
+
+/// Each app of `apps` resolved to its digest: the pinned references a
+/// target names.
+pub async fn pin_apps(client: &RegistryClient, apps: &[ImageRef]) -> Result<Vec<String>> {
+    let mut pinned = Vec::new();
+    for app in apps {
+        let fetched = client
+            .get_manifest(app, &[media::OCI_MANIFEST], format::APP_MANIFEST_CAP)
+            .await
+            .with_context(|| format!("cannot resolve app {app}"))?;
+        format::AppManifest::parse(&fetched.bytes, &app.to_string())?;
+        pinned.push(app.pinned(&fetched.digest).to_string());
+    }
+    Ok(pinned)
 }

@@ -571,6 +571,9 @@ async fn roll_back(
             .await
             .with_context(|| format!("rollback: cannot start {name} again"))?;
     }
+    // As at a commit: the state written must not point at layers the
+    // reinstall left in the page cache.
+    device.sync().await?;
     let state = files.device()?;
     files.write_device(&DeviceState {
         running: journal.from.clone(),
@@ -991,6 +994,12 @@ mod tests {
             panic!("expected a rollback");
         };
         assert!(format!("{e:#}").contains("verify v3"));
+        // The old version is reinstalled, then everything flushed, before
+        // the state naming it is written.
+        let log = device.log.lock().unwrap().clone();
+        let reinstall = log.iter().rposition(|l| l == "install v2").unwrap();
+        let sync = log.iter().rposition(|l| l == "sync").unwrap();
+        assert!(reinstall < sync, "{log:?}");
         assert_eq!(files.device().unwrap().running, set(&[("shop", "v2")]));
         assert_eq!(
             device.running.lock().unwrap().clone(),

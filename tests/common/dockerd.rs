@@ -112,6 +112,20 @@ impl PrivateDockerd {
 
     /// The dockerd `spec` names, privately.
     pub fn start_with(data_root: &Path, spec: impl Into<DaemonSpec>) -> PrivateDockerd {
+        PrivateDockerd::try_start_with(data_root, spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The machine's dockerd, or why it did not come up (for tests of an
+    /// engine that cannot start on the data root it is given).
+    pub fn try_start(data_root: &Path) -> Result<PrivateDockerd, String> {
+        PrivateDockerd::try_start_with(data_root, DaemonSpec::default())
+    }
+
+    /// [`PrivateDockerd::start_with`], saying why it did not come up.
+    pub fn try_start_with(
+        data_root: &Path,
+        spec: impl Into<DaemonSpec>,
+    ) -> Result<PrivateDockerd, String> {
         let spec = spec.into();
         std::fs::create_dir_all(data_root)
             .unwrap_or_else(|e| panic!("create data root {}: {e}", data_root.display()));
@@ -199,15 +213,20 @@ impl PrivateDockerd {
         });
         if let Some(status) = exited {
             dockerd.child = None;
-            panic!("private dockerd exited ({status}): {}", tail_file(&log, 30));
+            dockerd.kill_own_containerd();
+            dockerd.unmount_leftovers();
+            return Err(format!(
+                "private dockerd exited ({status}): {}",
+                tail_file(&log, 30)
+            ));
         }
         if !ready {
-            panic!(
+            return Err(format!(
                 "private dockerd did not answer within 60 s: {}",
                 tail_file(&log, 30)
-            );
+            ));
         }
-        dockerd
+        Ok(dockerd)
     }
 
     pub fn spec(&self) -> DaemonSpec {
@@ -222,6 +241,40 @@ impl PrivateDockerd {
         )
         .trim()
         .to_string()
+    }
+
+    /// The power goes off under this engine: SIGKILL to every container's
+    /// first process (which takes its PID namespace with it), to the shims,
+    /// to containerd and to dockerd, with no shutdown of any kind; then
+    /// what it had mounted is unmounted, as [`Drop`] does.
+    pub fn kill_now(&mut self) {
+        let run = self.run_dir.path().to_string_lossy().into_owned();
+        // The shims of this engine name its containerd's socket, under our
+        // run directory; their children are the containers' first processes.
+        let shims: Vec<u32> = processes()
+            .into_iter()
+            .filter(|(_, cmdline)| cmdline.contains("containerd-shim") && cmdline.contains(&run))
+            .map(|(pid, _)| pid)
+            .collect();
+        for (pid, _) in processes() {
+            if parent_of(pid).is_some_and(|p| shims.contains(&p)) {
+                send_signal(pid, libc::SIGKILL);
+            }
+        }
+        for pid in &shims {
+            send_signal(*pid, libc::SIGKILL);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Its containerd, and anything else started with our run directory.
+        for (pid, cmdline) in processes() {
+            if cmdline.contains(&run) {
+                send_signal(pid, libc::SIGKILL);
+            }
+        }
+        self.stop();
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -259,20 +312,26 @@ impl PrivateDockerd {
         self.child.as_ref().map(|c| c.id())
     }
 
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        send_signal(child.id(), libc::SIGTERM);
-        // dockerd stops its containers (up to its 15 s shutdown timeout) and containerd.
-        let stopped = wait_until(Duration::from_secs(40), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !stopped {
-            let _ = child.kill();
+    /// Stops the engine (SIGTERM, then SIGKILL after 40 s) and unmounts what
+    /// it left mounted. Again after a stop it only cleans up.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(child.id(), libc::SIGTERM);
+            // dockerd stops its containers (up to its 15 s shutdown timeout) and containerd.
+            let stopped = wait_until(Duration::from_secs(40), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            if !stopped {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
         }
-        let _ = child.wait();
-        // A containerd it started and could not stop: ours by its pidfile in our dir.
+        self.kill_own_containerd();
+        self.unmount_leftovers();
+    }
+
+    /// A containerd it started and could not stop: ours by its pidfile in our dir.
+    fn kill_own_containerd(&self) {
         let containerd_pid = self.run_dir.path().join("x/containerd/containerd.pid");
         if let Ok(text) = std::fs::read_to_string(&containerd_pid)
             && let Ok(pid) = text.trim().parse::<u32>()
@@ -284,6 +343,10 @@ impl PrivateDockerd {
                 send_signal(pid, libc::SIGKILL);
             }
         }
+    }
+
+    /// Unmounts what it left mounted under its directories and data root.
+    fn unmount_leftovers(&self) {
         // Under its directories, and the data root itself: dockerd bind-mounts
         // a data root that is not a mount point onto itself, and only a clean
         // shutdown undoes that.
@@ -305,8 +368,34 @@ impl Drop for PrivateDockerd {
     }
 }
 
+/// Every process but this one: pid and command line (NULs as spaces).
+pub(crate) fn processes() -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (pid, text)
+        })
+        .collect()
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the command's
+/// closing parenthesis and the state).
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Every mount point of this process's mount namespace.
-fn mount_points() -> Vec<PathBuf> {
+pub(crate) fn mount_points() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| line.split(' ').nth(4))

@@ -23,6 +23,7 @@ mod dockerd;
 pub mod engines;
 pub mod hostile;
 mod images;
+pub mod powercut;
 mod registry;
 mod sandbox;
 pub mod seed;
@@ -136,6 +137,51 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// Like [`run_ok`], returning stdout as bytes (for binary output such as `docker save`).
+/// The containers of compose project `project` that `docker` (a `docker`
+/// command for the engine to ask) lists: each running service with its image,
+/// and a line for every other container (stopped, or a second one of a service).
+pub fn compose_containers(
+    docker: &mut Command,
+    project: &str,
+) -> (std::collections::BTreeMap<String, String>, Vec<String>) {
+    let out = run_ok(docker.args([
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--format",
+        "{{.Label \"com.docker.compose.service\"}} {{.Image}} {{.State}}",
+    ]));
+    let mut running = std::collections::BTreeMap::new();
+    let mut others = Vec::new();
+    for line in out.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            [service, image, "running"] => {
+                if let Some(other) = running.insert(service.to_string(), image.to_string()) {
+                    others.push(format!("a second {service} running {other}"));
+                }
+            }
+            _ => others.push(line.to_string()),
+        }
+    }
+    (running, others)
+}
+
+/// The ID of the container of `service` in compose project `project`.
+pub fn service_container(docker: &mut Command, project: &str, service: &str) -> String {
+    run_ok(docker.args([
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--filter",
+        &format!("label=com.docker.compose.service={service}"),
+    ]))
+    .trim()
+    .to_string()
+}
+
 pub fn run_ok_bytes(cmd: &mut Command) -> Vec<u8> {
     let out = run_output(cmd);
     if !out.status.success() {

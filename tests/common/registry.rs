@@ -202,6 +202,22 @@ impl Registry {
             .count()
     }
 
+    /// The request paths of the GETs the registry answered since `mark`
+    /// (from [`Registry::log_mark`]), in order: each a round trip.
+    pub fn gets_since(&self, mark: u64) -> Vec<String> {
+        let log = std::fs::read(self.log_file()).unwrap_or_default();
+        let after = log.get(mark as usize..).unwrap_or_default();
+        String::from_utf8_lossy(after)
+            .lines()
+            .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
+            .filter_map(|l| {
+                let uri = l.split("http.request.uri=").nth(1)?;
+                let uri = uri.trim_start_matches('"');
+                Some(uri.split(['"', ' ']).next().unwrap_or(uri).to_string())
+            })
+            .collect()
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),

@@ -69,6 +69,8 @@ impl Sandbox {
             "STOWAGE_REGISTRY_TIMEOUT",
             "STOWAGE_MIN_TRANSFER_RATE",
             "STOWAGE_TRANSFER_WINDOW",
+            "STOWAGE_TRUSTED_ROOT",
+            "STOWAGE_HARDWARE",
             "STOWAGE_COMPOSE",
             "XDG_CONFIG_HOME",
         ] {

@@ -361,15 +361,8 @@ fn a_foundries_app_runs_offline(shape: Shape) {
     let state = app_state(&ps, &name);
     assert_eq!(state["state"], "running", "{ps}");
     // The bind mount of files inside the app directory, through its link.
-    let web_container = run_ok(dockerd.docker().args([
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=com.docker.compose.project={name}"),
-        "--filter",
-        "label=com.docker.compose.service=web",
-    ]));
-    let logs = run_ok(dockerd.docker().args(["logs", web_container.trim()]));
+    let web_container = service_container(&mut dockerd.docker(), &name, "web");
+    let logs = run_ok(dockerd.docker().args(["logs", &web_container]));
     assert!(
         logs.contains("port=80") && logs.contains("s3cret"),
         "{logs}"
@@ -829,15 +822,8 @@ secrets:
     let ps = device.json(&["ps"]);
     let state = app_state(&ps, &name);
     assert_eq!(state["state"], "running", "{ps}");
-    let web = run_ok(dockerd.docker().args([
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=com.docker.compose.project={name}"),
-        "--filter",
-        "label=com.docker.compose.service=web",
-    ]));
-    let logs = run_ok(dockerd.docker().args(["logs", web.trim()]));
+    let web = service_container(&mut dockerd.docker(), &name, "web");
+    let logs = run_ok(dockerd.docker().args(["logs", &web]));
     assert!(
         logs.contains("tok")
             && logs.contains("data")

@@ -82,7 +82,7 @@ fn volume_of<'a>(fit: &'a Value, path: &std::path::Path) -> &'a Value {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|p| p.as_str().unwrap().starts_with(path.as_ref()))
+                .any(|p| p.as_str().unwrap().starts_with(&*path))
         })
         .unwrap_or_else(|| panic!("no volume holds {path}: {fit}"))
 }

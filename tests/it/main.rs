@@ -7,6 +7,7 @@
 mod common;
 
 mod agent;
+mod docker_fsck;
 mod docker_load;
 mod foundries;
 mod harness;
@@ -22,5 +23,6 @@ mod pull_hostile;
 mod reconcile;
 mod security;
 mod store;
+mod tuf;
 mod update;
 mod usage_accuracy;

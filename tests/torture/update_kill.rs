@@ -85,28 +85,7 @@ impl Device<'_> {
     /// service -> image of every running container of the app, and how many
     /// containers it has that are not running.
     fn containers(&self) -> (BTreeMap<String, String>, Vec<String>) {
-        let out = run_ok(Command::new("docker").args([
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label=com.docker.compose.project={}", self.project),
-            "--format",
-            "{{.Label \"com.docker.compose.service\"}} {{.Image}} {{.State}}",
-        ]));
-        let mut running = BTreeMap::new();
-        let mut others = Vec::new();
-        for line in out.lines() {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                [service, image, "running"] => {
-                    if let Some(other) = running.insert(service.to_string(), image.to_string()) {
-                        others.push(format!("a second {service} running {other}"));
-                    }
-                }
-                _ => others.push(line.to_string()),
-            }
-        }
-        (running, others)
+        compose_containers(&mut Command::new("docker"), &self.project)
     }
 }
 

@@ -67,6 +67,12 @@ pub struct Cli {
         env = "STOWAGE_TRANSFER_WINDOW"
     )]
     pub transfer_window: Option<f64>,
+    /// The TUF root installed at provisioning: the agent and `update` apply only targets it verifies
+    #[arg(long, global = true, value_name = "FILE", env = "STOWAGE_TRUSTED_ROOT")]
+    pub trusted_root: Option<PathBuf>,
+    /// This device's hardware or group tag: a signed target for another tag is refused
+    #[arg(long, global = true, value_name = "TAG", env = "STOWAGE_HARDWARE")]
+    pub hardware: Option<String>,
     /// Which compose runs apps: auto (`docker compose` when the docker CLI has
     /// the plugin, else `docker-compose`), plugin (v2) or standalone (v1)
     #[arg(
@@ -130,6 +136,137 @@ pub enum Command {
     /// Targets: the set of apps a device should run
     #[command(subcommand)]
     Target(TargetCommand),
+    /// Signed targets (TUF): keys, root, targets, signing, publishing
+    #[command(subcommand)]
+    Tuf(TufCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TufCommand {
+    /// Keys: `key gen FILE` writes an ed25519 private key (0600) and FILE.pub.json
+    #[command(subcommand)]
+    Key(TufKeyCommand),
+    /// Stage root version 1 of a new repository in DIR; sign it with `sign --role root`
+    Init {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// A root key (public .pub.json or private file; repeatable)
+        #[arg(long = "root-key", value_name = "FILE", required = true)]
+        root_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        root_threshold: u64,
+        /// A targets key (repeatable)
+        #[arg(long = "targets-key", value_name = "FILE", required = true)]
+        targets_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        targets_threshold: u64,
+        #[arg(long = "snapshot-key", value_name = "FILE", required = true)]
+        snapshot_keys: Vec<PathBuf>,
+        #[arg(long = "timestamp-key", value_name = "FILE", required = true)]
+        timestamp_keys: Vec<PathBuf>,
+        /// When the root expires: 365d, 12h, or an RFC 3339 time
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+    },
+    /// Stage the next root with a role's keys or threshold changed (sign it with old and new root keys)
+    Rotate {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// root, targets, snapshot or timestamp
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// A key to add (public or private file; repeatable)
+        #[arg(long = "add-key", value_name = "FILE")]
+        add: Vec<PathBuf>,
+        /// A key to remove (key id or key file; repeatable)
+        #[arg(long = "remove-key", value_name = "KEYID|FILE")]
+        remove: Vec<String>,
+        #[arg(long, value_name = "N")]
+        threshold: Option<u64>,
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+    },
+    /// Stage a target NAME naming the apps (each resolved to its digest)
+    AddTarget {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "APP_REF", required = true)]
+        apps: Vec<String>,
+        /// The hardware or group tag of the devices it is for
+        #[arg(long, value_name = "TAG")]
+        hardware: Option<String>,
+        /// The oldest stowage that may apply it
+        #[arg(long, value_name = "VERSION")]
+        min_stowage_version: Option<String>,
+        /// When the targets metadata expires
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+    },
+    /// Stage the targets without NAME
+    RemoveTarget {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Add signatures to the staged root or targets, one key file or more
+    Sign {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// root or targets
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// A private key file (repeatable)
+        #[arg(long = "key", value_name = "FILE", required = true)]
+        keys: Vec<PathBuf>,
+        /// A new expiry for the role (drops the signatures it had)
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+    },
+    /// Take the staged roles, sign a new snapshot and timestamp, verify, and copy to each --to
+    Publish {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The snapshot and timestamp private keys (repeatable)
+        #[arg(long = "key", value_name = "FILE", required = true)]
+        keys: Vec<PathBuf>,
+        /// A registry repository (REGISTRY/REPO) or an export (oci:DIR); repeatable
+        #[arg(long, value_name = "DEST")]
+        to: Vec<String>,
+        #[arg(long, value_name = "WHEN")]
+        snapshot_expires: Option<String>,
+        #[arg(long, value_name = "WHEN")]
+        timestamp_expires: Option<String>,
+    },
+    /// Sign a new timestamp (run on a schedule) and copy it to each --to
+    Timestamp {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The timestamp private key (repeatable)
+        #[arg(long = "key", value_name = "FILE", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long, value_name = "DEST")]
+        to: Vec<String>,
+        /// When it expires [default: 1d]
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+    },
+    /// Show the repository's roles (versions, expiry, signatures), staged roles and targets
+    Show {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TufKeyCommand {
+    /// Write a new ed25519 private key to FILE and its public key to FILE.pub.json
+    Gen {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -323,10 +460,13 @@ pub struct PruneArgs {
 
 #[derive(Args)]
 pub struct FsckArgs {
-    /// Check sizes only, do not hash
+    /// Check the stored blobs by size only, do not hash
     #[arg(long)]
     pub quick: bool,
-    /// Reload from the blob store the images of installed apps that Docker lost
+    /// Also hash every file of the installed apps' layers in Docker (reads them all)
+    #[arg(long)]
+    pub deep: bool,
+    /// Restore from the blob store, with no network, the images of installed apps that Docker lost or damaged
     #[arg(long)]
     pub repair: bool,
     #[command(flatten)]
@@ -386,6 +526,8 @@ impl Cli {
             registry_timeout: self.registry_timeout,
             min_transfer_rate: self.min_transfer_rate.clone(),
             transfer_window: self.transfer_window,
+            trusted_root: self.trusted_root.clone(),
+            hardware: self.hardware.clone(),
             compose: self.compose,
         }
     }

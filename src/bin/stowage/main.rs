@@ -12,15 +12,17 @@ use clap::Parser;
 
 use stowage::commands::{
     Context, agent, check, df, export, fsck, inspect, install, ls, prune, ps, publish, pull,
-    reconcile, rm, run, status, stop, target, update,
+    reconcile, rm, run, status, stop, target, tuf, update,
 };
+use stowage::engine::layers::DamageFound;
 use stowage::plan::DoesNotFit;
 use stowage::update::transaction::UpdateEvent;
+use stowage::update::tuf::TrustError;
 
 mod args;
 mod output;
 
-use args::{Cli, Command, TargetCommand, selection};
+use args::{Cli, Command, TargetCommand, TufCommand, TufKeyCommand, selection};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -51,11 +53,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// The exit code of a failed command: 100 when the update does not fit, 1
-/// for any other error.
+/// The exit code of a failed command: 100 when the update does not fit, 101
+/// when a target is refused for trust, 1 for any other error.
 fn exit_code(e: &anyhow::Error) -> u8 {
     if e.is::<DoesNotFit>() {
         DoesNotFit::EXIT_CODE
+    } else if e.is::<TrustError>() {
+        TrustError::EXIT_CODE
     } else {
         1
     }
@@ -183,15 +187,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fsck(args) => {
             let options = fsck::FsckOptions {
                 quick: args.quick,
+                deep: args.deep,
                 repair: args.repair,
                 fit: args.fit.into(),
             };
             let report = options.run(&ctx, progress).await?;
-            output::fsck(&report.store, &report.installed, json)?;
+            output::fsck(&report.store, &report.installed, &report.engine, json)?;
             Ok(if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(1)
+                ExitCode::from(DamageFound::EXIT_CODE)
             })
         }
         Command::Install(args) => {
@@ -299,7 +304,125 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::target(&target::show(&ctx, &at).await?, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Tuf(command) => run_tuf(&ctx, command, json).await,
     }
+}
+
+async fn run_tuf(
+    ctx: &stowage::commands::Context,
+    command: TufCommand,
+    json: bool,
+) -> Result<ExitCode> {
+    match command {
+        TufCommand::Key(TufKeyCommand::Gen { file }) => {
+            output::tuf_key(&tuf::key_gen(&file)?, json)?
+        }
+        TufCommand::Init {
+            dir,
+            root_keys,
+            root_threshold,
+            targets_keys,
+            targets_threshold,
+            snapshot_keys,
+            timestamp_keys,
+            expires,
+        } => {
+            let options = tuf::InitOptions {
+                dir,
+                root_keys,
+                root_threshold,
+                targets_keys,
+                targets_threshold,
+                snapshot_keys,
+                timestamp_keys,
+                expires,
+            };
+            output::tuf_repo(&options.run()?, json)?
+        }
+        TufCommand::Rotate {
+            dir,
+            role,
+            add,
+            remove,
+            threshold,
+            expires,
+        } => {
+            let options = tuf::RotateOptions {
+                dir,
+                role,
+                add,
+                remove,
+                threshold,
+                expires,
+            };
+            output::tuf_repo(&options.run()?, json)?
+        }
+        TufCommand::AddTarget {
+            dir,
+            name,
+            apps,
+            hardware,
+            min_stowage_version,
+            expires,
+        } => {
+            let options = tuf::AddTargetOptions {
+                dir,
+                name,
+                apps,
+                hardware,
+                min_stowage_version,
+                expires,
+            };
+            output::tuf_target(&options.run(ctx).await?, json)?
+        }
+        TufCommand::RemoveTarget { dir, name } => {
+            output::tuf_repo(&tuf::remove_target(&dir, &name)?, json)?
+        }
+        TufCommand::Sign {
+            dir,
+            role,
+            keys,
+            expires,
+        } => output::tuf_repo(
+            &tuf::sign(&dir, &role, &keys, expires.as_deref()).await?,
+            json,
+        )?,
+        TufCommand::Publish {
+            dir,
+            keys,
+            to,
+            snapshot_expires,
+            timestamp_expires,
+        } => {
+            let options = tuf::PublishOptions {
+                dir,
+                keys,
+                to,
+                snapshot_expires,
+                timestamp_expires,
+                timestamp_only: false,
+            };
+            output::tuf_publish(&options.run(ctx).await?, json)?
+        }
+        TufCommand::Timestamp {
+            dir,
+            keys,
+            to,
+            expires,
+        } => {
+            let options = tuf::PublishOptions {
+                dir,
+                keys,
+                to,
+                snapshot_expires: None,
+                timestamp_expires: expires,
+                timestamp_only: true,
+            };
+            output::tuf_publish(&options.run(ctx).await?, json)?
+        }
+        TufCommand::Show { dir } => output::tuf_repo(&tuf::show(&dir)?, json)?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the update transaction's events go: JSON lines, or a line of text each.

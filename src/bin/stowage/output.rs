@@ -17,8 +17,9 @@ use stowage::app::publish::PublishReport;
 use stowage::app::stored::RmReport;
 use stowage::app::stored::StoredApp;
 use stowage::commands::df::DfReport;
-use stowage::engine::install::{ImageAction, InstallReport, InstalledCheck};
+use stowage::engine::install::{ImageAction, InstallReport};
 use stowage::engine::prune::DockerPruneReport;
+use stowage::engine::repair::{EngineDamage, InstalledCheck};
 use stowage::engine::run::{AppStatus, RunReport, StopReport};
 use stowage::plan::CheckReport;
 use stowage::progress::{Event, NoProgress, Progress};
@@ -659,11 +660,17 @@ pub fn df(report: &DfReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Result<()> {
+pub fn fsck(
+    report: &FsckReport,
+    installed: &[InstalledCheck],
+    engine: &[EngineDamage],
+    json: bool,
+) -> Result<()> {
     let installed_clean = installed.iter().all(|c| c.is_healthy());
     if json {
         let value = serde_json::json!({
             "installed": installed,
+            "engine": engine,
             "quick": report.quick,
             "checked": report.checked,
             "bytes_hashed": report.bytes_hashed,
@@ -695,36 +702,83 @@ pub fn fsck(report: &FsckReport, installed: &[InstalledCheck], json: bool) -> Re
         out!("ref {n} points at missing {d}: pull the app again");
     }
     for c in installed {
+        for image in &c.damaged_images {
+            let services = image.services.join(", ");
+            if let Some(e) = &image.engine_error {
+                out!(
+                    "app {}: image {} ({services}): the engine cannot describe it: {e}",
+                    c.name,
+                    image.tag
+                );
+            }
+            for layer in &image.layers {
+                out!(
+                    "app {}: image {} ({services}): layer {} (blob {}): {}",
+                    c.name,
+                    image.tag,
+                    layer.diff_id,
+                    layer.blob,
+                    layer.problem
+                );
+                for file in &layer.files {
+                    out!("  {}: {}", file.path, file.problem);
+                }
+                if layer.files_damaged > layer.files.len() {
+                    out!("  ... and {} more", layer.files_damaged - layer.files.len());
+                }
+            }
+        }
+        for why in &c.foreign {
+            out!("app {}: {why}", c.name);
+        }
+        if let Some(why) = &c.layers_not_checked {
+            out!("app {}: {why}", c.name);
+        }
         if c.repaired {
             out!(
-                "app {}: restored from the blob store ({} images were missing{})",
+                "app {}: restored from the blob store ({} images missing, {} damaged{})",
                 c.name,
                 c.missing_images.len(),
+                c.damaged_images.len(),
                 if c.directory_damaged {
                     ", directory rebuilt"
                 } else {
                     ""
                 }
             );
-        } else if !c.missing_images.is_empty() || c.directory_damaged {
+        } else if c.error.is_none()
+            && (!c.missing_images.is_empty() || !c.damaged_images.is_empty() || c.directory_damaged)
+        {
+            let mut what = Vec::new();
+            if !c.missing_images.is_empty() {
+                what.push(format!("Docker lacks {}", c.missing_images.join(", ")));
+            }
+            if !c.damaged_images.is_empty() {
+                what.push(format!(
+                    "Docker's copy of {} is damaged",
+                    c.damaged_images
+                        .iter()
+                        .map(|i| i.tag.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if c.directory_damaged {
+                what.push("its directory is damaged".into());
+            }
             out!(
-                "app {}: Docker lacks {}{}; run `stowage fsck --repair`",
+                "app {}: {}; run `stowage fsck --repair`",
                 c.name,
-                if c.missing_images.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    c.missing_images.join(", ")
-                },
-                if c.directory_damaged {
-                    " and its directory is damaged"
-                } else {
-                    ""
-                }
+                what.join(", ")
             );
         }
         if let Some(e) = &c.error {
             out!("app {}: cannot be restored: {e}", c.name);
         }
+    }
+    for damage in engine {
+        out!("engine: {}", damage.what);
+        out!("engine: recover with: {}", damage.recover);
     }
     if !installed.is_empty() {
         out!(
@@ -924,6 +978,27 @@ pub fn status(report: &stowage::commands::status::StatusReport, json: bool) -> R
             human_bytes(writes.engine_temp_bytes)
         );
     }
+    match &report.trust {
+        None => out!("signed targets: off (no trusted root configured)"),
+        Some(trust) => {
+            out!(
+                "signed targets: root {} (hardware tag {})",
+                trust.trusted_root.display(),
+                trust.hardware.as_deref().unwrap_or("none")
+            );
+            if trust.roles.is_empty() {
+                out!("  nothing verified yet");
+            }
+            for role in &trust.roles {
+                out!(
+                    "  {:<10} version {:<6} expires {}",
+                    role.role,
+                    role.version,
+                    role.expires
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1014,5 +1089,83 @@ pub fn import(report: &stowage::update::export::ImportReport, json: bool) -> Res
         human_bytes(report.imported_bytes),
         report.apps.join(", ")
     );
+    Ok(())
+}
+
+pub fn tuf_key(report: &stowage::update::tuf::repo::KeyReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    out!(
+        "key {} written: private {} (keep it off devices), public {}",
+        report.keyid,
+        report.private_key.display(),
+        report.public_key.display()
+    );
+    Ok(())
+}
+
+pub fn tuf_repo(report: &stowage::update::tuf::repo::RepoReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    out!("repository {}", report.dir.display());
+    for (label, roles) in [("published", &report.roles), ("staged", &report.staged)] {
+        for r in roles {
+            let threshold = r
+                .threshold
+                .map_or_else(|| "?".to_string(), |t| t.to_string());
+            out!(
+                "{label:<10} {:<10} version {:<5} expires {}  signatures {}/{}",
+                r.role,
+                r.version,
+                r.expires,
+                r.signatures,
+                threshold
+            );
+        }
+    }
+    for t in &report.targets {
+        let hardware = t.custom.hardware.as_deref().unwrap_or("any");
+        out!(
+            "target     {:<20} hardware {hardware:<12} {}",
+            t.name,
+            t.apps.join(" ")
+        );
+    }
+    Ok(())
+}
+
+pub fn tuf_target(report: &stowage::update::tuf::repo::TargetReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    out!(
+        "staged target {} (sha256 {}): {}; sign it with `stowage tuf sign DIR --role targets --key FILE`",
+        report.name,
+        report.sha256,
+        report.apps.join(" ")
+    );
+    Ok(())
+}
+
+pub fn tuf_publish(report: &stowage::commands::tuf::PublishReport, json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    tuf_repo(&report.repository, false)?;
+    if report.published_to.is_empty() {
+        out!("signed; not copied anywhere (give --to REGISTRY/REPO or --to oci:DIR)");
+    } else {
+        out!(
+            "published {} files to {}",
+            report.files.len(),
+            report.published_to.join(", ")
+        );
+    }
     Ok(())
 }

@@ -193,6 +193,32 @@ pub struct ImageSummary {
     pub repo_tags: Vec<String>,
 }
 
+/// The compose project a container belongs to (its label).
+pub const COMPOSE_PROJECT_LABEL: &str = "com.docker.compose.project";
+
+/// How the storage driver holds an image: the inspect's `GraphDriver` and
+/// `RootFS`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageStorage {
+    /// `overlay2`, `btrfs`, ...
+    pub driver: String,
+    /// For overlay2: `UpperDir` (the top layer's `diff`), `LowerDir` (the
+    /// others', top first, `:`-separated), `MergedDir`, `WorkDir`.
+    pub data: HashMap<String, String>,
+    pub diff_ids: Vec<Digest>,
+}
+
+/// A container as fsck's repair sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRef {
+    pub id: String,
+    pub name: String,
+    pub image_id: Option<Digest>,
+    /// Its `com.docker.compose.project` label.
+    pub project: Option<String>,
+    pub running: bool,
+}
+
 /// What a load did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadReport {
@@ -680,6 +706,107 @@ impl DockerEngine {
             .filter(|c| c.image_id.as_deref() == Some(wanted.as_str()))
             .map(|c| container_name(c.names.as_deref(), c.id.as_deref()))
             .collect())
+    }
+
+    /// How the engine's storage driver holds image `id` (`GraphDriver` of
+    /// an inspect) and its layers' diff_ids; `None` when there is no such
+    /// image. An engine whose layer metadata is torn answers an error here.
+    pub async fn image_storage(&self, id: &str) -> Result<Option<ImageStorage>, DockerError> {
+        let inspect = match self.client.inspect_image(id).await {
+            Ok(inspect) => inspect,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.api_error(format!("inspect image {id}"))(e)),
+        };
+        let bad = |reason: String| DockerError::BadAnswer {
+            host: self.host.clone(),
+            action: format!("GET /images/{id}/json"),
+            reason,
+        };
+        let diff_ids = inspect
+            .root_fs
+            .and_then(|r| r.layers)
+            .unwrap_or_default()
+            .iter()
+            .map(|l| l.parse::<Digest>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let (driver, data) = inspect
+            .graph_driver
+            .map(|g| (g.name, g.data))
+            .unwrap_or_default();
+        Ok(Some(ImageStorage {
+            driver,
+            data,
+            diff_ids,
+        }))
+    }
+
+    /// Every top-level image with its layers' diff_ids (an image the
+    /// engine cannot describe is listed with none).
+    pub async fn images_with_layers(
+        &self,
+    ) -> Result<Vec<(ImageSummary, Vec<Digest>)>, DockerError> {
+        let mut out = Vec::new();
+        for image in self.list_images().await? {
+            let layers = match self.image_storage(&image.id.to_string()).await {
+                Ok(Some(storage)) => storage.diff_ids,
+                Ok(None) => continue,
+                Err(_) => Vec::new(),
+            };
+            out.push((image, layers));
+        }
+        Ok(out)
+    }
+
+    /// Every container, running or not, with its image and compose project.
+    pub async fn containers(&self) -> Result<Vec<ContainerRef>, DockerError> {
+        let containers = self
+            .client
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default().all(true).build(),
+            ))
+            .await
+            .map_err(self.api_error("list its containers"))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.id.clone()?;
+                Some(ContainerRef {
+                    name: container_name(c.names.as_deref(), c.id.as_deref()),
+                    id,
+                    image_id: c.image_id.as_deref().and_then(|i| i.parse().ok()),
+                    project: c
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(COMPOSE_PROJECT_LABEL).cloned()),
+                    running: c
+                        .state
+                        .as_ref()
+                        .is_some_and(|s| s.to_string().eq_ignore_ascii_case("running")),
+                })
+            })
+            .collect())
+    }
+
+    /// Stops (10 s, then killed) and removes container `id`.
+    pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        let stop = bollard::query_parameters::StopContainerOptionsBuilder::default()
+            .t(10)
+            .build();
+        match self.client.stop_container(id, Some(stop)).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            // Already stopped (304) or failing to stop: the forced removal decides.
+            Err(_) => {}
+        }
+        let remove = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .build();
+        match self.client.remove_container(id, Some(remove)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.api_error(format!("remove container {id}"))(e)),
+        }
     }
 
     pub(crate) fn client(&self) -> &Docker {
