@@ -283,8 +283,14 @@ fn a_prune_waits_for_a_pull_in_progress_and_removes_nothing_it_fetched() {
         app.registry
             .wait_for_bytes_sent(&app.layers[0].0, 1, Duration::from_secs(30))
     );
+    // The metadata blobs are written while the layer downloads (a blocking
+    // task each), so they may land after its first byte: wait for them, with
+    // the slow layer still far from done.
+    assert!(
+        wait_until(Duration::from_secs(30), || !blob_files(&root).is_empty()),
+        "the metadata is stored while the layer downloads"
+    );
     let blobs_before = blob_files(&root);
-    assert!(!blobs_before.is_empty(), "the metadata is stored first");
     let out = run_output(device(&root, &host).args(["prune"]));
     assert_eq!(out.status.code(), Some(1));
     let said = String::from_utf8_lossy(&out.stderr);
