@@ -38,8 +38,10 @@
 # Knobs: BENCH_ENGINES (default "20.10 26.1 26.1-containerd"; the install section
 # runs on each, and with both gzip ways only on 20.10), BENCH_REPS (pull and install repetitions, default 5), BENCH_PUBLISH_REPS
 # (default 3), BENCH_CHECK_REPS (default 15), BENCH_KEEP=1 keeps the work dir,
-# BENCH_SECTIONS (default "publish pull check install": which sections are
-# measured; the apps are published either way), BENCH_ENGINE_GZIP (default
+# BENCH_SECTIONS (default "publish pull check install fsck tuf": which sections
+# are measured; the apps are published either way; tuf runs
+# scripts/bench/tuf-poll.sh, the agent's poll with a signed target against a
+# plain one, and adds its table to the report), BENCH_ENGINE_GZIP (default
 # "unpigz go": the install section runs once per way the engine inflates
 # gzip, `unpigz` on its PATH or Go's gzip with MOBY_DISABLE_PIGZ=1; the docker
 # baselines run under the same condition), BENCH_STOWAGE_BEFORE (a stowage
@@ -60,7 +62,7 @@ bash scripts/setup.sh
 if ! command -v unpigz >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pigz >/dev/null
 fi
-SECTIONS=${BENCH_SECTIONS:-publish pull check install}
+SECTIONS=${BENCH_SECTIONS:-publish pull check install fsck tuf}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 ENGINE_GZIP=${BENCH_ENGINE_GZIP:-unpigz go}
 BEFORE=${BENCH_STOWAGE_BEFORE:-}
@@ -612,9 +614,11 @@ if [ "$have_install" = 0 ]; then
 fi
 
 # fsck on the machine's dockerd again (overlay2: the driver fsck checks).
-stop_dockerd
-start_dockerd dockerd '{}' "$work/dockerfs/docker" --storage-driver=overlay2
-fsck_section
+if want fsck; then
+    stop_dockerd
+    start_dockerd dockerd '{}' "$work/dockerfs/docker" --storage-driver=overlay2
+    fsck_section
+fi
 
 # ------------------------------------------------------------------ report
 pubarg=()
@@ -626,6 +630,11 @@ python3 "$repo/scripts/bench/report.py" \
     --install "$have_install" \
     --stowage-commit "$(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src || echo '+changes')" \
     >"$work/report.md"
+if want tuf; then
+    # Its own registry and devices on the machine's dockerd; the same binary.
+    { echo; echo "### The agent's poll with a signed target (scripts/bench/tuf-poll.sh)"; echo
+      BENCH_REPS=${BENCH_TUF_REPS:-15} bash "$repo/scripts/bench/tuf-poll.sh"; } >>"$work/report.md"
+fi
 echo
 cat "$work/report.md"
 if [ "${BENCH_WRITE_DOC:-1}" = 1 ]; then
