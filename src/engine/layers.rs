@@ -19,6 +19,11 @@
 //! engine: the engine neither loads that layer nor lets it be loaded
 //! again; the report says which directory to remove.
 //!
+//! overlay2's own metadata of each layer is checked too: its `link` (a
+//! short name under `overlay2/l/`) and its `lower` list (the short names
+//! of the layers below). A power cut that empties them leaves the engine
+//! unable to inspect or mount the image ([`check_layer_links`]).
+//!
 //! Listings are made once per layer blob (the blob read and inflated,
 //! every file hashed) and kept in `ROOT/layer-files/<hex>.json`, so a quick
 //! check is one `lstat` per path. Only overlay2 is checked; other drivers
@@ -277,6 +282,10 @@ impl<'a> LayerChecker<'a> {
                         Ok::<_, std::io::Error>(check_layer_dir(&check_dir, &listing, deep))
                     })
                     .await?;
+                    let overlay = self.layout.data_root.join(CHECKED_DRIVER);
+                    let files = files.or_else(|| {
+                        check_layer_links(&dir, &overlay, i).map(|p| (p, Vec::new(), 0))
+                    });
                     files.map(|(problem, files, count)| LayerDamage {
                         diff_id: diff_id.clone(),
                         blob: blob.clone(),
@@ -488,6 +497,63 @@ pub fn check_layer_dir(
     })
 }
 
+/// overlay2's own metadata of the layer whose `diff` directory is `diff`
+/// and that has `below` layers under it: its `link` (the short name under
+/// `OVERLAY/l/`) and its `lower` (the short names of the layers below, top
+/// first). A power cut leaves these empty when dockerd did not flush them;
+/// the engine then answers 500 (`readlink .../overlay2: invalid argument`)
+/// to an inspect of the image and cannot mount it. `None` when they hold.
+pub fn check_layer_links(diff: &Path, overlay: &Path, below: usize) -> Option<String> {
+    let layer = diff.parent()?;
+    let is_link = |short: &str| {
+        !short.is_empty()
+            && !short.contains('/')
+            && std::fs::symlink_metadata(overlay.join("l").join(short))
+                .is_ok_and(|m| m.file_type().is_symlink())
+    };
+    let link_file = layer.join("link");
+    match std::fs::read_to_string(&link_file) {
+        Ok(short) if is_link(short.trim()) => {}
+        Ok(short) => {
+            return Some(format!(
+                "its overlay2 link {} is torn ({:?} names no link under {}/l)",
+                link_file.display(),
+                short.trim(),
+                overlay.display()
+            ));
+        }
+        Err(e) => {
+            return Some(format!(
+                "its overlay2 link {} is unreadable ({e})",
+                link_file.display()
+            ));
+        }
+    }
+    let lower_file = layer.join("lower");
+    let lower = match std::fs::read_to_string(&lower_file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && below == 0 => return None,
+        Err(e) => {
+            return Some(format!(
+                "its overlay2 lower-layer list {} is unreadable ({e}); {below} layers are below it",
+                lower_file.display()
+            ));
+        }
+        Ok(lower) => lower,
+    };
+    let parts: Vec<&str> = lower.trim().split(':').collect();
+    let whole = parts.len() == below
+        && parts
+            .iter()
+            .all(|p| p.strip_prefix("l/").is_some_and(is_link));
+    (!whole).then(|| {
+        format!(
+            "its overlay2 lower-layer list {} is torn ({} bytes, {below} layers are below it)",
+            lower_file.display(),
+            lower.len()
+        )
+    })
+}
+
 /// overlay2's opaque mark (`trusted.`, or `user.` for an unprivileged engine).
 fn is_opaque(path: &Path) -> bool {
     ["trusted.overlay.opaque", "user.overlay.opaque"]
@@ -558,6 +624,38 @@ mod tests {
         let gone = dir.path().join("gone");
         let (problem, _, _) = check_layer_dir(&gone, &listing, false).unwrap();
         assert!(problem.contains("missing"), "{problem}");
+    }
+
+    #[test]
+    fn overlay2_links_and_lower_lists_are_checked() {
+        let overlay = tempfile::tempdir().unwrap();
+        let o = overlay.path();
+        std::fs::create_dir_all(o.join("l")).unwrap();
+        for (id, short) in [("a", "SHORTA"), ("b", "SHORTB")] {
+            std::fs::create_dir_all(o.join(id).join("diff")).unwrap();
+            std::fs::write(o.join(id).join("link"), short).unwrap();
+            std::os::unix::fs::symlink(format!("../{id}/diff"), o.join("l").join(short)).unwrap();
+        }
+        std::fs::write(o.join("b/lower"), "l/SHORTA").unwrap();
+        assert_eq!(check_layer_links(&o.join("a/diff"), o, 0), None);
+        assert_eq!(check_layer_links(&o.join("b/diff"), o, 1), None);
+        // One layer too few below it, an empty list, a name with no link.
+        let torn = |below| check_layer_links(&o.join("b/diff"), o, below).unwrap();
+        assert!(torn(2).contains("lower-layer list"), "{}", torn(2));
+        std::fs::write(o.join("b/lower"), "").unwrap();
+        assert!(torn(1).contains("torn (0 bytes"), "{}", torn(1));
+        std::fs::write(o.join("b/lower"), "l/GONE").unwrap();
+        assert!(torn(1).contains("torn"), "{}", torn(1));
+        // A base layer with an empty list, a torn link.
+        std::fs::write(o.join("a/lower"), "").unwrap();
+        assert!(check_layer_links(&o.join("a/diff"), o, 0).is_some());
+        std::fs::remove_file(o.join("a/lower")).unwrap();
+        std::fs::write(o.join("a/link"), "").unwrap();
+        let why = check_layer_links(&o.join("a/diff"), o, 0).unwrap();
+        assert!(
+            why.contains("overlay2 link") && why.contains("torn"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -600,15 +600,11 @@ async fn clear_damaged(
         for tag in tags {
             engine.remove_image(tag).await?;
         }
-        if engine
-            .image_exists(&id.to_string())
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-        {
-            engine.remove_image(&id.to_string()).await?;
-        }
+        // By ID too, whatever an inspect says: an image whose tags a power
+        // cut took is untagged, and one with a torn layer cannot be
+        // inspected (the engine answers 500), yet both are there and a
+        // reload would keep the damaged copy. Not found is no error.
+        engine.remove_image(&id.to_string()).await?;
     }
     Ok(restart)
 }

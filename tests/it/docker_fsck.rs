@@ -456,3 +456,49 @@ fn install_and_run_restore_a_damaged_image_before_they_go_on() {
     app.assert_running();
     assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
 }
+
+/// The worker's local tags, dropped from the engine's tag store (what a
+/// power cut during a load leaves: the tags are the load's last write).
+fn drop_worker_tags(data_root: &Path) {
+    let path = data_root.join("image/overlay2/repositories.json");
+    let mut tags: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let repos = tags["Repositories"].as_object_mut().unwrap();
+    let before = repos.len();
+    repos.retain(|repo, _| !repo.ends_with("/worker"));
+    assert_eq!(repos.len() + 1, before, "{path:?}");
+    std::fs::write(&path, serde_json::to_vec(&tags).unwrap()).unwrap();
+}
+
+#[test]
+fn a_torn_overlay2_lower_list_is_found_and_the_image_reloaded_even_untagged() {
+    let mut app = Installed::new();
+    // First with its tags kept, then with them lost too (the cut of the
+    // power-cut test that left the device down).
+    for lose_tags in [false, true] {
+        // The reload of the first round gives the layer a new directory.
+        let lower = app.worker_upper_dir().parent().unwrap().join("lower");
+        let lower_copy = lower.clone();
+        restart_after(&mut app, |data_root| {
+            std::fs::write(&lower_copy, b"").unwrap();
+            if lose_tags {
+                drop_worker_tags(data_root);
+            }
+        })
+        .unwrap();
+        let (report, text) = app.fsck_fails(&[]);
+        let damaged = &app.app(&report)["damaged_images"];
+        let problems = damaged.to_string();
+        assert!(
+            problems.contains("lower-layer list") && problems.contains("is torn (0 bytes"),
+            "lose_tags {lose_tags}: {report:#}"
+        );
+        assert!(text.contains(&*lower.to_string_lossy()), "{text}");
+
+        let report = app.device.json(&["fsck", "--repair"]);
+        assert_eq!(report["clean"], true, "lose_tags {lose_tags}: {report:#}");
+        assert_eq!(app.app(&report)["repaired"], true, "{report:#}");
+        app.device.ok(&["run", &app.name]);
+        app.assert_running();
+        assert_eq!(app.device.json(&["fsck", "--deep"])["clean"], true);
+    }
+}
