@@ -76,6 +76,9 @@ pub struct LoadOptions {
     /// first) rather than inflated: its temporary copy is then the blob, not
     /// the tar. The engine inflates them itself (`unpigz` when on its PATH).
     pub send_gzip: bool,
+    /// Layers sent as stored that were verified while the engine applied
+    /// the one before ([`VerifiedAhead`]); their sends skip the first read.
+    pub ahead: Option<Arc<VerifiedAhead>>,
 }
 
 impl Default for LoadOptions {
@@ -87,6 +90,7 @@ impl Default for LoadOptions {
             buffer_bytes: 4 * 1024 * 1024,
             guard: None,
             send_gzip: crate::plan::held::send_gzip(),
+            ahead: None,
         }
     }
 }
@@ -239,6 +243,57 @@ impl SpaceGuard {
         };
         if let Ok(mut all) = self.measured.lock() {
             all.insert(layer.diff_id.clone(), measured);
+        }
+    }
+}
+
+/// Gzip layers sent as stored are read twice: once here, inflated, hashed,
+/// walked and held to what the check counted, then, once they passed, sent
+/// as stored. A layer-by-layer load does the first read of the next layer
+/// while the engine applies the one before, so the two overlap; the send
+/// takes the result from here (by diff_id, for the same blob length). A
+/// layer that fails here is not kept: its send reads it again and reports
+/// why, as without this.
+#[derive(Default)]
+pub struct VerifiedAhead(Mutex<HashMap<Digest, (u64, Walked)>>);
+
+impl std::fmt::Debug for VerifiedAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layers = self.0.lock().map(|all| all.len()).unwrap_or_default();
+        f.debug_struct("VerifiedAhead")
+            .field("layers", &layers)
+            .finish()
+    }
+}
+
+impl VerifiedAhead {
+    /// Whether `layer` goes to the engine as stored, so that its first read
+    /// can run ahead.
+    pub fn applies(layer: &LayerSource, options: &LoadOptions) -> bool {
+        options.send_gzip
+            && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip)
+    }
+
+    /// The first read of `layer` (blocking): kept when it passed.
+    pub fn verify(&self, layer: &LayerSource, guard: Option<&SpaceGuard>) {
+        let Ok(blob_len) = std::fs::metadata(&layer.blob_path).map(|m| m.len()) else {
+            return;
+        };
+        let Ok(Some(walked)) = walk_layer(layer, layer.tar_size, guard, Some(blob_len), |_| true)
+        else {
+            return;
+        };
+        if check_layer(layer, layer.tar_size, walked.size, walked.digest.clone()).is_ok()
+            && let Ok(mut all) = self.0.lock()
+        {
+            all.insert(layer.diff_id.clone(), (blob_len, walked));
+        }
+    }
+
+    fn take(&self, layer: &LayerSource, blob_len: u64) -> Option<Walked> {
+        match self.0.lock().ok()?.remove(&layer.diff_id) {
+            Some((len, walked)) if len == blob_len => Some(walked),
+            _ => None,
         }
     }
 }
@@ -486,6 +541,7 @@ struct Inflaters {
     buffer_chunks: usize,
     guard: Option<Arc<SpaceGuard>>,
     send_gzip: bool,
+    ahead: Option<Arc<VerifiedAhead>>,
 }
 
 impl Inflaters {
@@ -497,6 +553,7 @@ impl Inflaters {
             buffer_chunks: (options.buffer_bytes / CHUNK).max(1),
             guard: options.guard.clone(),
             send_gzip: options.send_gzip,
+            ahead: options.ahead.clone(),
         };
         inflaters.fill();
         inflaters
@@ -512,7 +569,10 @@ impl Inflaters {
             let guard = self.guard.clone();
             let raw = self.send_gzip
                 && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip);
-            std::thread::spawn(move || inflate_layer(&work, guard.as_deref(), raw, &tx));
+            let ahead = raw.then(|| self.ahead.clone()).flatten();
+            std::thread::spawn(move || {
+                inflate_layer(&work, guard.as_deref(), ahead.as_deref(), raw, &tx)
+            });
             self.running.push_back((layer, rx));
         }
     }
@@ -827,12 +887,13 @@ fn walk_layer(
 fn inflate_layer(
     layer: &LayerSource,
     guard: Option<&SpaceGuard>,
+    ahead: Option<&VerifiedAhead>,
     raw: bool,
     tx: &mpsc::SyncSender<Piece>,
 ) {
     let result = (|| -> Result<bool, DockerError> {
         if raw {
-            return send_raw_layer(layer, guard, tx);
+            return send_raw_layer(layer, guard, ahead, tx);
         }
         match layer.tar_size {
             Some(size) => {
@@ -889,6 +950,7 @@ fn inflate_layer(
 fn send_raw_layer(
     layer: &LayerSource,
     guard: Option<&SpaceGuard>,
+    ahead: Option<&VerifiedAhead>,
     tx: &mpsc::SyncSender<Piece>,
 ) -> Result<bool, DockerError> {
     let read_error = |source| DockerError::LayerRead {
@@ -899,10 +961,17 @@ fn send_raw_layer(
     let blob_len = std::fs::metadata(&layer.blob_path)
         .map_err(read_error)?
         .len();
-    let Some(walked) = walk_layer(layer, layer.tar_size, guard, Some(blob_len), |_| true)? else {
-        return Ok(false);
+    let walked = match ahead.and_then(|a| a.take(layer, blob_len)) {
+        Some(walked) => walked,
+        None => {
+            let Some(walked) = walk_layer(layer, layer.tar_size, guard, Some(blob_len), |_| true)?
+            else {
+                return Ok(false);
+            };
+            check_layer(layer, layer.tar_size, walked.size, walked.digest.clone())?;
+            walked
+        }
     };
-    check_layer(layer, layer.tar_size, walked.size, walked.digest)?;
     if tx.send(Piece::Size(blob_len)).is_err() {
         return Ok(false);
     }
@@ -983,7 +1052,7 @@ mod tests {
     /// how it ended.
     fn inflate(layer: &LayerSource, guard: &SpaceGuard) -> (u64, Result<(), DockerError>) {
         let (tx, rx) = mpsc::sync_channel(100_000);
-        inflate_layer(layer, Some(guard), false, &tx);
+        inflate_layer(layer, Some(guard), None, false, &tx);
         let mut sent = 0;
         for piece in rx.try_iter() {
             match piece {
@@ -1000,6 +1069,54 @@ mod tests {
                 reason: "no end".into(),
             }),
         )
+    }
+
+    #[test]
+    fn a_layer_verified_ahead_is_sent_from_that_result_and_a_failed_one_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[("opt/a.bin", vec![7u8; 300_000])]);
+        let blob = gzip(&tar);
+        let mut layer = layer_file(
+            dir.path(),
+            "good",
+            &blob,
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        );
+        layer.diff_id = Digest::of(&tar);
+        layer.tar_size = Some(tar.len() as u64);
+        let ahead = VerifiedAhead::default();
+        ahead.verify(&layer, None);
+        // Another blob length is not the blob that was verified.
+        assert!(ahead.take(&layer, blob.len() as u64 + 1).is_none());
+        ahead.verify(&layer, None);
+        let (tx, rx) = mpsc::sync_channel(100_000);
+        assert!(send_raw_layer(&layer, None, Some(&ahead), &tx).unwrap());
+        let sent: u64 = rx
+            .try_iter()
+            .map(|p| match p {
+                Piece::Data(b) => b.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(sent, blob.len() as u64);
+        assert!(
+            ahead.take(&layer, blob.len() as u64).is_none(),
+            "taken by the send"
+        );
+
+        // A layer that is not what its diff_id says is not kept; its send
+        // reads it again and says why.
+        let mut bad = layer.clone();
+        bad.diff_id = digest(9);
+        ahead.verify(&bad, None);
+        assert!(ahead.take(&bad, blob.len() as u64).is_none());
+        ahead.verify(&bad, None);
+        let (tx, _rx) = mpsc::sync_channel(100_000);
+        let err = send_raw_layer(&bad, None, Some(&ahead), &tx).unwrap_err();
+        assert!(
+            matches!(err, DockerError::LayerDigestMismatch { .. }),
+            "{err}"
+        );
     }
 
     fn guard_for(layer: &LayerSource, allowance: Allowance, headroom: (u64, u64)) -> SpaceGuard {
@@ -1159,7 +1276,7 @@ mod tests {
         layer.diff_id = Digest::of(&plain);
 
         let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, None, false, &tx);
+        inflate_layer(&layer, None, None, false, &tx);
         let mut received = Vec::new();
         let mut size = 0;
         for piece in rx.try_iter() {
@@ -1176,7 +1293,7 @@ mod tests {
         // The same blob claimed as another diff_id fails, naming both digests.
         layer.diff_id = digest(7);
         let (tx, rx) = mpsc::sync_channel(100);
-        inflate_layer(&layer, None, false, &tx);
+        inflate_layer(&layer, None, None, false, &tx);
         let failure = rx.try_iter().find_map(|p| match p {
             Piece::Failed(e) => Some(e),
             _ => Option::None,
@@ -1203,7 +1320,7 @@ mod tests {
         for wrong in [right - 1, right + 1] {
             layer.tar_size = Some(wrong);
             let (tx, rx) = mpsc::sync_channel(100);
-            inflate_layer(&layer, None, false, &tx);
+            inflate_layer(&layer, None, None, false, &tx);
             let failure = rx.try_iter().find_map(|p| match p {
                 Piece::Failed(e) => Some(e),
                 _ => Option::None,

@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -42,7 +43,9 @@ use crate::plan::held::HeldLayers;
 mod archive;
 mod tags;
 
-pub use archive::{Allowance, ImageToLoad, LayerSource, LoadOptions, SpaceGuard, layers_to_send};
+pub use archive::{
+    Allowance, ImageToLoad, LayerSource, LoadOptions, SpaceGuard, VerifiedAhead, layers_to_send,
+};
 pub use tags::local_tag_for;
 use tags::validate_tag_reference;
 
@@ -894,6 +897,23 @@ impl DockerEngine {
         let started = Instant::now();
         let last = image.layers.len();
         let mut bytes_sent = 0;
+        let ahead = Arc::new(VerifiedAhead::default());
+        let options = &LoadOptions {
+            ahead: Some(ahead.clone()),
+            ..options.clone()
+        };
+        // While the engine applies one layer, the next one's first read
+        // (a layer sent as stored) runs on a blocking thread.
+        let read_ahead = |index: usize| {
+            let layer = image.layers.get(index)?.clone();
+            if !VerifiedAhead::applies(&layer, options) {
+                return None;
+            }
+            let (ahead, guard) = (ahead.clone(), options.guard.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                ahead.verify(&layer, guard.as_deref())
+            }))
+        };
         // Layer k is sent on top of layers ..k; the last load sends the
         // last layer (or none, when the engine holds every one) with the
         // image's own config.
@@ -908,7 +928,12 @@ impl DockerEngine {
             if !intermediates.contains(&id) {
                 intermediates.push(id);
             }
+            let next = read_ahead(top);
             bytes_sent += self.load_archive(&step, top - 1, options, false).await?;
+            if let Some(next) = next {
+                // Its failure shows when its own load reads it again.
+                let _ = next.await;
+            }
         }
         let from = last.saturating_sub(1).max(skip);
         bytes_sent += self.load_archive(image, from, options, true).await?;
