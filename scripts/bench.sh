@@ -21,6 +21,10 @@
 #      engine of the test matrix: Debian 12's dockerd 20.10 and Debian 13's
 #      26.1 (from scripts/setup.sh), and 26.1 with the containerd image store,
 #      where stowage's refusal is checked and only Docker's ways are measured.
+#      Flash wear: bytes written per byte of app (gzip) for stowage pull +
+#      install, docker pull, and skopeo copy to docker-archives + docker load
+#      (the tools' own writes from their rusage, the engine's from its loop
+#      device's write counter after a sync).
 #   4. fsck: an app of about 5,000 files installed into the private dockerd;
 #      `stowage fsck --quick` (Docker's side: every path of every layer
 #      against the stored layer's listing, by size) and `--quick --deep`
@@ -499,12 +503,31 @@ install_cases() {
     shift 2
     local tags=("$@") name=${section//[^a-z0-9]/}
     export DH
-    local watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs")
+    # The engine's volume: its peak growth, and every byte written to its
+    # loop device (flash wear).
+    local dev
+    dev=$(basename "$(findmnt -no SOURCE "$work/dockerfs")")
+    local watch=(--dockerd-pid "$dockerd_pid" --disk "$work/dockerfs" --written-dev "$dev")
     for tag in "${tags[@]}"; do docker -H "$DH" pull -q "$tag" >/dev/null; done
     docker -H "$DH" save -o "$work/$name.tar" "${tags[@]}"
     docker_forget "${tags[@]}"
+    # Flash wear of the other way onto a device: skopeo copies each image to
+    # a docker-archive (its layers written inflated), then docker loads it.
+    export ARCHIVES=$work/archives-$name
+    mkdir -p "$ARCHIVES"
+    settle
+    measure "$section: skopeo copy to docker-archives, 3 images one by one" -- \
+        bash -c 'for t in "$@"; do skopeo copy -q --src-tls-verify=false "docker://$t" \
+            "docker-archive:$ARCHIVES/${t//[^a-z0-9]/_}.tar:$t" || exit 1; done' _ "${tags[@]}"
+    settle
+    measure "$section: docker load of skopeo's archives" "${watch[@]}" -- \
+        bash -c 'for f in "$ARCHIVES"/*.tar; do docker -H "$DH" load -q -i "$f" >/dev/null || exit 1; done'
+    docker_forget "${tags[@]}"
+    rm -rf "$ARCHIVES"
     if [ "$have_install" = 1 ]; then
-        DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-root" pull $fit "$ref" >/dev/null
+        # Measured once, for the store's writes (flash wear).
+        measure "$section: stowage pull into its store" -- \
+            env DOCKER_HOST="$DH" "$STOWAGE" --root "$work/$name-root" pull $fit "$ref"
     fi
     if [ "$have_install" = 1 ] && [ "$engine_takes_stowage" = 0 ]; then
         rm -rf "$work/$name-run"

@@ -11,6 +11,13 @@ Prints one JSON object on stdout:
   disk_peak_bytes   peak growth of the used bytes of the file system holding
                     --disk PATH over its value at the start, polled by statvfs
   disk_end_bytes    that growth once the command ended
+  written_bytes     bytes the command (and its waited-for descendants) wrote
+                    to file systems, from wait4's rusage (ru_oublock, counted
+                    when pages are dirtied): its own flash wear
+  volume_written_bytes  bytes written to the block device --written-dev
+                    (e.g. loop3) from before the command to after a sync once
+                    it ended (/sys/block/DEV/stat): whatever wrote them, the
+                    engine included
 The command's stdout and stderr go to --log (default /dev/null). A non-zero
 exit makes this exit non-zero too, after printing the JSON (with "rc").
 """
@@ -31,6 +38,11 @@ def used_bytes(path):
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def sectors_written(dev):
+    with open(f"/sys/block/{dev}/stat") as f:
+        return int(f.read().split()[6])
+
+
 def rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -46,11 +58,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--disk", help="a path on the file system to watch")
     parser.add_argument("--dockerd-pid", type=int, help="dockerd's pid, to watch its RSS")
+    parser.add_argument("--written-dev", help="a block device (sysfs name) whose writes to count")
     parser.add_argument("--log", default="/dev/null")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
 
+    if args.written_dev:
+        os.sync()
+        written0 = sectors_written(args.written_dev)
     disk0 = used_bytes(args.disk) if args.disk else 0
     dockerd0 = rss_kib(args.dockerd_pid) if args.dockerd_pid else 0
     peaks = {"disk": 0, "dockerd": 0}
@@ -80,8 +96,12 @@ def main():
     result = {
         "wall_s": round(wall, 4),
         "maxrss_kib": usage.ru_maxrss,
+        "written_bytes": usage.ru_oublock * 512,
         "rc": child.returncode,
     }
+    if args.written_dev:
+        os.sync()
+        result["volume_written_bytes"] = (sectors_written(args.written_dev) - written0) * 512
     if args.dockerd_pid:
         result["dockerd_peak_kib"] = peaks["dockerd"]
     if args.disk:

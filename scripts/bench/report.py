@@ -191,7 +191,55 @@ def report(args):
             )
     if not args.install:
         out.append("- stowage install >= 2x faster than docker pull: not measured (no `install` verb yet)")
+    out.extend(flash_wear(args, runs, sections))
     return "\n".join(out) + "\n"
+
+
+def flash_wear(args, runs, sections):
+    """Bytes written onto the device per byte of app (its layers as
+    published, gzip), each way from the registry into the engine: the
+    tools' own writes (rusage) plus the engine volume's (its loop device)."""
+
+    def written(case, field):
+        rs = runs.get(case)
+        if not rs or field not in rs[0]:
+            return None
+        return statistics.median(r[field] for r in rs)
+
+    rows = []
+    for section in sections:
+        app_path = args.files_app if "files app" in section else args.pull_app
+        with open(app_path) as f:
+            app = json.load(f)
+        app_bytes = sum(a["download_size"] for a in app["architectures"].values())
+        ways = []
+        pull = written(f"{section}: stowage pull into its store", "written_bytes")
+        install_own = written(f"{section}: stowage install", "written_bytes")
+        install_engine = written(f"{section}: stowage install", "volume_written_bytes")
+        if None not in (pull, install_own, install_engine):
+            ways.append(("stowage pull + install", pull + install_own, install_engine))
+        docker_pull = written(f"{section}: docker pull, 3 images one by one", "volume_written_bytes")
+        if docker_pull is not None:
+            ways.append(("docker pull, one by one", 0, docker_pull))
+        skopeo = written(f"{section}: skopeo copy to docker-archives, 3 images one by one", "written_bytes")
+        load = written(f"{section}: docker load of skopeo's archives", "volume_written_bytes")
+        if None not in (skopeo, load):
+            ways.append(("skopeo copy to docker-archives + docker load", skopeo, load))
+        for way, own, engine in ways:
+            total = own + engine
+            rows.append(
+                f"| {section} | {way} | {own / 1e6:.0f} MB | {engine / 1e6:.0f} MB "
+                f"| {total / 1e6:.0f} MB | {total / app_bytes:.2f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Flash wear (bytes written onto the device, medians; per byte of the app's layers as published, gzip):",
+        "",
+        "| section | way | the tool's own writes | the engine volume's writes | total | per byte of app |",
+        "|---|---|---:|---:|---:|---:|",
+    ] + rows
 
 
 def splice(doc):

@@ -54,7 +54,9 @@ impl Freeable {
             Freeable::StalePartials => "none",
             Freeable::Unneeded => "none (they are downloaded again if ever wanted)",
             Freeable::RollbackCopy => "no rollback for this update",
-            Freeable::DroppedApps => "the dropped apps cannot be started again without a download",
+            Freeable::DroppedApps => {
+                "the apps the target drops stop before the update, not at the switch, and a rollback does not bring them back"
+            }
         }
     }
 }

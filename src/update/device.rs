@@ -401,16 +401,17 @@ impl DeviceOps for LiveDevice<'_> {
 
     /// What each kind of [`Freeable`] would free: the blob store's side
     /// measured by walking the refs with and without the apps each kind
-    /// drops, Docker's as a dry run of its prune. The images of dropped
-    /// apps are not offered: those apps run until the switch.
+    /// drops, Docker's as a dry run of its prune; the apps the target drops
+    /// by their images' own bytes (those apps run until they are freed).
     async fn room(&self, state: &DeviceState, to: &AppSet) -> Result<Vec<Candidate>> {
         let sets = RoomSets::of(state, to);
+        let without_dropped = sets.without_dropped.clone();
         let roots = self.target_blobs(to).await;
         let store = self.store.clone();
         let store_volume = crate::plan::space::Volume::of(&self.root.join("store"))?;
         let (store_dev, block) = (store_volume.dev, store_volume.block_size);
         let (kept, with_previous) = (sets.kept.clone(), sets.with_previous.clone());
-        let (partials, unneeded, rollback) = crate::fsutil::blocking(move || {
+        let (partials, unneeded, rollback, dropped_apps) = crate::fsutil::blocking(move || {
             let _lock = store.lock(crate::store::LockMode::Shared)?;
             let apps = crate::app::stored::list_apps(&store)?;
             let target = roots.clone().unwrap_or_default();
@@ -419,13 +420,16 @@ impl DeviceOps for LiveDevice<'_> {
                 store.reachable_from(&|n| !dropped.contains(n), &target)
             };
             let (need_kept, need_previous) = (reach(&kept)?, reach(&with_previous)?);
-            let (mut unneeded, mut rollback) = (0u64, 0u64);
+            let need_target = reach(&without_dropped)?;
+            let (mut unneeded, mut rollback, mut dropped_apps) = (0u64, 0u64, 0u64);
             for (digest, size) in store.list()? {
                 let disk = crate::plan::space::round_up(size, block);
                 if !need_previous.contains(&digest) {
                     unneeded = unneeded.saturating_add(disk);
                 } else if !need_kept.contains(&digest) {
                     rollback = rollback.saturating_add(disk);
+                } else if !need_target.contains(&digest) {
+                    dropped_apps = dropped_apps.saturating_add(disk);
                 }
             }
             // Without the target's blobs, a partial download of one of
@@ -439,7 +443,7 @@ impl DeviceOps for LiveDevice<'_> {
                     }
                 }
             }
-            anyhow::Ok((partials, unneeded, rollback))
+            anyhow::Ok((partials, unneeded, rollback, dropped_apps))
         })
         .await?;
         let data_root = self.engine.info().await?.data_root;
@@ -449,6 +453,21 @@ impl DeviceOps for LiveDevice<'_> {
         let dry = |keep| docker_prune::prune_docker_keeping(&self.root, &self.engine, true, keep);
         let docker_unneeded = dry(&images_of_previous).await?.freed_bytes;
         let docker_with_rollback = dry(&images_kept).await?.freed_bytes;
+        // The dropped apps' images are installed and in use, so a dry prune
+        // does not count them: their own bytes (layers no other image has).
+        let images_left = self.images_of(&sets.without_dropped).await?;
+        let docker_dropped = if sets.kept == sets.without_dropped {
+            0
+        } else {
+            self.engine
+                .image_disk_usage()
+                .await?
+                .images
+                .iter()
+                .filter(|i| images_kept.contains(&i.id) && !images_left.contains(&i.id))
+                .map(|i| i.size.saturating_sub(i.shared_size.unwrap_or(0)))
+                .sum()
+        };
         let on = |pairs: &[(u64, u64)]| {
             let mut bytes = std::collections::BTreeMap::new();
             for (dev, n) in pairs {
@@ -475,6 +494,10 @@ impl DeviceOps for LiveDevice<'_> {
                         docker_with_rollback.saturating_sub(docker_unneeded),
                     ),
                 ]),
+            },
+            Candidate {
+                what: Freeable::DroppedApps,
+                bytes: on(&[(store_dev, dropped_apps), (docker_dev, docker_dropped)]),
             },
         ])
     }
@@ -514,9 +537,17 @@ impl DeviceOps for LiveDevice<'_> {
                 self.prune_keeping(&keep, roots.unwrap_or_default()).await?;
             }
             Freeable::DroppedApps => {
-                bail!(
-                    "the images of dropped apps are not freed before the switch: the apps run until then"
-                )
+                // `state` still names them; the caller's no longer does.
+                for name in state.running.keys().filter(|n| !to.contains_key(*n)) {
+                    self.stop(name).await?;
+                    run_cmd::uninstall(self.device(), name.as_str()).await?;
+                }
+                let keep: Vec<AppRef> = sets
+                    .without_dropped
+                    .iter()
+                    .map(|r| r.parse())
+                    .collect::<Result<_, _>>()?;
+                self.prune_keeping(&keep, roots.unwrap_or_default()).await?;
             }
         }
         Ok(())
@@ -647,6 +678,8 @@ fn dropped_refs(apps: &[admin::StoredApp], keep: &BTreeSet<String>) -> BTreeSet<
 struct RoomSets {
     kept: BTreeSet<String>,
     with_previous: BTreeSet<String>,
+    /// `kept` less the apps the target drops.
+    without_dropped: BTreeSet<String>,
 }
 
 impl RoomSets {
@@ -659,9 +692,18 @@ impl RoomSets {
             .collect();
         let mut with_previous = kept.clone();
         with_previous.extend(state.previous.values().map(AppRef::to_string));
+        let without_dropped = state
+            .running
+            .iter()
+            .filter(|(name, _)| to.contains_key(*name))
+            .map(|(_, r)| r)
+            .chain(to.values())
+            .map(AppRef::to_string)
+            .collect();
         RoomSets {
             kept,
             with_previous,
+            without_dropped,
         }
     }
 }

@@ -376,6 +376,12 @@ pub async fn update(
     // only what neither the running apps nor the target need).
     let pulled = pull_making_room(device, files, &mut state, &to, options).await;
     let dropped_rollback = matches!(pulled, Ok((_, true)));
+    if journal.from != state.running {
+        // Apps the target drops were stopped to make room: the switch
+        // neither stops them nor a rollback starts them.
+        journal.from = state.running.clone();
+        files.write_journal(&journal)?;
+    }
     let prepared = async {
         let (check, _) = pulled?;
         device.event(UpdateEvent::Check {
@@ -471,14 +477,21 @@ async fn pull_making_room(
     });
     let mut dropped = false;
     for item in plan.chosen() {
+        // The state stops naming what goes before it goes, so that a crash
+        // never leaves a state that points at removed images.
+        let before = state.clone();
         if item.what == Freeable::RollbackCopy && !state.previous.is_empty() {
-            // The state stops naming the copy before it goes, so that a
-            // crash never leaves a state that points at removed images.
             state.previous.clear();
             files.write_device(state)?;
         }
+        if item.what == Freeable::DroppedApps {
+            // The apps the target drops stop now, not at the switch, and a
+            // rollback does not bring them back.
+            state.running.retain(|name, _| to.contains_key(name));
+            files.write_device(state)?;
+        }
         dropped |= item.what == Freeable::RollbackCopy;
-        device.free(item.what, state, to).await?;
+        device.free(item.what, &before, to).await?;
         device.event(UpdateEvent::Freed { what: item.what });
     }
     match device.pull(to).await {

@@ -308,3 +308,68 @@ fn the_agent_takes_make_room_from_the_config_file() {
     assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
     device.ok(&["stop", "--all"]);
 }
+
+#[test]
+fn an_update_that_fits_only_once_a_dropped_app_goes_stops_it_first_with_drop_rollback() {
+    let mut shop = Shop::new();
+    let v1 = shop.publish("shop", 1, 8);
+    let v2 = shop.publish("shop", 2, 8);
+    let extra = shop.publish("extra", 1, 24);
+    let volume = LoopVolume::new(512);
+    let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
+    let device = device_on(&volume, &shop.registry, &dockerd);
+    device.ok(&["update", &v1, &extra]);
+    let ps = device.json(&["ps"]);
+    assert_eq!(app_state(&ps, "extra")["state"], "running", "{ps}");
+
+    // The target drops `extra` (24 MiB in the store and as much in Docker):
+    // only its going makes room for v2.
+    let (peak, reserve) = peak_and_reserve(&device, &v2);
+    let filler = volume.path().join("filler");
+    leave_available(&volume, &filler, reserve, peak - 12 * MIB);
+    for flags in [&[][..], &["--make-room=prune"][..]] {
+        let mut args = flags.to_vec();
+        args.push(&v2);
+        let (code, values) = update_json(&device, &args);
+        assert_eq!(code, Some(100), "{flags:?}");
+        let plan = plan_of(&values);
+        eprintln!("plan: {plan}");
+        let dropped = item(plan, "dropped_apps").unwrap_or_else(|| panic!("{plan}"));
+        assert!(dropped["bytes"].as_u64().unwrap() >= 24 * MIB, "{plan}");
+        assert!(
+            dropped["consequence"]
+                .as_str()
+                .unwrap()
+                .contains("stop before the update"),
+            "{plan}"
+        );
+        assert_eq!(plan["fits_after"], true, "{plan}");
+        assert_eq!(plan["make_room"], "drop-rollback", "{plan}");
+        // Nothing was touched: both apps still run.
+        let ps = device.json(&["ps"]);
+        assert_eq!(app_state(&ps, "extra")["state"], "running", "{ps}");
+        assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
+    }
+
+    let (code, values) = update_json(&device, &["--make-room=drop-rollback", &v2]);
+    assert_eq!(code, Some(0), "{values:?}");
+    let order = events(&values);
+    let at = |e: &str| {
+        order
+            .iter()
+            .position(|x| x == e)
+            .unwrap_or_else(|| panic!("{e}: {order:?}"))
+    };
+    assert!(at("freed") < at("installed"), "{order:?}");
+    let ps = device.json(&["ps"]);
+    assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
+    assert!(
+        ps.as_array()
+            .is_some_and(|apps| apps.iter().all(|a| a["name"] != "extra")),
+        "{ps}"
+    );
+    assert!(!device.ok(&["ls"]).contains("extra"));
+    let status = device.ok(&["status"]);
+    assert!(!status.contains("extra"), "{status}");
+    device.ok(&["stop", "--all"]);
+}
