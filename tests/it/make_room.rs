@@ -6,7 +6,9 @@
 //!   and the update succeeds, the running app untouched until the switch;
 //! - an update that fits only by dropping the rollback copy is refused
 //!   without the flag and with `prune`, succeeds with `drop-rollback`, and
-//!   `status` then says that no rollback copy exists.
+//!   `status` then says that no rollback copy exists;
+//! - an update that fits only once an app the target drops goes is refused
+//!   the same way, and with `drop-rollback` that app stops and goes first.
 
 use std::process::Command;
 
@@ -185,17 +187,8 @@ fn an_update_just_over_is_refused_with_the_plan_and_make_room_prune_makes_it_fit
     assert!(text.contains("--make-room=prune"), "{text}");
 
     // With the flag: freed first, then installed while v1 runs, then the switch.
-    let (code, values) = update_json(&device, &["--make-room=prune", &v2]);
-    assert_eq!(code, Some(0), "{values:?}");
-    let order = events(&values);
-    let at = |e: &str| {
-        order
-            .iter()
-            .position(|x| x == e)
-            .unwrap_or_else(|| panic!("{e}: {order:?}"))
-    };
-    assert!(at("freed") < at("installed"), "{order:?}");
-    assert!(at("installed") < at("stopped"), "{order:?}");
+    let order = applied_freeing_first(&device, &["--make-room=prune", &v2]);
+    assert!(at(&order, "installed") < at(&order, "stopped"), "{order:?}");
     assert!(!device.ok(&["ls"]).contains("junk"));
     let ps = device.json(&["ps"]);
     assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
@@ -203,6 +196,59 @@ fn an_update_just_over_is_refused_with_the_plan_and_make_room_prune_makes_it_fit
     let status = device.ok(&["status"]);
     assert!(!status.contains("rollback copy: none"), "{status}");
     device.ok(&["stop", "--all"]);
+}
+
+/// Where event `e` came in `order`.
+fn at(order: &[String], e: &str) -> usize {
+    order
+        .iter()
+        .position(|x| x == e)
+        .unwrap_or_else(|| panic!("{e}: {order:?}"))
+}
+
+/// `update ARGS` succeeds, freeing before it installs; its events in order.
+fn applied_freeing_first(device: &Device, args: &[&str]) -> Vec<String> {
+    let (code, values) = update_json(device, args);
+    assert_eq!(code, Some(0), "{values:?}");
+    let order = events(&values);
+    assert!(at(&order, "freed") < at(&order, "installed"), "{order:?}");
+    order
+}
+
+/// `update TARGET` is refused (exit 100), freeing nothing, without a flag
+/// and with `--make-room=prune`: its plan lists `what` (at least
+/// `min_bytes`, with a consequence saying `consequence`) and asks for
+/// `drop-rollback`, which would make it fit.
+fn refused_until_drop_rollback(
+    device: &Device,
+    target: &str,
+    what: &str,
+    min_bytes: u64,
+    consequence: &str,
+) {
+    for flags in [&[][..], &["--make-room=prune"][..]] {
+        let mut args = flags.to_vec();
+        args.push(target);
+        let (code, values) = update_json(device, &args);
+        assert_eq!(code, Some(100), "{flags:?}");
+        let plan = plan_of(&values);
+        eprintln!("plan: {plan}");
+        let listed = item(plan, what).unwrap_or_else(|| panic!("{plan}"));
+        assert!(listed["bytes"].as_u64().unwrap() >= min_bytes, "{plan}");
+        assert!(
+            listed["consequence"]
+                .as_str()
+                .unwrap()
+                .contains(consequence),
+            "{plan}"
+        );
+        assert_eq!(plan["fits_after"], true, "{plan}");
+        assert_eq!(plan["make_room"], "drop-rollback", "{plan}");
+        assert!(
+            !events(&values).contains(&"freed".to_string()),
+            "{values:?}"
+        );
+    }
 }
 
 #[test]
@@ -221,26 +267,13 @@ fn an_update_that_fits_only_without_the_rollback_copy_needs_drop_rollback() {
     let (peak, reserve) = peak_and_reserve(&device, &v3);
     let filler = volume.path().join("filler");
     leave_available(&volume, &filler, reserve, peak - 12 * MIB);
-    for flags in [&[][..], &["--make-room=prune"][..]] {
-        let mut args = flags.to_vec();
-        args.push(&v3);
-        let (code, values) = update_json(&device, &args);
-        assert_eq!(code, Some(100), "{flags:?}");
-        let plan = plan_of(&values);
-        eprintln!("plan: {plan}");
-        let rollback = item(plan, "rollback_copy").unwrap_or_else(|| panic!("{plan}"));
-        assert!(rollback["bytes"].as_u64().unwrap() >= 16 * MIB, "{plan}");
-        assert_eq!(
-            rollback["consequence"], "no rollback for this update",
-            "{plan}"
-        );
-        assert_eq!(plan["fits_after"], true, "{plan}");
-        assert_eq!(plan["make_room"], "drop-rollback", "{plan}");
-        assert!(
-            !events(&values).contains(&"freed".to_string()),
-            "{values:?}"
-        );
-    }
+    refused_until_drop_rollback(
+        &device,
+        &v3,
+        "rollback_copy",
+        16 * MIB,
+        "no rollback for this update",
+    );
     let status = device.ok(&["status"]);
     assert!(!status.contains("rollback copy: none"), "{status}");
 
@@ -327,40 +360,19 @@ fn an_update_that_fits_only_once_a_dropped_app_goes_stops_it_first_with_drop_rol
     let (peak, reserve) = peak_and_reserve(&device, &v2);
     let filler = volume.path().join("filler");
     leave_available(&volume, &filler, reserve, peak - 12 * MIB);
-    for flags in [&[][..], &["--make-room=prune"][..]] {
-        let mut args = flags.to_vec();
-        args.push(&v2);
-        let (code, values) = update_json(&device, &args);
-        assert_eq!(code, Some(100), "{flags:?}");
-        let plan = plan_of(&values);
-        eprintln!("plan: {plan}");
-        let dropped = item(plan, "dropped_apps").unwrap_or_else(|| panic!("{plan}"));
-        assert!(dropped["bytes"].as_u64().unwrap() >= 24 * MIB, "{plan}");
-        assert!(
-            dropped["consequence"]
-                .as_str()
-                .unwrap()
-                .contains("stop before the update"),
-            "{plan}"
-        );
-        assert_eq!(plan["fits_after"], true, "{plan}");
-        assert_eq!(plan["make_room"], "drop-rollback", "{plan}");
-        // Nothing was touched: both apps still run.
-        let ps = device.json(&["ps"]);
-        assert_eq!(app_state(&ps, "extra")["state"], "running", "{ps}");
-        assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
-    }
+    refused_until_drop_rollback(
+        &device,
+        &v2,
+        "dropped_apps",
+        24 * MIB,
+        "stop before the update",
+    );
+    // Nothing was touched: both apps still run.
+    let ps = device.json(&["ps"]);
+    assert_eq!(app_state(&ps, "extra")["state"], "running", "{ps}");
+    assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
 
-    let (code, values) = update_json(&device, &["--make-room=drop-rollback", &v2]);
-    assert_eq!(code, Some(0), "{values:?}");
-    let order = events(&values);
-    let at = |e: &str| {
-        order
-            .iter()
-            .position(|x| x == e)
-            .unwrap_or_else(|| panic!("{e}: {order:?}"))
-    };
-    assert!(at("freed") < at("installed"), "{order:?}");
+    applied_freeing_first(&device, &["--make-room=drop-rollback", &v2]);
     let ps = device.json(&["ps"]);
     assert_eq!(app_state(&ps, "shop")["state"], "running", "{ps}");
     assert!(
