@@ -618,18 +618,41 @@ async fn load_images(
     if images.is_empty() {
         return Ok(Vec::new());
     }
+    // One read-ahead for the whole install: an image waiting for its turn
+    // has its first layer read while the engine applies another's.
+    let ahead = Arc::new(crate::engine::docker::VerifiedAhead::default());
+    let options = &LoadOptions {
+        ahead: Some(ahead.clone()),
+        ..options.clone()
+    };
+    let first_sent = first_sent_layers(held, images);
+    let read_first = |i: usize, image: &ImageToLoad| {
+        first_sent[i].and_then(|k| ahead.start(&image.layers[k], options))
+    };
     if options.images <= 1 {
         // Strictly in order, as the plan's peak for one at a time assumes.
         let mut reports = Vec::with_capacity(images.len());
-        for planned in images {
+        let mut next = match images.first() {
+            Some(planned) => Some(image_to_load(store, planned, meta)?),
+            None => None,
+        };
+        for (i, planned) in images.iter().enumerate() {
             progress.step(format!(
                 "loading {} ({} layers) for {}",
                 planned.tags.iter().next().map_or("", String::as_str),
                 planned.layers.len(),
                 planned.services.join(", ")
             ));
-            let image = image_to_load(store, planned, meta)?;
+            let Some(image) = next.take() else { break };
+            next = match images.get(i + 1) {
+                Some(after) => Some(image_to_load(store, after, meta)?),
+                None => None,
+            };
+            let read = next.as_ref().and_then(|after| read_first(i + 1, after));
             reports.push(engine.load_image_with(&image, options).await?);
+            if let Some(read) = read {
+                let _ = read.await;
+            }
         }
         return Ok(reports);
     }
@@ -662,6 +685,8 @@ async fn load_images(
         let before: Vec<_> = waits_for[i].iter().map(|&j| loads[j].clone()).collect();
         let (slots, results) = (&slots, &results);
         let load = async move {
+            let image = image_to_load(store, planned, meta);
+            let read = image.as_ref().ok().and_then(|image| read_first(i, image));
             let mut ready = true;
             for earlier in before {
                 ready &= earlier.await;
@@ -679,7 +704,11 @@ async fn load_images(
                     planned.layers.len(),
                     planned.services.join(", ")
                 ));
-                match image_to_load(store, planned, meta) {
+                if let Some(read) = read {
+                    // Read by now, mostly: its load need not read it again.
+                    let _ = read.await;
+                }
+                match image {
                     Ok(image) => engine
                         .load_image_with(&image, options)
                         .await
@@ -718,6 +747,24 @@ async fn load_images(
         Some(e) => Err(e),
         None => Ok(reports),
     }
+}
+
+/// For each image, in order, the index of the first layer its load will
+/// send: the first whose chain neither the engine nor an earlier image holds.
+fn first_sent_layers(held: &HeldLayers, images: &[&PlannedImage]) -> Vec<Option<usize>> {
+    let mut seen: BTreeSet<Digest> = BTreeSet::new();
+    images
+        .iter()
+        .map(|planned| {
+            let diff_ids: Vec<Digest> = planned.layers.iter().map(|(_, d)| d.clone()).collect();
+            let chains = crate::oci::digest::chain_ids(&diff_ids);
+            let first = chains
+                .iter()
+                .position(|c| !held.chain_ids.contains(c) && !seen.contains(c));
+            seen.extend(chains);
+            first
+        })
+        .collect()
 }
 
 fn image_report(planned: &PlannedImage, action: ImageAction) -> ImageInstall {
@@ -874,4 +921,50 @@ fn remove_stale_extractions(apps_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(diff_ids: &[&[u8]]) -> PlannedImage {
+        PlannedImage {
+            services: Vec::new(),
+            tags: BTreeSet::new(),
+            image_id: Digest::of(b"config"),
+            layers: diff_ids
+                .iter()
+                .map(|d| {
+                    (
+                        format::Descriptor::new("application/x", Digest::of(d), 1),
+                        Digest::of(d),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn each_image_reads_ahead_the_first_layer_no_one_loads_before_it() {
+        let (a, b, c) = (
+            planned(&[b"base", b"a"]),
+            planned(&[b"base", b"b"]),
+            planned(&[b"base"]),
+        );
+        let images = [&a, &b, &c];
+        // Nothing held: the first image sends the base, the second only its
+        // own layer, the third nothing.
+        assert_eq!(
+            first_sent_layers(&HeldLayers::default(), &images),
+            [Some(0), Some(1), None]
+        );
+        // The engine holds the base: every image starts above it.
+        let held = HeldLayers {
+            diff_ids: [Digest::of(b"base")].into(),
+            chain_ids: crate::oci::digest::chain_ids(&[Digest::of(b"base")])
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(first_sent_layers(&held, &images), [Some(1), Some(1), None]);
+    }
 }

@@ -254,12 +254,27 @@ impl SpaceGuard {
 /// takes the result from here (by diff_id, for the same blob length). A
 /// layer that fails here is not kept: its send reads it again and reports
 /// why, as without this.
-#[derive(Default)]
-pub struct VerifiedAhead(Mutex<HashMap<Digest, (u64, Walked)>>);
+///
+/// One install shares one: the next layer of an image, and the first layer
+/// of an image still waiting for its turn, are read ahead one at a time
+/// (`gate`), so the reads ahead take one core beside the engine's.
+pub struct VerifiedAhead {
+    done: Mutex<HashMap<Digest, (u64, Walked)>>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for VerifiedAhead {
+    fn default() -> Self {
+        VerifiedAhead {
+            done: Mutex::new(HashMap::new()),
+            gate: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+}
 
 impl std::fmt::Debug for VerifiedAhead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let layers = self.0.lock().map(|all| all.len()).unwrap_or_default();
+        let layers = self.done.lock().map(|all| all.len()).unwrap_or_default();
         f.debug_struct("VerifiedAhead")
             .field("layers", &layers)
             .finish()
@@ -274,8 +289,36 @@ impl VerifiedAhead {
             && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip)
     }
 
+    /// Starts the first read of `layer` when it goes as stored, after the
+    /// reads ahead before it; the handle ends when it is done (kept when it
+    /// passed). `None` when the layer is not read ahead.
+    pub fn start(
+        self: &Arc<Self>,
+        layer: &LayerSource,
+        options: &LoadOptions,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if !Self::applies(layer, options) {
+            return None;
+        }
+        let (ahead, layer, guard) = (self.clone(), layer.clone(), options.guard.clone());
+        Some(tokio::spawn(async move {
+            let Ok(_turn) = ahead.gate.clone().acquire_owned().await else {
+                return;
+            };
+            let _ =
+                tokio::task::spawn_blocking(move || ahead.verify(&layer, guard.as_deref())).await;
+        }))
+    }
+
     /// The first read of `layer` (blocking): kept when it passed.
-    pub fn verify(&self, layer: &LayerSource, guard: Option<&SpaceGuard>) {
+    fn verify(&self, layer: &LayerSource, guard: Option<&SpaceGuard>) {
+        if self
+            .done
+            .lock()
+            .is_ok_and(|all| all.contains_key(&layer.diff_id))
+        {
+            return;
+        }
         let Ok(blob_len) = std::fs::metadata(&layer.blob_path).map(|m| m.len()) else {
             return;
         };
@@ -284,14 +327,14 @@ impl VerifiedAhead {
             return;
         };
         if check_layer(layer, layer.tar_size, walked.size, walked.digest.clone()).is_ok()
-            && let Ok(mut all) = self.0.lock()
+            && let Ok(mut all) = self.done.lock()
         {
             all.insert(layer.diff_id.clone(), (blob_len, walked));
         }
     }
 
     fn take(&self, layer: &LayerSource, blob_len: u64) -> Option<Walked> {
-        match self.0.lock().ok()?.remove(&layer.diff_id) {
+        match self.done.lock().ok()?.remove(&layer.diff_id) {
             Some((len, walked)) if len == blob_len => Some(walked),
             _ => None,
         }

@@ -25,7 +25,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -897,23 +896,14 @@ impl DockerEngine {
         let started = Instant::now();
         let last = image.layers.len();
         let mut bytes_sent = 0;
-        let ahead = Arc::new(VerifiedAhead::default());
+        // While the engine applies one layer, the next one's first read
+        // (a layer sent as stored) runs beside it.
+        let ahead = options.ahead.clone().unwrap_or_default();
         let options = &LoadOptions {
             ahead: Some(ahead.clone()),
             ..options.clone()
         };
-        // While the engine applies one layer, the next one's first read
-        // (a layer sent as stored) runs on a blocking thread.
-        let read_ahead = |index: usize| {
-            let layer = image.layers.get(index)?.clone();
-            if !VerifiedAhead::applies(&layer, options) {
-                return None;
-            }
-            let (ahead, guard) = (ahead.clone(), options.guard.clone());
-            Some(tokio::task::spawn_blocking(move || {
-                ahead.verify(&layer, guard.as_deref())
-            }))
-        };
+        let read_ahead = |index: usize| ahead.start(image.layers.get(index)?, options);
         // Layer k is sent on top of layers ..k; the last load sends the
         // last layer (or none, when the engine holds every one) with the
         // image's own config.
