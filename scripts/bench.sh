@@ -66,6 +66,10 @@ bash scripts/setup.sh
 if ! command -v unpigz >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pigz >/dev/null
 fi
+# GNU time measures peak RSS from a small parent (scripts/bench/measure.py).
+if [ ! -x /usr/bin/time ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null
+fi
 SECTIONS=${BENCH_SECTIONS:-publish pull check install fsck tuf}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 ENGINE_GZIP=${BENCH_ENGINE_GZIP:-unpigz go}
