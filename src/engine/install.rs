@@ -234,6 +234,7 @@ pub(crate) async fn install_locked(
     // What the check counted: the loads are held to it.
     let mut guard = None;
     let mut loads_at_once = options.load.images;
+    let mut whole_images = false;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let info = info?;
@@ -259,6 +260,7 @@ pub(crate) async fn install_locked(
             check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
         guard = Some(space_guard(&plan, &docker.data_root));
         loads_at_once = plan.loads_at_once;
+        whole_images = plan.whole_images;
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -305,6 +307,9 @@ pub(crate) async fn install_locked(
     let load_options = LoadOptions {
         guard: guard.clone(),
         images: loads_at_once.min(options.load.images),
+        // Whole images go inflated, as the plan counted them.
+        send_gzip: options.load.send_gzip && !whole_images,
+        whole: whole_images,
         ..options.load.clone()
     };
     // A killed install's intermediate images (the apps lock is held: no

@@ -29,6 +29,15 @@ pub fn send_gzip() -> bool {
     *GZIP.get_or_init(|| std::env::var("STOWAGE_LOAD_LAYERS").map_or(true, |v| v != "plain"))
 }
 
+/// Whether the plan may choose whole images (each image's new layers in
+/// one load, inflated) when their larger peak fits: the fastest way in.
+/// `STOWAGE_LOAD_PATH=layers` keeps every install layer by layer (for
+/// measurements, and for tests of that path's exact figures).
+pub fn whole_images_allowed() -> bool {
+    static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WHOLE.get_or_init(|| std::env::var("STOWAGE_LOAD_PATH").map_or(true, |v| v != "layers"))
+}
+
 /// The bytes of the intermediate config stowage makes for an image's first
 /// `layers` layers (architecture, OS, a label naming the image, the
 /// `diff_id`s), rounded up: each layer but the last is loaded under one.

@@ -7,10 +7,13 @@
 //!   block size, minus what a partial download already holds;
 //! - Docker's data root: the unpacked usage of every layer the engine does
 //!   not hold as part of the same layer chain, for the volume's block size,
-//!   plus the engine's temporary copies: install loads one layer per load
-//!   (its file, as sent, is the copy), [`IMAGES_AT_ONCE`] images at a time
-//!   when that fits and one at a time when only that does, and the copies
-//!   count at the install's worst moment ([`held::install_peak`]);
+//!   plus the engine's temporary copies, for the fastest way in that fits:
+//!   whole images (each image's new layers in one load, inflated, the tars
+//!   its copy), [`IMAGES_AT_ONCE`] at a time; else one layer per load (its
+//!   file, as sent, is the copy), [`IMAGES_AT_ONCE`] images at a time when
+//!   that fits and one at a time when only that does. The copies count at
+//!   the install's worst moment ([`held::install_peak`]), and a refusal
+//!   gives the layer-by-layer figures (the least the update needs);
 //! - the apps directory: the extracted bundle.
 //!
 //! Each volume's figure is the most the update holds there at any one of
@@ -33,7 +36,7 @@ use crate::app::{App, LayerNeed};
 use crate::oci::format::{self, LayerMeta};
 use crate::plan::held::{
     HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, install_peak, intermediate_config_len,
-    load_temp_bytes, sent_compressed,
+    load_temp_bytes, sent_compressed, whole_images_allowed,
 };
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
@@ -81,6 +84,9 @@ pub struct UpdatePlan {
     pub docker_room: (u64, u64),
     /// Images install loads at once: [`IMAGES_AT_ONCE`] when that fits, else 1.
     pub loads_at_once: usize,
+    /// Each image's new layers in one load, inflated (the fastest way in,
+    /// with the largest temporary copy): chosen only when its peak fits.
+    pub whole_images: bool,
     pub fit: FitReport,
 }
 
@@ -262,6 +268,7 @@ pub fn plan_update(
     let block = docker_volume.block_size;
     let mut loading = docker.held.clone();
     let mut loads: Vec<ImageLoads> = Vec::new();
+    let mut whole: Vec<ImageLoads> = Vec::new();
     // Which image loads each missing chain first: a later image needing it
     // waits for that one (as install schedules them).
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
@@ -281,6 +288,7 @@ pub fn plan_update(
             }
         }
         let mut image_loads = Vec::new();
+        let mut whole_tars = Vec::new();
         for (i, (layer, _)) in image.layers.iter().enumerate().skip(held) {
             let Some(need) = by_digest.get(&layer.digest) else {
                 continue;
@@ -296,6 +304,7 @@ pub fn plan_update(
                 intermediate_config_len(i + 1)
             };
             let sent = sent_size(&need);
+            whole_tars.push(need.tar_size());
             image_loads.push(LayerLoad {
                 usage: need.usage(block),
                 until_image_done: if last {
@@ -310,6 +319,19 @@ pub fn plan_update(
         loading.add_image(&diff_ids);
         after.sort_unstable();
         after.dedup();
+        // The same image in one load: every new layer's tar, one config.
+        whole.push(ImageLoads {
+            loads: if image_loads.is_empty() {
+                Vec::new()
+            } else {
+                vec![LayerLoad {
+                    usage: saturating_sum(image_loads.iter().map(|l| l.usage)),
+                    until_image_done: 0,
+                    temp: load_temp_bytes(&whole_tars, image.config.size, block),
+                }]
+            },
+            after: after.clone(),
+        });
         loads.push(ImageLoads {
             loads: image_loads,
             after,
@@ -317,7 +339,14 @@ pub fn plan_update(
     }
     let every_load = || loads.iter().flat_map(|i| &i.loads);
     let layers_usage = saturating_sum(every_load().map(|l| l.usage));
-    let all_temps = saturating_sum(every_load().map(|l| l.temp.saturating_add(l.until_image_done)));
+    let all_temps = |loads: &[ImageLoads]| {
+        saturating_sum(
+            loads
+                .iter()
+                .flat_map(|i| &i.loads)
+                .map(|l| l.temp.saturating_add(l.until_image_done)),
+        )
+    };
     let mut docker_counts = BTreeMap::new();
     for (digest, need) in &docker_layers {
         let count = LayerCount {
@@ -362,14 +391,14 @@ pub fn plan_update(
     };
     demands.push(layer_demand.clone());
     // What the install holds beyond the layers at its worst moment.
-    let temp_demand = |at_once: usize| Demand {
+    let temp_demand = |loads: &[ImageLoads], at_once: usize| Demand {
         path: docker.data_root.clone(),
         part: Part::DockerTemp,
-        bytes: install_peak(&loads, at_once).saturating_sub(layers_usage),
+        bytes: install_peak(loads, at_once).saturating_sub(layers_usage),
         inodes: 0,
-        written: all_temps,
+        written: all_temps(loads),
     };
-    demands.push(temp_demand(IMAGES_AT_ONCE));
+    demands.push(temp_demand(&loads, IMAGES_AT_ONCE));
     // The apps directory: each extracted bundle.
     let (mut bundle_bytes, mut bundle_inodes) = (0u64, 0u64);
     for app in apps {
@@ -386,13 +415,31 @@ pub fn plan_update(
     });
 
     let mut fit = space::plan(&demands, policy, &Volume::of)?;
-    // Two images at once when that fits; one at a time (a smaller peak, a
-    // little slower) when only that does.
+    // The fastest way in when its peak fits: whole images, inflated, two
+    // at once. Else layer by layer, two images at once when that fits; one
+    // at a time (a smaller peak, a little slower) when only that does. A
+    // refusal reports the layer-by-layer figures.
     let mut loads_at_once = IMAGES_AT_ONCE;
-    if !fit.fits && IMAGES_AT_ONCE > 1 {
-        if let Some(temp) = demands.iter_mut().find(|d| d.part == Part::DockerTemp) {
-            *temp = temp_demand(1);
+    let mut whole_images = false;
+    let set_temp = |demands: &mut Vec<Demand>, temp: Demand| {
+        if let Some(slot) = demands.iter_mut().find(|d| d.part == Part::DockerTemp) {
+            *slot = temp;
         }
+    };
+    if fit.fits && whole_images_allowed() && !whole.iter().all(|i| i.loads.is_empty()) {
+        let mut fast = demands.clone();
+        set_temp(&mut fast, temp_demand(&whole, IMAGES_AT_ONCE));
+        let whole_fit = space::plan(&fast, policy, &Volume::of)?;
+        if whole_fit.fits {
+            whole_images = true;
+            fit = whole_fit;
+            fit.notes.push(
+                "images are loaded whole, layers inflated (the fastest way in): there is room for its larger temporary copy".into(),
+            );
+        }
+    }
+    if !fit.fits && IMAGES_AT_ONCE > 1 {
+        set_temp(&mut demands, temp_demand(&loads, 1));
         let one_at_a_time = space::plan(&demands, policy, &Volume::of)?;
         if one_at_a_time.fits {
             loads_at_once = 1;
@@ -436,6 +483,12 @@ pub fn plan_update(
                 v.inodes_free.saturating_sub(v.inodes_required),
             )
         });
+    if whole_images {
+        // Each layer's file in the archive is its tar.
+        for count in docker_counts.values_mut() {
+            count.sent_size = count.tar_size;
+        }
+    }
     Ok(UpdatePlan {
         missing_layers,
         missing_meta,
@@ -444,6 +497,7 @@ pub fn plan_update(
         docker_block_size: docker_volume.block_size,
         docker_room,
         loads_at_once,
+        whole_images,
         fit,
     })
 }

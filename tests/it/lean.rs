@@ -1,7 +1,8 @@
 //! Storage-lean installs and updates, on real loop-mounted ext4 volumes
 //! with a private dockerd whose data root is on them:
 //! - the install's peak extra disk on Docker's volume, sampled while it runs,
-//!   is what the fit check predicted, within 5%;
+//!   is what the fit check predicted, within 5%, on both paths: whole images
+//!   (what the plan picks with room to spare) and layer by layer;
 //! - an update sized to fit at its modelled peak, but not at the sum of all
 //!   it writes, is accepted and succeeds; the same update with a few MiB
 //!   less room is refused (exit 100) and changes nothing.
@@ -99,6 +100,16 @@ fn sample_used(path: std::path::PathBuf, stop: Arc<AtomicBool>) -> std::thread::
     })
 }
 
+/// `stowage ARGS` on `device`, layer by layer when `layers` (else the path
+/// the plan picks).
+fn on_path(device: &Device, layers: bool, args: &[&str]) -> Command {
+    let mut cmd = device.stowage(args);
+    if layers {
+        cmd.env("STOWAGE_LOAD_PATH", "layers");
+    }
+    cmd
+}
+
 #[test]
 fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
     let seed = test_seed();
@@ -107,58 +118,75 @@ fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
     let mut local = LocalImages::default();
     let app = publish_lean_app(&registry, &mut local, &name, seed, 16 * MIB as usize);
 
+    // With room to spare the plan loads whole images; pinned, layer by
+    // layer. Each on a volume and engine of its own.
     let work = temp_dir("lean-peak-");
-    let volume = LoopVolume::new(512);
-    let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
-    let device = Device {
-        root: work.path().join("root"),
-        registry: registry.host(),
-        docker_host: dockerd.host(),
-        config: lenient_config(work.path()),
-    };
-    device.ok(&["pull", &app]);
+    let mut devices = Vec::new();
+    for layers in [false, true] {
+        let volume = LoopVolume::new(512);
+        let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
+        let device = Device {
+            root: work.path().join(format!("root-{layers}")),
+            registry: registry.host(),
+            docker_host: dockerd.host(),
+            config: lenient_config(work.path()),
+        };
+        device.ok(&["pull", &app]);
+        devices.push((layers, volume, dockerd, device));
+    }
     registry.stop();
 
-    let before = volume.synced_stats().used_bytes();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = sample_used(volume.path().to_path_buf(), stop.clone());
-    let out = device
-        .stowage(&["--json", "install", &app])
-        .stdout(Stdio::piped())
-        .output()
-        .expect("run stowage install");
-    stop.store(true, Ordering::SeqCst);
-    let peak = sampler.join().expect("sampler") - before;
-    assert!(out.status.success(), "{}", say(&out));
-    let report: Value = serde_json::from_slice(&out.stdout).expect("install JSON");
-    let docker_volume = volume_of(&report["check"], &volume.path().join("docker"));
-    let predicted = docker_volume["required"].as_u64().unwrap();
-    let after = volume.synced_stats().used_bytes() - before;
-    eprintln!(
-        "Docker's volume: predicted peak {predicted} ({} at {}), measured peak {peak}, at the end {after}; sum of parts {}",
-        docker_volume["peak_step"], docker_volume["required_parts"], docker_volume["sum_of_parts"]
-    );
-    assert_eq!(docker_volume["peak_step"], "install", "{docker_volume}");
-    let off = (peak as f64 - predicted as f64).abs() / predicted as f64;
-    assert!(
-        off <= 0.05,
-        "measured peak {peak} is {:.1}% off the predicted {predicted}",
-        off * 100.0
-    );
-    // The engine holds the images, and no intermediate image is left.
-    let images = engine_images(&dockerd);
-    assert_eq!(
-        images.iter().filter(|i| i.contains("stowage")).count(),
-        2,
-        "{images:?}"
-    );
-    let left = run_ok(dockerd.docker().args([
-        "images",
-        "-aq",
-        "--filter",
-        "label=org.stowage.intermediate",
-    ]));
-    assert_eq!(left.trim(), "");
+    let mut peaks = Vec::new();
+    for (layers, volume, dockerd, device) in &devices {
+        let before = volume.synced_stats().used_bytes();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample_used(volume.path().to_path_buf(), stop.clone());
+        let out = on_path(device, *layers, &["--json", "install", &app])
+            .stdout(Stdio::piped())
+            .output()
+            .expect("run stowage install");
+        stop.store(true, Ordering::SeqCst);
+        let peak = sampler.join().expect("sampler") - before;
+        assert!(out.status.success(), "{}", say(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("install JSON");
+        let docker_volume = volume_of(&report["check"], &volume.path().join("docker"));
+        let predicted = docker_volume["required"].as_u64().unwrap();
+        let after = volume.synced_stats().used_bytes() - before;
+        eprintln!(
+            "layers {layers}: Docker's volume: predicted peak {predicted} ({} at {}), measured peak {peak}, at the end {after}; sum of parts {}",
+            docker_volume["peak_step"],
+            docker_volume["required_parts"],
+            docker_volume["sum_of_parts"]
+        );
+        let whole = report["check"]["notes"]
+            .to_string()
+            .contains("loaded whole");
+        assert_eq!(whole, !layers, "{}", report["check"]["notes"]);
+        assert_eq!(docker_volume["peak_step"], "install", "{docker_volume}");
+        let off = (peak as f64 - predicted as f64).abs() / predicted as f64;
+        assert!(
+            off <= 0.05,
+            "layers {layers}: measured peak {peak} is {:.1}% off the predicted {predicted}",
+            off * 100.0
+        );
+        peaks.push(predicted);
+        // The engine holds the images, and no intermediate image is left.
+        let images = engine_images(dockerd);
+        assert_eq!(
+            images.iter().filter(|i| i.contains("stowage")).count(),
+            2,
+            "{images:?}"
+        );
+        let left = run_ok(dockerd.docker().args([
+            "images",
+            "-aq",
+            "--filter",
+            "label=org.stowage.intermediate",
+        ]));
+        assert_eq!(left.trim(), "");
+    }
+    // Whole images never need less (their copies are the tars).
+    assert!(peaks[0] >= peaks[1], "{peaks:?}");
 }
 
 /// Makes `path`'s volume have `available` bytes above the policy's reserve
@@ -196,7 +224,13 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
         docker_host: dockerd.host(),
         config: Some(config),
     };
-    let check = device.json(&["check", &app]);
+    // The figures of the leanest path, layer by layer.
+    let check: Value = serde_json::from_str(&run_ok(&mut on_path(
+        &device,
+        true,
+        &["--json", "check", &app],
+    )))
+    .expect("check JSON");
     let v = volume_of(&check, volume.path());
     let (peak, sum) = (
         v["required"].as_u64().unwrap(),
@@ -213,7 +247,8 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
     );
     let filler = volume.path().join("filler");
 
-    // A few MiB short of the peak: refused before anything is written.
+    // A few MiB short of the peak: refused before anything is written
+    // (whichever path: whole images need more).
     leave_available(&volume, &filler, reserve, peak - 3 * MIB);
     let out = run_output(&mut device.stowage(&["update", &app]));
     assert_eq!(out.status.code(), Some(100), "{}", say(&out));
@@ -221,7 +256,8 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
     assert!(said.contains("during the install"), "{said}");
     assert!(engine_images(&dockerd).is_empty());
 
-    // Room for the peak (and 2 MiB), not for the sum: accepted, and it runs.
+    // Room for the peak (and 2 MiB), not for the sum: accepted (whole
+    // images if their peak fits too, else layer by layer), and it runs.
     leave_available(&volume, &filler, reserve, peak + 2 * MIB);
     let out = run_output(&mut device.stowage(&["update", &app]));
     assert!(out.status.success(), "{}", say(&out));

@@ -79,6 +79,9 @@ pub struct LoadOptions {
     /// Layers sent as stored that were verified while the engine applied
     /// the one before ([`VerifiedAhead`]); their sends skip the first read.
     pub ahead: Option<Arc<VerifiedAhead>>,
+    /// All of an image's new layers in one load (the plan chose it: its
+    /// larger temporary copy fits), rather than one layer per load.
+    pub whole: bool,
 }
 
 impl Default for LoadOptions {
@@ -91,6 +94,7 @@ impl Default for LoadOptions {
             guard: None,
             send_gzip: crate::plan::held::send_gzip(),
             ahead: None,
+            whole: false,
         }
     }
 }

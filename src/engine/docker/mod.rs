@@ -895,6 +895,15 @@ impl DockerEngine {
     ) -> Result<LoadReport, DockerError> {
         let started = Instant::now();
         let last = image.layers.len();
+        if options.whole {
+            let bytes_sent = self.load_archive(image, skip, options, true).await?;
+            return Ok(LoadReport {
+                layers_sent: last - skip,
+                layers_skipped: skip,
+                bytes_sent,
+                elapsed: started.elapsed(),
+            });
+        }
         let mut bytes_sent = 0;
         // While the engine applies one layer, the next one's first read
         // (a layer sent as stored) runs beside it.
