@@ -559,12 +559,15 @@ install_cases() {
     for i in $(seq "$REPS"); do
         if [ "$have_install" = 1 ] && [ "$engine_takes_stowage" = 1 ]; then
             stowage_install "stowage install" "$STOWAGE"
-            stowage_install "stowage install, layers handed inflated" "$STOWAGE" \
-                STOWAGE_LOAD_LAYERS=plain
+            stowage_install "stowage install, layer by layer" "$STOWAGE" \
+                STOWAGE_LOAD_PATH=layers
+            stowage_install "stowage install, layer by layer, layers handed inflated" "$STOWAGE" \
+                STOWAGE_LOAD_PATH=layers STOWAGE_LOAD_LAYERS=plain
             # Space short: the volume keeps all but 8 MiB of what two images
-            # at once need free, so the plan loads one at a time.
+            # at once need free, layer by layer, so the plan loads one at a time.
             local required free
-            read -r required free < <(DOCKER_HOST=$DH "$STOWAGE" --root "$work/$name-root" \
+            read -r required free < <(DOCKER_HOST=$DH STOWAGE_LOAD_PATH=layers \
+                "$STOWAGE" --root "$work/$name-root" \
                 --json check --watermark 99 "$ref" |
                 jq -r '[.volumes[] | select(any(.paths[]; contains("dockerfs")))][0] | "\(.required) \(.free)"')
             install_args=(--reserve "$((free - required + 8 * 1024 * 1024))")
