@@ -106,6 +106,18 @@ pub fn engine_images(dockerd: &PrivateDockerd) -> Vec<String> {
     .collect()
 }
 
+/// Fails when the private engine holds an intermediate image of a
+/// layer-by-layer load (`why` says what should have removed it).
+pub fn assert_no_intermediate_images(dockerd: &PrivateDockerd, why: &str) {
+    let left = run_ok(dockerd.docker().args([
+        "images",
+        "-aq",
+        "--filter",
+        "label=org.stowage.intermediate",
+    ]));
+    assert_eq!(left.trim(), "", "{why}");
+}
+
 pub fn app_state<'a>(ps: &'a Value, name: &str) -> &'a Value {
     ps.as_array()
         .unwrap()

@@ -177,13 +177,7 @@ fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
             2,
             "{images:?}"
         );
-        let left = run_ok(dockerd.docker().args([
-            "images",
-            "-aq",
-            "--filter",
-            "label=org.stowage.intermediate",
-        ]));
-        assert_eq!(left.trim(), "");
+        assert_no_intermediate_images(dockerd, "after the install");
     }
     // Whole images never need less (their copies are the tars).
     assert!(peaks[0] >= peaks[1], "{peaks:?}");
@@ -368,13 +362,7 @@ fn a_disk_filled_by_another_process_during_the_install_fails_cleanly_and_the_nex
     // The old app runs on; nothing of the new image is left in the engine.
     assert_eq!(running_containers(&dockerd), running_before);
     assert_eq!(engine_image_ids(&dockerd), images_before);
-    let left = run_ok(dockerd.docker().args([
-        "images",
-        "-aq",
-        "--filter",
-        "label=org.stowage.intermediate",
-    ]));
-    assert_eq!(left.trim(), "", "an intermediate image is left");
+    assert_no_intermediate_images(&dockerd, "an intermediate image is left");
     let dangling = run_ok(
         dockerd
             .docker()

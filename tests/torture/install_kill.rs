@@ -106,11 +106,5 @@ fn killed_at_random_moments_during_install_and_run_the_app_still_ends_up_running
     assert_eq!(state["services"].as_array().unwrap().len(), 3, "{ps}");
     device.ok(&["fsck"]);
     // No intermediate image of a killed layer-by-layer load is left.
-    let left = run_ok(dockerd.docker().args([
-        "images",
-        "-aq",
-        "--filter",
-        "label=org.stowage.intermediate",
-    ]));
-    assert_eq!(left.trim(), "");
+    assert_no_intermediate_images(&dockerd, "after the killed installs");
 }
