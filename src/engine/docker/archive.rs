@@ -90,7 +90,7 @@ impl Default for LoadOptions {
         LoadOptions {
             images: IMAGES_AT_ONCE,
             jobs: cores.clamp(1, 4),
-            buffer_bytes: 4 * 1024 * 1024,
+            buffer_bytes: 1024 * 1024,
             guard: None,
             send_gzip: crate::plan::held::send_gzip(),
             ahead: None,
