@@ -177,7 +177,7 @@ def report(args):
                 )
         pulled = f"{section}: docker pull, 3 images one by one"
         if pulled in runs:
-            for case in (mine, f"{section}: stowage install, space short (one image at a time)"):
+            for case in (mine, f"{section}: stowage install, space short"):
                 if case in runs:
                     out.append(
                         f"- {case}: peak extra disk {disk(case) / 1e6:.0f} MB <= docker pull's "

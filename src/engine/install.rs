@@ -233,8 +233,8 @@ pub(crate) async fn install_locked(
     let mut docker = None;
     // What the check counted: the loads are held to it.
     let mut guard = None;
-    let mut loads_at_once = options.load.images;
     let mut whole_images = false;
+    let mut gate = None;
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let info = info?;
@@ -259,8 +259,11 @@ pub(crate) async fn install_locked(
         let (plan, mut report) =
             check_update(&apps, store, &Paths::under(root), docker, options.policy)?;
         guard = Some(space_guard(&plan, &docker.data_root));
-        loads_at_once = plan.loads_at_once;
         whole_images = plan.whole_images;
+        gate = plan
+            .load_budget
+            .clone()
+            .map(crate::engine::docker::LoadGate::new);
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -306,16 +309,20 @@ pub(crate) async fn install_locked(
     }
     let load_options = LoadOptions {
         guard: guard.clone(),
-        images: loads_at_once.min(options.load.images),
         // Whole images go inflated, as the plan counted them.
         send_gzip: options.load.send_gzip && !whole_images,
         whole: whole_images,
+        gate,
         ..options.load.clone()
     };
     // A killed install's intermediate images (the apps lock is held: no
     // load is running); one filtered listing when there are none.
     engine.remove_intermediate_images().await?;
     let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
+    if let Some(gate) = &load_options.gate {
+        // In the plan's order, which its budget counted.
+        to_load.sort_by_key(|planned| gate.position(&planned.image_id));
+    }
     let loaded = load_images(
         engine,
         store,
@@ -663,15 +670,23 @@ async fn load_images(
     }
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
     let mut waits_for: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); images.len()];
+    // With a gate, an image waits only for the layers it shares: by
+    // earlier image, the last shared layer's index.
+    let mut shared_upto: Vec<BTreeMap<usize, usize>> = vec![BTreeMap::new(); images.len()];
     for (i, planned) in images.iter().enumerate() {
         let diff_ids: Vec<Digest> = planned.layers.iter().map(|(_, d)| d.clone()).collect();
-        for chain in crate::oci::digest::chain_ids(&diff_ids) {
+        for (index, chain) in crate::oci::digest::chain_ids(&diff_ids)
+            .into_iter()
+            .enumerate()
+        {
             if held.chain_ids.contains(&chain) {
                 continue;
             }
             match owner.get(&chain) {
                 Some(&first) => {
                     waits_for[i].insert(first);
+                    let upto = shared_upto[i].entry(first).or_insert(index);
+                    *upto = (*upto).max(index);
                 }
                 None => {
                     owner.insert(chain, i);
@@ -681,6 +696,7 @@ async fn load_images(
     }
 
     let slots = tokio::sync::Semaphore::new(options.images.max(1));
+    let turn = Turn::default();
     let results: std::sync::Mutex<Vec<Option<Result<LoadReport>>>> =
         std::sync::Mutex::new((0..images.len()).map(|_| None).collect());
     // Each load as a shared future that says whether it succeeded, so that
@@ -688,13 +704,34 @@ async fn load_images(
     let mut loads: Vec<Shared<BoxFuture<'_, bool>>> = Vec::with_capacity(images.len());
     for (i, planned) in images.iter().enumerate() {
         let before: Vec<_> = waits_for[i].iter().map(|&j| loads[j].clone()).collect();
-        let (slots, results) = (&slots, &results);
+        let shared: Vec<(Digest, usize)> = shared_upto[i]
+            .iter()
+            .map(|(&j, &index)| (images[j].image_id.clone(), index))
+            .collect();
+        let (slots, results, turn) = (&slots, &results, &turn);
         let load = async move {
             let image = image_to_load(store, planned, meta);
             let read = image.as_ref().ok().and_then(|image| read_first(i, image));
             let mut ready = true;
-            for earlier in before {
-                ready &= earlier.await;
+            let mut slot = None;
+            match &options.gate {
+                // Slots in the plan's order, so that the image whose load is
+                // next in that order always holds one (the gate lets that
+                // load go when nothing loads); then until the engine holds
+                // the layers it shares with earlier images.
+                Some(gate) => {
+                    turn.wait_for(i).await;
+                    slot = slots.acquire().await.ok();
+                    turn.pass(i + 1);
+                    for (earlier, index) in &shared {
+                        ready &= gate.applied(earlier, *index).await;
+                    }
+                }
+                None => {
+                    for earlier in before {
+                        ready &= earlier.await;
+                    }
+                }
             }
             let result = if !ready {
                 Err(anyhow!(
@@ -702,7 +739,10 @@ async fn load_images(
                     planned.tags.iter().next().map_or("", String::as_str)
                 ))
             } else {
-                let _slot = slots.acquire().await;
+                let _slot = match slot {
+                    Some(slot) => Some(slot),
+                    None => slots.acquire().await.ok(),
+                };
                 progress.step(format!(
                     "loading {} ({} layers) for {}",
                     planned.tags.iter().next().map_or("", String::as_str),
@@ -721,6 +761,11 @@ async fn load_images(
                     Err(e) => Err(e),
                 }
             };
+            // Also when it never reached the engine: the gate must not keep
+            // room for its loads.
+            if let Some(gate) = &options.gate {
+                gate.image_done(&planned.image_id);
+            }
             let ok = result.is_ok();
             if let Ok(mut results) = results.lock() {
                 results[i] = Some(result);
@@ -751,6 +796,30 @@ async fn load_images(
     match first_error {
         Some(e) => Err(e),
         None => Ok(reports),
+    }
+}
+
+/// Whose turn it is to take a load slot, by image index in the plan's order.
+#[derive(Default)]
+struct Turn {
+    next: std::sync::Mutex<usize>,
+    changed: tokio::sync::Notify,
+}
+
+impl Turn {
+    async fn wait_for(&self, i: usize) {
+        loop {
+            let changed = self.changed.notified();
+            if *self.next.lock().unwrap_or_else(|p| p.into_inner()) >= i {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn pass(&self, to: usize) {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = to;
+        self.changed.notify_waiters();
     }
 }
 

@@ -7,11 +7,10 @@ use std::collections::HashSet;
 use crate::Digest;
 use crate::oci::digest::chain_ids;
 
-/// Images loaded at once when space is plentiful. Each image is loaded one
-/// layer per load (the engine's temporary copy is one layer's file); two
-/// images at once keep a small device's cores busy, and each more adds a
-/// temporary copy to the disk's peak. When the update fits only with one
-/// copy at a time, the plan says so ([`crate::plan::UpdatePlan::loads_at_once`]).
+/// Images loaded at once. Each image is loaded one layer per load (the
+/// engine's temporary copy is one layer's file); two images at once keep a
+/// small device's cores busy (the engine applies a load on about one), and
+/// a [`LoadBudget`] keeps the two within the one-at-a-time peak.
 pub const IMAGES_AT_ONCE: usize = 2;
 
 /// Whether a layer of this media type is handed to the engine as stored
@@ -30,12 +29,12 @@ pub fn send_gzip() -> bool {
 }
 
 /// Whether the plan may choose whole images (each image's new layers in
-/// one load, inflated) when their larger peak fits: the fastest way in.
-/// `STOWAGE_LOAD_PATH=layers` keeps every install layer by layer (for
-/// measurements, and for tests of that path's exact figures).
+/// one load, inflated) when their larger peak fits: faster on a machine
+/// with room to spare, at up to twice the lean peak. Off unless
+/// `STOWAGE_LOAD_PATH=whole`: the lean way ([`LoadBudget`]) is the default.
 pub fn whole_images_allowed() -> bool {
     static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WHOLE.get_or_init(|| std::env::var("STOWAGE_LOAD_PATH").map_or(true, |v| v != "layers"))
+    *WHOLE.get_or_init(|| std::env::var("STOWAGE_LOAD_PATH").is_ok_and(|v| v == "whole"))
 }
 
 /// The bytes of the intermediate config stowage makes for an image's first
@@ -121,6 +120,216 @@ pub fn install_peak(images: &[ImageLoads], at_once: usize) -> u64 {
         .map(|l| l.usage.saturating_add(l.until_image_done))
         .fold(0u64, u64::saturating_add);
     sequential.max(applied.saturating_add(pair))
+}
+
+/// One load of the lean way in: the image (its config digest) and the
+/// index, in the image's layers, of the layer it carries.
+pub type LoadKey = (Digest, usize);
+
+/// The lean way in, as the plan counted it: every layer in a load of its
+/// own, [`IMAGES_AT_ONCE`] images at a time, but a load starts only while
+/// the disk the install holds on Docker's volume stays within `peak`, the
+/// least any install of these layers one per load needs: the one-at-a-time
+/// peak ([`install_peak`] with one image at a time). Early loads, while
+/// little is applied, overlap; the last ones, when the volume is fullest,
+/// go one by one. So the install is as lean as one load at a time, and
+/// about as fast as two.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadBudget {
+    /// Extra bytes on Docker's volume the install may hold at any moment.
+    pub peak: u64,
+    /// Every load in the one-at-a-time order, with the bytes it leaves
+    /// applied (its layer, and the intermediate config, kept until the
+    /// image is whole) and its temporary copy.
+    pub order: Vec<(LoadKey, LayerLoad)>,
+}
+
+impl LoadBudget {
+    /// From the plan's images (in the order install loads them), each
+    /// with its config digest and the index of its first layer to load.
+    pub fn new(images: &[(Digest, usize, &ImageLoads)]) -> LoadBudget {
+        let loads: Vec<ImageLoads> = images.iter().map(|(_, _, l)| (*l).clone()).collect();
+        // An intermediate config is held here until the install ends (it
+        // is released when its image is whole): the few KiB this adds over
+        // the plan's figure are allowed for, so the last loads fit as the
+        // plan counted them.
+        let configs: u64 = loads
+            .iter()
+            .flat_map(|i| &i.loads)
+            .map(|l| l.until_image_done)
+            .fold(0, u64::saturating_add);
+        let order = images
+            .iter()
+            .flat_map(|(digest, first, image)| {
+                image
+                    .loads
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, load)| ((digest.clone(), first + i), *load))
+            })
+            .collect();
+        LoadBudget {
+            peak: install_peak(&loads, 1).saturating_add(configs),
+            order,
+        }
+    }
+}
+
+/// Where an install stands against its [`LoadBudget`]: what is applied,
+/// what is loading. Pure bookkeeping; the engine's gate waits on it.
+#[derive(Debug, Clone, Default)]
+pub struct BudgetState {
+    budget: LoadBudget,
+    applied: u64,
+    loading: Vec<(LoadKey, LayerLoad)>,
+    /// Loads ended (applied, or found held and skipped, or failed).
+    ended: HashSet<LoadKey>,
+    failed: HashSet<LoadKey>,
+}
+
+impl BudgetState {
+    pub fn new(budget: LoadBudget) -> BudgetState {
+        BudgetState {
+            budget,
+            ..BudgetState::default()
+        }
+    }
+
+    fn cost(&self, key: &LoadKey) -> Option<LayerLoad> {
+        self.budget
+            .order
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, load)| *load)
+    }
+
+    /// Whether the load `key` may start now: when the disk held now, with
+    /// it, stays within the peak AND every load not started yet, run one
+    /// by one in the plan's order once these end, still fits. The first
+    /// load in the plan's order not started yet always may once nothing
+    /// loads, so an install always goes on (one load at a time at worst).
+    /// A load the plan did not count (the engine's layers changed
+    /// meanwhile) waits until nothing else loads.
+    pub fn admits(&self, key: &LoadKey) -> bool {
+        let this = self.cost(key);
+        if self.loading.is_empty() && (this.is_none() || self.first_pending() == Some(key)) {
+            return true;
+        }
+        let Some(this) = this else {
+            return false;
+        };
+        let held = |l: &LayerLoad| l.usage.saturating_add(l.until_image_done);
+        let now = self
+            .loading
+            .iter()
+            .map(|(_, l)| held(l).saturating_add(l.temp))
+            .fold(self.applied, u64::saturating_add)
+            .saturating_add(held(&this))
+            .saturating_add(this.temp);
+        if now > self.budget.peak {
+            return false;
+        }
+        let mut applied = self
+            .loading
+            .iter()
+            .map(|(_, l)| held(l))
+            .fold(self.applied, u64::saturating_add)
+            .saturating_add(held(&this));
+        for (k, load) in &self.budget.order {
+            if k == key || self.ended.contains(k) || self.loading.iter().any(|(l, _)| l == k) {
+                continue;
+            }
+            if applied.saturating_add(held(load)).saturating_add(load.temp) > self.budget.peak {
+                return false;
+            }
+            applied = applied.saturating_add(held(load));
+        }
+        true
+    }
+
+    /// Where image `digest` comes in the plan's order (after every image
+    /// the plan counted, when it counted none of its loads).
+    pub fn position(&self, digest: &Digest) -> usize {
+        self.budget
+            .order
+            .iter()
+            .position(|((d, _), _)| d == digest)
+            .unwrap_or(usize::MAX)
+    }
+
+    /// The figures, for the log: applied, loading, the peak.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} bytes applied, {} load(s) running, peak {}",
+            self.applied,
+            self.loading.len(),
+            self.budget.peak
+        )
+    }
+
+    fn first_pending(&self) -> Option<&LoadKey> {
+        self.budget
+            .order
+            .iter()
+            .map(|(k, _)| k)
+            .find(|k| !self.ended.contains(*k) && !self.loading.iter().any(|(l, _)| l == *k))
+    }
+
+    /// `key` starts loading (after [`Self::admits`]).
+    pub fn start(&mut self, key: LoadKey) {
+        let cost = self.cost(&key).unwrap_or(LayerLoad {
+            usage: 0,
+            until_image_done: 0,
+            temp: 0,
+        });
+        self.loading.push((key, cost));
+    }
+
+    /// `key` ended: applied (`applied`), or failed and left nothing.
+    pub fn end(&mut self, key: &LoadKey, applied: bool) {
+        if let Some(at) = self.loading.iter().position(|(k, _)| k == key) {
+            let (_, load) = self.loading.swap_remove(at);
+            if applied {
+                self.applied = self
+                    .applied
+                    .saturating_add(load.usage)
+                    .saturating_add(load.until_image_done);
+            }
+        }
+        if !applied {
+            self.failed.insert(key.clone());
+        }
+        self.ended.insert(key.clone());
+    }
+
+    /// Whether the load `key` ended, and then whether the engine holds its
+    /// layer. A load the plan did not count has ended.
+    pub fn ended(&self, key: &LoadKey) -> Option<bool> {
+        if self.cost(key).is_none() || self.ended.contains(key) {
+            return Some(!self.failed.contains(key));
+        }
+        None
+    }
+
+    /// The engine holds `key`'s layer already: it is not loaded.
+    pub fn skip(&mut self, key: LoadKey) {
+        self.ended.insert(key);
+    }
+
+    /// Every load of the image `digest` ended (it is whole, or failed:
+    /// then the loads it did not make failed too).
+    pub fn image_done(&mut self, digest: &Digest) {
+        let keys: Vec<LoadKey> = self
+            .budget
+            .order
+            .iter()
+            .filter(|((d, _), _)| d == digest)
+            .map(|(k, _)| k.clone())
+            .filter(|k| !self.ended.contains(k))
+            .collect();
+        self.failed.extend(keys.iter().cloned());
+        self.ended.extend(keys);
+    }
 }
 
 /// The layers the engine holds.
@@ -252,6 +461,182 @@ mod tests {
             install_peak(&[image(vec![load(u64::MAX, 1)], vec![])], 1),
             u64::MAX
         );
+    }
+
+    fn layer(usage: u64, temp: u64) -> LayerLoad {
+        LayerLoad {
+            usage,
+            until_image_done: 0,
+            temp,
+        }
+    }
+
+    /// Three images of a small base (held after the first), a big layer and
+    /// a small one, as the benchmark's pull app.
+    fn three_images() -> (Vec<Digest>, LoadBudget) {
+        let ids: Vec<Digest> = (10..13).map(digest).collect();
+        let first = ImageLoads {
+            loads: vec![layer(1, 1), layer(44, 44), layer(13, 10)],
+            after: vec![],
+        };
+        let other = ImageLoads {
+            loads: vec![layer(44, 44), layer(13, 10)],
+            after: vec![],
+        };
+        let budget = LoadBudget::new(&[
+            (ids[0].clone(), 0, &first),
+            (ids[1].clone(), 1, &other),
+            (ids[2].clone(), 1, &other),
+        ]);
+        (ids, budget)
+    }
+
+    #[test]
+    fn the_budget_overlaps_early_loads_and_keeps_the_last_ones_one_by_one() {
+        let (ids, budget) = three_images();
+        // One at a time: 115 applied when the last big layer comes, plus its 88.
+        assert_eq!(budget.peak, 203);
+        let mut state = BudgetState::new(budget);
+        let key = |image: usize, index: usize| (ids[image].clone(), index);
+        assert!(state.admits(&key(0, 0)));
+        state.start(key(0, 0));
+        // The second image's big layer fits beside it, and so does the rest after.
+        assert!(state.admits(&key(1, 1)));
+        state.start(key(1, 1));
+        state.end(&key(0, 0), true);
+        // The first image's big layer beside the second's: 1 + 88 + 88.
+        assert!(state.admits(&key(0, 1)));
+        state.start(key(0, 1));
+        state.end(&key(1, 1), true);
+        assert!(state.admits(&key(1, 2)));
+        state.start(key(1, 2));
+        state.end(&key(0, 1), true);
+        state.end(&key(1, 2), true);
+        state.image_done(&ids[1]);
+        assert!(state.admits(&key(0, 2)));
+        state.start(key(0, 2));
+        // The third image's big layer beside the first's small one: 102 +
+        // 23 + 88 = 213 > 203: it waits until that one ends.
+        assert!(!state.admits(&key(2, 1)));
+        state.end(&key(0, 2), true);
+        state.image_done(&ids[0]);
+        assert!(state.admits(&key(2, 1)));
+        // A load the plan did not count waits while another loads.
+        state.start(key(2, 1));
+        assert!(!state.admits(&(digest(99), 0)));
+        state.end(&key(2, 1), false);
+        assert!(state.admits(&(digest(99), 0)));
+    }
+
+    #[test]
+    fn a_load_that_would_leave_an_earlier_one_no_room_waits() {
+        // In the plan's order: a small image, a big one, then one whose
+        // copy is small. The third beside the first fits now, but the big
+        // one would then no longer fit after them: the third waits.
+        let ids: Vec<Digest> = (20..23).map(digest).collect();
+        let image = |usage, temp| ImageLoads {
+            loads: vec![layer(usage, temp)],
+            after: vec![],
+        };
+        let (a, b, c) = (image(10, 10), image(50, 50), image(40, 5));
+        let budget = LoadBudget::new(&[
+            (ids[0].clone(), 0, &a),
+            (ids[1].clone(), 0, &b),
+            (ids[2].clone(), 0, &c),
+        ]);
+        assert_eq!(budget.peak, 110);
+        let mut state = BudgetState::new(budget);
+        state.start((ids[0].clone(), 0));
+        assert!(!state.admits(&(ids[2].clone(), 0)));
+        // Nothing loading: still not the third, which is not next in order.
+        state.end(&(ids[0].clone(), 0), true);
+        assert!(!state.admits(&(ids[2].clone(), 0)));
+        assert!(state.admits(&(ids[1].clone(), 0)));
+        state.start((ids[1].clone(), 0));
+        // 60 applied + 100 loading: no room for it beside the big one.
+        assert!(!state.admits(&(ids[2].clone(), 0)));
+        state.end(&(ids[1].clone(), 0), true);
+        assert!(state.admits(&(ids[2].clone(), 0)));
+    }
+
+    #[test]
+    fn two_images_at_a_time_never_hold_more_than_the_budget() {
+        // Random sizes and random moments at which loads end, for a fixed
+        // set of seeds: the disk held never passes the one-at-a-time peak.
+        for seed in 1..200u64 {
+            let mut rng = seed;
+            let mut next = |n: u64| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) % n
+            };
+            let images: Vec<ImageLoads> = (0..2 + next(4))
+                .map(|_| ImageLoads {
+                    loads: (0..1 + next(4))
+                        .map(|_| {
+                            let usage = 1 + next(100);
+                            layer(usage, 1 + next(usage + 1))
+                        })
+                        .collect(),
+                    after: vec![],
+                })
+                .collect();
+            let ids: Vec<Digest> = (0..images.len() as u8).map(|i| digest(100 + i)).collect();
+            let keyed: Vec<(Digest, usize, &ImageLoads)> = ids
+                .iter()
+                .zip(&images)
+                .map(|(id, image)| (id.clone(), 0, image))
+                .collect();
+            let budget = LoadBudget::new(&keyed);
+            let peak = budget.peak;
+            let mut state = BudgetState::new(budget);
+            // Two workers take images in order; each loads its image's
+            // layers in order; a started load ends at a random later step.
+            let mut queue: std::collections::VecDeque<usize> = (0..images.len()).collect();
+            let mut workers: Vec<Option<(usize, usize, bool)>> = vec![None, None];
+            let (mut applied, mut steps) = (0u64, 0);
+            loop {
+                steps += 1;
+                assert!(steps < 10_000, "seed {seed}: stuck");
+                for w in workers.iter_mut() {
+                    if w.is_none() {
+                        *w = queue.pop_front().map(|i| (i, 0, false));
+                    }
+                }
+                if workers.iter().all(Option::is_none) {
+                    break;
+                }
+                let w = next(2) as usize;
+                let Some((image, index, loading)) = workers[w] else {
+                    continue;
+                };
+                let key = (ids[image].clone(), index);
+                let load = images[image].loads[index];
+                if !loading {
+                    if state.admits(&key) {
+                        state.start(key);
+                        workers[w] = Some((image, index, true));
+                        let held: u64 = state
+                            .loading
+                            .iter()
+                            .map(|(_, l)| l.usage + l.temp)
+                            .sum::<u64>()
+                            + applied;
+                        assert!(held <= peak, "seed {seed}: {held} held, peak {peak}");
+                    }
+                } else if next(3) == 0 {
+                    state.end(&key, true);
+                    applied += load.usage;
+                    workers[w] = if index + 1 < images[image].loads.len() {
+                        Some((image, index + 1, false))
+                    } else {
+                        state.image_done(&ids[image]);
+                        None
+                    };
+                }
+            }
+        }
     }
 
     #[test]

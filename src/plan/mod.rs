@@ -7,13 +7,14 @@
 //!   block size, minus what a partial download already holds;
 //! - Docker's data root: the unpacked usage of every layer the engine does
 //!   not hold as part of the same layer chain, for the volume's block size,
-//!   plus the engine's temporary copies, for the fastest way in that fits:
-//!   whole images (each image's new layers in one load, inflated, the tars
-//!   its copy), [`IMAGES_AT_ONCE`] at a time; else one layer per load (its
-//!   file, as sent, is the copy), [`IMAGES_AT_ONCE`] images at a time when
-//!   that fits and one at a time when only that does. The copies count at
-//!   the install's worst moment ([`held::install_peak`]), and a refusal
-//!   gives the layer-by-layer figures (the least the update needs);
+//!   plus the engine's temporary copies: one layer per load (its file, as
+//!   sent, is the copy), at the worst moment of loading them one at a time
+//!   ([`held::install_peak`]), the least any order of such loads needs.
+//!   Install loads [`IMAGES_AT_ONCE`] images at a time, but holds them to
+//!   that figure ([`held::LoadBudget`]). Whole images (each image's new
+//!   layers in one load, inflated, the tars its copy, two at once) are
+//!   counted instead only when asked for (`STOWAGE_LOAD_PATH=whole`) and
+//!   they fit;
 //! - the apps directory: the extracted bundle.
 //!
 //! Each volume's figure is the most the update holds there at any one of
@@ -35,8 +36,8 @@ use crate::Digest;
 use crate::app::{App, LayerNeed};
 use crate::oci::format::{self, LayerMeta};
 use crate::plan::held::{
-    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, install_peak, intermediate_config_len,
-    load_temp_bytes, sent_compressed, whole_images_allowed,
+    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, LoadBudget, install_peak,
+    intermediate_config_len, load_temp_bytes, sent_compressed, whole_images_allowed,
 };
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
@@ -82,11 +83,11 @@ pub struct UpdatePlan {
     /// beyond all the plan counted there (0 when it does not fit).
     pub docker_block_size: u64,
     pub docker_room: (u64, u64),
-    /// Images install loads at once: [`IMAGES_AT_ONCE`] when that fits, else 1.
-    pub loads_at_once: usize,
-    /// Each image's new layers in one load, inflated (the fastest way in,
-    /// with the largest temporary copy): chosen only when its peak fits.
+    /// Each image's new layers in one load, inflated (faster, with the
+    /// largest temporary copy): only when asked for and its peak fits.
     pub whole_images: bool,
+    /// Otherwise, what keeps the loads within the lean peak the check counted.
+    pub load_budget: Option<LoadBudget>,
     pub fit: FitReport,
 }
 
@@ -272,7 +273,25 @@ pub fn plan_update(
     // Which image loads each missing chain first: a later image needing it
     // waits for that one (as install schedules them).
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
-    for image in images_by_id.values() {
+    // Each image's config digest and first layer to load, as `loads`.
+    let mut load_keys: Vec<(Digest, usize)> = Vec::new();
+    // The image with the largest temporary copy first: the last loads go
+    // one by one (the volume is fullest then), so the peak and the time
+    // are least when the one left for last has the smallest copy.
+    let mut ordered: Vec<&crate::app::ServiceImage> = images_by_id.values().copied().collect();
+    let largest_copy = |image: &crate::app::ServiceImage| {
+        let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
+        image
+            .layers
+            .iter()
+            .skip(docker.held.held_prefix_len(&diff_ids))
+            .filter_map(|(layer, _)| by_digest.get(&layer.digest))
+            .map(|need| sent_size(need))
+            .max()
+            .unwrap_or(0)
+    };
+    ordered.sort_by_key(|image| std::cmp::Reverse(largest_copy(image)));
+    for image in ordered {
         let diff_ids: Vec<Digest> = image.layers.iter().map(|(_, d)| d.clone()).collect();
         let held = loading.held_prefix_len(&diff_ids);
         let mut after = Vec::new();
@@ -336,6 +355,7 @@ pub fn plan_update(
             loads: image_loads,
             after,
         });
+        load_keys.push((image.config.digest.clone(), held));
     }
     let every_load = || loads.iter().flat_map(|i| &i.loads);
     let layers_usage = saturating_sum(every_load().map(|l| l.usage));
@@ -398,7 +418,8 @@ pub fn plan_update(
         inodes: 0,
         written: all_temps(loads),
     };
-    demands.push(temp_demand(&loads, IMAGES_AT_ONCE));
+    // The lean way (the default): the loads are held to the one-at-a-time peak.
+    demands.push(temp_demand(&loads, 1));
     // The apps directory: each extracted bundle.
     let (mut bundle_bytes, mut bundle_inodes) = (0u64, 0u64);
     for app in apps {
@@ -415,39 +436,33 @@ pub fn plan_update(
     });
 
     let mut fit = space::plan(&demands, policy, &Volume::of)?;
-    // The fastest way in when its peak fits: whole images, inflated, two
-    // at once. Else layer by layer, two images at once when that fits; one
-    // at a time (a smaller peak, a little slower) when only that does. A
-    // refusal reports the layer-by-layer figures.
-    let mut loads_at_once = IMAGES_AT_ONCE;
+    // Layer by layer, two images at once while the disk held stays within
+    // the one-at-a-time peak (the least any order of one-layer loads
+    // needs). Whole images, inflated, two at once, only when asked for
+    // (`STOWAGE_LOAD_PATH=whole`) and their larger peak fits.
     let mut whole_images = false;
-    let set_temp = |demands: &mut Vec<Demand>, temp: Demand| {
-        if let Some(slot) = demands.iter_mut().find(|d| d.part == Part::DockerTemp) {
-            *slot = temp;
-        }
-    };
     if fit.fits && whole_images_allowed() && !whole.iter().all(|i| i.loads.is_empty()) {
         let mut fast = demands.clone();
-        set_temp(&mut fast, temp_demand(&whole, IMAGES_AT_ONCE));
+        if let Some(slot) = fast.iter_mut().find(|d| d.part == Part::DockerTemp) {
+            *slot = temp_demand(&whole, IMAGES_AT_ONCE);
+        }
         let whole_fit = space::plan(&fast, policy, &Volume::of)?;
         if whole_fit.fits {
             whole_images = true;
             fit = whole_fit;
             fit.notes.push(
-                "images are loaded whole, layers inflated (the fastest way in): there is room for its larger temporary copy".into(),
+                "images are loaded whole, layers inflated (STOWAGE_LOAD_PATH=whole): there is room for its larger temporary copy".into(),
             );
         }
     }
-    if !fit.fits && IMAGES_AT_ONCE > 1 {
-        set_temp(&mut demands, temp_demand(&loads, 1));
-        let one_at_a_time = space::plan(&demands, policy, &Volume::of)?;
-        if one_at_a_time.fits {
-            loads_at_once = 1;
-            fit = one_at_a_time;
-            fit.notes
-                .push("images are loaded one at a time: two at once would not fit".into());
-        }
-    }
+    let load_budget = (!whole_images).then(|| {
+        let images: Vec<(Digest, usize, &ImageLoads)> = load_keys
+            .iter()
+            .zip(&loads)
+            .map(|((digest, first), image)| (digest.clone(), *first, image))
+            .collect();
+        LoadBudget::new(&images)
+    });
     // Layers no layers-meta describes and no install measured: their usage
     // is FORMAT.md's guess, and the report says so.
     let guessed: Vec<&LayerNeed> = docker_layers
@@ -496,8 +511,8 @@ pub fn plan_update(
         docker_counts,
         docker_block_size: docker_volume.block_size,
         docker_room,
-        loads_at_once,
         whole_images,
+        load_budget,
         fit,
     })
 }

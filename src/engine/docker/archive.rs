@@ -82,6 +82,8 @@ pub struct LoadOptions {
     /// All of an image's new layers in one load (the plan chose it: its
     /// larger temporary copy fits), rather than one layer per load.
     pub whole: bool,
+    /// Holds the loads of one install to the lean peak its check counted.
+    pub gate: Option<Arc<super::LoadGate>>,
 }
 
 impl Default for LoadOptions {
@@ -95,6 +97,7 @@ impl Default for LoadOptions {
             send_gzip: crate::plan::held::send_gzip(),
             ahead: None,
             whole: false,
+            gate: None,
         }
     }
 }

@@ -40,11 +40,13 @@ use crate::plan::DockerView;
 use crate::plan::held::HeldLayers;
 
 mod archive;
+mod gate;
 mod tags;
 
 pub use archive::{
     Allowance, ImageToLoad, LayerSource, LoadOptions, SpaceGuard, VerifiedAhead, layers_to_send,
 };
+pub use gate::{LoadGate, LoadPermit};
 pub use tags::local_tag_for;
 use tags::validate_tag_reference;
 
@@ -874,6 +876,9 @@ impl DockerEngine {
             }
             other => other,
         };
+        if let Some(gate) = &options.gate {
+            gate.image_done(&image.config_digest);
+        }
         // The image (or nothing, after a failure) now holds the chain.
         for id in intermediates.iter().rev() {
             if let Err(e) = self.remove_image(&id.to_string()).await {
@@ -913,6 +918,21 @@ impl DockerEngine {
             ..options.clone()
         };
         let read_ahead = |index: usize| ahead.start(image.layers.get(index)?, options);
+        // Each load waits for its turn within the lean peak (see `LoadGate`).
+        let gate = options.gate.clone();
+        if let Some(gate) = &gate {
+            gate.skip(&image.config_digest, skip);
+        }
+        let admit = |index: usize| {
+            let gate = gate.clone();
+            let digest = image.config_digest.clone();
+            async move {
+                match gate {
+                    Some(gate) => Some(gate.admit(&digest, index).await),
+                    None => None,
+                }
+            }
+        };
         // Layer k is sent on top of layers ..k; the last load sends the
         // last layer (or none, when the engine holds every one) with the
         // image's own config.
@@ -928,14 +948,23 @@ impl DockerEngine {
                 intermediates.push(id);
             }
             let next = read_ahead(top);
+            let permit = admit(top - 1).await;
             bytes_sent += self.load_archive(&step, top - 1, options, false).await?;
+            if let Some(permit) = permit {
+                permit.applied();
+            }
             if let Some(next) = next {
                 // Its failure shows when its own load reads it again.
                 let _ = next.await;
             }
         }
         let from = last.saturating_sub(1).max(skip);
+        // With every layer held, only the config goes: no figure counted it.
+        let permit = admit(if from < last { from } else { last }).await;
         bytes_sent += self.load_archive(image, from, options, true).await?;
+        if let Some(permit) = permit {
+            permit.applied();
+        }
         Ok(LoadReport {
             layers_sent: last - skip,
             layers_skipped: skip,
