@@ -64,6 +64,9 @@ pub struct ConfigFile {
     /// What an update may free when it does not fit: "none", "prune" or
     /// "drop-rollback" (see `--make-room`).
     pub make_room: Option<MakeRoom>,
+    /// How install hands images to the engine: "lean" or "whole" (see
+    /// `--load-path`).
+    pub load_path: Option<crate::plan::space::LoadPath>,
 }
 
 impl ConfigFile {
@@ -392,6 +395,35 @@ mod tests {
         let json = br#"{"auths":{"a.example":{"auth":"dXNlcjpwYXNz"}},"credHelpers":{"ecr.example":"ecr-login"}}"#;
         let store = CredentialStore::parse(json, Path::new("x")).unwrap();
         assert_eq!(store.helper_for("a.example"), None);
+    }
+
+    #[test]
+    fn load_path_is_lean_or_whole() {
+        use crate::plan::space::LoadPath;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        for (text, want) in [
+            ("load_path = \"whole\"\n", Some(LoadPath::Whole)),
+            ("load_path = \"lean\"\n", Some(LoadPath::Lean)),
+            // The lean way's name before it was the default.
+            ("load_path = \"layers\"\n", Some(LoadPath::Lean)),
+            ("", None),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(
+                ConfigFile::load(Some(&path)).unwrap().load_path,
+                want,
+                "{text}"
+            );
+        }
+        std::fs::write(&path, "load_path = \"fast\"\n").unwrap();
+        let e = ConfigFile::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("load_path") || e.contains("fast"), "{e}");
+        for name in ["lean", "whole"] {
+            assert_eq!(name.parse::<LoadPath>().unwrap().to_string(), name);
+        }
+        assert_eq!("layers".parse::<LoadPath>().unwrap(), LoadPath::Lean);
+        assert!("fast".parse::<LoadPath>().is_err());
     }
 
     #[test]

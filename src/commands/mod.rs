@@ -83,6 +83,7 @@ pub struct FitOptions {
     pub reserve: Option<String>,
     pub arch: Option<String>,
     pub docker_host: Option<String>,
+    pub load_path: Option<crate::plan::space::LoadPath>,
 }
 
 /// The fit check's settings, resolved.
@@ -211,7 +212,12 @@ impl Context {
         };
         Ok(Fit {
             arch,
-            policy: Policy::new(watermark, reserve)?,
+            policy: Policy::new(watermark, reserve)?.with_load_path(
+                options
+                    .load_path
+                    .or(self.config.load_path)
+                    .unwrap_or_default(),
+            ),
         })
     }
 

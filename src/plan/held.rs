@@ -28,15 +28,6 @@ pub fn send_gzip() -> bool {
     *GZIP.get_or_init(|| std::env::var("STOWAGE_LOAD_LAYERS").map_or(true, |v| v != "plain"))
 }
 
-/// Whether the plan may choose whole images (each image's new layers in
-/// one load, inflated) when their larger peak fits: faster on a machine
-/// with room to spare, at up to twice the lean peak. Off unless
-/// `STOWAGE_LOAD_PATH=whole`: the lean way ([`LoadBudget`]) is the default.
-pub fn whole_images_allowed() -> bool {
-    static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WHOLE.get_or_init(|| std::env::var("STOWAGE_LOAD_PATH").is_ok_and(|v| v == "whole"))
-}
-
 /// The bytes of the intermediate config stowage makes for an image's first
 /// `layers` layers (architecture, OS, a label naming the image, the
 /// `diff_id`s), rounded up: each layer but the last is loaded under one.

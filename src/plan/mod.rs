@@ -13,7 +13,7 @@
 //!   Install loads [`IMAGES_AT_ONCE`] images at a time, but holds them to
 //!   that figure ([`held::LoadBudget`]). Whole images (each image's new
 //!   layers in one load, inflated, the tars its copy, two at once) are
-//!   counted instead only when asked for (`STOWAGE_LOAD_PATH=whole`) and
+//!   counted instead only when asked for (`--load-path whole`) and
 //!   they fit;
 //! - the apps directory: the extracted bundle.
 //!
@@ -37,7 +37,7 @@ use crate::app::{App, LayerNeed};
 use crate::oci::format::{self, LayerMeta};
 use crate::plan::held::{
     HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, LoadBudget, install_peak,
-    intermediate_config_len, load_temp_bytes, sent_compressed, whole_images_allowed,
+    intermediate_config_len, load_temp_bytes, sent_compressed,
 };
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
@@ -439,9 +439,12 @@ pub fn plan_update(
     // Layer by layer, two images at once while the disk held stays within
     // the one-at-a-time peak (the least any order of one-layer loads
     // needs). Whole images, inflated, two at once, only when asked for
-    // (`STOWAGE_LOAD_PATH=whole`) and their larger peak fits.
+    // (`--load-path whole`) and their larger peak fits.
     let mut whole_images = false;
-    if fit.fits && whole_images_allowed() && !whole.iter().all(|i| i.loads.is_empty()) {
+    if fit.fits
+        && policy.load_path == space::LoadPath::Whole
+        && !whole.iter().all(|i| i.loads.is_empty())
+    {
         let mut fast = demands.clone();
         if let Some(slot) = fast.iter_mut().find(|d| d.part == Part::DockerTemp) {
             *slot = temp_demand(&whole, IMAGES_AT_ONCE);
@@ -451,7 +454,7 @@ pub fn plan_update(
             whole_images = true;
             fit = whole_fit;
             fit.notes.push(
-                "images are loaded whole, layers inflated (STOWAGE_LOAD_PATH=whole): there is room for its larger temporary copy".into(),
+                "images are loaded whole, layers inflated (load path whole): there is room for its larger temporary copy".into(),
             );
         }
     }

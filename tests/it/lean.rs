@@ -3,7 +3,8 @@
 //! - the install's peak extra disk on Docker's volume, sampled while it runs,
 //!   is what the fit check predicted, within 5%, on both paths: layer by
 //!   layer, two images at once within the one-at-a-time peak (the default),
-//!   and whole images (`STOWAGE_LOAD_PATH=whole`, with room to spare);
+//!   and whole images (`load_path = "whole"` in the config file, with room
+//!   to spare);
 //! - an update sized to fit at its modelled peak, but not at the sum of all
 //!   it writes, is accepted and succeeds; the same update with a few MiB
 //!   less room is refused (exit 100) and changes nothing.
@@ -101,16 +102,6 @@ fn sample_used(path: std::path::PathBuf, stop: Arc<AtomicBool>) -> std::thread::
     })
 }
 
-/// `stowage ARGS` on `device`, whole images when `whole` and they fit
-/// (else the default, layer by layer).
-fn on_path(device: &Device, whole: bool, args: &[&str]) -> Command {
-    let mut cmd = device.stowage(args);
-    if whole {
-        cmd.env("STOWAGE_LOAD_PATH", "whole");
-    }
-    cmd
-}
-
 #[test]
 fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
     let seed = test_seed();
@@ -119,18 +110,25 @@ fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
     let mut local = LocalImages::default();
     let app = publish_lean_app(&registry, &mut local, &name, seed, 16 * MIB as usize);
 
-    // Whole images (asked for, with room to spare), and the default, layer
-    // by layer. Each on a volume and engine of its own.
+    // Whole images (asked for in the config file, with room to spare), and
+    // the default, layer by layer. Each on a volume and engine of its own.
     let work = temp_dir("lean-peak-");
     let mut devices = Vec::new();
     for whole in [true, false] {
         let volume = LoopVolume::new(512);
         let dockerd = PrivateDockerd::start(&volume.path().join("docker"));
+        let config = work.path().join(format!("stowage-{whole}.toml"));
+        let load_path = if whole { "whole" } else { "lean" };
+        std::fs::write(
+            &config,
+            format!("watermark = 99\nload_path = \"{load_path}\"\n"),
+        )
+        .unwrap();
         let device = Device {
             root: work.path().join(format!("root-{whole}")),
             registry: registry.host(),
             docker_host: dockerd.host(),
-            config: lenient_config(work.path()),
+            config: Some(config),
         };
         device.ok(&["pull", &app]);
         devices.push((whole, volume, dockerd, device));
@@ -142,7 +140,8 @@ fn the_install_peak_on_dockers_volume_is_what_the_check_predicted() {
         let before = volume.synced_stats().used_bytes();
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = sample_used(volume.path().to_path_buf(), stop.clone());
-        let out = on_path(device, *whole, &["--json", "install", &app])
+        let out = device
+            .stowage(&["--json", "install", &app])
             .stdout(Stdio::piped())
             .output()
             .expect("run stowage install");
@@ -221,12 +220,9 @@ fn an_update_that_fits_only_at_its_modelled_peak_succeeds_and_one_just_over_is_r
         config: Some(config),
     };
     // The figures of the default path, layer by layer.
-    let check: Value = serde_json::from_str(&run_ok(&mut on_path(
-        &device,
-        false,
-        &["--json", "check", &app],
-    )))
-    .expect("check JSON");
+    let check: Value =
+        serde_json::from_str(&run_ok(&mut device.stowage(&["--json", "check", &app])))
+            .expect("check JSON");
     let v = volume_of(&check, volume.path());
     let (peak, sum) = (
         v["required"].as_u64().unwrap(),

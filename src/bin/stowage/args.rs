@@ -418,6 +418,12 @@ pub struct FitArgs {
     /// The Docker engine to ask what it holds [default: DOCKER_HOST or the local socket]
     #[arg(long, value_name = "URL")]
     pub docker_host: Option<String>,
+    /// How install hands images to Docker: lean (one layer per load, the
+    /// least temporary disk) or whole (whole images, faster, up to twice the
+    /// temporary disk, when that fits) [default: the config file's
+    /// load_path, else lean]
+    #[arg(long, value_name = "PATH", env = "STOWAGE_LOAD_PATH")]
+    pub load_path: Option<stowage::plan::space::LoadPath>,
 }
 
 #[derive(Args)]
@@ -540,6 +546,7 @@ impl From<FitArgs> for FitOptions {
             reserve: args.reserve,
             arch: args.arch,
             docker_host: args.docker_host,
+            load_path: args.load_path,
         }
     }
 }
