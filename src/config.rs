@@ -66,7 +66,7 @@ pub struct ConfigFile {
     pub make_room: Option<MakeRoom>,
     /// How install hands images to the engine: "lean" or "whole" (see
     /// `--load-path`).
-    pub load_path: Option<crate::plan::space::LoadPath>,
+    pub load_path: Option<LoadPath>,
 }
 
 impl ConfigFile {
@@ -373,6 +373,46 @@ impl std::str::FromStr for MakeRoom {
     }
 }
 
+/// How install hands images to the engine (`--load-path`,
+/// `STOWAGE_LOAD_PATH`, the config file's `load_path`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadPath {
+    /// One layer per load, two images at once held to the one-at-a-time
+    /// peak: the least temporary disk.
+    #[default]
+    #[serde(alias = "layers")]
+    Lean,
+    /// Whole images, inflated, two at once, when their larger peak fits:
+    /// faster, with up to twice the temporary disk.
+    Whole,
+}
+
+impl std::fmt::Display for LoadPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoadPath::Lean => "lean",
+            LoadPath::Whole => "whole",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown load path {0:?}: it is lean or whole")]
+pub struct UnknownLoadPath(String);
+
+impl std::str::FromStr for LoadPath {
+    type Err = UnknownLoadPath;
+    fn from_str(s: &str) -> Result<LoadPath, UnknownLoadPath> {
+        match s {
+            // "layers": the name of the lean way before it was the default.
+            "lean" | "layers" => Ok(LoadPath::Lean),
+            "whole" => Ok(LoadPath::Whole),
+            other => Err(UnknownLoadPath(other.to_string())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,7 +439,6 @@ mod tests {
 
     #[test]
     fn load_path_is_lean_or_whole() {
-        use crate::plan::space::LoadPath;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         for (text, want) in [

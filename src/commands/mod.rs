@@ -83,7 +83,7 @@ pub struct FitOptions {
     pub reserve: Option<String>,
     pub arch: Option<String>,
     pub docker_host: Option<String>,
-    pub load_path: Option<crate::plan::space::LoadPath>,
+    pub load_path: Option<crate::config::LoadPath>,
 }
 
 /// The fit check's settings, resolved.

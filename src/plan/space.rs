@@ -24,45 +24,7 @@ pub enum SpaceError {
     Watermark(u8),
 }
 
-/// How install hands images to the engine (`--load-path`,
-/// `STOWAGE_LOAD_PATH`, the config file's `load_path`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LoadPath {
-    /// One layer per load, two images at once held to the one-at-a-time
-    /// peak: the least temporary disk.
-    #[default]
-    #[serde(alias = "layers")]
-    Lean,
-    /// Whole images, inflated, two at once, when their larger peak fits:
-    /// faster, with up to twice the temporary disk.
-    Whole,
-}
-
-impl std::fmt::Display for LoadPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LoadPath::Lean => "lean",
-            LoadPath::Whole => "whole",
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("unknown load path {0:?}: it is lean or whole")]
-pub struct UnknownLoadPath(String);
-
-impl std::str::FromStr for LoadPath {
-    type Err = UnknownLoadPath;
-    fn from_str(s: &str) -> Result<LoadPath, UnknownLoadPath> {
-        match s {
-            // "layers": the name of the lean way before it was the default.
-            "lean" | "layers" => Ok(LoadPath::Lean),
-            "whole" => Ok(LoadPath::Whole),
-            other => Err(UnknownLoadPath(other.to_string())),
-        }
-    }
-}
+pub use crate::config::LoadPath;
 
 /// How much of each volume an update may use, and how install spends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

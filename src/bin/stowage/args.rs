@@ -423,7 +423,7 @@ pub struct FitArgs {
     /// temporary disk, when that fits) [default: the config file's
     /// load_path, else lean]
     #[arg(long, value_name = "PATH", env = "STOWAGE_LOAD_PATH")]
-    pub load_path: Option<stowage::plan::space::LoadPath>,
+    pub load_path: Option<stowage::config::LoadPath>,
 }
 
 #[derive(Args)]
