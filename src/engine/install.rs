@@ -235,6 +235,7 @@ pub(crate) async fn install_locked(
     let mut guard = None;
     let mut whole_images = false;
     let mut gate = None;
+    let mut load_order = Vec::new();
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let info = info?;
@@ -264,6 +265,7 @@ pub(crate) async fn install_locked(
             .load_budget
             .clone()
             .map(crate::engine::docker::LoadGate::new);
+        load_order = plan.load_order.clone();
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -319,10 +321,14 @@ pub(crate) async fn install_locked(
     // load is running); one filtered listing when there are none.
     engine.remove_intermediate_images().await?;
     let held = docker.as_ref().map(|d| d.held.clone()).unwrap_or_default();
-    if let Some(gate) = &load_options.gate {
-        // In the plan's order, which its budget counted.
-        to_load.sort_by_key(|planned| gate.position(&planned.image_id));
-    }
+    // In the plan's order, which its figures counted (images it did not
+    // count last).
+    to_load.sort_by_key(|planned| {
+        load_order
+            .iter()
+            .position(|digest| *digest == planned.image_id)
+            .unwrap_or(usize::MAX)
+    });
     let loaded = load_images(
         engine,
         store,

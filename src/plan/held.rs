@@ -238,16 +238,6 @@ impl BudgetState {
         true
     }
 
-    /// Where image `digest` comes in the plan's order (after every image
-    /// the plan counted, when it counted none of its loads).
-    pub fn position(&self, digest: &Digest) -> usize {
-        self.budget
-            .order
-            .iter()
-            .position(|((d, _), _)| d == digest)
-            .unwrap_or(usize::MAX)
-    }
-
     /// The figures, for the log: applied, loading, the peak.
     pub fn describe(&self) -> String {
         format!(

@@ -88,6 +88,9 @@ pub struct UpdatePlan {
     pub whole_images: bool,
     /// Otherwise, what keeps the loads within the lean peak the check counted.
     pub load_budget: Option<LoadBudget>,
+    /// The images (config digests) in the order the check counted their
+    /// loads: install loads them in this order, either way.
+    pub load_order: Vec<Digest>,
     pub fit: FitReport,
 }
 
@@ -516,6 +519,7 @@ pub fn plan_update(
         docker_room,
         whole_images,
         load_budget,
+        load_order: load_keys.into_iter().map(|(digest, _)| digest).collect(),
         fit,
     })
 }

@@ -30,12 +30,6 @@ impl LoadGate {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Where image `image` comes in the plan's order (after every image
-    /// the plan counted, when it counted none of its loads).
-    pub fn position(&self, image: &Digest) -> usize {
-        self.state().position(image)
-    }
-
     /// Waits until the load of layer `index` of image `image` may start.
     /// The permit ends it: [`LoadPermit::applied`] once the engine holds
     /// the layer; dropped otherwise (the load failed: nothing applied).
