@@ -563,6 +563,8 @@ install_cases() {
                 STOWAGE_LOAD_PATH=whole
             stowage_install "stowage install, layers handed inflated" "$STOWAGE" \
                 STOWAGE_LOAD_LAYERS=plain
+            stowage_install "stowage install, gzip layers all as stored" "$STOWAGE" \
+                STOWAGE_LOAD_LAYERS=stored
             # Space short: the volume keeps only 8 MiB more free than the
             # check requires (the default way's peak).
             local required free

@@ -11,6 +11,11 @@ Prints one JSON object on stdout:
   dockerd_peak_kib  peak growth of dockerd's resident set over its value at
                     the start (only with --dockerd-pid): for `docker pull` and
                     `docker load` the work happens in the engine, not the client
+  cpu_s             user plus system CPU seconds of the command and its
+                    waited-for descendants (wait4's rusage)
+  dockerd_cpu_s     CPU seconds dockerd and the children it reaped (unpigz,
+                    its untar helpers) spent meanwhile (only with
+                    --dockerd-pid; /proc/PID/stat)
   disk_peak_bytes   peak growth of the used bytes of the file system holding
                     --disk PATH over its value at the start, polled by statvfs
   disk_end_bytes    that growth once the command ended
@@ -58,6 +63,16 @@ def rss_kib(pid):
     return 0
 
 
+def cpu_ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime: fields 14-17, counted from 3 here.
+        return sum(int(x) for x in fields[11:15])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--disk", help="a path on the file system to watch")
@@ -73,6 +88,7 @@ def main():
         written0 = sectors_written(args.written_dev)
     disk0 = used_bytes(args.disk) if args.disk else 0
     dockerd0 = rss_kib(args.dockerd_pid) if args.dockerd_pid else 0
+    dockerd_cpu0 = cpu_ticks(args.dockerd_pid) if args.dockerd_pid else 0
     peaks = {"disk": 0, "dockerd": 0}
     done = threading.Event()
 
@@ -113,6 +129,7 @@ def main():
     result = {
         "wall_s": round(wall, 4),
         "maxrss_kib": maxrss,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
         "written_bytes": usage.ru_oublock * 512,
         "rc": child.returncode,
     }
@@ -121,6 +138,8 @@ def main():
         result["volume_written_bytes"] = (sectors_written(args.written_dev) - written0) * 512
     if args.dockerd_pid:
         result["dockerd_peak_kib"] = peaks["dockerd"]
+        ticks = os.sysconf("SC_CLK_TCK")
+        result["dockerd_cpu_s"] = round((cpu_ticks(args.dockerd_pid) - dockerd_cpu0) / ticks, 3)
     if args.disk:
         result["disk_peak_bytes"] = max(peaks["disk"], used_bytes(args.disk) - disk0)
         result["disk_end_bytes"] = used_bytes(args.disk) - disk0

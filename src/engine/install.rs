@@ -236,6 +236,7 @@ pub(crate) async fn install_locked(
     let mut whole_images = false;
     let mut gate = None;
     let mut load_order = Vec::new();
+    let mut inflate = Default::default();
     if !to_load.is_empty() || !bundle_current {
         let (info, held) = tokio::join!(engine.info(), engine.held_layers());
         let info = info?;
@@ -266,6 +267,7 @@ pub(crate) async fn install_locked(
             .clone()
             .map(crate::engine::docker::LoadGate::new);
         load_order = plan.load_order.clone();
+        inflate = plan.inflated.clone();
         if bundle_current {
             report.fit.notes.push(format!(
                 "the bundle is already extracted in {}",
@@ -313,6 +315,7 @@ pub(crate) async fn install_locked(
         guard: guard.clone(),
         // Whole images go inflated, as the plan counted them.
         send_gzip: options.load.send_gzip && !whole_images,
+        inflate: Arc::new(inflate),
         whole: whole_images,
         gate,
         ..options.load.clone()

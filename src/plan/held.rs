@@ -20,12 +20,34 @@ pub fn sent_compressed(media_type: &str) -> bool {
     send_gzip() && media_type.ends_with("gzip")
 }
 
-/// The chosen path: gzip layers go to the engine as stored. For
-/// measurements only, `STOWAGE_LOAD_LAYERS=plain` hands them inflated (the
-/// check then counts that, too); see docs/benchmarks.md.
+/// The chosen path: gzip layers go to the engine as stored, but those
+/// [`inflate_within_peak`] picks. For measurements only,
+/// `STOWAGE_LOAD_LAYERS=plain` hands every one inflated and
+/// `STOWAGE_LOAD_LAYERS=stored` every one as stored (the check then counts
+/// that, too); see docs/benchmarks.md.
 pub fn send_gzip() -> bool {
-    static GZIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *GZIP.get_or_init(|| std::env::var("STOWAGE_LOAD_LAYERS").map_or(true, |v| v != "plain"))
+    load_layers() != Some(LoadLayers::Plain)
+}
+
+/// Whether the lean way may hand some gzip layers inflated (see
+/// [`inflate_within_peak`]).
+pub fn inflate_some() -> bool {
+    load_layers().is_none()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadLayers {
+    Plain,
+    Stored,
+}
+
+fn load_layers() -> Option<LoadLayers> {
+    static CHOICE: std::sync::OnceLock<Option<LoadLayers>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("STOWAGE_LOAD_LAYERS").as_deref() {
+        Ok("plain") => Some(LoadLayers::Plain),
+        Ok("stored") => Some(LoadLayers::Stored),
+        _ => None,
+    })
 }
 
 /// The bytes of the intermediate config stowage makes for an image's first
@@ -111,6 +133,38 @@ pub fn install_peak(images: &[ImageLoads], at_once: usize) -> u64 {
         .map(|l| l.usage.saturating_add(l.until_image_done))
         .fold(0u64, u64::saturating_add);
     sequential.max(applied.saturating_add(pair))
+}
+
+/// Which loads of the lean way go to the engine inflated rather than as
+/// stored: those whose inflated copy (`inflated[i][k]`, for load `k` of
+/// image `i`; `None` when it must go as stored) keeps the one-at-a-time
+/// peak where it is, in the order install loads them. The engine applies an
+/// inflated layer for much less CPU than one it must inflate itself, so the
+/// early loads, while little is applied, go inflated for no more peak disk;
+/// the later ones, when the volume is fullest, go as stored. Switches those
+/// loads' temporary copies in `images` and returns them (image, load).
+pub fn inflate_within_peak(
+    images: &mut [ImageLoads],
+    inflated: &[Vec<Option<u64>>],
+) -> Vec<(usize, usize)> {
+    let peak = install_peak(images, 1);
+    let mut switched = Vec::new();
+    let mut applied = 0u64;
+    for (i, image) in images.iter_mut().enumerate() {
+        let mut pending = 0u64;
+        for (k, load) in image.loads.iter_mut().enumerate() {
+            applied = applied.saturating_add(load.usage);
+            pending = pending.saturating_add(load.until_image_done);
+            let alternative = inflated.get(i).and_then(|l| l.get(k)).copied().flatten();
+            if let Some(temp) = alternative
+                && applied.saturating_add(pending).saturating_add(temp) <= peak
+            {
+                load.temp = temp;
+                switched.push((i, k));
+            }
+        }
+    }
+    switched
 }
 
 /// One load of the lean way in: the image (its config digest) and the
@@ -552,7 +606,7 @@ mod tests {
                     .wrapping_add(1442695040888963407);
                 (rng >> 33) % n
             };
-            let images: Vec<ImageLoads> = (0..2 + next(4))
+            let mut images: Vec<ImageLoads> = (0..2 + next(4))
                 .map(|_| ImageLoads {
                     loads: (0..1 + next(4))
                         .map(|_| {
@@ -563,6 +617,23 @@ mod tests {
                     after: vec![],
                 })
                 .collect();
+            if seed % 2 == 1 {
+                // Some layers could go inflated, with a larger copy: those
+                // picked leave the one-at-a-time peak where it was.
+                let alternatives: Vec<Vec<Option<u64>>> = images
+                    .iter()
+                    .map(|image| {
+                        image
+                            .loads
+                            .iter()
+                            .map(|l| (next(3) > 0).then(|| l.temp + next(2 * l.usage + 1)))
+                            .collect()
+                    })
+                    .collect();
+                let before = install_peak(&images, 1);
+                inflate_within_peak(&mut images, &alternatives);
+                assert_eq!(install_peak(&images, 1), before, "seed {seed}");
+            }
             let ids: Vec<Digest> = (0..images.len() as u8).map(|i| digest(100 + i)).collect();
             let keyed: Vec<(Digest, usize, &ImageLoads)> = ids
                 .iter()
@@ -618,6 +689,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn early_layers_go_inflated_where_that_keeps_the_peak() {
+        // The pull app's shape: a big layer that does not compress and a
+        // small one that does, in each of three images.
+        let image = |first: bool| ImageLoads {
+            loads: if first {
+                vec![layer(1, 1), layer(44, 44), layer(13, 10)]
+            } else {
+                vec![layer(44, 44), layer(13, 10)]
+            },
+            after: vec![],
+        };
+        let alternatives = |first: bool| {
+            let mut temps = vec![Some(45), Some(13)];
+            if first {
+                temps.insert(0, None);
+            }
+            temps
+        };
+        let mut images = vec![image(true), image(false), image(false)];
+        let alternatives = vec![alternatives(true), alternatives(false), alternatives(false)];
+        let before = install_peak(&images, 1);
+        assert_eq!(before, 1 + 57 + 57 + 44 + 44);
+        let switched = inflate_within_peak(&mut images, &alternatives);
+        // All but the last image's big layer: inflated, it would pass the
+        // peak (1 + 57 + 57 + 44 + 45).
+        assert_eq!(switched, vec![(0, 1), (0, 2), (1, 0), (1, 1), (2, 1)]);
+        assert_eq!(images[2].loads[0].temp, 44);
+        assert_eq!(images[2].loads[1].temp, 13);
+        assert_eq!(install_peak(&images, 1), before);
+        // No alternative, nothing switched.
+        let mut plain = vec![image(true), image(false)];
+        assert!(inflate_within_peak(&mut plain, &[vec![], vec![None, None]]).is_empty());
     }
 
     #[test]

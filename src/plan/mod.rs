@@ -26,7 +26,7 @@ pub mod held;
 pub mod room;
 pub mod space;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -36,8 +36,8 @@ use crate::Digest;
 use crate::app::{App, LayerNeed};
 use crate::oci::format::{self, LayerMeta};
 use crate::plan::held::{
-    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, LoadBudget, install_peak,
-    intermediate_config_len, load_temp_bytes, sent_compressed,
+    HeldLayers, IMAGES_AT_ONCE, ImageLoads, LayerLoad, LoadBudget, inflate_some,
+    inflate_within_peak, install_peak, intermediate_config_len, load_temp_bytes, sent_compressed,
 };
 use crate::plan::space::{Demand, FitReport, Part, Policy, Volume, human_bytes};
 use crate::store::Store;
@@ -88,6 +88,9 @@ pub struct UpdatePlan {
     pub whole_images: bool,
     /// Otherwise, what keeps the loads within the lean peak the check counted.
     pub load_budget: Option<LoadBudget>,
+    /// The gzip layers (by diff_id) the lean way hands the engine inflated,
+    /// not as stored: their copy keeps the peak where it is.
+    pub inflated: BTreeSet<Digest>,
     /// The images (config digests) in the order the check counted their
     /// loads: install loads them in this order, either way.
     pub load_order: Vec<Digest>,
@@ -278,6 +281,10 @@ pub fn plan_update(
     let mut owner: BTreeMap<Digest, usize> = BTreeMap::new();
     // Each image's config digest and first layer to load, as `loads`.
     let mut load_keys: Vec<(Digest, usize)> = Vec::new();
+    // Per load, as `loads`: its temporary copy were it handed inflated
+    // (gzip layers only), and its blob.
+    let mut inflated_temps: Vec<Vec<Option<u64>>> = Vec::new();
+    let mut load_blobs: Vec<Vec<Digest>> = Vec::new();
     // The image with the largest temporary copy first: the last loads go
     // one by one (the volume is fullest then), so the peak and the time
     // are least when the one left for last has the smallest copy.
@@ -310,6 +317,8 @@ pub fn plan_update(
             }
         }
         let mut image_loads = Vec::new();
+        let mut image_inflated = Vec::new();
+        let mut image_blobs = Vec::new();
         let mut whole_tars = Vec::new();
         for (i, (layer, _)) in image.layers.iter().enumerate().skip(held) {
             let Some(need) = by_digest.get(&layer.digest) else {
@@ -327,6 +336,13 @@ pub fn plan_update(
             };
             let sent = sent_size(&need);
             whole_tars.push(need.tar_size());
+            // Handed inflated instead, when its figures are known (a load is
+            // held to them as it streams).
+            image_inflated.push(
+                (sent != need.tar_size() && need.meta.is_some() && inflate_some())
+                    .then(|| load_temp_bytes(&[need.tar_size()], config_len, block)),
+            );
+            image_blobs.push(layer.digest.clone());
             image_loads.push(LayerLoad {
                 usage: need.usage(block),
                 until_image_done: if last {
@@ -358,8 +374,16 @@ pub fn plan_update(
             loads: image_loads,
             after,
         });
+        inflated_temps.push(image_inflated);
+        load_blobs.push(image_blobs);
         load_keys.push((image.config.digest.clone(), held));
     }
+    // The early loads go inflated where that keeps the peak (the engine
+    // applies them for less CPU); the rest as stored.
+    let inflated: BTreeSet<Digest> = inflate_within_peak(&mut loads, &inflated_temps)
+        .into_iter()
+        .filter_map(|(i, k)| load_blobs.get(i)?.get(k).cloned())
+        .collect();
     let every_load = || loads.iter().flat_map(|i| &i.loads);
     let layers_usage = saturating_sum(every_load().map(|l| l.usage));
     let all_temps = |loads: &[ImageLoads]| {
@@ -377,7 +401,11 @@ pub fn plan_update(
             usage: need.usage(docker_volume.block_size),
             inodes: need.inodes(),
             tar_size: need.tar_size(),
-            sent_size: sent_size(need),
+            sent_size: if inflated.contains(digest) {
+                need.tar_size()
+            } else {
+                sent_size(need)
+            },
         };
         for (what, figure, whole) in [
             ("usage", count.usage, docker_volume.total_bytes),
@@ -461,6 +489,13 @@ pub fn plan_update(
             );
         }
     }
+    if !whole_images && !inflated.is_empty() {
+        fit.notes.push(format!(
+            "{} of {} layer(s) to load go to the engine inflated, not as stored: their larger copy keeps the peak where it is, and the engine applies them for less CPU",
+            inflated.len(),
+            docker_layers.len()
+        ));
+    }
     let load_budget = (!whole_images).then(|| {
         let images: Vec<(Digest, usize, &ImageLoads)> = load_keys
             .iter()
@@ -510,6 +545,10 @@ pub fn plan_update(
             count.sent_size = count.tar_size;
         }
     }
+    let inflated_diff_ids = inflated
+        .iter()
+        .filter_map(|blob| docker_layers.get(blob).map(|l| l.diff_id.clone()))
+        .collect();
     Ok(UpdatePlan {
         missing_layers,
         missing_meta,
@@ -519,6 +558,7 @@ pub fn plan_update(
         docker_room,
         whole_images,
         load_budget,
+        inflated: inflated_diff_ids,
         load_order: load_keys.into_iter().map(|(digest, _)| digest).collect(),
         fit,
     })

@@ -16,7 +16,7 @@
 //! image is applied, and the error names the layer and both figures.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
@@ -76,6 +76,9 @@ pub struct LoadOptions {
     /// first) rather than inflated: its temporary copy is then the blob, not
     /// the tar. The engine inflates them itself (`unpigz` when on its PATH).
     pub send_gzip: bool,
+    /// Gzip layers (by diff_id) handed inflated all the same: the plan
+    /// found their larger copy keeps the peak where it is.
+    pub inflate: Arc<BTreeSet<Digest>>,
     /// Layers sent as stored that were verified while the engine applied
     /// the one before ([`VerifiedAhead`]); their sends skip the first read.
     pub ahead: Option<Arc<VerifiedAhead>>,
@@ -95,6 +98,7 @@ impl Default for LoadOptions {
             buffer_bytes: 1024 * 1024,
             guard: None,
             send_gzip: crate::plan::held::send_gzip(),
+            inflate: Arc::default(),
             ahead: None,
             whole: false,
             gate: None,
@@ -288,12 +292,19 @@ impl std::fmt::Debug for VerifiedAhead {
     }
 }
 
+/// Whether `layer` goes to the engine as stored (a gzip layer, gzip
+/// layers going so, and not one picked to go inflated).
+fn sent_as_stored(layer: &LayerSource, send_gzip: bool, inflate: &BTreeSet<Digest>) -> bool {
+    send_gzip
+        && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip)
+        && !inflate.contains(&layer.diff_id)
+}
+
 impl VerifiedAhead {
     /// Whether `layer` goes to the engine as stored, so that its first read
     /// can run ahead.
     pub fn applies(layer: &LayerSource, options: &LoadOptions) -> bool {
-        options.send_gzip
-            && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip)
+        sent_as_stored(layer, options.send_gzip, &options.inflate)
     }
 
     /// Starts the first read of `layer` when it goes as stored, after the
@@ -591,6 +602,7 @@ struct Inflaters {
     buffer_chunks: usize,
     guard: Option<Arc<SpaceGuard>>,
     send_gzip: bool,
+    inflate: Arc<BTreeSet<Digest>>,
     ahead: Option<Arc<VerifiedAhead>>,
 }
 
@@ -603,6 +615,7 @@ impl Inflaters {
             buffer_chunks: (options.buffer_bytes / CHUNK).max(1),
             guard: options.guard.clone(),
             send_gzip: options.send_gzip,
+            inflate: options.inflate.clone(),
             ahead: options.ahead.clone(),
         };
         inflaters.fill();
@@ -617,8 +630,7 @@ impl Inflaters {
             let (tx, rx) = mpsc::sync_channel(self.buffer_chunks);
             let work = layer.clone();
             let guard = self.guard.clone();
-            let raw = self.send_gzip
-                && Decompression::for_media_type(&layer.media_type) == Some(Decompression::Gzip);
+            let raw = sent_as_stored(&layer, self.send_gzip, &self.inflate);
             let ahead = raw.then(|| self.ahead.clone()).flatten();
             std::thread::spawn(move || {
                 inflate_layer(&work, guard.as_deref(), ahead.as_deref(), raw, &tx)
