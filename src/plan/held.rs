@@ -14,8 +14,9 @@ use crate::oci::digest::chain_ids;
 pub const IMAGES_AT_ONCE: usize = 2;
 
 /// Whether a layer of this media type is handed to the engine as stored
-/// (compressed) rather than inflated. See the README ("Installing into
-/// Docker") for the measurements behind the choice.
+/// (compressed) rather than inflated, unless [`inflate_within_peak`] picks
+/// it. See the README ("Installing into Docker") for the measurements
+/// behind the choice.
 pub fn sent_compressed(media_type: &str) -> bool {
     send_gzip() && media_type.ends_with("gzip")
 }
