@@ -221,6 +221,11 @@ impl LoadBudget {
     }
 }
 
+/// What a load leaves on the volume once applied, until its image is whole.
+fn held(load: &LayerLoad) -> u64 {
+    load.usage.saturating_add(load.until_image_done)
+}
+
 /// Where an install stands against its [`LoadBudget`]: what is applied,
 /// what is loading. Pure bookkeeping; the engine's gate waits on it.
 #[derive(Debug, Clone, Default)]
@@ -228,6 +233,9 @@ pub struct BudgetState {
     budget: LoadBudget,
     applied: u64,
     loading: Vec<(LoadKey, LayerLoad)>,
+    /// The one load streaming its archive before it may be applied (see
+    /// [`Self::admits_early`]); it is in `loading` too.
+    early: Option<LoadKey>,
     /// Loads ended (applied, or found held and skipped, or failed).
     ended: HashSet<LoadKey>,
     failed: HashSet<LoadKey>,
@@ -255,8 +263,12 @@ impl BudgetState {
     /// load in the plan's order not started yet always may once nothing
     /// loads, so an install always goes on (one load at a time at worst).
     /// A load the plan did not count (the engine's layers changed
-    /// meanwhile) waits until nothing else loads.
+    /// meanwhile) waits until nothing else loads. While a load streams
+    /// early, no other starts: it is applied next.
     pub fn admits(&self, key: &LoadKey) -> bool {
+        if self.early.is_some() {
+            return false;
+        }
         let this = self.cost(key);
         if self.loading.is_empty() && (this.is_none() || self.first_pending() == Some(key)) {
             return true;
@@ -264,23 +276,75 @@ impl BudgetState {
         let Some(this) = this else {
             return false;
         };
-        let held = |l: &LayerLoad| l.usage.saturating_add(l.until_image_done);
-        let now = self
-            .loading
-            .iter()
-            .map(|(_, l)| held(l).saturating_add(l.temp))
-            .fold(self.applied, u64::saturating_add)
+        self.held_now()
             .saturating_add(held(&this))
-            .saturating_add(this.temp);
-        if now > self.budget.peak {
+            .saturating_add(this.temp)
+            <= self.budget.peak
+            && self.rest_fits(key, &this)
+    }
+
+    /// Whether the load `key`, which may not start now, may stream its
+    /// archive early: the engine then holds only its temporary copy (it
+    /// applies nothing before the archive ends, and install holds back the
+    /// archive's last bytes until [`Self::admits_apply`]). So the next
+    /// archive is sent while the engine applies the one before. It may when
+    /// its copy fits now, it fits applied once the loads running end, and
+    /// every load after it still fits, one by one. One load at a time
+    /// streams early, and only beside a load being applied.
+    pub fn admits_early(&self, key: &LoadKey) -> bool {
+        if self.early.is_some() || self.loading.is_empty() {
             return false;
         }
+        let Some(this) = self.cost(key) else {
+            return false;
+        };
+        let after_running = self
+            .loading
+            .iter()
+            .map(|(_, l)| held(l))
+            .fold(self.applied, u64::saturating_add);
+        self.held_now().saturating_add(this.temp) <= self.budget.peak
+            && after_running
+                .saturating_add(held(&this))
+                .saturating_add(this.temp)
+                <= self.budget.peak
+            && self.rest_fits(key, &this)
+    }
+
+    /// Whether the load `key`, streaming early, may be applied now (its
+    /// archive's last bytes sent): always once it is the only load.
+    pub fn admits_apply(&self, key: &LoadKey) -> bool {
+        let Some((_, this)) = self.loading.iter().find(|(k, _)| k == key) else {
+            return true;
+        };
+        self.loading.len() == 1 || self.held_now().saturating_add(held(this)) <= self.budget.peak
+    }
+
+    /// The disk the install holds now: what is applied, and what the loads
+    /// running hold (a load streaming early: only its copy).
+    fn held_now(&self) -> u64 {
+        self.loading
+            .iter()
+            .map(|(k, l)| {
+                if self.early.as_ref() == Some(k) {
+                    l.temp
+                } else {
+                    held(l).saturating_add(l.temp)
+                }
+            })
+            .fold(self.applied, u64::saturating_add)
+    }
+
+    /// Whether, with `key` (costing `this`) started and the loads running
+    /// ended, every load not started yet fits, one by one in the plan's
+    /// order.
+    fn rest_fits(&self, key: &LoadKey, this: &LayerLoad) -> bool {
         let mut applied = self
             .loading
             .iter()
             .map(|(_, l)| held(l))
             .fold(self.applied, u64::saturating_add)
-            .saturating_add(held(&this));
+            .saturating_add(held(this));
         for (k, load) in &self.budget.order {
             if k == key || self.ended.contains(k) || self.loading.iter().any(|(l, _)| l == k) {
                 continue;
@@ -311,6 +375,19 @@ impl BudgetState {
             .find(|k| !self.ended.contains(*k) && !self.loading.iter().any(|(l, _)| l == *k))
     }
 
+    /// `key` starts streaming early (after [`Self::admits_early`]).
+    pub fn start_early(&mut self, key: LoadKey) {
+        self.start(key.clone());
+        self.early = Some(key);
+    }
+
+    /// `key`, streaming early, is applied now (after [`Self::admits_apply`]).
+    pub fn apply(&mut self, key: &LoadKey) {
+        if self.early.as_ref() == Some(key) {
+            self.early = None;
+        }
+    }
+
     /// `key` starts loading (after [`Self::admits`]).
     pub fn start(&mut self, key: LoadKey) {
         let cost = self.cost(&key).unwrap_or(LayerLoad {
@@ -323,6 +400,7 @@ impl BudgetState {
 
     /// `key` ended: applied (`applied`), or failed and left nothing.
     pub fn end(&mut self, key: &LoadKey, applied: bool) {
+        self.apply(key);
         if let Some(at) = self.loading.iter().position(|(k, _)| k == key) {
             let (_, load) = self.loading.swap_remove(at);
             if applied {
@@ -599,6 +677,7 @@ mod tests {
     fn two_images_at_a_time_never_hold_more_than_the_budget() {
         // Random sizes and random moments at which loads end, for a fixed
         // set of seeds: the disk held never passes the one-at-a-time peak.
+        let mut early_starts = 0;
         for seed in 1..200u64 {
             let mut rng = seed;
             let mut next = |n: u64| {
@@ -647,42 +726,73 @@ mod tests {
             // Two workers take images in order; each loads its image's
             // layers in order; a started load ends at a random later step.
             let mut queue: std::collections::VecDeque<usize> = (0..images.len()).collect();
-            let mut workers: Vec<Option<(usize, usize, bool)>> = vec![None, None];
+            // A worker's load: not started, streaming early, or applying.
+            #[derive(Clone, Copy, PartialEq)]
+            enum Phase {
+                Waiting,
+                Early,
+                Applying,
+            }
+            let mut workers: Vec<Option<(usize, usize, Phase)>> = vec![None, None];
+            let held_now = |state: &BudgetState, applied: u64| {
+                state
+                    .loading
+                    .iter()
+                    .map(|(k, l)| {
+                        if state.early.as_ref() == Some(k) {
+                            l.temp
+                        } else {
+                            l.usage + l.temp
+                        }
+                    })
+                    .sum::<u64>()
+                    + applied
+            };
             let (mut applied, mut steps) = (0u64, 0);
             loop {
                 steps += 1;
                 assert!(steps < 10_000, "seed {seed}: stuck");
                 for w in workers.iter_mut() {
                     if w.is_none() {
-                        *w = queue.pop_front().map(|i| (i, 0, false));
+                        *w = queue.pop_front().map(|i| (i, 0, Phase::Waiting));
                     }
                 }
                 if workers.iter().all(Option::is_none) {
                     break;
                 }
                 let w = next(2) as usize;
-                let Some((image, index, loading)) = workers[w] else {
+                let Some((image, index, phase)) = workers[w] else {
                     continue;
                 };
                 let key = (ids[image].clone(), index);
                 let load = images[image].loads[index];
-                if !loading {
-                    if state.admits(&key) {
-                        state.start(key);
-                        workers[w] = Some((image, index, true));
-                        let held: u64 = state
-                            .loading
-                            .iter()
-                            .map(|(_, l)| l.usage + l.temp)
-                            .sum::<u64>()
-                            + applied;
-                        assert!(held <= peak, "seed {seed}: {held} held, peak {peak}");
+                let started = match phase {
+                    Phase::Waiting if state.admits(&key) => {
+                        state.start(key.clone());
+                        Some(Phase::Applying)
                     }
-                } else if next(3) == 0 {
+                    // Early streams on odd seeds only: the even ones keep
+                    // the plain way covered.
+                    Phase::Waiting if seed % 2 == 1 && state.admits_early(&key) => {
+                        state.start_early(key.clone());
+                        early_starts += 1;
+                        Some(Phase::Early)
+                    }
+                    Phase::Early if state.admits_apply(&key) => {
+                        state.apply(&key);
+                        Some(Phase::Applying)
+                    }
+                    _ => None,
+                };
+                if let Some(phase) = started {
+                    workers[w] = Some((image, index, phase));
+                    let held = held_now(&state, applied);
+                    assert!(held <= peak, "seed {seed}: {held} held, peak {peak}");
+                } else if phase == Phase::Applying && next(3) == 0 {
                     state.end(&key, true);
                     applied += load.usage;
                     workers[w] = if index + 1 < images[image].loads.len() {
-                        Some((image, index + 1, false))
+                        Some((image, index + 1, Phase::Waiting))
                     } else {
                         state.image_done(&ids[image]);
                         None
@@ -690,6 +800,7 @@ mod tests {
                 }
             }
         }
+        assert!(early_starts > 0, "no archive streamed early");
     }
 
     #[test]
@@ -725,6 +836,75 @@ mod tests {
         // No alternative, nothing switched.
         let mut plain = vec![image(true), image(false)];
         assert!(inflate_within_peak(&mut plain, &[vec![], vec![None, None]]).is_empty());
+    }
+
+    #[test]
+    fn the_next_archive_streams_early_while_the_engine_applies_one() {
+        // The files app's shape (MB): a base and a big layer in the first
+        // image, one layer in each of two more; the first three inflated.
+        let ids: Vec<Digest> = (20..23).map(digest).collect();
+        let first = ImageLoads {
+            loads: vec![layer(2, 2), layer(79, 67)],
+            after: vec![],
+        };
+        let a = ImageLoads {
+            loads: vec![layer(63, 63)],
+            after: vec![],
+        };
+        let b = ImageLoads {
+            loads: vec![layer(63, 23)],
+            after: vec![],
+        };
+        let budget = LoadBudget::new(&[
+            (ids[0].clone(), 0, &first),
+            (ids[1].clone(), 1, &a),
+            (ids[2].clone(), 1, &b),
+        ]);
+        assert_eq!(budget.peak, 2 + 79 + 63 + 63 + 23);
+        let mut state = BudgetState::new(budget);
+        let [base, c, a, b] = [(0, 0), (0, 1), (1, 1), (2, 1)].map(|(i, k)| (ids[i].clone(), k));
+        assert!(state.admits(&base));
+        state.start(base.clone());
+        state.end(&base, true);
+        assert!(state.admits(&c));
+        state.start(c.clone());
+        // Applied beside c, a would pass the peak; its archive alone fits,
+        // and a fits applied once c is.
+        assert!(!state.admits(&a));
+        assert!(state.admits_early(&a));
+        state.start_early(a.clone());
+        // Nothing else starts while a streams early, and a waits for c.
+        assert!(!state.admits(&b) && !state.admits_early(&b));
+        assert!(!state.admits_apply(&a));
+        state.end(&c, true);
+        assert!(state.admits_apply(&a));
+        state.apply(&a);
+        // b's archive (as stored) fits beside a being applied: to the byte.
+        assert!(!state.admits(&b));
+        assert!(state.admits_early(&b));
+        state.start_early(b.clone());
+        state.end(&a, true);
+        assert!(state.admits_apply(&b));
+        state.apply(&b);
+        state.end(&b, true);
+        assert_eq!(state.applied, 2 + 79 + 63 + 63);
+    }
+
+    #[test]
+    fn an_early_load_that_fails_leaves_nothing_held() {
+        let (ids, budget) = three_images();
+        let mut state = BudgetState::new(budget);
+        let first = (ids[0].clone(), 0);
+        state.start(first.clone());
+        let other = (ids[1].clone(), 1);
+        assert!(state.admits_early(&other));
+        state.start_early(other.clone());
+        assert!(!state.admits(&(ids[2].clone(), 1)));
+        state.end(&other, false);
+        assert!(state.early.is_none());
+        assert_eq!(state.loading.len(), 1);
+        assert_eq!(state.ended(&other), Some(false));
+        assert!(state.admits(&(ids[2].clone(), 1)));
     }
 
     #[test]

@@ -428,16 +428,23 @@ pub(super) enum ArchiveError {
     Closed,
     /// A layer could not be read or failed its checks.
     Layer(DockerError),
+    /// Install gave up the load before its archive's last bytes were let go.
+    Abandoned,
 }
 
 /// Starts writing the archive of `image`, less its first `skip` layers, on a
 /// blocking thread: the stream is the request body, the task's answer the
 /// bytes sent. A layer that fails its checks breaks the body, so the engine
 /// discards the partial archive.
+///
+/// With `hold_tail`, the archive's last bytes wait until it is sent (or the
+/// load is abandoned when it is dropped): the engine applies nothing before
+/// the archive ends, so the archive can be sent ahead of its turn.
 pub(super) fn stream_archive(
     image: &ImageToLoad,
     skip: usize,
     options: &LoadOptions,
+    hold_tail: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> (
     impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + use<>,
     tokio::task::JoinHandle<Result<u64, ArchiveError>>,
@@ -446,12 +453,29 @@ pub(super) fn stream_archive(
     let image = image.clone();
     let options = options.clone();
     let producer = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let mut sink = ChannelSink { tx, sent: 0 };
-        let result = write_archive(&image, skip, &options, &mut sink);
-        if let Err(ArchiveError::Layer(e)) = &result {
-            let _ = sink
-                .tx
-                .blocking_send(Err(std::io::Error::other(e.to_string())));
+        let result = write_archive(&image, skip, &options, &mut sink, hold_tail);
+        tracing::debug!(
+            "archive of {} (layers {skip}..) written: {} bytes in {} ms",
+            image_name(&image),
+            sink.sent,
+            started.elapsed().as_millis()
+        );
+        // A broken body, so that the engine discards the partial archive
+        // (a body that just ended would read as a whole one).
+        match &result {
+            Err(ArchiveError::Layer(e)) => {
+                let _ = sink
+                    .tx
+                    .blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+            Err(ArchiveError::Abandoned) => {
+                let _ = sink
+                    .tx
+                    .blocking_send(Err(std::io::Error::other("the load was abandoned")));
+            }
+            _ => {}
         }
         result.map(|()| sink.sent)
     });
@@ -523,6 +547,7 @@ fn write_archive(
     skip: usize,
     options: &LoadOptions,
     sink: &mut ChannelSink,
+    hold_tail: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> Result<(), ArchiveError> {
     let config_name = format!("{}.json", image.config_digest.hex());
     let manifest = [ManifestItem {
@@ -573,6 +598,11 @@ fn write_archive(
         if pad > 0 {
             sink.send(Bytes::from(vec![0u8; pad]))?;
         }
+    }
+    if let Some(go) = hold_tail
+        && go.blocking_recv().is_err()
+    {
+        return Err(ArchiveError::Abandoned);
     }
     // The end of a tar: two zero blocks.
     sink.send(Bytes::from(vec![0u8; 1024]))

@@ -30,37 +30,74 @@ impl LoadGate {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits until the load of layer `index` of image `image` may start.
-    /// The permit ends it: [`LoadPermit::applied`] once the engine holds
-    /// the layer; dropped otherwise (the load failed: nothing applied).
+    /// Waits until the load of layer `index` of image `image` may start,
+    /// or stream its archive early ([`LoadPermit::is_early`]; see
+    /// [`BudgetState::admits_early`]). The permit ends it:
+    /// [`LoadPermit::applied`] once the engine holds the layer; dropped
+    /// otherwise (the load failed: nothing applied).
     pub async fn admit(self: &Arc<Self>, image: &Digest, index: usize) -> LoadPermit {
         let key: LoadKey = (image.clone(), index);
         let mut waited = false;
         loop {
             // Registered before the state is read: an end in between wakes it.
             let changed = self.changed.notified();
-            {
-                let mut state = self.state();
-                if state.admits(&key) {
-                    tracing::debug!(
-                        "load of layer {index} of {image} starts{}: {}",
-                        if waited {
-                            " after waiting for room"
-                        } else {
-                            ""
-                        },
-                        state.describe()
-                    );
-                    state.start(key.clone());
-                    return LoadPermit {
-                        gate: self.clone(),
-                        key: Some(key),
-                    };
-                }
+            if let Some(early) = self.try_start(&key, waited) {
+                return LoadPermit {
+                    gate: self.clone(),
+                    key: Some(key),
+                    early,
+                };
             }
             waited = true;
             changed.await;
         }
+    }
+
+    /// Starts `key` when it may start (`Some(false)`) or stream early
+    /// (`Some(true)`).
+    fn try_start(&self, key: &LoadKey, waited: bool) -> Option<bool> {
+        let mut state = self.state();
+        let early = if state.admits(key) {
+            false
+        } else if state.admits_early(key) {
+            true
+        } else {
+            return None;
+        };
+        tracing::debug!(
+            "load of layer {} of {} {}{}: {}",
+            key.1,
+            key.0,
+            if early { "streams early" } else { "starts" },
+            if waited {
+                " after waiting for room"
+            } else {
+                ""
+            },
+            state.describe()
+        );
+        if early {
+            state.start_early(key.clone());
+        } else {
+            state.start(key.clone());
+        }
+        Some(early)
+    }
+
+    /// Marks `key`, streaming early, applied now when it may be.
+    fn try_apply(&self, key: &LoadKey) -> bool {
+        let mut state = self.state();
+        if !state.admits_apply(key) {
+            return false;
+        }
+        tracing::debug!(
+            "load of layer {} of {} is applied now: {}",
+            key.1,
+            key.0,
+            state.describe()
+        );
+        state.apply(key);
+        true
     }
 
     /// Waits until the load of layer `index` of image `image` ended:
@@ -103,9 +140,34 @@ impl LoadGate {
 pub struct LoadPermit {
     gate: Arc<LoadGate>,
     key: Option<LoadKey>,
+    /// Admitted to stream its archive only: it waits for
+    /// [`Self::until_apply`] before the archive may end.
+    early: bool,
 }
 
 impl LoadPermit {
+    /// Whether the load may only stream its archive so far.
+    pub fn is_early(&self) -> bool {
+        self.early
+    }
+
+    /// Waits until the load, streaming early, may be applied (the others
+    /// running ended, or left room); then it counts as applying.
+    pub async fn until_apply(&mut self) {
+        let Some(key) = self.key.clone() else {
+            return;
+        };
+        while self.early {
+            let changed = self.gate.changed.notified();
+            if self.gate.try_apply(&key) {
+                self.early = false;
+                break;
+            }
+            changed.await;
+        }
+        self.gate.changed.notify_waiters();
+    }
+
     /// The engine holds the layer now.
     pub fn applied(mut self) {
         if let Some(key) = self.key.take() {

@@ -933,6 +933,37 @@ impl DockerEngine {
                 }
             }
         };
+        // One load under its permit (ended with it): a permit to stream
+        // early holds the archive's last bytes until the load may be applied.
+        let load = |step: ImageToLoad, skip: usize, check: bool, permit: Option<LoadPermit>| async move {
+            match permit {
+                Some(mut permit) if permit.is_early() => {
+                    let (go, hold) = tokio::sync::oneshot::channel();
+                    let load = self.load_archive_held(&step, skip, options, check, Some(hold));
+                    tokio::pin!(load);
+                    let mut go = Some(go);
+                    let sent = loop {
+                        tokio::select! {
+                            sent = &mut load => break sent?,
+                            () = permit.until_apply(), if go.is_some() => {
+                                if let Some(go) = go.take() {
+                                    let _ = go.send(());
+                                }
+                            }
+                        }
+                    };
+                    permit.applied();
+                    Ok::<u64, DockerError>(sent)
+                }
+                permit => {
+                    let sent = self.load_archive(&step, skip, options, check).await?;
+                    if let Some(permit) = permit {
+                        permit.applied();
+                    }
+                    Ok(sent)
+                }
+            }
+        };
         // Layer k is sent on top of layers ..k; the last load sends the
         // last layer (or none, when the engine holds every one) with the
         // image's own config.
@@ -949,10 +980,7 @@ impl DockerEngine {
             }
             let next = read_ahead(top);
             let permit = admit(top - 1).await;
-            bytes_sent += self.load_archive(&step, top - 1, options, false).await?;
-            if let Some(permit) = permit {
-                permit.applied();
-            }
+            bytes_sent += load(step, top - 1, false, permit).await?;
             if let Some(next) = next {
                 // Its failure shows when its own load reads it again.
                 let _ = next.await;
@@ -961,10 +989,7 @@ impl DockerEngine {
         let from = last.saturating_sub(1).max(skip);
         // With every layer held, only the config goes: no figure counted it.
         let permit = admit(if from < last { from } else { last }).await;
-        bytes_sent += self.load_archive(image, from, options, true).await?;
-        if let Some(permit) = permit {
-            permit.applied();
-        }
+        bytes_sent += load(image.clone(), from, true, permit).await?;
         Ok(LoadReport {
             layers_sent: last - skip,
             layers_skipped: skip,
@@ -1006,8 +1031,23 @@ impl DockerEngine {
         options: &LoadOptions,
         check: bool,
     ) -> Result<u64, DockerError> {
+        self.load_archive_held(image, skip, options, check, None)
+            .await
+    }
+
+    /// [`Self::load_archive`], the archive's last bytes held until
+    /// `hold_tail` says (see [`stream_archive`]).
+    async fn load_archive_held(
+        &self,
+        image: &ImageToLoad,
+        skip: usize,
+        options: &LoadOptions,
+        check: bool,
+        hold_tail: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Result<u64, DockerError> {
         let name = image_name(image);
-        let (body, producer) = stream_archive(image, skip, options);
+        let started = Instant::now();
+        let (body, producer) = stream_archive(image, skip, options, hold_tail);
         let client = self.client.clone().with_timeout(LOAD_TIMEOUT);
         let mut responses = client.import_image_stream(
             ImportImageOptionsBuilder::default().quiet(true).build(),
@@ -1032,6 +1072,10 @@ impl DockerEngine {
             }
         }
         drop(responses);
+        tracing::debug!(
+            "load of {name} (layers {skip}..) answered in {} ms",
+            started.elapsed().as_millis()
+        );
         let produced = producer.await.map_err(|e| DockerError::InvalidImage {
             image: name.clone(),
             reason: format!("the archive writer stopped: {e}"),
@@ -1039,6 +1083,12 @@ impl DockerEngine {
         let bytes_sent = match produced {
             // A layer that failed its checks is the cause, whatever the engine said.
             Err(ArchiveError::Layer(e)) => return Err(e),
+            Err(ArchiveError::Abandoned) => {
+                return Err(DockerError::LoadRefused {
+                    image: name,
+                    message: "install gave it up before its archive ended".into(),
+                });
+            }
             Err(ArchiveError::Closed) => {
                 return Err(DockerError::LoadRefused {
                     image: name,
