@@ -317,6 +317,14 @@ pub(crate) async fn install_locked(
         send_gzip: options.load.send_gzip && !whole_images,
         inflate: Arc::new(inflate),
         whole: whole_images,
+        // Whole images inflate several layers each: the machine's cores
+        // shared between the images loading at once, not each taking all
+        // (memory: each inflater buffers its layer ahead).
+        jobs: if whole_images {
+            (options.load.jobs / options.load.images.max(1)).max(1)
+        } else {
+            options.load.jobs
+        },
         gate,
         ..options.load.clone()
     };
