@@ -423,6 +423,7 @@ pub(super) fn validate_image(image: &ImageToLoad) -> Result<(), DockerError> {
 
 // ---- The archive, built on the fly ----
 
+#[derive(Debug)]
 pub(super) enum ArchiveError {
     /// The engine stopped reading (it refused the archive or went away).
     Closed,
@@ -437,14 +438,14 @@ pub(super) enum ArchiveError {
 /// bytes sent. A layer that fails its checks breaks the body, so the engine
 /// discards the partial archive.
 ///
-/// With `hold_tail`, the archive's last bytes wait until it is sent (or the
-/// load is abandoned when it is dropped): the engine applies nothing before
-/// the archive ends, so the archive can be sent ahead of its turn.
+/// With `hold_tail`, the archive's last bytes wait until it opens (or the
+/// load is given up): the engine applies nothing before the archive ends, so
+/// the archive can be sent ahead of its turn.
 pub(super) fn stream_archive(
     image: &ImageToLoad,
     skip: usize,
     options: &LoadOptions,
-    hold_tail: Option<tokio::sync::oneshot::Receiver<()>>,
+    hold_tail: Option<Arc<TailGate>>,
 ) -> (
     impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + use<>,
     tokio::task::JoinHandle<Result<u64, ArchiveError>>,
@@ -483,6 +484,46 @@ pub(super) fn stream_archive(
         rx.recv().await.map(|item| (item, rx))
     });
     (body, producer)
+}
+
+/// Holds an archive's last bytes until it opens, or until the load is
+/// given up (whichever comes first wins). The archive writer waits on it
+/// on its blocking thread.
+#[derive(Debug, Default)]
+pub struct TailGate {
+    state: Mutex<Option<bool>>,
+    changed: std::sync::Condvar,
+}
+
+impl TailGate {
+    /// The archive may end.
+    pub fn open(&self) {
+        self.settle(true);
+    }
+
+    /// The load is given up: the archive breaks instead of ending.
+    pub fn abandon(&self) {
+        self.settle(false);
+    }
+
+    fn settle(&self, open: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.is_none() {
+            *state = Some(open);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until it is settled: whether it opened.
+    fn wait(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(open) = *state {
+                return open;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 struct ChannelSink {
@@ -547,7 +588,7 @@ fn write_archive(
     skip: usize,
     options: &LoadOptions,
     sink: &mut ChannelSink,
-    hold_tail: Option<tokio::sync::oneshot::Receiver<()>>,
+    hold_tail: Option<Arc<TailGate>>,
 ) -> Result<(), ArchiveError> {
     let config_name = format!("{}.json", image.config_digest.hex());
     let manifest = [ManifestItem {
@@ -599,8 +640,8 @@ fn write_archive(
             sink.send(Bytes::from(vec![0u8; pad]))?;
         }
     }
-    if let Some(go) = hold_tail
-        && go.blocking_recv().is_err()
+    if let Some(tail) = hold_tail
+        && !tail.wait()
     {
         return Err(ArchiveError::Abandoned);
     }
@@ -1161,6 +1202,51 @@ mod tests {
                 reason: "no end".into(),
             }),
         )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_archive_ends_once_it_opens_and_breaks_when_given_up() {
+        use futures_util::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[("opt/a.txt", b"hello".to_vec())]);
+        let mut layer = layer_file(
+            dir.path(),
+            "layer",
+            &tar,
+            "application/vnd.oci.image.layer.v1.tar",
+        );
+        layer.diff_id = Digest::of(&tar);
+        let image = ImageToLoad {
+            config: b"{}".to_vec(),
+            config_digest: digest(1),
+            repo_tags: Vec::new(),
+            layers: vec![layer],
+        };
+        for open in [true, false] {
+            let tail = Arc::new(TailGate::default());
+            let (body, producer) =
+                stream_archive(&image, 0, &LoadOptions::default(), Some(tail.clone()));
+            let items = tokio::spawn(body.collect::<Vec<_>>());
+            // Settled once: the second call changes nothing.
+            if open {
+                tail.open();
+                tail.abandon();
+            } else {
+                tail.abandon();
+                tail.open();
+            }
+            let items = items.await.unwrap();
+            let written = producer.await.unwrap();
+            let last = items.last().unwrap();
+            if open {
+                assert!(matches!(written, Ok(n) if n % 512 == 0), "{written:?}");
+                assert_eq!(last.as_ref().unwrap().as_ref(), &[0u8; 1024][..]);
+            } else {
+                assert!(matches!(written, Err(ArchiveError::Abandoned)));
+                // The body breaks, so the engine discards what it read.
+                assert!(last.is_err());
+            }
+        }
     }
 
     #[test]

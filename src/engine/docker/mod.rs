@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -50,7 +51,7 @@ pub use gate::{LoadGate, LoadPermit};
 pub use tags::local_tag_for;
 use tags::validate_tag_reference;
 
-use archive::{ArchiveError, image_name, stream_archive, validate_image};
+use archive::{ArchiveError, TailGate, image_name, stream_archive, validate_image};
 
 /// Where the engine listens when neither `DOCKER_HOST` nor an explicit host is given.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -938,17 +939,20 @@ impl DockerEngine {
         let load = |step: ImageToLoad, skip: usize, check: bool, permit: Option<LoadPermit>| async move {
             match permit {
                 Some(mut permit) if permit.is_early() => {
-                    let (go, hold) = tokio::sync::oneshot::channel();
-                    let load = self.load_archive_held(&step, skip, options, check, Some(hold));
+                    let tail = Arc::new(TailGate::default());
+                    // Given up with this future, should it be dropped: the
+                    // writer never waits for nothing.
+                    let _give_up = AbandonOnDrop(tail.clone());
+                    let load =
+                        self.load_archive_held(&step, skip, options, check, Some(tail.clone()));
                     tokio::pin!(load);
-                    let mut go = Some(go);
+                    let mut held = true;
                     let sent = loop {
                         tokio::select! {
                             sent = &mut load => break sent?,
-                            () = permit.until_apply(), if go.is_some() => {
-                                if let Some(go) = go.take() {
-                                    let _ = go.send(());
-                                }
+                            () = permit.until_apply(), if held => {
+                                held = false;
+                                tail.open();
                             }
                         }
                     };
@@ -1043,11 +1047,11 @@ impl DockerEngine {
         skip: usize,
         options: &LoadOptions,
         check: bool,
-        hold_tail: Option<tokio::sync::oneshot::Receiver<()>>,
+        hold_tail: Option<Arc<TailGate>>,
     ) -> Result<u64, DockerError> {
         let name = image_name(image);
         let started = Instant::now();
-        let (body, producer) = stream_archive(image, skip, options, hold_tail);
+        let (body, producer) = stream_archive(image, skip, options, hold_tail.clone());
         let client = self.client.clone().with_timeout(LOAD_TIMEOUT);
         let mut responses = client.import_image_stream(
             ImportImageOptionsBuilder::default().quiet(true).build(),
@@ -1072,6 +1076,11 @@ impl DockerEngine {
             }
         }
         drop(responses);
+        // The engine answered (or went away): an archive still held back
+        // will not end now; its writer stops.
+        if let Some(tail) = &hold_tail {
+            tail.abandon();
+        }
         tracing::debug!(
             "load of {name} (layers {skip}..) answered in {} ms",
             started.elapsed().as_millis()
@@ -1086,7 +1095,8 @@ impl DockerEngine {
             Err(ArchiveError::Abandoned) => {
                 return Err(DockerError::LoadRefused {
                     image: name,
-                    message: "install gave it up before its archive ended".into(),
+                    message: engine_error
+                        .unwrap_or_else(|| "install gave it up before its archive ended".into()),
                 });
             }
             Err(ArchiveError::Closed) => {
@@ -1119,6 +1129,15 @@ impl DockerEngine {
             });
         }
         Ok(bytes_sent)
+    }
+}
+
+/// Gives a held archive up when dropped (after it opened, nothing).
+struct AbandonOnDrop(Arc<TailGate>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 
