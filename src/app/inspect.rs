@@ -9,12 +9,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::Digest;
+use crate::app::MetaSource;
 use crate::app::bundle;
 use crate::app::compose_file::ComposeFile;
 use crate::oci::format::{self, AppManifest};
 use crate::oci::media;
 use crate::oci::reference::ImageRef;
-use crate::oci::registry::RegistryClient;
 
 pub struct Inspect {
     pub app: ImageRef,
@@ -41,7 +41,7 @@ pub struct AppDescription {
 }
 
 impl Inspect {
-    pub async fn run(self, client: &RegistryClient) -> Result<AppDescription> {
+    pub async fn run(self, client: &impl MetaSource) -> Result<AppDescription> {
         let fetched = client
             .get_manifest(&self.app, &[media::OCI_MANIFEST], format::APP_MANIFEST_CAP)
             .await?;

@@ -258,6 +258,61 @@ impl MetaSource for LayoutSource<'_> {
     }
 }
 
+/// The store first, then a registry: a reference pinned by digest whose
+/// manifest the store holds is read from the store (its content cannot
+/// differ), and so is every blob the store holds; the rest is asked of the
+/// registry. So a pulled app is checked and inspected with no network.
+pub struct StoreFirst<'a> {
+    pub store: &'a Store,
+    pub registry: &'a RegistryClient,
+}
+
+impl MetaSource for StoreFirst<'_> {
+    async fn get_manifest(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+        cap: u64,
+    ) -> Result<FetchedManifest> {
+        if let Some(digest) = &image.digest
+            && self.store.has(digest)
+        {
+            match (LayoutSource { store: self.store })
+                .get_manifest(image, accept, cap)
+                .await
+            {
+                Ok(fetched) => return Ok(fetched),
+                // A damaged copy: the registry's, and fsck to mend the store.
+                Err(e) => tracing::warn!(
+                    "{image} in the store cannot be read ({e:#}): asking its registry"
+                ),
+            }
+        }
+        Ok(self.registry.get_manifest(image, accept, cap).await?)
+    }
+
+    async fn get_blob(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        size: u64,
+        cap: u64,
+    ) -> Result<Vec<u8>> {
+        if self.store.has(digest) {
+            match (LayoutSource { store: self.store })
+                .get_blob(image, digest, size, cap)
+                .await
+            {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) => tracing::warn!(
+                    "blob {digest} in the store cannot be read ({e:#}): asking the registry"
+                ),
+            }
+        }
+        Ok(self.registry.get_blob(image, digest, size, cap).await?)
+    }
+}
+
 /// Fetches the metadata of several apps at once, in their order.
 pub async fn fetch_apps(
     client: &impl MetaSource,

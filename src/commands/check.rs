@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use super::{Context, FitOptions, parse_refs};
-use crate::app::{Depth, fetch_apps};
+use crate::app::{Depth, StoreFirst, fetch_apps};
 use crate::plan::{CheckReport, Paths, check_update};
 
 pub struct CheckOptions {
@@ -18,7 +18,12 @@ impl CheckOptions {
     pub async fn run(self, ctx: &Context) -> Result<CheckReport> {
         let fit = ctx.fit(&self.fit)?;
         let store = ctx.store()?;
-        let client = ctx.registry_client()?;
+        let registry = ctx.registry_client()?;
+        // A pinned app already pulled is planned from the store.
+        let client = StoreFirst {
+            store: &store,
+            registry: &registry,
+        };
         let references = parse_refs(&self.apps)?;
         // Docker and the registry are asked at once: the check's time is
         // mostly their round trips.

@@ -67,6 +67,18 @@ fn an_app_installs_and_runs_offline_shares_layers_restores_and_prunes_both_store
     device.ok(&["pull", &shop, &admin]);
     registry.stop();
 
+    // Offline, a pulled app is still checked and inspected: its pinned
+    // reference is read from the store.
+    let check = device.json(&["check", &shop]);
+    assert_eq!(check["fits"], true, "{check}");
+    assert_eq!(check["apps"][0]["layers_missing"], 0, "{check}");
+    let described = device.json(&["inspect", &shop]);
+    assert_eq!(
+        described["services"].as_object().map(|s| s.len()),
+        Some(3),
+        "{described}"
+    );
+
     // Install: every image loaded, each distinct layer sent once.
     let report = device.json(&["install", "shop"]);
     let images = images_of(&report);
