@@ -60,17 +60,23 @@ bash scripts/check-layers.sh
 step "build the test targets"
 cargo test --no-run --lib --bins --test it --test torture
 
+# The integration tests mostly wait on dockerd, the registry and compose (about half of
+# two cores busy with one test per core), and each owns its daemon, ports, volumes and
+# directories: twice as many tests as cores took the main suite from 487 s to 290 s.
+# RUST_TEST_THREADS set by the caller wins.
+main_threads=${RUST_TEST_THREADS:-$(($(nproc) * 2))}
+
 if [ $# -eq 0 ]; then
     # The engine matrix (other engines and compose v2) is a step of its own, so
     # that the main suite keeps a margin under its 10 minutes.
     step "main suite: cargo test --lib --bins --test it -- --skip matrix::"
-    cargo test --no-fail-fast --lib --bins --test it -- --skip matrix::
+    RUST_TEST_THREADS=$main_threads cargo test --no-fail-fast --lib --bins --test it -- --skip matrix::
 
     step "the engine matrix: cargo test --test it matrix::"
     cargo test --no-fail-fast --test it matrix::
 else
     step "main suite: cargo test --lib --bins --test it $*"
-    cargo test --no-fail-fast --lib --bins --test it "$@"
+    RUST_TEST_THREADS=$main_threads cargo test --no-fail-fast --lib --bins --test it "$@"
 fi
 
 step "the power-cut disk's unit tests: cargo test -p powercut-disk"
