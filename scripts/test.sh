@@ -62,7 +62,8 @@ cargo test --no-run --lib --bins --test it --test torture
 
 # The integration tests mostly wait on dockerd, the registry and compose (about half of
 # two cores busy with one test per core), and each owns its daemon, ports, volumes and
-# directories: twice as many tests as cores took the main suite from 487 s to 290 s.
+# directories: twice as many tests as cores took the main suite from 487 s to 286 s in
+# fresh-clone CI.
 # RUST_TEST_THREADS set by the caller wins.
 main_threads=${RUST_TEST_THREADS:-$(($(nproc) * 2))}
 
